@@ -1,0 +1,182 @@
+"""Grouped recompute: every cached count of a batch of rows in one statement.
+
+For one target model and a batch of ids, :func:`compile_recompute` builds a single SQL statement
+that computes all of the model's counts (one grouped subquery per set of joins, ``COUNT ...
+FILTER``), compares them with the stored values and writes back only rows that changed,
+returning old and new values. The ORM compiles each subquery from the declaration itself, so
+the aggregate can never disagree with what the declaration says.
+
+Callers lock the target rows (``SELECT ... FOR UPDATE`` in id order) in the same transaction
+before running it: the statement then reads a snapshot taken after the lock, so of two workers
+recomputing one row, the later writer always computed from the later snapshot.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from dataclasses import dataclass
+
+from django.apps import apps
+from django.db import connections
+from django.db.models import Count, Q
+from django.db.models.expressions import RawSQL
+
+from counts.apps import graph
+from counts.fields import FRESHNESS_FIELD
+from counts.spec import Chain, CountSpec
+from counts.triggers import q
+
+#: Largest batch one statement recomputes; bigger batches are split.
+STATEMENT_IDS = 5000
+
+
+class _Ids:
+    """Placeholder for the id array in compiled SQL; replaced by the real ids at execution."""
+
+    def __repr__(self) -> str:
+        return "<ids>"
+
+
+_IDS = _Ids()
+
+
+@dataclass(frozen=True)
+class RecomputeStatement:
+    """Compiled SQL for one target model, with placeholders where the id array goes."""
+
+    label: str
+    table: str
+    pk: str
+    fields: tuple[str, ...]  # attnames, in the order of the returned old/new values
+    sql: str  # computes, compares and writes; RETURNING pk, olds..., news...
+    dry_sql: str  # the same without writing
+    params: tuple
+
+    def bind(self, ids: list[int]) -> list:
+        return [ids if p is _IDS else p for p in self.params]
+
+
+def _count_expression(spec: CountSpec, joined: frozenset[Chain]) -> Count:
+    distinct = spec.needs_distinct(joined)
+    if spec.counted == spec.path_chain:
+        return Count(spec.path, filter=spec.filter, distinct=distinct)
+    # The path ends in a forward FK and rows holding one are counted, not distinct targets.
+    holder = spec.path.rsplit("__", 1)[0]
+    present = Q(**{f"{spec.path}__isnull": False})
+    return Count(
+        holder, filter=present if spec.filter is None else spec.filter & present, distinct=distinct
+    )
+
+
+def _groups(specs: tuple[CountSpec, ...]) -> list[list[CountSpec]]:
+    """Counts that join the same relations share one subquery; others must not (joins multiply)."""
+    by_signature: dict[frozenset[Chain], list[CountSpec]] = defaultdict(list)
+    for spec in specs:
+        by_signature[spec.join_signature].append(spec)
+    return list(by_signature.values())
+
+
+@functools.cache
+def compile_recompute(label: str, using: str = "default") -> RecomputeStatement:
+    """Build (once per model) the statement that recomputes every count of ``label``."""
+    model = apps.get_model(label)
+    specs = graph().specs_for(label)
+    table, pk = model._meta.db_table, model._meta.pk.column
+    compiler_connection = connections[using]
+    joins, selects, params = [], [], []
+    for g, group in enumerate(_groups(specs)):
+        joined = frozenset().union(*(s.join_signature for s in group))
+        annotations = {f"c{i}": _count_expression(s, joined) for i, s in enumerate(group)}
+        qs = (
+            model._base_manager.filter(pk__in=RawSQL("SELECT unnest(%s::bigint[])", (_IDS,)))
+            .order_by()
+            .values("pk")
+            .annotate(**annotations)
+        )
+        sub_sql, sub_params = qs.query.get_compiler(connection=compiler_connection).as_sql()
+        joins.append(f"LEFT JOIN ({sub_sql}) g{g} ON g{g}.pk = t.{q(pk)}")
+        params.extend(sub_params)
+        for i, spec in enumerate(group):
+            selects.append((spec.column, f"COALESCE(g{g}.c{i}, 0)"))
+    columns = [c for c, _ in selects]
+    fresh = (
+        f"SELECT t.{q(pk)} AS pk, "
+        + ", ".join(f"{expr} AS {q(col)}" for col, expr in selects)
+        + f" FROM {q(table)} t "
+        + " ".join(joins)
+        + f" WHERE t.{q(pk)} = ANY(%s::bigint[])"
+    )
+    params.append(_IDS)
+    old = ", ".join(f"t.{q(c)}" for c in columns)
+    new = ", ".join(f"f.{q(c)}" for c in columns)
+    changed = (
+        f"SELECT t.{q(pk)} AS pk, "
+        + ", ".join(f"t.{q(c)} AS {q('old_' + c)}" for c in columns)
+        + ", "
+        + ", ".join(f"f.{q(c)} AS {q('new_' + c)}" for c in columns)
+        + f" FROM {q(table)} t JOIN fresh f ON f.pk = t.{q(pk)}"
+        + f" WHERE ({old}) IS DISTINCT FROM ({new})"
+    )
+    returning = ", ".join(
+        ["changed.pk"]
+        + [f"changed.{q('old_' + c)}" for c in columns]
+        + [f"changed.{q('new_' + c)}" for c in columns]
+    )
+    head = f"WITH fresh AS ({fresh}), changed AS ({changed}) "
+    sets = ", ".join(f"{q(c)} = changed.{q('new_' + c)}" for c in columns)
+    write = (
+        f"{head}UPDATE {q(table)} t SET {sets}, {q(FRESHNESS_FIELD)} = now() FROM changed"
+        f" WHERE t.{q(pk)} = changed.pk RETURNING {returning}"
+    )
+    dry = f"{head}SELECT {returning} FROM changed ORDER BY changed.pk"
+    return RecomputeStatement(
+        label=label,
+        table=table,
+        pk=pk,
+        fields=tuple({s.column: s.name for s in specs}[c] for c in columns),
+        sql=write,
+        dry_sql=dry,
+        params=tuple(params),
+    )
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row whose stored counts differed from the truth."""
+
+    pk: int
+    old: dict[str, int]
+    new: dict[str, int]
+
+    @property
+    def fields(self) -> list[str]:
+        return [f for f in self.old if self.old[f] != self.new[f]]
+
+
+def lock(cursor, statement: RecomputeStatement, ids: list[int]) -> list[int]:
+    """Lock the target rows in id order; returns the ids that still exist."""
+    cursor.execute(
+        f"SELECT {q(statement.pk)} FROM {q(statement.table)} WHERE {q(statement.pk)} = ANY(%s)"
+        f" ORDER BY {q(statement.pk)} FOR UPDATE",
+        [ids],
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
+def run(cursor, statement: RecomputeStatement, ids: list[int], *, write: bool) -> list[Change]:
+    """Recompute ``ids`` (already locked when writing) and return the rows that changed."""
+    changes: list[Change] = []
+    n = len(statement.fields)
+    for start in range(0, len(ids), STATEMENT_IDS):
+        chunk = ids[start : start + STATEMENT_IDS]
+        cursor.execute(statement.sql if write else statement.dry_sql, statement.bind(chunk))
+        for row in cursor.fetchall():
+            changes.append(
+                Change(
+                    pk=row[0],
+                    old=dict(zip(statement.fields, row[1 : 1 + n], strict=True)),
+                    new=dict(zip(statement.fields, row[1 + n :], strict=True)),
+                )
+            )
+    return changes

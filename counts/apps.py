@@ -1,0 +1,26 @@
+from django.apps import AppConfig, apps
+
+
+class CountsConfig(AppConfig):
+    """Builds and seals the dependency graph once every model is loaded.
+
+    A declaration that cannot be turned into a count fails here, at start-up, with a
+    ``DeclarationError`` naming the model and field — never in a request or a worker.
+    """
+
+    name = "counts"
+    verbose_name = "Cached counts"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from counts import capture
+        from counts.graph import Graph
+        from counts.spec import resolve_all
+
+        self.graph = Graph.build(resolve_all(apps.get_models()))
+        capture.install(self.graph)
+
+
+def graph():
+    """The sealed dependency graph of every cached count in the project."""
+    return apps.get_app_config("counts").graph

@@ -1,0 +1,100 @@
+"""The dependency graph: which table changes can change which cached counts.
+
+Pure data in, pure data out: no ORM, no database. Built once from the frozen specs of
+``counts.spec`` and sealed; triggers are compiled from it and the write-path hook reads it.
+
+For every table a count reads, a :class:`Route` says how a changed row of that table leads back
+to the rows holding the count, and which of its columns matter:
+
+- rows reached by a **reverse** hop (children: events, captures, detections, through rows)
+  change counts when inserted, deleted, or when a column the count reads changes;
+- rows reached by a **forward** hop (parents and settings: a project's threshold, a taxon)
+  change counts only when a column the count reads changes — inserting one is invisible until
+  a child points at it, and deleting one deletes or re-points its children first;
+- the **target's own row** (the empty chain) matters only when a column it reads changes
+  (``deployment.project_id`` moves its occurrences under another threshold).
+
+Cached columns themselves are never read, so the engine's own writes never mark anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from counts.errors import UnknownTargetError
+from counts.spec import FORWARD, REVERSE, Chain, CountSpec, Table
+
+ROOT = "root"
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a changed row of ``table`` maps back to ``target`` rows."""
+
+    target: Table
+    chain: Chain
+    columns: frozenset[str]
+
+    @property
+    def table(self) -> Table:
+        return self.chain[-1].child if self.chain else self.target
+
+    @property
+    def reached_by(self) -> str:
+        return self.chain[-1].kind if self.chain else ROOT
+
+    @property
+    def on_insert_delete(self) -> bool:
+        return self.reached_by == REVERSE
+
+    @property
+    def on_update(self) -> bool:
+        return bool(self.columns - {self.table.pk}) or self.reached_by == REVERSE
+
+
+@dataclass(frozen=True)
+class Graph:
+    """All cached counts and, for each table, the routes its changes travel."""
+
+    specs: tuple[CountSpec, ...]
+    routes: dict[str, tuple[Route, ...]]  # db_table -> routes
+
+    @classmethod
+    def build(cls, specs: list[CountSpec]) -> Graph:
+        reads: dict[Table, dict[Chain, set[str]]] = {}
+        for spec in specs:
+            per_target = reads.setdefault(spec.target, {})
+            for chain, columns in spec.reads.items():
+                per_target.setdefault(chain, set()).update(columns)
+        routes: dict[str, list[Route]] = {}
+        for target in sorted(reads):
+            for chain in sorted(reads[target], key=lambda c: (len(c), c)):
+                route = Route(target, chain, frozenset(reads[target][chain]))
+                if route.on_insert_delete or route.on_update:
+                    routes.setdefault(route.table.db_table, []).append(route)
+        return cls(
+            specs=tuple(specs),
+            routes={table: tuple(rs) for table, rs in sorted(routes.items())},
+        )
+
+    @property
+    def targets(self) -> dict[str, Table]:
+        """Every table holding cached counts, by model label."""
+        return {s.target.label: s.target for s in self.specs}
+
+    def specs_for(self, label: str) -> tuple[CountSpec, ...]:
+        specs = tuple(s for s in self.specs if s.target.label == label)
+        if not specs:
+            raise UnknownTargetError(label)
+        return specs
+
+    def tables(self) -> dict[str, Table]:
+        """Every table a trigger watches, by db_table."""
+        return {name: routes[0].table for name, routes in self.routes.items()}
+
+    def targets_of_table(self, db_table: str) -> frozenset[str]:
+        """Labels of the targets a write to ``db_table`` can make dirty."""
+        return frozenset(r.target.label for r in self.routes.get(db_table, ()))
+
+
+__all__ = ["FORWARD", "REVERSE", "ROOT", "Graph", "Route"]

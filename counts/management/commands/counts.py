@@ -1,0 +1,130 @@
+"""``manage.py counts status|reconcile|rebuild|drain|makemigrations``: the operator's handle.
+
+- ``status``: pending marks per target model (with the age of the oldest) and whether every
+  count trigger is INSTALLED, OUTDATED or MISSING;
+- ``reconcile [--dry-run] [--model LABEL] [--chunk N] [--json]``: find drift, repair it;
+- ``rebuild [--model LABEL]``: recompute every row (a reconcile that prints less);
+- ``drain [--until-empty]``: drain marks in this process (no workers needed);
+- ``makemigrations [--check]``: the count-trigger migration, if one is due.
+"""
+
+import json
+import sys
+
+from django.core.management.base import BaseCommand, CommandError
+
+from counts.errors import CountsError
+
+
+class Command(BaseCommand):
+    help = "Inspect and maintain cached counts."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="action", required=True)
+        status = sub.add_parser("status", help="Pending marks and trigger state")
+        status.add_argument("--json", action="store_true")
+        for name in ("reconcile", "rebuild"):
+            p = sub.add_parser(name, help=f"{name.title()} cached counts")
+            p.add_argument("--model", help="Model label, e.g. monitoring.event")
+            p.add_argument("--chunk", type=int, default=1000)
+            p.add_argument("--json", action="store_true")
+            if name == "reconcile":
+                p.add_argument("--dry-run", action="store_true")
+        drain = sub.add_parser("drain", help="Drain dirty marks in this process")
+        drain.add_argument("--until-empty", action="store_true")
+        drain.add_argument("--batch-size", type=int, default=500)
+        mm = sub.add_parser("makemigrations", help="Write the count-trigger migration if due")
+        mm.add_argument("--check", action="store_true")
+
+    def handle(self, *args, action, **options):
+        try:
+            getattr(self, f"do_{action}")(**options)
+        except CountsError as exc:
+            raise CommandError(str(exc)) from exc
+
+    def do_status(self, json=False, **_):
+        from counts.status import status
+
+        report = status()
+        if json:
+            self.stdout.write(_dumps(report))
+            return
+        self.stdout.write("Pending marks:")
+        if not report["pending"]:
+            self.stdout.write("  none")
+        for row in report["pending"]:
+            ids = "every row" if row["ids"] is None else f"{row['ids']} ids"
+            self.stdout.write(
+                f"  {row['label']:<40} {row['marks']:>7} marks  {ids:>12}"
+                f"  oldest {row['oldest_seconds']:.1f}s"
+            )
+        if report.get("queues") is not None:
+            self.stdout.write("Queues:")
+            for name, depth in report["queues"].items():
+                self.stdout.write(f"  {name:<40} {depth}")
+        self.stdout.write("Triggers:")
+        for row in report["triggers"]:
+            self.stdout.write(f"  {row['state']:<10} {row['table']}.{row['name']}")
+
+    def _run_reconcile(self, model, chunk, dry_run, as_json):
+        from counts.reconcile import reconcile
+
+        def progress(label, checked):
+            if not as_json:
+                self.stderr.write(f"\r{label}: {checked} rows checked", ending="")
+
+        report = reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
+        if not as_json:
+            self.stderr.write("")
+        return report
+
+    def do_reconcile(self, model=None, chunk=1000, dry_run=False, json=False, **_):
+        report = self._run_reconcile(model, chunk, dry_run, json)
+        if json:
+            self.stdout.write(_dumps(report.as_dict()))
+            return
+        verb = "would repair" if dry_run else "repaired"
+        for label, m in report.models.items():
+            fields = ", ".join(f"{f}={n}" for f, n in sorted(m.drift.items())) or "no drift"
+            self.stdout.write(f"{label}: {m.checked} checked, {m.drifted_rows} {verb} ({fields})")
+        self.stdout.write(
+            f"{report.checked} rows in {report.seconds:.1f}s"
+            f" ({report.checked / max(report.seconds, 1e-9):.0f} rows/s)"
+        )
+
+    def do_rebuild(self, model=None, chunk=1000, json=False, **_):
+        report = self._run_reconcile(model, chunk, False, json)
+        if json:
+            self.stdout.write(_dumps(report.as_dict()))
+        else:
+            self.stdout.write(f"Rebuilt {report.checked} rows ({report.drifted_rows} changed)")
+
+    def do_drain(self, until_empty=False, batch_size=500, **_):
+        from counts.marks import drain
+
+        total = 0
+        while True:
+            result = drain(batch_size=batch_size)
+            total += result.marks
+            if result.marks:
+                self.stdout.write(_dumps(result.as_log()))
+            if result.empty or not until_empty:
+                break
+        self.stdout.write(f"Drained {total} marks")
+
+    def do_makemigrations(self, check=False, **_):
+        from counts.migrations_writer import pending_migration, write
+
+        pending = pending_migration()
+        if pending is None:
+            self.stdout.write("Count triggers are in sync with the declarations.")
+            return
+        app_label, migration = pending
+        if check:
+            self.stderr.write(f"Count triggers out of date: {app_label}.{migration.name} needed")
+            sys.exit(1)
+        self.stdout.write(f"Wrote {write(app_label, migration)}")
+
+
+def _dumps(data) -> str:
+    return json.dumps(data, indent=2, default=str)

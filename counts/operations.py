@@ -1,0 +1,106 @@
+"""Migration operations that install the compiled triggers and backfill counts.
+
+Migrations store the compiled SQL itself (``CompiledTrigger.as_dict``), so a migration keeps
+doing what it did when it was written, whatever the declarations say later. Each
+:class:`SyncCountTriggers` holds the complete set of count triggers after it and the set before
+it, so it can be applied and reversed exactly; ``manage.py counts makemigrations`` writes them.
+"""
+
+from __future__ import annotations
+
+from django.db import connections, transaction
+from django.db.migrations.operations.base import Operation
+
+from counts.triggers import CompiledTrigger
+
+
+def _compiled(rows) -> dict[tuple[str, str], CompiledTrigger]:
+    triggers = (CompiledTrigger(**row) for row in rows)
+    return {(t.table, t.name): t for t in triggers}
+
+
+class SyncCountTriggers(Operation):
+    """Make the installed count triggers exactly ``triggers`` (from exactly ``previous``)."""
+
+    reversible = True
+    reduces_to_sql = True
+    atomic = True
+
+    def __init__(self, triggers, previous=(), counts=None):
+        self.triggers = list(triggers)
+        self.previous = list(previous)
+        #: Fingerprint of every count declaration these triggers serve, to spot new ones.
+        self.counts = dict(counts or {})
+
+    def deconstruct(self):
+        kwargs = {"triggers": self.triggers, "counts": self.counts}
+        if self.previous:
+            kwargs["previous"] = self.previous
+        return self.__class__.__qualname__, [], kwargs
+
+    def state_forwards(self, app_label, state):
+        """Triggers live in the database only; model state is unchanged."""
+
+    @staticmethod
+    def _apply(schema_editor, install, remove) -> None:
+        wanted, gone = _compiled(install), _compiled(remove)
+        with transaction.atomic(using=schema_editor.connection.alias):
+            for key, trigger in gone.items():
+                if key not in wanted:
+                    schema_editor.execute(trigger.uninstall_sql, params=None)
+            for key, trigger in wanted.items():
+                if gone.get(key) != trigger:
+                    schema_editor.execute(trigger.install_sql, params=None)
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        self._apply(schema_editor, self.triggers, self.previous)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        self._apply(schema_editor, self.previous, self.triggers)
+
+    def describe(self):
+        return f"Install {len(self.triggers)} cached-count triggers"
+
+    @property
+    def migration_name_fragment(self):
+        return "count_triggers"
+
+
+class BackfillCounts(Operation):
+    """Recompute the named targets' counts for every existing row, chunk by chunk.
+
+    Put it in a migration with ``atomic = False``: each chunk commits on its own, so a
+    900k-image capture set never sits in one giant transaction. It uses the live engine, so it
+    is meant to run in the deploy that adds the counts.
+    """
+
+    reversible = True
+    reduces_to_sql = False
+    atomic = False
+
+    def __init__(self, targets, chunk=1000):
+        self.targets = list(targets)
+        self.chunk = chunk
+
+    def deconstruct(self):
+        return self.__class__.__qualname__, [], {"targets": self.targets, "chunk": self.chunk}
+
+    def state_forwards(self, app_label, state):
+        """Data only."""
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        from counts.apps import graph
+        from counts.reconcile import reconcile
+
+        alias = schema_editor.connection.alias
+        if connections[alias].in_atomic_block:
+            raise RuntimeError("BackfillCounts must run in a migration with atomic = False")
+        for label in self.targets:
+            if label in graph().targets:
+                reconcile(model=label, chunk=self.chunk, using=alias)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        """Nothing to undo: the columns go with the schema migration that added them."""
+
+    def describe(self):
+        return f"Backfill cached counts of {', '.join(self.targets)}"

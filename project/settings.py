@@ -1,0 +1,184 @@
+"""Settings for countdown, read from the environment.
+
+Everything an operator changes between machines comes from environment variables so the same
+code runs on a laptop, in CI and in production: ``DATABASE_URL``, ``REDIS_URL``, ``SECRET_KEY``
+(required once ``DEBUG`` is off), ``DEBUG``, ``ALLOWED_HOSTS`` and the ``COUNTS_*`` knobs below.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """Read a boolean environment variable; anything but 1/true/yes/on is false."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    """Read an integer environment variable, failing loudly on garbage."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from exc
+
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
+    SECRET_KEY = "insecure-local-development-key-only-used-when-DEBUG-is-on"
+
+ALLOWED_HOSTS = [
+    h.strip()
+    for h in os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1").split(",")
+    if h.strip()
+]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "django_dramatiq",
+    "pgtrigger",
+    "counts",
+    "workers",
+    "project.monitoring",
+    "bench",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+WSGI_APPLICATION = "project.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/countdown"),
+        conn_max_age=env_int("CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+if not DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    raise ImproperlyConfigured(
+        "countdown needs PostgreSQL: its dirty marks are written by triggers."
+    )
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# Dramatiq over Redis. DbConnectionsMiddleware comes before AdminMiddleware (django-dramatiq's
+# advice); the admin middleware that writes a row per task is left out: at 10⁶ writes a day it
+# would be the busiest table in the database.
+DRAMATIQ_BROKER = {
+    "BROKER": "dramatiq.brokers.redis.RedisBroker",
+    "OPTIONS": {
+        "url": REDIS_URL,
+        "namespace": os.environ.get("DRAMATIQ_NAMESPACE", "countdown"),
+    },
+    "MIDDLEWARE": [
+        "dramatiq.middleware.AgeLimit",
+        "dramatiq.middleware.TimeLimit",
+        "dramatiq.middleware.Callbacks",
+        "dramatiq.middleware.Retries",
+        "dramatiq.middleware.CurrentMessage",
+        "django_dramatiq.middleware.DbConnectionsMiddleware",
+    ],
+}
+DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
+DRAMATIQ_TASKS_DATABASE = "default"
+
+# The counts engine and its workers.
+#: Debounce window: writes within it share one recompute message.
+COUNTS_DEBOUNCE_MS = env_int("COUNTS_DEBOUNCE_MS", 1000)
+#: Extra life of the debounce key beyond the window, so a slow worker start cannot lose it.
+COUNTS_DEBOUNCE_MARGIN_MS = env_int("COUNTS_DEBOUNCE_MARGIN_MS", 30_000)
+#: Prefix of every Redis key the workers own.
+COUNTS_REDIS_PREFIX = os.environ.get("COUNTS_REDIS_PREFIX", "countdown:counts")
+#: Marks taken per drain transaction.
+COUNTS_DRAIN_BATCH = env_int("COUNTS_DRAIN_BATCH", 500)
+#: Seconds one recompute_pending message may drain before it hands over to a fresh message.
+COUNTS_DRAIN_BUDGET_S = env_int("COUNTS_DRAIN_BUDGET_S", 20)
+#: Seconds between scheduler sweeps for marks that have no message (raw SQL, lost messages).
+COUNTS_SWEEP_INTERVAL_S = env_int("COUNTS_SWEEP_INTERVAL_S", 5)
+#: Seconds between full reconcile passes.
+COUNTS_RECONCILE_INTERVAL_S = env_int("COUNTS_RECONCILE_INTERVAL_S", 6 * 3600)
+
+REST_FRAMEWORK = {
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 25,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "countdown API",
+    "DESCRIPTION": "Monitoring lists with exact cached counts and their freshness.",
+    "VERSION": "2",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

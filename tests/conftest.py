@@ -1,0 +1,1 @@
+"""Shared fixtures: the real PostgreSQL (pytest-django, migrations applied) and real Redis."""
