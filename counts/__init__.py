@@ -8,7 +8,7 @@ The public API, importable from ``counts``:
 - :func:`reconcile` — find and repair drift (scheduler, ``manage.py counts reconcile``).
 
 The functions import lazily so that importing ``counts.fields`` from a models module never
-pulls in code that needs the app registry.
+pulls in code that needs the app registry (``reconcile`` is the exception; see below).
 """
 
 from __future__ import annotations
@@ -40,8 +40,13 @@ def drain(batch_size: int = 500, max_ids: int = 5000, targets=None):
     return _drain(batch_size=batch_size, max_ids=max_ids, targets=targets)
 
 
+# The submodule shares this function's name, and the first import of a submodule sets it as an
+# attribute of its package: imported lazily, it would replace ``counts.reconcile`` (the function)
+# with the module, and every later ``counts.reconcile()`` would raise TypeError. Importing it
+# here, before the function is defined, lets the function win. It needs no app registry.
+from counts import reconcile as _reconcile_module  # noqa: E402
+
+
 def reconcile(model=None, dry_run: bool = False, chunk: int = 1000, progress=None):
     """Find and repair drift; see :func:`counts.reconcile.reconcile`."""
-    from counts.reconcile import reconcile as _reconcile
-
-    return _reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
+    return _reconcile_module.reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)

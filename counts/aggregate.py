@@ -6,9 +6,9 @@ FILTER``), compares them with the stored values and writes back only rows that c
 returning old and new values. The ORM compiles each subquery from the declaration itself, so
 the aggregate can never disagree with what the declaration says.
 
-Callers lock the target rows (``SELECT ... FOR UPDATE`` in id order) in the same transaction
-before running it: the statement then reads a snapshot taken after the lock, so of two workers
-recomputing one row, the later writer always computed from the later snapshot.
+Callers lock the target rows (``SELECT ... FOR NO KEY UPDATE`` in id order) in the same
+transaction before running it: the statement then reads a snapshot taken after the lock, so of
+two workers recomputing one row, the later writer always computed from the later snapshot.
 """
 
 from __future__ import annotations
@@ -155,10 +155,16 @@ class Change:
 
 
 def lock(cursor, statement: RecomputeStatement, ids: list[int]) -> list[int]:
-    """Lock the target rows in id order; returns the ids that still exist."""
+    """Lock the target rows in id order; returns the ids that still exist.
+
+    ``FOR NO KEY UPDATE`` (the lock our own UPDATE takes) orders two recomputes of one row just
+    as ``FOR UPDATE`` would, but does not conflict with the ``FOR KEY SHARE`` lock a writer's
+    foreign-key check takes on the parent of a row it inserts: ``FOR UPDATE`` would make every
+    write under a target queue behind its recompute, and could deadlock with one.
+    """
     cursor.execute(
         f"SELECT {q(statement.pk)} FROM {q(statement.table)} WHERE {q(statement.pk)} = ANY(%s)"
-        f" ORDER BY {q(statement.pk)} FOR UPDATE",
+        f" ORDER BY {q(statement.pk)} FOR NO KEY UPDATE",
         [ids],
     )
     return [row[0] for row in cursor.fetchall()]

@@ -104,6 +104,7 @@ def drain(
     max_ids: int = 5000,
     targets: list[str] | None = None,
     using: str = "default",
+    lock_timeout_ms: int = 10_000,
 ) -> DrainResult:
     """Consume one batch of marks and bring their targets' counts up to date.
 
@@ -111,12 +112,16 @@ def drain(
         batch_size: Most marks taken.
         max_ids: Most target ids recomputed (a single larger mark is still taken whole).
         targets: Only marks for these model labels (all when None).
+        lock_timeout_ms: How long to wait for a locked target row before giving up.
     """
     started = time.perf_counter()
     result = DrainResult()
     known = graph().targets
     with transaction.atomic(using=using), quiet(using):
         cursor = connections[using].cursor()
+        # A target row locked for long (a stuck admin transaction) fails this batch quickly;
+        # the caller retries later and the marks, never deleted, wait.
+        cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{lock_timeout_ms}ms"])
         taken = _take(cursor, batch_size, max_ids, targets)
         result.marks = len(taken)
         plan: dict[str, set[int]] = defaultdict(set)

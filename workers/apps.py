@@ -2,5 +2,15 @@ from django.apps import AppConfig
 
 
 class WorkersConfig(AppConfig):
+    """Subscribes the message sender to the engine's after-commit notice."""
+
     name = "workers"
     verbose_name = "Count workers"
+
+    def ready(self) -> None:
+        from counts.capture import marks_committed
+        from counts.signals import status_extras
+        from workers import hooks
+
+        marks_committed.connect(hooks.on_marks_committed, dispatch_uid="workers.debounce")
+        status_extras.connect(hooks.queue_depths, dispatch_uid="workers.queue_depths")

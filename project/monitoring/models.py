@@ -81,7 +81,7 @@ class Event(TimestampedModel):
     occurrences_count = CachedCountField(
         "occurrences",
         filter=_counted_occurrences(
-            "occurrences", "deployment__project__default_filters_score_threshold"
+            "occurrences", "occurrences__deployment__project__default_filters_score_threshold"
         ),
     )
 

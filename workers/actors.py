@@ -1,0 +1,169 @@
+"""Dramatiq actors: drain dirty marks, fan out on a backlog, reconcile.
+
+At-least-once delivery means any of these may run twice or concurrently: every one of them is
+idempotent (a drain consumes only marks it committed a recompute for; SKIP LOCKED keeps two
+drainers on different marks). Arguments are validated first; a message that cannot be right
+raises :class:`MalformedMessage`, which is in ``throws``: it is logged and dead-lettered, never
+retried. Database errors propagate and are retried with backoff; the marks stay in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import dramatiq
+import redis
+from django.conf import settings
+from django.db import close_old_connections
+
+import counts
+from counts.apps import graph
+from counts.marks import drain, pending_summary
+from workers import debounce
+from workers.errors import MalformedMessage
+
+logger = logging.getLogger("workers.drain")
+
+#: The queue every counts actor uses.
+QUEUE = "counts"
+
+#: A backlog worth this many batches per extra drainer is worth fanning out for.
+FANOUT_BATCHES = 10
+
+_RETRIES = {"max_retries": 20, "min_backoff": 500, "max_backoff": 60_000}
+
+
+class _dead_letter_on_malformed:
+    """Log a malformed message at ERROR with the reason before it is dead-lettered.
+
+    Dramatiq logs exceptions listed in ``throws`` at INFO only; an operator must see these.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, MalformedMessage):
+            logger.error("dead-lettering malformed message: %s", exc)
+        return False
+
+
+def _known_label(label) -> str:
+    if not isinstance(label, str) or label not in graph().targets:
+        raise MalformedMessage(f"unknown target model {label!r}")
+    return label
+
+
+def _args(args, kwargs, names: tuple[str, ...]) -> list:
+    """Positional-or-keyword arguments, exactly ``names``, all strings."""
+    values = list(args)
+    for name in names[len(values) :]:
+        if name not in kwargs:
+            raise MalformedMessage(f"missing argument {name!r}")
+        values.append(kwargs.pop(name))
+    if len(values) != len(names) or kwargs:
+        raise MalformedMessage(f"expected arguments {names}, got {args!r} {kwargs!r}")
+    for name, value in zip(names, values, strict=True):
+        if not isinstance(value, str) or not value:
+            raise MalformedMessage(f"argument {name!r} must be a non-empty string, got {value!r}")
+    return values
+
+
+def _redis_quietly(action, *args) -> None:
+    """The drain flag is an optimisation; Redis being away must not stop a drain."""
+    try:
+        action(*args)
+    except redis.RedisError as exc:
+        logger.warning("redis unavailable during drain: %s", exc)
+
+
+def _drain(label: str):
+    return drain(
+        batch_size=settings.COUNTS_DRAIN_BATCH,
+        targets=[label],
+        lock_timeout_ms=settings.COUNTS_LOCK_TIMEOUT_MS,
+    )
+
+
+def drain_label(label: str, *, fan_out: bool) -> int:
+    """Drain ``label``'s marks until quiet for a debounce window, or the time budget ends.
+
+    Lingering one window after the queue runs dry is what keeps a burst to a handful of
+    messages: writers see the draining flag and send nothing while this drainer is there to
+    pick their marks up. Returns the number of non-empty batches.
+    """
+    deadline = time.monotonic() + settings.COUNTS_DRAIN_BUDGET_S
+    linger = settings.COUNTS_DEBOUNCE_MS / 1000 if fan_out else 0
+    poll = min(0.2, linger / 5) if linger else 0
+    batches, fanned, quiet_until = 0, not fan_out, None
+    while True:
+        _redis_quietly(debounce.hold_draining, label)
+        result = _drain(label)
+        if result.empty:
+            quiet_until = quiet_until or time.monotonic() + linger
+            if time.monotonic() < quiet_until:
+                time.sleep(poll)
+                continue
+            # Drop the flag, then look once more: a writer that saw the flag and sent nothing
+            # committed its marks before this last look.
+            _redis_quietly(debounce.drop_draining, label)
+            result = _drain(label)
+            if result.empty:
+                return batches
+        quiet_until = None
+        batches += 1
+        logger.info("drained %s", json.dumps({"target": label, **result.as_log()}))
+        if not fanned and result.marks >= settings.COUNTS_DRAIN_BATCH:
+            fanned = True
+            backlog = sum(p.marks for p in pending_summary() if p.label == label)
+            helpers = min(
+                settings.COUNTS_FANOUT, backlog // (FANOUT_BATCHES * settings.COUNTS_DRAIN_BATCH)
+            )
+            for _ in range(helpers):
+                drain_backlog.send(label)
+            if helpers:
+                logger.info("fanned out %s to %d more drainers (%d marks)", label, helpers, backlog)
+        if time.monotonic() > deadline:
+            # Hand over to a fresh message so one long backlog never pins a worker thread.
+            _redis_quietly(debounce.request, [label], delay_ms=0, force=True)
+            return batches
+
+
+@dramatiq.actor(queue_name=QUEUE, throws=(MalformedMessage,), **_RETRIES)
+def recompute_pending(*args, **kwargs) -> None:
+    """Free the debounce key, then drain its model's marks (see ``workers.debounce``)."""
+    with _dead_letter_on_malformed():
+        key, token = _args(args, kwargs, ("key", "token"))
+        label = _known_label(debounce.label_of(key))
+    close_old_connections()
+    # Raise the draining flag, then free the key: a write committing from here on either sees
+    # the flag (and this drainer will find its marks) or sets the key and gets a message.
+    _redis_quietly(debounce.hold_draining, label)
+    _redis_quietly(debounce.release, key, token)
+    drain_label(label, fan_out=True)
+
+
+@dramatiq.actor(queue_name=QUEUE, throws=(MalformedMessage,), **_RETRIES)
+def drain_backlog(*args, **kwargs) -> None:
+    """One more drainer for a large backlog; SKIP LOCKED keeps it off the others' marks."""
+    with _dead_letter_on_malformed():
+        (label,) = _args(args, kwargs, ("label",))
+        _known_label(label)
+    close_old_connections()
+    drain_label(label, fan_out=False)
+
+
+@dramatiq.actor(
+    queue_name=QUEUE, throws=(MalformedMessage,), time_limit=6 * 3600 * 1000, max_retries=3
+)
+def reconcile_counts(*args, **kwargs) -> None:
+    """A full reconcile pass; drift found is logged per field and repaired."""
+    with _dead_letter_on_malformed():
+        if args or kwargs:
+            raise MalformedMessage(f"reconcile_counts takes no arguments, got {args!r} {kwargs!r}")
+    close_old_connections()
+    report = counts.reconcile()
+    level = logging.WARNING if report.drifted_rows else logging.INFO
+    logger.log(level, "reconciled %s", json.dumps(report.as_dict()))

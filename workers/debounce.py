@@ -1,0 +1,118 @@
+"""Debounced, dedup-keyed recompute messages.
+
+After a transaction that left marks commits, the writer runs one small Lua script per target
+model, all pipelined into a single Redis round trip: ``SET key token NX PX window+margin``,
+skipped while a drainer is active for that model. Only a writer that set a key sends
+``recompute_pending(key, token)``, delayed by the window, so a burst of writes shares one
+message. The drainer holds a short-lived *draining* flag while it works and drains until no
+marks are left; it drops the flag and then looks once more, so a writer that skipped sending
+because of the flag committed its marks before that last look (no write is ever left behind).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+
+from django.conf import settings
+
+from workers.redis import client, key
+
+logger = logging.getLogger(__name__)
+
+_REQUEST = """
+if ARGV[3] == '0' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+DEBOUNCE = "debounce"
+DRAINING = "draining"
+
+
+def debounce_key(label: str) -> str:
+    return key(DEBOUNCE, label)
+
+
+def draining_key(label: str) -> str:
+    return key(DRAINING, label)
+
+
+def label_of(debounce_key_: str) -> str | None:
+    """The model label a debounce key stands for, or None if it is not one of ours."""
+    prefix = key(DEBOUNCE, "")
+    if isinstance(debounce_key_, str) and debounce_key_.startswith(prefix):
+        return debounce_key_[len(prefix) :]
+    return None
+
+
+def request(
+    labels: Iterable[str], *, delay_ms: int | None = None, force: bool = False
+) -> list[str]:
+    """Schedule a recompute message for each label that has none scheduled yet.
+
+    Args:
+        labels: Target model labels.
+        delay_ms: Message delay; the debounce window when None.
+        force: Send even while a drainer is active (the sweep's and the re-send's case).
+
+    Returns:
+        The labels a message was sent for.
+    """
+    from workers.actors import recompute_pending
+
+    labels = sorted(set(labels))
+    if not labels:
+        return []
+    window = settings.COUNTS_DEBOUNCE_MS if delay_ms is None else delay_ms
+    ttl = window + settings.COUNTS_DEBOUNCE_MARGIN_MS
+    token = uuid.uuid4().hex
+    redis = client()
+    script = redis.register_script(_REQUEST)
+    pipe = redis.pipeline(transaction=False)
+    for label in labels:
+        script(
+            keys=[debounce_key(label), draining_key(label)],
+            args=[token, ttl, "1" if force else "0"],
+            client=pipe,
+        )
+    sent = []
+    for label, was_set in zip(labels, pipe.execute(), strict=True):
+        if not was_set:
+            continue
+        try:
+            recompute_pending.send_with_options(args=(debounce_key(label), token), delay=window)
+        except Exception:
+            # No message went out: free the key so the next writer or the sweep sends one.
+            release(debounce_key(label), token)
+            raise
+        sent.append(label)
+    if sent:
+        logger.debug("sent recompute_pending for %s (force=%s)", ", ".join(sent), force)
+    return sent
+
+
+def release(debounce_key_: str, token: str) -> bool:
+    """Compare-and-delete: free the key only if it still holds this message's token."""
+    return bool(client().eval(_RELEASE, 1, debounce_key_, token))
+
+
+def hold_draining(label: str) -> None:
+    client().set(draining_key(label), "1", px=settings.COUNTS_DRAINING_TTL_MS)
+
+
+def drop_draining(label: str) -> None:
+    client().delete(draining_key(label))
+
+
+def is_scheduled(label: str) -> bool:
+    return bool(client().exists(debounce_key(label)))
+
+
+def is_draining(label: str) -> bool:
+    return bool(client().exists(draining_key(label)))

@@ -1,0 +1,9 @@
+"""Errors of the workers layer."""
+
+
+class MalformedMessage(Exception):
+    """A message whose arguments cannot be what its actor expects.
+
+    Listed in the actors' ``throws``: the Retries middleware then fails the message instead of
+    retrying it, and the Redis broker moves it to the dead-letter set (``<queue>.XQ``).
+    """

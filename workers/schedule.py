@@ -1,0 +1,120 @@
+"""The scheduler process: a sweep every few seconds and a periodic reconcile.
+
+APScheduler runs the jobs; a Redis lease makes sure one scheduler acts at a time, so operators
+can run a spare. Each job catches and logs its own errors: PostgreSQL or Redis being briefly
+down costs a few skipped sweeps, never the process.
+
+The sweep sends a message for every target model whose marks have none coming: marks written by
+raw SQL from another client, a message lost with a dead worker, a write whose Redis call failed.
+It leaves alone a model with a message scheduled, or with a drainer active whose oldest mark is
+younger than the drainer's flag could be.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import redis
+from apscheduler.schedulers.blocking import BlockingScheduler
+from django.conf import settings
+from django.db import close_old_connections
+
+from counts.marks import pending_summary
+from workers import debounce
+from workers.redis import client, key
+
+logger = logging.getLogger("workers.schedule")
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
+
+
+class Lease:
+    """Leadership among scheduler processes: renewed every sweep, lapses if the holder dies."""
+
+    def __init__(self, ttl_ms: int) -> None:
+        self.token = uuid.uuid4().hex
+        self.ttl_ms = ttl_ms
+        self.key = key("scheduler", "leader")
+
+    def acquire(self) -> bool:
+        return bool(client().eval(_RENEW, 1, self.key, self.token, self.ttl_ms))
+
+
+def sweep() -> list[str]:
+    """Send for every model whose marks wait with no message coming. Returns those labels."""
+    stale_after = settings.COUNTS_DRAINING_TTL_MS / 1000
+    sent = []
+    for pending in pending_summary():
+        if debounce.is_scheduled(pending.label):
+            continue
+        if debounce.is_draining(pending.label) and pending.oldest_seconds < stale_after:
+            continue
+        sent += debounce.request([pending.label], delay_ms=0, force=True)
+    if sent:
+        logger.info("sweep sent recompute for %s", ", ".join(sent))
+    return sent
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        interval = settings.COUNTS_SWEEP_INTERVAL_S
+        self.lease = Lease(ttl_ms=interval * 3000)
+        self.scheduler = BlockingScheduler(timezone="UTC")
+        self.scheduler.add_job(
+            self.run_sweep,
+            "interval",
+            seconds=interval,
+            id="sweep",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=interval,
+        )
+        self.scheduler.add_job(
+            self.run_reconcile,
+            "interval",
+            seconds=settings.COUNTS_RECONCILE_INTERVAL_S,
+            id="reconcile",
+            max_instances=1,
+            coalesce=True,
+        )
+
+    def _leading(self) -> bool:
+        try:
+            return self.lease.acquire()
+        except redis.RedisError as exc:
+            logger.warning("scheduler cannot reach redis: %s", exc)
+            return False
+
+    def run_sweep(self) -> None:
+        if not self._leading():
+            return
+        close_old_connections()
+        try:
+            sweep()
+        except Exception:
+            logger.exception("sweep failed; retrying at the next interval")
+        finally:
+            close_old_connections()
+
+    def run_reconcile(self) -> None:
+        if not self._leading():
+            return
+        from workers.actors import reconcile_counts
+
+        try:
+            reconcile_counts.send()
+            logger.info("reconcile requested")
+        except Exception:
+            logger.exception("could not request a reconcile; retrying at the next interval")
+
+    def start(self) -> None:
+        logger.info(
+            "scheduler up: sweep every %ss, reconcile every %ss",
+            settings.COUNTS_SWEEP_INTERVAL_S,
+            settings.COUNTS_RECONCILE_INTERVAL_S,
+        )
+        self.scheduler.start()
