@@ -1,0 +1,109 @@
+"""``manage.py seed_demo [--scale N] [--seed S] [--if-empty]``: realistic demo data, fast.
+
+``bin/run`` calls it with ``--if-empty`` on every start, so a fresh checkout opens on stations,
+nights, captures and capture sets with believable counts. ``--scale 1000000`` builds the data set
+the engine is benchmarked on (half-a-million-image sets included) in a few minutes.
+
+Two phases:
+
+1. **Load** (:func:`project.monitoring.demo.load`) in one transaction, so a failed seed leaves
+   nothing behind for ``--if-empty`` to mistake for a finished one. The count triggers fire as
+   for any writer and leave a few hundred marks.
+2. **Count**: ``counts.reconcile()`` recomputes every target row in short keyset-paginated
+   transactions, then the marks that existed before it started are deleted: every one of them
+   was committed before the pass read its rows, so the pass already covered it. Marks written
+   meanwhile by anyone else stay for the workers. Measured at 10⁶ captures on 2 cores, the
+   pass took 29 s against 33 s for draining the same ~400 marks (101 drain batches), and it
+   also repairs drift no mark names. Its chunk size hardly matters (5,000-row steps saved a
+   second or two), so it keeps the short 1,000-row transactions.
+"""
+
+import sys
+import time
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection, transaction
+from tqdm import tqdm
+
+import counts
+from counts.marks import quiet
+from project.monitoring.demo import load, make_plan
+from project.monitoring.models import Project
+
+#: Tables whose statistics the recompute plans depend on right after the load.
+LOADED_TABLES = (
+    "monitoring_deployment",
+    "monitoring_event",
+    "monitoring_sourceimage",
+    "monitoring_detection",
+    "monitoring_occurrence",
+    "monitoring_sourceimagecollection",
+    "monitoring_sourceimagecollection_images",
+)
+
+
+class Command(BaseCommand):
+    help = "Load deterministic demo data in bulk and bring every cached count up to date."
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--scale", type=int, default=20_000, help="Number of captures (default 20000)"
+        )
+        parser.add_argument("--seed", type=int, default=1, help="Same seed, same data")
+        parser.add_argument(
+            "--if-empty", action="store_true", help="Do nothing when any project exists"
+        )
+        parser.add_argument("--chunk", type=int, default=1000, help="Rows per recompute step")
+
+    def handle(self, *args, scale, seed, if_empty, chunk, **options):
+        if scale < 100:
+            raise CommandError("--scale must be at least 100 captures")
+        if if_empty and Project.objects.exists():
+            self.stdout.write("seed_demo: projects exist already; nothing to do")
+            return
+        started = time.perf_counter()
+        plan = make_plan(scale, seed)
+        with (
+            tqdm(total=scale, unit="capture", desc="loading", file=sys.stderr, disable=None) as bar,
+            transaction.atomic(),
+            quiet(),
+        ):
+            rows = load(plan, bar.update)
+        loaded = time.perf_counter()
+        with connection.cursor() as cursor:
+            cursor.execute(f"ANALYZE {', '.join(LOADED_TABLES)}")
+        report = self.bring_counts_up_to_date(chunk)
+        finished = time.perf_counter()
+        self.stdout.write(
+            f"seed_demo: {rows['project']} projects, {rows['deployment']} stations,"
+            f" {rows['event']} nights, {rows['capture']} captures,"
+            f" {rows['detection']} detections, {rows['occurrence']} occurrences,"
+            f" {rows['taxon']} new taxa, {rows['set']} capture sets"
+            f" ({rows['membership']} memberships); {report.checked} counted rows, drift fixed"
+            f" in {report.drifted_rows}; {finished - started:.1f}s"
+            f" (load {loaded - started:.1f}s, counts {finished - loaded:.1f}s)"
+        )
+
+    def bring_counts_up_to_date(self, chunk: int):
+        """Reconcile every target, then drop the marks the pass made redundant."""
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT id FROM counts_dirtymark")
+            before = [row[0] for row in cursor.fetchall()]
+            cursor.execute(
+                "SELECT (SELECT count(*) FROM monitoring_deployment)"
+                " + (SELECT count(*) FROM monitoring_event)"
+                " + (SELECT count(*) FROM monitoring_sourceimage)"
+                " + (SELECT count(*) FROM monitoring_sourceimagecollection)"
+            )
+            total = cursor.fetchone()[0]
+        seen: dict[str, int] = {}
+        with tqdm(total=total, unit="row", desc="counting", file=sys.stderr, disable=None) as bar:
+
+            def progress(label: str, checked: int) -> None:
+                bar.update(checked - seen.get(label, 0))
+                seen[label] = checked
+
+            report = counts.reconcile(chunk=chunk, progress=progress)
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM counts_dirtymark WHERE id = ANY(%s)", [before])
+        return report
