@@ -1,0 +1,207 @@
+"""Concurrent writers and drainers, each thread on its own connection, converge to the truth.
+
+These tests commit for real (``transaction=True``): the guarantees under test — marks durable
+in the writer's transaction, ``SKIP LOCKED`` sharing the queue, row locks ordering two
+recomputes of one row — only exist between separate transactions. Every thread closes its
+connection when done.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+from django.db import OperationalError, connection, transaction
+
+import counts
+from project.monitoring.models import Detection, Occurrence, SourceImage, SourceImageCollection
+from tests.truth import assert_all_counts_exact, cached, drain_all
+
+pytestmark = pytest.mark.django_db(transaction=True)
+BOX = [10, 10, 20, 20]
+
+
+class Worker(threading.Thread):
+    """A thread that records its exception instead of losing it, and closes its connection."""
+
+    def __init__(self, target, *args) -> None:
+        super().__init__(daemon=True)
+        self.work, self.args, self.error = target, args, None
+
+    def run(self) -> None:
+        try:
+            self.work(*self.args)
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+        finally:
+            connection.close()
+
+    def finish(self, timeout: float = 60) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "thread did not finish"
+        if self.error:
+            raise self.error
+
+
+def write_randomly(seed: int, steps: int) -> None:
+    """One writer: small transactions of mixed writes, M2M from both sides included."""
+    rng = random.Random(seed)
+    images = list(SourceImage.objects.values_list("pk", flat=True))
+    sets = list(SourceImageCollection.objects.values_list("pk", flat=True))
+    for _ in range(steps):
+        image = SourceImage.objects.get(pk=rng.choice(images))
+        action = rng.randrange(6)
+        with transaction.atomic():
+            if action == 0:
+                Detection.objects.create(source_image=image, bbox=rng.choice([BOX, None]))
+            elif action == 1:
+                Detection.objects.filter(pk__in=image.detections.values("pk")[:1]).delete()
+            elif action == 2:
+                Detection.objects.filter(source_image=image).update(source_image=rng.choice(images))
+            elif action == 3:
+                image.collections.add(rng.choice(sets))
+            elif action == 4:
+                SourceImageCollection.objects.get(pk=rng.choice(sets)).images.remove(image)
+            else:
+                Occurrence.objects.filter(deployment=image.deployment_id).update(
+                    determination_score=rng.choice([None, 0.2, 0.6, 0.9])
+                )
+
+
+def drain_until(done: threading.Event, stats: dict) -> None:
+    """One drainer: drain until the writers are done and no mark is left for it."""
+    while True:
+        try:
+            result = counts.drain(batch_size=3, max_ids=20)
+        except OperationalError:  # a deadlock victim: its marks were rolled back, not lost
+            stats["retries"] += 1
+            continue
+        stats["marks"] += result.marks
+        if result.empty:
+            if done.is_set():
+                return
+            time.sleep(0.005)
+
+
+def test_concurrent_writers_and_two_drainers_converge_exactly(make_world, marks):
+    make_world()
+    done = threading.Event()
+    stats = [{"marks": 0, "retries": 0} for _ in range(2)]
+    drainers = [Worker(drain_until, done, s) for s in stats]
+    writers = [Worker(write_randomly, seed, 25) for seed in range(4)]
+    for t in drainers + writers:
+        t.start()
+    for t in writers:
+        t.finish()
+    done.set()
+    for t in drainers:
+        t.finish()
+    assert all(s["marks"] > 0 for s in stats), stats  # both drainers took a share
+    assert marks.count() == 0
+    assert_all_counts_exact()  # no final drain here: the drainers converged by themselves
+
+
+def test_concurrent_writers_never_wait_on_each_others_marks(make_world, marks):
+    world = make_world()
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_writer():
+        with transaction.atomic():
+            Detection.objects.create(source_image=world.i1, bbox=BOX)
+            holding.set()
+            release.wait(10)
+
+    writer = Worker(slow_writer)
+    writer.start()
+    assert holding.wait(10)
+    started = time.monotonic()
+    Detection.objects.create(source_image=world.i1, bbox=BOX)  # same image, same targets
+    assert time.monotonic() - started < 5.0  # blocked, it would wait for the 10 s release
+    release.set()
+    writer.finish()
+    drain_all()
+    assert_all_counts_exact()
+
+
+def waiting_on_a_lock(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid])
+        row = cursor.fetchone()
+    return bool(row) and row[0] == "Lock"
+
+
+def test_a_drain_waiting_on_a_locked_row_writes_the_newer_value(make_world, marks):
+    """Worker A drained and holds the row; a writer commits; worker B must end newer."""
+    world = make_world()
+    marker = Detection.objects.create(source_image=world.i1, bbox=None)
+    drain_all()
+    Detection.objects.create(source_image=world.i1, bbox=BOX)  # truth 3, cached 2
+    a_done, release_a, b_pid = threading.Event(), threading.Event(), []
+
+    def worker_a():
+        with transaction.atomic():
+            counts.drain()  # recomputes i1 to 3 and keeps the row locked
+            a_done.set()
+            release_a.wait(10)
+
+    def worker_b():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            b_pid.append(cursor.fetchone()[0])
+        drain_all()
+
+    a = Worker(worker_a)
+    a.start()
+    assert a_done.wait(10)
+    # A newer change that needs none of A's locks commits while A still holds them.
+    Detection.objects.filter(pk=marker.pk).update(bbox=BOX)  # truth 4
+    b = Worker(worker_b)
+    b.start()
+    deadline = time.monotonic() + 10
+    while not (b_pid and waiting_on_a_lock(b_pid[0])) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b_pid and waiting_on_a_lock(b_pid[0]), "worker B never queued behind worker A"
+    release_a.set()  # A commits its older value: 3
+    a.finish()
+    b.finish()
+    assert cached("monitoring_sourceimage")[world.i1.pk]["detections_count"] == 4
+    assert marks.count() == 0
+    assert_all_counts_exact()
+
+
+def test_a_drain_holding_its_rows_never_blocks_writers_below_them(make_world, marks):
+    """Inserting a child row takes ``FOR KEY SHARE`` on its parent: a drain must not conflict.
+
+    A recompute of a 900k-image capture set can hold its row for seconds; adding an image to
+    that set, or a detection to a capture being recomputed, must not queue behind it, and a
+    writer must never become a deadlock victim of a drain.
+    """
+    world = make_world()
+    Detection.objects.create(source_image=world.i1, bbox=BOX)
+    holding, release = threading.Event(), threading.Event()
+
+    def drainer():
+        with transaction.atomic():
+            assert counts.drain().targets  # i1, e1, d1 and c1 are now locked
+            holding.set()
+            release.wait(10)
+
+    a = Worker(drainer)
+    a.start()
+    assert holding.wait(10)
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SET LOCAL lock_timeout = '2s'")
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # check the FKs now, not at commit
+            Detection.objects.create(source_image=world.i1, bbox=BOX)
+            world.c1.images.add(world.i4)
+            SourceImage.objects.create(
+                deployment=world.d1, event=world.e1, timestamp=world.i1.timestamp, path="x.jpg"
+            )
+    finally:
+        release.set()
+        a.finish()
+    drain_all()
+    assert_all_counts_exact()

@@ -1,0 +1,139 @@
+"""Migrations keep schema and count triggers in sync, and a new count is one declaration.
+
+``manage.py makemigrations`` (extended by the counts app) must find nothing to do on a clean
+tree: not for the schema, not for the triggers. Then, without touching the real models, a
+thirteenth count is declared and resolved on the side, to show that the dependency graph, the
+triggers, the migration with its backfill and the aggregate all follow from the declaration
+alone.
+"""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.apps import apps
+from django.core.management import call_command
+from django.db import connection
+from django.db.migrations.loader import MigrationLoader
+
+from counts.aggregate import _count_expression
+from counts.apps import graph
+from counts.fields import CachedCountField
+from counts.graph import Graph
+from counts.migrations_writer import _latest_sync, pending_migration
+from counts.operations import BackfillCounts, SyncCountTriggers
+from counts.spec import resolve, resolve_all
+from counts.status import trigger_states
+from counts.triggers import CompiledTrigger, compile_triggers
+from project.monitoring.models import Project
+
+
+def captures_per_project():
+    """A 13th count, declared but never added to the model class (which other tests share)."""
+    field = CachedCountField("deployments__captures")
+    field.set_attributes_from_name("captures_count")
+    return resolve(Project, field)
+
+
+@pytest.fixture
+def grown_graph():
+    return Graph.build([*resolve_all(apps.get_models()), captures_per_project()])
+
+
+@pytest.mark.django_db
+def test_makemigrations_finds_nothing_pending():
+    out = StringIO()
+    call_command("makemigrations", "--check", "--dry-run", stdout=out)  # SystemExit if pending
+    assert "No changes detected" in out.getvalue()
+    assert "Count triggers" not in out.getvalue()
+    assert pending_migration() is None
+
+
+def test_counts_makemigrations_check_agrees():
+    out = StringIO()
+    call_command("counts", "makemigrations", "--check", stdout=out)
+    assert "in sync" in out.getvalue()
+
+
+def test_a_new_count_adds_routes_from_every_table_on_its_path(grown_graph):
+    new = {
+        (table, [h.child.db_table for h in r.chain][-1] if r.chain else None)
+        for table, routes in grown_graph.routes.items()
+        for r in routes
+        if r.target.label == "monitoring.project"
+    }
+    assert new == {
+        ("monitoring_deployment", "monitoring_deployment"),
+        ("monitoring_sourceimage", "monitoring_sourceimage"),
+    }
+    assert grown_graph.targets_of_table("monitoring_sourceimage") >= {"monitoring.project"}
+
+
+def test_a_new_count_adds_triggers_and_leaves_the_others_alone(grown_graph):
+    before = {(t.table, t.operation): t.sql for t in compile_triggers(graph())}
+    after = {(t.table, t.operation): t.sql for t in compile_triggers(grown_graph)}
+    changed = {key for key in after if before.get(key) != after[key]}
+    assert changed == {
+        ("monitoring_deployment", op) for op in ("insert", "update", "delete", "truncate")
+    } | {("monitoring_sourceimage", op) for op in ("insert", "update", "delete", "truncate")}
+    assert set(before) <= set(after)
+    assert "'monitoring.project'" in after[("monitoring_sourceimage", "insert")]
+    # Inserting a station matters now (it brings captures); before, only moving one did.
+    assert ("monitoring_deployment", "insert") not in before
+
+
+def test_a_new_count_gets_a_trigger_migration_with_a_backfill(grown_graph, monkeypatch):
+    monkeypatch.setattr(apps.get_app_config("counts"), "graph", grown_graph)
+    app_label, migration = pending_migration()
+    assert app_label == "monitoring"
+    sync, backfill = migration.operations
+    assert isinstance(sync, SyncCountTriggers) and isinstance(backfill, BackfillCounts)
+    assert sync.triggers == [t.as_dict() for t in compile_triggers(grown_graph)]
+    assert backfill.targets == ["monitoring.project"]
+    assert "monitoring.project.captures_count" in sync.counts
+
+
+@pytest.mark.django_db
+def test_a_new_count_is_computed_by_the_aggregate_it_declares(world):
+    spec = captures_per_project()
+    computed = dict(
+        Project.objects.annotate(n=_count_expression(spec, spec.join_signature)).values_list(
+            "pk", "n"
+        )
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT p.id, (SELECT count(*) FROM monitoring_sourceimage si JOIN"
+            " monitoring_deployment d ON d.id = si.deployment_id WHERE d.project_id = p.id)"
+            " FROM monitoring_project p"
+        )
+        assert computed == dict(cursor.fetchall()) == {world.p1.pk: 4, world.p2.pk: 1}
+
+
+def installed_triggers() -> dict[tuple[str, str], str]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.relname, t.tgname, obj_description(t.oid, 'pg_trigger')"
+            " FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+            " WHERE t.tgname LIKE 'counts\\_%%' AND NOT t.tgisinternal"
+        )
+        return {(table, name): comment for table, name, comment in cursor.fetchall()}
+
+
+@pytest.mark.django_db
+def test_trigger_migrations_apply_and_reverse_exactly():
+    """Reversing the newest trigger sync restores the set before it; reapplying restores all.
+
+    DDL is transactional in PostgreSQL: the test transaction's rollback undoes all of it.
+    """
+    latest = _latest_sync(MigrationLoader(None, ignore_no_migrations=True))
+    previous = [CompiledTrigger(**row) for row in latest.previous]
+    assert previous, "the newest trigger migration should replace an older set"
+    with connection.schema_editor() as editor:
+        latest.database_backwards("monitoring", editor, None, None)
+    assert installed_triggers() == {(t.table, t.name): t.hash for t in previous}
+    with connection.schema_editor() as editor:
+        latest.database_forwards("monitoring", editor, None, None)
+    assert installed_triggers() == {(t.table, t.name): t.hash for t in compile_triggers(graph())}
+    assert {s["state"] for s in trigger_states()} == {"INSTALLED"}

@@ -1,0 +1,204 @@
+"""Reconcile finds drift the triggers could not see, reports it per field, and repairs it.
+
+Drift is planted the two ways it happens in production: base rows written with triggers off
+(``session_replication_role = replica``, as a restore or a logical replica does), and a cached
+column overwritten by hand. ``dry_run`` must report without writing; the default repairs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+
+import counts
+from counts.errors import UnknownTargetError
+from project.monitoring.models import Detection, SourceImage
+from tests.truth import assert_all_counts_exact, cached, mismatches
+
+D, E, S, C = (
+    "monitoring.deployment",
+    "monitoring.event",
+    "monitoring.sourceimage",
+    "monitoring.sourceimagecollection",
+)
+TABLES = (
+    "monitoring_deployment",
+    "monitoring_event",
+    "monitoring_sourceimage",
+    "monitoring_sourceimagecollection",
+)
+
+
+def snapshot() -> dict:
+    """Every cached value and freshness stamp, to prove a dry run wrote nothing."""
+    with connection.cursor() as cursor:
+        stamps = {}
+        for table in TABLES:
+            cursor.execute(f"SELECT id, counts_updated_at FROM {table}")
+            stamps[table] = dict(cursor.fetchall())
+    return {"cached": {t: cached(t) for t in TABLES}, "stamps": stamps}
+
+
+def write_behind_the_triggers(world) -> None:
+    """Base-table writes made with triggers (and FK checks) switched off for the session."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET session_replication_role = replica")
+        try:
+            cursor.execute(
+                "INSERT INTO monitoring_detection (source_image_id, bbox, created_at, updated_at)"
+                " VALUES (%s, '[1, 2, 3, 4]', now(), now())",
+                [world.i3.pk],
+            )
+            cursor.execute(
+                "DELETE FROM monitoring_sourceimagecollection_images"
+                " WHERE sourceimagecollection_id = %s AND sourceimage_id = %s",
+                [world.c2.pk, world.i4.pk],
+            )
+            cursor.execute(
+                "UPDATE monitoring_occurrence SET determination_score = 0.9 WHERE id = %s",
+                [world.o2.pk],
+            )
+        finally:
+            cursor.execute("SET session_replication_role = DEFAULT")
+
+
+@pytest.fixture
+def drifted(world, marks):
+    write_behind_the_triggers(world)
+    assert marks.rows() == []  # the triggers saw nothing
+    assert mismatches()  # so the cached counts are now wrong
+    return world
+
+
+def test_dry_run_reports_drift_per_field_without_writing(drifted):
+    before = snapshot()
+    report = counts.reconcile(dry_run=True)
+    assert report.dry_run
+    drift = {label: dict(m.drift) for label, m in report.models.items()}
+    assert drift == {
+        D: {"detections_count": 1, "occurrences_count": 1, "taxa_count": 1},
+        E: {"detections_count": 1, "occurrences_count": 1},
+        S: {"detections_count": 1},
+        C: {
+            "source_images_count": 1,
+            "source_images_with_detections_count": 2,
+            "source_images_processed_count": 2,
+        },
+    }
+    assert {label: m.drifted_rows for label, m in report.models.items()} == {D: 1, E: 2, S: 1, C: 2}
+    assert report.checked == 3 + 3 + 5 + 3
+    assert snapshot() == before
+
+
+def test_reconcile_repairs_by_default_and_then_finds_nothing(drifted):
+    report = counts.reconcile()
+    assert not report.dry_run and report.drifted_rows == 6
+    assert_all_counts_exact()
+    again = counts.reconcile()
+    assert again.drifted_rows == 0 and again.checked == 14
+
+
+def test_a_hand_corrupted_cached_column_is_repaired(world, marks):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE monitoring_sourceimagecollection SET source_images_count = 0 WHERE id = %s",
+            [world.c1.pk],
+        )
+    report = counts.reconcile(model="monitoring.sourceimagecollection")
+    assert list(report.models) == [C]
+    assert dict(report.models[C].drift) == {"source_images_count": 1}
+    example = report.models[C].examples[0]
+    assert (example.pk, example.old["source_images_count"], example.new["source_images_count"]) == (
+        world.c1.pk,
+        0,
+        3,
+    )
+    assert_all_counts_exact()
+
+
+def test_reconcile_can_be_limited_to_one_model(drifted):
+    report = counts.reconcile(model=SourceImage)
+    assert list(report.models) == [S]
+    assert mismatches() and not [m for m in mismatches() if m.startswith(f"{S}#")]
+    with pytest.raises(UnknownTargetError):
+        counts.reconcile(model="monitoring.taxon")
+
+
+def test_reconcile_walks_rows_in_chunks(drifted):
+    seen = []
+    report = counts.reconcile(chunk=2, progress=lambda label, n: seen.append((label, n)))
+    assert [n for label, n in seen if label == S] == [2, 4, 5]
+    assert report.models[S].checked == 5
+    assert_all_counts_exact()
+
+
+def test_reconcile_does_not_touch_rows_without_drift(drifted):
+    untouched = Detection.objects.get(pk=drifted.det5.pk).source_image_id  # i5: no drift
+    stamp = SourceImage.objects.get(pk=untouched).counts_updated_at
+    counts.reconcile()
+    assert SourceImage.objects.get(pk=untouched).counts_updated_at == stamp
+
+
+def test_command_reconcile_dry_run_json(drifted):
+    before = snapshot()
+    out = StringIO()
+    call_command("counts", "reconcile", "--dry-run", "--json", stdout=out, stderr=StringIO())
+    report = json.loads(out.getvalue())
+    assert report["dry_run"] is True and report["drifted_rows"] == 6
+    assert report["models"][C]["drift"]["source_images_count"] == 1
+    assert snapshot() == before
+
+
+def test_command_reconcile_repairs_and_says_so(drifted):
+    out = StringIO()
+    call_command("counts", "reconcile", stdout=out, stderr=StringIO())
+    assert "monitoring.sourceimage: 5 checked, 1 repaired (detections_count=1)" in out.getvalue()
+    assert_all_counts_exact()
+
+
+def test_command_rebuild_of_one_model(drifted):
+    out = StringIO()
+    call_command("counts", "rebuild", "--model", "monitoring.event", stdout=out, stderr=StringIO())
+    assert "Rebuilt 3 rows (2 changed)" in out.getvalue()
+    assert not [line for line in mismatches() if line.startswith("monitoring.event#")]
+
+
+def test_command_rejects_an_unknown_model(world):
+    with pytest.raises(CommandError, match=r"monitoring\.taxon"):
+        call_command("counts", "reconcile", "--model", "monitoring.taxon", stdout=StringIO())
+
+
+def test_command_status_shows_pending_marks_and_trigger_health(world, marks):
+    Detection.objects.create(source_image=world.i3, bbox=None)
+    out = StringIO()
+    call_command("counts", "status", "--json", stdout=out)
+    report = json.loads(out.getvalue())
+    pending = {row["label"]: row for row in report["pending"]}
+    assert set(pending) == {D, E, S, C}
+    assert pending[S]["marks"] == 1 and pending[S]["ids"] == 1
+    assert {row["state"] for row in report["triggers"]} == {"INSTALLED"}
+    text = StringIO()
+    call_command("counts", "status", stdout=text)
+    assert "INSTALLED" in text.getvalue() and "monitoring.sourceimage" in text.getvalue()
+
+
+def test_command_drain_until_empty(world, marks):
+    Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
+    out = StringIO()
+    call_command("counts", "drain", "--until-empty", stdout=out)
+    assert "Drained 4 marks" in out.getvalue()
+    assert marks.rows() == []
+    assert_all_counts_exact()
+
+
+def test_public_reconcile_stays_callable_once_its_module_is_imported(world):
+    """The scheduler calls ``counts.reconcile()`` every few hours in one long-lived process."""
+    importlib.import_module("counts.reconcile")
+    assert callable(counts.reconcile)
+    assert counts.reconcile(dry_run=True).drifted_rows == 0
+    assert counts.reconcile(dry_run=True).checked == 14

@@ -1,0 +1,209 @@
+"""Declarations become frozen specs, and specs a pure dependency graph — no database involved.
+
+These tests run without database access (pytest-django would refuse it), which is itself part
+of the contract: the spec and graph modules read model metadata only. They pin down what each
+kind of relation turns into, which columns each table is watched on, and that a declaration
+the engine cannot honour fails at start-up with a message naming the model and field.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.apps import apps
+from django.db.models import F, Q
+
+from counts.apps import graph
+from counts.capture import WriteWatcher
+from counts.errors import DeclarationError, UnknownTargetError
+from counts.fields import FRESHNESS_FIELD, CachedCountField, cached_count_fields
+from counts.graph import ROOT, Graph
+from counts.spec import FORWARD, REVERSE, resolve, resolve_all, walk
+from project.monitoring.models import (
+    Deployment,
+    Event,
+    Project,
+    SourceImage,
+    SourceImageCollection,
+)
+
+THROUGH = "monitoring_sourceimagecollection_images"
+
+
+def spec(key: str):
+    return next(s for s in graph().specs if s.key == key)
+
+
+def hops(chain) -> list[tuple[str, str, str]]:
+    return [(h.kind, h.child.db_table, h.column) for h in chain]
+
+
+def declared(path, name="probe_count", **kwargs) -> CachedCountField:
+    """A declaration resolved on the side, never added to a model class."""
+    field = CachedCountField(path, **kwargs)
+    field.set_attributes_from_name(name)
+    return field
+
+
+def test_twelve_counts_on_four_models():
+    assert len(graph().specs) == 12
+    assert sorted(graph().targets) == [
+        "monitoring.deployment",
+        "monitoring.event",
+        "monitoring.sourceimage",
+        "monitoring.sourceimagecollection",
+    ]
+    assert [f.name for f in cached_count_fields(Event)] == [
+        "captures_count",
+        "detections_count",
+        "occurrences_count",
+    ]
+
+
+def test_every_counted_model_gets_a_freshness_column():
+    for model in (Deployment, Event, SourceImage, SourceImageCollection):
+        assert model._meta.get_field(FRESHNESS_FIELD).null
+    assert FRESHNESS_FIELD not in {f.name for f in Project._meta.get_fields()}
+
+
+def test_declaration_deconstructs_to_what_was_declared():
+    field = SourceImageCollection._meta.get_field("source_images_with_detections_count")
+    _name, path, args, kwargs = field.deconstruct()
+    assert path == "counts.fields.CachedCountField" and args == []
+    assert kwargs == {"path": "images", "filter": Q(images__detections__bbox__isnull=False)}
+    taxa = Deployment._meta.get_field("taxa_count").deconstruct()[3]
+    assert taxa["distinct"] is True and "default" not in taxa and "editable" not in taxa
+
+
+def test_reverse_fk_chains_follow_the_child_columns():
+    s = spec("monitoring.deployment.detections_count")
+    assert hops(s.counted) == [
+        (REVERSE, "monitoring_sourceimage", "deployment_id"),
+        (REVERSE, "monitoring_detection", "source_image_id"),
+    ]
+    detections = s.counted
+    assert s.reads[detections] == {"bbox", "source_image_id"}
+
+
+def test_m2m_crosses_the_through_table_from_either_side():
+    forward, _ = walk(SourceImageCollection, "images")
+    backward, _ = walk(SourceImage, "collections")
+    assert hops(forward) == [
+        (REVERSE, THROUGH, "sourceimagecollection_id"),
+        (FORWARD, "monitoring_sourceimage", "sourceimage_id"),
+    ]
+    assert hops(backward) == [
+        (REVERSE, THROUGH, "sourceimage_id"),
+        (FORWARD, "monitoring_sourceimagecollection", "sourceimagecollection_id"),
+    ]
+    assert forward[1].m2m and backward[1].m2m and not forward[1].to_many
+
+
+def test_a_setting_reached_by_f_is_read_with_the_link_to_it():
+    s = spec("monitoring.deployment.occurrences_count")
+    project = next(c for c in s.reads if c and c[-1].child.db_table == "monitoring_project")
+    assert s.reads[project] == {"default_filters_score_threshold"}
+    assert s.reads[()] == {"project_id"}  # moving the station changes its threshold
+
+
+def test_lookups_that_are_not_fields_read_nothing_more():
+    chain, column = walk(SourceImageCollection, "images__detections__isnull")
+    assert column is None and chain[-1].child.db_table == "monitoring_detection"
+    processed = spec("monitoring.sourceimagecollection.source_images_processed_count")
+    assert processed.reads[chain] == {"source_image_id"}  # any detection, bbox or not
+
+
+def test_a_path_ending_in_a_forward_fk_counts_holders_or_distinct_targets():
+    taxa = spec("monitoring.deployment.taxa_count")
+    assert taxa.counted == taxa.path_chain  # distinct determinations
+    plain = resolve(Deployment, declared("occurrences__determination"))
+    assert plain.counted == plain.path_chain[:-1]  # occurrences that have one
+
+
+def test_joins_that_can_repeat_a_counted_row_require_distinct():
+    def needs(key):
+        s = spec(key)
+        siblings = [o for o in graph().specs if o.join_signature == s.join_signature]
+        return s.needs_distinct(frozenset().union(*(o.join_signature for o in siblings)))
+
+    assert needs("monitoring.sourceimagecollection.source_images_with_detections_count")
+    assert not needs("monitoring.sourceimagecollection.source_images_count")
+    assert not needs("monitoring.deployment.events_count")
+    assert needs("monitoring.deployment.taxa_count")
+
+
+@pytest.mark.parametrize(
+    "path, kwargs, message",
+    [
+        ("nothing", {}, "'nothing' is not a field"),
+        ("name", {}, "must end at a relation"),
+        ("project", {}, "must cross at least one to-many relation"),
+        (None, {}, "needs a path"),
+    ],
+)
+def test_impossible_declarations_fail_naming_model_and_field(path, kwargs, message):
+    with pytest.raises(DeclarationError, match=message) as exc:
+        resolve(Deployment, declared(path, **kwargs))
+    assert str(exc.value).startswith("monitoring.deployment.probe_count: ")
+
+
+def test_a_filter_must_be_a_q():
+    with pytest.raises(TypeError, match="Q object"):
+        CachedCountField("events", filter={"events__end__isnull": True})
+
+
+def test_graph_watches_each_table_for_the_right_operations():
+    routes = graph().routes
+    assert "monitoring_taxon" not in routes  # a taxon's own columns are never read
+    project = routes["monitoring_project"]
+    assert {r.reached_by for r in project} == {FORWARD}
+    assert not any(r.on_insert_delete for r in project) and all(r.on_update for r in project)
+    root = [r for r in routes["monitoring_deployment"] if r.reached_by == ROOT]
+    assert [(r.target.label, r.columns) for r in root] == [
+        ("monitoring.deployment", frozenset({"project_id"}))
+    ]
+    assert all(r.on_insert_delete for r in routes[THROUGH])
+
+
+def test_cached_columns_are_never_watched_so_drains_mark_nothing():
+    cached = {f.column for m in apps.get_models() for f in cached_count_fields(m)}
+    cached.add(FRESHNESS_FIELD)
+    watched = {c for rs in graph().routes.values() for r in rs for c in r.columns}
+    assert not cached & watched
+
+
+def test_graph_is_a_pure_function_of_the_declarations():
+    specs = resolve_all(apps.get_models())
+    assert Graph.build(specs) == graph()
+    assert Graph.build(list(reversed(specs))).routes == graph().routes  # order-independent
+
+
+def test_unknown_targets_are_refused():
+    with pytest.raises(UnknownTargetError, match=r"'monitoring\.taxon'"):
+        graph().specs_for("monitoring.taxon")
+
+
+def test_write_watcher_notices_writes_to_watched_tables_only():
+    watcher = WriteWatcher({t: graph().targets_of_table(t) for t in graph().routes})
+    assert watcher.targets_of('INSERT INTO "monitoring_detection" ...') == set(graph().targets)
+    assert watcher.targets_of(f'DELETE FROM "{THROUGH}" WHERE ...') == {
+        "monitoring.sourceimagecollection"
+    }
+    assert watcher.targets_of('SELECT * FROM "monitoring_detection"') == frozenset()
+    assert watcher.targets_of('UPDATE "monitoring_taxon" SET name = 1') == frozenset()
+    assert watcher.targets_of("WITH x AS (SELECT 1) UPDATE monitoring_project SET a = 1") == {
+        "monitoring.deployment",
+        "monitoring.event",
+    }
+
+
+def test_f_references_in_a_filter_are_followed_from_the_model():
+    s = resolve(
+        Event,
+        declared(
+            "captures",
+            filter=Q(captures__timestamp__gte=F("deployment__project__created_at")),
+        ),
+    )
+    chains = {tuple(h.child.db_table for h in c): cols for c, cols in s.reads.items()}
+    assert chains[("monitoring_deployment", "monitoring_project")] == {"created_at"}
+    assert chains[("monitoring_sourceimage",)] == {"event_id", "timestamp"}

@@ -1,0 +1,178 @@
+"""The trigger compiler: pure SQL text first, then what PostgreSQL actually has installed.
+
+``counts.triggers`` turns the dependency graph into SQL without a database, so most of these
+tests read the text: PostgreSQL's rules for transition tables (one event per trigger, no
+``UPDATE OF``), index-friendly ``= ANY(ids)`` probes, one mark per target model. The last tests
+check the database: the migrations installed exactly the compiled triggers, and a statement
+touching 10,000 rows writes one mark row per target model, not 10,000.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+from django.apps import apps
+from django.db import connection
+
+from counts.apps import graph
+from counts.graph import Graph
+from counts.spec import resolve_all
+from counts.status import trigger_states
+from counts.triggers import MARK_TABLE, OPERATIONS, compile_triggers, object_name
+from tests.truth import assert_all_counts_exact, cached, drain_all
+
+REFERENCING = {
+    "insert": "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT",
+    "update": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT",
+    "delete": "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT",
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_triggers(graph())
+
+
+def by_key(compiled) -> dict[tuple[str, str], str]:
+    return {(t.table, t.operation): t.sql for t in compiled}
+
+
+def test_names_are_predictable_and_fit_postgres_identifiers(compiled):
+    assert all(len(t.name) <= 63 for t in compiled)
+    assert object_name("monitoring_detection", "insert") == "counts_ins_monitoring_detection"
+    long_a, long_b = "x" * 70 + "_a", "x" * 70 + "_b"
+    names = {object_name(long_a, "update"), object_name(long_b, "update")}
+    assert len(names) == 2 and all(len(n) <= 63 for n in names)
+    assert object_name(long_a, "update") == object_name(long_a, "update")
+
+
+def test_one_trigger_per_table_and_operation(compiled):
+    keys = Counter((t.table, t.operation) for t in compiled)
+    assert set(keys.values()) == {1}
+    for t in compiled:
+        assert t.sql.count("CREATE TRIGGER") == 1
+        assert f'AFTER {t.operation.upper()} ON "{t.table}"' in t.sql
+        assert " OF " not in t.sql.split("CREATE TRIGGER", 1)[1]  # no UPDATE OF column list
+        assert t.operation in OPERATIONS
+
+
+def test_transition_tables_are_referenced_per_operation(compiled):
+    for t in compiled:
+        if t.operation == "truncate":
+            assert "REFERENCING" not in t.sql
+        else:
+            assert REFERENCING[t.operation] in t.sql
+
+
+def test_only_tables_a_count_reads_are_watched(compiled):
+    tables = {t.table for t in compiled}
+    assert tables == {
+        "monitoring_deployment",
+        "monitoring_detection",
+        "monitoring_event",
+        "monitoring_occurrence",
+        "monitoring_project",
+        "monitoring_sourceimage",
+        "monitoring_sourceimagecollection_images",
+    }
+    ops = {(t.table, t.operation) for t in compiled}
+    # Parents reached by forward hops matter only when a read column changes.
+    assert ("monitoring_project", "update") in ops
+    assert ("monitoring_project", "insert") not in ops
+    assert ("monitoring_project", "delete") not in ops
+
+
+def test_truncate_marks_every_row_of_each_target(compiled):
+    sql = by_key(compiled)[("monitoring_detection", "truncate")]
+    for label in ("deployment", "event", "sourceimage", "sourceimagecollection"):
+        assert f"VALUES ('monitoring.{label}', NULL)" in sql
+
+
+def test_hops_probe_id_arrays_instead_of_joining_transition_tables(compiled):
+    sql = by_key(compiled)[("monitoring_detection", "insert")]
+    assert (
+        'FROM "monitoring_sourceimagecollection_images" t'
+        ' WHERE t."sourceimage_id" = ANY(_ids)' in sql
+    )
+    for t in compiled:
+        assert " JOIN " not in t.sql
+        body = t.sql.split("$counts$")[1]
+        for line in body.splitlines():
+            if "old_rows" in line or "new_rows" in line:
+                assert '"monitoring_' not in line, line  # transition rows never meet a table
+    probes = sum(t.sql.count("= ANY(_ids)") for t in compiled)
+    assert probes > 0
+
+
+def test_one_insert_per_target_model(compiled):
+    for t in compiled:
+        targets = set(re.findall(r"'(monitoring\.\w+)'", t.sql))
+        inserts = t.sql.count(f"INSERT INTO {MARK_TABLE}")
+        assert inserts == len(targets), t.name
+    sql = by_key(compiled)[("monitoring_detection", "insert")]
+    assert sql.count(f"INSERT INTO {MARK_TABLE}") == 4
+
+
+def test_update_triggers_compare_only_columns_a_count_reads(compiled):
+    sql = by_key(compiled)[("monitoring_detection", "update")]
+    assert 'IS NOT DISTINCT FROM s."bbox"' in sql
+    assert 'IS NOT DISTINCT FROM s."source_image_id"' in sql
+    assert '"score"' not in sql and '"occurrence_id"' not in sql and '"updated_at"' not in sql
+
+
+def test_compilation_is_pure_and_deterministic(compiled):
+    rebuilt = compile_triggers(Graph.build(resolve_all(apps.get_models())))
+    assert [t.as_dict() for t in rebuilt] == [t.as_dict() for t in compiled]
+    assert [t.hash for t in rebuilt] == [t.hash for t in compiled]
+
+
+@pytest.mark.django_db
+def test_migrations_installed_exactly_the_compiled_triggers(compiled):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT c.relname, t.tgname, obj_description(t.oid, 'pg_trigger')"
+            " FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+            " WHERE t.tgname LIKE 'counts\\_%%' AND NOT t.tgisinternal"
+        )
+        installed = {(table, name): comment for table, name, comment in cursor.fetchall()}
+    assert installed == {(t.table, t.name): t.hash for t in compiled}
+    assert {s["state"] for s in trigger_states()} == {"INSTALLED"}
+
+
+@pytest.mark.django_db
+def test_an_outdated_trigger_is_reported(compiled):
+    t = compiled[0]
+    with connection.cursor() as cursor:
+        cursor.execute(f"COMMENT ON TRIGGER {t.name} ON \"{t.table}\" IS 'stale'")
+    states = {(s["table"], s["name"]): s["state"] for s in trigger_states()}
+    assert states[(t.table, t.name)] == "OUTDATED"
+
+
+@pytest.mark.django_db
+def test_a_10000_row_statement_writes_one_mark_per_target_model(world, marks):
+    images = [world.i1.pk, world.i3.pk, world.i4.pk, world.i5.pk]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO monitoring_detection (source_image_id, bbox, created_at, updated_at)"
+            " SELECT (%s::bigint[])[1 + n %% 4], '[1, 1, 2, 2]', now(), now()"
+            " FROM generate_series(1, 10000) n",
+            [images],
+        )
+        assert cursor.rowcount == 10000
+    rows = marks.rows()
+    assert sorted(target for target, _ in rows) == [
+        "monitoring.deployment",
+        "monitoring.event",
+        "monitoring.sourceimage",
+        "monitoring.sourceimagecollection",
+    ]
+    assert dict(rows)["monitoring.sourceimage"] == sorted(images)
+    marks.clear()
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE monitoring_detection SET bbox = NULL WHERE id > %s", [world.det5.pk])
+    assert len(marks.rows()) == 4
+    drain_all()
+    assert_all_counts_exact()
+    assert cached("monitoring_sourceimage")[world.i1.pk]["detections_count"] == 2

@@ -1,0 +1,144 @@
+"""An independent truth for all twelve cached counts, and the assertion every test ends with.
+
+The engine recomputes counts with ORM ``Count`` expressions compiled from the declarations. If
+the truth were computed the same way, a wrong declaration or a wrong compilation would agree
+with itself. So the truth here is hand-written SQL over the base tables, one correlated
+subquery per count, following DESIGN.md §1 word for word:
+
+- a valid detection has ``bbox IS NOT NULL``;
+- a counted occurrence has ``determination_score >= its project's threshold`` (its project is
+  the project of the occurrence's own deployment; a NULL score never compares true);
+- taxa are distinct non-NULL determinations among counted occurrences;
+- a capture set counts images in it, images with a valid detection, images with any detection.
+"""
+
+from __future__ import annotations
+
+from django.db import connection
+
+import counts
+
+#: Valid detections (``d``) whose image is ``si``.
+_VALID_DETECTION = "d.source_image_id = si.id AND d.bbox IS NOT NULL"
+
+#: An occurrence ``o`` whose score reaches the threshold of its own deployment's project.
+_COUNTED_OCCURRENCE = """o.determination_score >= (
+    SELECT p.default_filters_score_threshold FROM monitoring_deployment od
+    JOIN monitoring_project p ON p.id = od.project_id WHERE od.id = o.deployment_id)"""
+
+#: Per table: ``{cached column: truth expression}``, each a subquery correlated with ``t``.
+TRUTH: dict[str, dict[str, str]] = {
+    "monitoring_deployment": {
+        "events_count": "SELECT count(*) FROM monitoring_event e WHERE e.deployment_id = t.id",
+        "captures_count": (
+            "SELECT count(*) FROM monitoring_sourceimage si WHERE si.deployment_id = t.id"
+        ),
+        "detections_count": (
+            "SELECT count(*) FROM monitoring_detection d JOIN monitoring_sourceimage si"
+            f" ON {_VALID_DETECTION} WHERE si.deployment_id = t.id"
+        ),
+        "occurrences_count": (
+            "SELECT count(*) FROM monitoring_occurrence o"
+            f" WHERE o.deployment_id = t.id AND {_COUNTED_OCCURRENCE}"
+        ),
+        "taxa_count": (
+            "SELECT count(DISTINCT o.determination_id) FROM monitoring_occurrence o"
+            f" WHERE o.deployment_id = t.id AND o.determination_id IS NOT NULL"
+            f" AND {_COUNTED_OCCURRENCE}"
+        ),
+    },
+    "monitoring_event": {
+        "captures_count": "SELECT count(*) FROM monitoring_sourceimage si WHERE si.event_id = t.id",
+        "detections_count": (
+            "SELECT count(*) FROM monitoring_detection d JOIN monitoring_sourceimage si"
+            f" ON {_VALID_DETECTION} WHERE si.event_id = t.id"
+        ),
+        "occurrences_count": (
+            "SELECT count(*) FROM monitoring_occurrence o"
+            f" WHERE o.event_id = t.id AND {_COUNTED_OCCURRENCE}"
+        ),
+    },
+    "monitoring_sourceimage": {
+        "detections_count": (
+            "SELECT count(*) FROM monitoring_detection d"
+            " WHERE d.source_image_id = t.id AND d.bbox IS NOT NULL"
+        ),
+    },
+    "monitoring_sourceimagecollection": {
+        "source_images_count": (
+            "SELECT count(*) FROM monitoring_sourceimagecollection_images m"
+            " WHERE m.sourceimagecollection_id = t.id"
+        ),
+        "source_images_with_detections_count": (
+            "SELECT count(*) FROM monitoring_sourceimagecollection_images m"
+            " WHERE m.sourceimagecollection_id = t.id AND EXISTS (SELECT 1"
+            " FROM monitoring_detection d WHERE d.source_image_id = m.sourceimage_id"
+            " AND d.bbox IS NOT NULL)"
+        ),
+        "source_images_processed_count": (
+            "SELECT count(*) FROM monitoring_sourceimagecollection_images m"
+            " WHERE m.sourceimagecollection_id = t.id AND EXISTS (SELECT 1"
+            " FROM monitoring_detection d WHERE d.source_image_id = m.sourceimage_id)"
+        ),
+    },
+}
+
+#: Model label of each table, for readable reports.
+LABELS = {
+    "monitoring_deployment": "monitoring.deployment",
+    "monitoring_event": "monitoring.event",
+    "monitoring_sourceimage": "monitoring.sourceimage",
+    "monitoring_sourceimagecollection": "monitoring.sourceimagecollection",
+}
+
+
+def truth(table: str, conn=connection) -> dict[int, dict[str, int]]:
+    """``{id: {column: true value}}`` for every row of ``table``."""
+    columns = TRUTH[table]
+    select = ", ".join(f"({sql}) AS {name}" for name, sql in columns.items())
+    with conn.cursor() as cursor:
+        cursor.execute(f"SELECT t.id, {select} FROM {table} t ORDER BY t.id")
+        return {row[0]: dict(zip(columns, row[1:], strict=True)) for row in cursor.fetchall()}
+
+
+def cached(table: str, conn=connection) -> dict[int, dict[str, int]]:
+    """``{id: {column: stored value}}`` for every row of ``table``."""
+    columns = TRUTH[table]
+    with conn.cursor() as cursor:
+        cursor.execute(f"SELECT id, {', '.join(columns)} FROM {table} ORDER BY id")
+        return {row[0]: dict(zip(columns, row[1:], strict=True)) for row in cursor.fetchall()}
+
+
+def mismatches(conn=connection) -> list[str]:
+    """One line per cached value that differs from the truth, e.g.
+    ``monitoring.event#3 detections_count: cached 2, truth 1``."""
+    lines = []
+    for table in TRUTH:
+        want, have = truth(table, conn), cached(table, conn)
+        for pk in sorted(want):
+            for column, value in want[pk].items():
+                if have[pk][column] != value:
+                    lines.append(
+                        f"{LABELS[table]}#{pk} {column}: cached {have[pk][column]}, truth {value}"
+                    )
+    return lines
+
+
+def assert_all_counts_exact(conn=connection) -> None:
+    """Every cached column of every row equals the truth; otherwise list every difference."""
+    wrong = mismatches(conn)
+    assert not wrong, f"{len(wrong)} cached counts differ from the truth:\n" + "\n".join(wrong)
+
+
+def drain_all(limit: int = 1000, **kwargs) -> list:
+    """Call ``counts.drain()`` until it finds no mark; returns every non-empty result.
+
+    ``limit`` guards against a drain that never empties the queue (which is itself a bug).
+    """
+    results = []
+    for _ in range(limit):
+        result = counts.drain(**kwargs)
+        if result.empty:
+            return results
+        results.append(result)
+    raise AssertionError(f"drain() still found marks after {limit} batches")
