@@ -6,6 +6,7 @@ code runs on a laptop, in CI and in production: ``DATABASE_URL``, ``REDIS_URL``,
 """
 
 import os
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -127,7 +128,9 @@ DRAMATIQ_BROKER = {
     "BROKER": "dramatiq.brokers.redis.RedisBroker",
     "OPTIONS": {
         "url": REDIS_URL,
-        "namespace": os.environ.get("DRAMATIQ_NAMESPACE", "countdown"),
+        "namespace": os.environ.get(
+            "DRAMATIQ_NAMESPACE", "countdown-test" if "pytest" in sys.modules else "countdown"
+        ),
     },
     "MIDDLEWARE": [
         "dramatiq.middleware.AgeLimit",
@@ -147,11 +150,21 @@ COUNTS_DEBOUNCE_MS = env_int("COUNTS_DEBOUNCE_MS", 1000)
 #: Extra life of the debounce key beyond the window, so a slow worker start cannot lose it.
 COUNTS_DEBOUNCE_MARGIN_MS = env_int("COUNTS_DEBOUNCE_MARGIN_MS", 30_000)
 #: Prefix of every Redis key the workers own.
-COUNTS_REDIS_PREFIX = os.environ.get("COUNTS_REDIS_PREFIX", "countdown:counts")
+COUNTS_REDIS_PREFIX = os.environ.get(
+    "COUNTS_REDIS_PREFIX",
+    "countdown-test:counts" if "pytest" in sys.modules else "countdown:counts",
+)
 #: Marks taken per drain transaction.
 COUNTS_DRAIN_BATCH = env_int("COUNTS_DRAIN_BATCH", 500)
 #: Seconds one recompute_pending message may drain before it hands over to a fresh message.
 COUNTS_DRAIN_BUDGET_S = env_int("COUNTS_DRAIN_BUDGET_S", 20)
+#: Life of the "a drainer is active" flag; renewed every batch, so only a dead drainer lets
+#: it lapse.
+COUNTS_DRAINING_TTL_MS = env_int("COUNTS_DRAINING_TTL_MS", 30_000)
+#: Milliseconds a drain waits for a locked target row before failing (and being retried).
+COUNTS_LOCK_TIMEOUT_MS = env_int("COUNTS_LOCK_TIMEOUT_MS", 10_000)
+#: Most extra drain messages one recompute sends when it finds a large backlog.
+COUNTS_FANOUT = env_int("COUNTS_FANOUT", 4)
 #: Seconds between scheduler sweeps for marks that have no message (raw SQL, lost messages).
 COUNTS_SWEEP_INTERVAL_S = env_int("COUNTS_SWEEP_INTERVAL_S", 5)
 #: Seconds between full reconcile passes.
@@ -172,6 +185,8 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "countdown API",
     "DESCRIPTION": "Monitoring lists with exact cached counts and their freshness.",
     "VERSION": "2",
+    # The schema documents the API, not the endpoint that serves it.
+    "SERVE_INCLUDE_SCHEMA": False,
 }
 
 LOGGING = {
