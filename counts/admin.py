@@ -22,20 +22,11 @@ from django.http import HttpRequest
 
 import counts
 from counts.fields import FRESHNESS_FIELD, cached_count_fields
-from counts.marks import pending_ids, pending_summary
+from counts.marks import flag_pending, pending_summary
 from counts.models import DirtyMark
 
 #: The permission that unlocks "Recompute now" (declared on ``DirtyMark.Meta``).
 RECOMPUTE_PERMISSION = "counts.recompute_counts"
-
-
-def flag_pending(rows: list) -> None:
-    """Set ``counts_pending`` on each row of one model, with one query for all of them."""
-    if not rows:
-        return
-    pending = pending_ids(rows[0]._meta.label_lower, [row.pk for row in rows])
-    for row in rows:
-        row.counts_pending = row.pk in pending
 
 
 class CachedCountsAdmin(admin.ModelAdmin):

@@ -176,6 +176,18 @@ def pending_ids(label: str, ids: list[int], using: str = "default") -> set[int]:
         return {row[0] for row in cursor.fetchall()}
 
 
+def flag_pending(rows: list, using: str = "default") -> None:
+    """Set ``counts_pending`` on each row (all of one model) with one query for the lot.
+
+    What list views show as freshness: a page of 25 rows costs one query, not 25.
+    """
+    if not rows:
+        return
+    pending = pending_ids(rows[0]._meta.label_lower, [row.pk for row in rows], using)
+    for row in rows:
+        row.counts_pending = row.pk in pending
+
+
 @dataclass(frozen=True)
 class PendingSummary:
     label: str

@@ -13,7 +13,7 @@ from rest_framework.generics import ListAPIView
 from rest_framework.permissions import AllowAny
 
 from counts.fields import FRESHNESS_FIELD, cached_count_fields
-from counts.marks import pending_ids
+from counts.marks import flag_pending
 from project.monitoring.api.filters import IdFilters, StrictLimitOffsetPagination, StrictOrdering
 from project.monitoring.api.params import BadParameterSerializer
 from project.monitoring.api.serializers import (
@@ -22,20 +22,6 @@ from project.monitoring.api.serializers import (
     EventSerializer,
 )
 from project.monitoring.models import Deployment, Event, SourceImageCollection
-
-
-def flag_pending(rows: list) -> None:
-    """Set ``counts_pending`` on each row with a single query for the whole page.
-
-    The admin has the same helper (``counts.admin.flag_pending``); both would sit better in
-    ``counts.marks``, next to ``pending_ids``.
-    """
-    if not rows:
-        return
-    label = rows[0]._meta.label_lower
-    pending = pending_ids(label, [row.pk for row in rows])
-    for row in rows:
-        row.counts_pending = row.pk in pending
 
 
 def count_orderings(model) -> dict[str, str]:
