@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 marks_committed = Signal()
 
 _WRITE = re.compile(r"^\s*(?:WITH\b.*?\)\s*)?(INSERT|UPDATE|DELETE|TRUNCATE|MERGE)\b", re.I | re.S)
+#: Characters of a write statement searched for watched table names.
+HEAD = 4096
 #: Connection attribute set while the engine writes cached columns itself.
 QUIET_ATTR = "_counts_quiet"
 
@@ -56,7 +58,9 @@ class WriteWatcher:
         if self.pattern is None or not _WRITE.match(sql):
             return frozenset()
         found: set[str] = set()
-        for table in set(self.pattern.findall(sql)):
+        # The written table is named right after INSERT INTO / UPDATE / DELETE FROM: no need to
+        # scan the megabyte of VALUES a bulk insert carries.
+        for table in set(self.pattern.findall(sql, 0, HEAD)):
             found |= self.table_targets[table]
         return frozenset(found)
 

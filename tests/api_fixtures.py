@@ -1,11 +1,10 @@
-"""Data and an independent truth for the surface tests (API, admin, browser).
+"""Data for the surface tests (API, admin, browser).
 
 The dataset is small but uneven on purpose: capture sets, stations and nights get different
 counts (and some ties, to exercise the id tie-break), two projects have different thresholds,
 and null-marker detections make "processed" differ from "with detections".
 
-The truth is hand-written SQL over the base tables, following DESIGN.md §1 — not the engine's
-ORM-compiled aggregate, which could agree with itself when wrong.
+Counts are checked against the one independent truth, :mod:`tests.truth`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from types import SimpleNamespace
 
 from django.db import connection
 
-import counts
 from project.monitoring.models import (
     Deployment,
     Detection,
@@ -26,88 +24,16 @@ from project.monitoring.models import (
     SourceImageCollection,
     Taxon,
 )
+from tests.truth import drain_all
 
 #: Dusk of the first night; every timestamp in the dataset is relative to it.
 T0 = datetime(2024, 6, 1, 21, 0, tzinfo=UTC)
-
-#: An occurrence ``o`` whose score reaches the threshold of its own deployment's project.
-_COUNTED = (
-    "o.determination_score >= (SELECT p.default_filters_score_threshold"
-    " FROM monitoring_deployment od JOIN monitoring_project p ON p.id = od.project_id"
-    " WHERE od.id = o.deployment_id)"
-)
-
-#: ``{db table: {count column: scalar subquery correlated with t}}``.
-TRUTH_SQL: dict[str, dict[str, str]] = {
-    "monitoring_sourceimagecollection": {
-        "source_images_count": (
-            "SELECT count(*) FROM monitoring_sourceimagecollection_images ci"
-            " WHERE ci.sourceimagecollection_id = t.id"
-        ),
-        "source_images_with_detections_count": (
-            "SELECT count(*) FROM monitoring_sourceimagecollection_images ci"
-            " WHERE ci.sourceimagecollection_id = t.id AND EXISTS (SELECT 1 FROM"
-            " monitoring_detection d WHERE d.source_image_id = ci.sourceimage_id"
-            " AND d.bbox IS NOT NULL)"
-        ),
-        "source_images_processed_count": (
-            "SELECT count(*) FROM monitoring_sourceimagecollection_images ci"
-            " WHERE ci.sourceimagecollection_id = t.id AND EXISTS (SELECT 1 FROM"
-            " monitoring_detection d WHERE d.source_image_id = ci.sourceimage_id)"
-        ),
-    },
-    "monitoring_deployment": {
-        "events_count": "SELECT count(*) FROM monitoring_event e WHERE e.deployment_id = t.id",
-        "occurrences_count": (
-            f"SELECT count(*) FROM monitoring_occurrence o WHERE o.deployment_id = t.id"
-            f" AND {_COUNTED}"
-        ),
-        "captures_count": (
-            "SELECT count(*) FROM monitoring_sourceimage s WHERE s.deployment_id = t.id"
-        ),
-        "detections_count": (
-            "SELECT count(*) FROM monitoring_detection d JOIN monitoring_sourceimage s"
-            " ON s.id = d.source_image_id WHERE s.deployment_id = t.id AND d.bbox IS NOT NULL"
-        ),
-        "taxa_count": (
-            f"SELECT count(DISTINCT o.determination_id) FROM monitoring_occurrence o"
-            f" WHERE o.deployment_id = t.id AND o.determination_id IS NOT NULL AND {_COUNTED}"
-        ),
-    },
-    "monitoring_event": {
-        "captures_count": "SELECT count(*) FROM monitoring_sourceimage s WHERE s.event_id = t.id",
-        "detections_count": (
-            "SELECT count(*) FROM monitoring_detection d JOIN monitoring_sourceimage s"
-            " ON s.id = d.source_image_id WHERE s.event_id = t.id AND d.bbox IS NOT NULL"
-        ),
-        "occurrences_count": (
-            f"SELECT count(*) FROM monitoring_occurrence o WHERE o.event_id = t.id AND {_COUNTED}"
-        ),
-    },
-}
-
-
-def truth(model) -> dict[int, dict[str, int]]:
-    """``{id: {count field: true value}}`` for every row of ``model``, from raw SQL."""
-    columns = TRUTH_SQL[model._meta.db_table]
-    select = ", ".join(f"({sql}) AS {name}" for name, sql in columns.items())
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT t.id, {select} FROM {model._meta.db_table} t ORDER BY t.id")
-        return {row[0]: dict(zip(columns, row[1:], strict=True)) for row in cursor.fetchall()}
 
 
 def clear_marks() -> None:
     """Empty the mark queue (a transactional test's TRUNCATE flush leaves "every row" marks)."""
     with connection.cursor() as cursor:
         cursor.execute("DELETE FROM counts_dirtymark")
-
-
-def drain_all() -> None:
-    """Drain until the queue is empty, as the workers would."""
-    for _ in range(1000):
-        if counts.drain().empty:
-            return
-    raise AssertionError("the mark queue did not empty after 1000 drains")
 
 
 def build_catalogue() -> SimpleNamespace:

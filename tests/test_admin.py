@@ -21,7 +21,8 @@ from project.monitoring.models import (
     SourceImage,
     SourceImageCollection,
 )
-from tests.api_fixtures import T0, build_catalogue, drift, truth
+from tests.api_fixtures import T0, build_catalogue, drift
+from tests.truth import truth
 
 SETS_URL = "/admin/monitoring/sourceimagecollection/"
 PENDING_URL = "/admin/counts/dirtymark/"
@@ -140,7 +141,7 @@ def test_recompute_now_corrects_the_selected_rows_and_says_how_many(operator, ca
     response = run_action(operator, SETS_URL, [alpha, bravo, charlie])
 
     assert messages_of(response) == ["3 recomputed, 2 changed"]
-    expected = truth(SourceImageCollection)
+    expected = truth(SourceImageCollection._meta.db_table)
     shown = {int(r["pk"]): r for r in ChangeList(response.content.decode()).rows}
     for row in (alpha, bravo, charlie):
         row.refresh_from_db()

@@ -14,7 +14,8 @@ import pytest
 from django.contrib.auth.models import Permission, User
 
 from project.monitoring.models import SourceImageCollection
-from tests.api_fixtures import build_catalogue, drift, truth
+from tests.api_fixtures import build_catalogue, drift
+from tests.truth import truth
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -82,4 +83,5 @@ def test_operator_recomputes_a_drifted_capture_set_from_the_admin(live_server):
             browser.close()
 
     stored = dict(SourceImageCollection.objects.values_list("pk", "source_images_count"))
-    assert stored[alpha.pk] == truth(SourceImageCollection)[alpha.pk]["source_images_count"]
+    expected = truth(SourceImageCollection._meta.db_table)
+    assert stored[alpha.pk] == expected[alpha.pk]["source_images_count"]

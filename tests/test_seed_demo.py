@@ -4,7 +4,7 @@ The demo data is what a newcomer judges the product by, and the 10⁶ run is wha
 benchmarked on, so the seed must produce every case the counts distinguish (null markers,
 captures outside any night, scores on both sides of a threshold, sets from empty to half of
 everything) and must leave every cached count exact with nothing pending. "Exact" is checked
-against the truth written here in plain SQL from DESIGN §1, independently of the engine's own
+against the plain-SQL truth of DESIGN §1 in ``tests.truth``, independently of the engine's own
 aggregate.
 """
 
@@ -23,67 +23,11 @@ from project.monitoring.models import (
     SourceImage,
     SourceImageCollection,
 )
+from tests.truth import assert_all_counts_exact, mismatches
 
 pytestmark = pytest.mark.django_db
 
 SCALE = 3000
-
-#: model table -> (stored columns, the same values computed from base tables per DESIGN §1).
-TRUTH = {
-    "monitoring_sourceimage": (
-        ["detections_count"],
-        [
-            "(SELECT count(*) FROM monitoring_detection d"
-            " WHERE d.source_image_id = t.id AND d.bbox IS NOT NULL)"
-        ],
-    ),
-    "monitoring_event": (
-        ["captures_count", "detections_count", "occurrences_count"],
-        [
-            "(SELECT count(*) FROM monitoring_sourceimage s WHERE s.event_id = t.id)",
-            "(SELECT count(*) FROM monitoring_detection d JOIN monitoring_sourceimage s"
-            " ON s.id = d.source_image_id WHERE s.event_id = t.id AND d.bbox IS NOT NULL)",
-            "(SELECT count(*) FROM monitoring_occurrence o"
-            " JOIN monitoring_deployment dep ON dep.id = o.deployment_id"
-            " JOIN monitoring_project p ON p.id = dep.project_id"
-            " WHERE o.event_id = t.id"
-            " AND o.determination_score >= p.default_filters_score_threshold)",
-        ],
-    ),
-    "monitoring_deployment": (
-        ["events_count", "captures_count", "detections_count", "occurrences_count", "taxa_count"],
-        [
-            "(SELECT count(*) FROM monitoring_event e WHERE e.deployment_id = t.id)",
-            "(SELECT count(*) FROM monitoring_sourceimage s WHERE s.deployment_id = t.id)",
-            "(SELECT count(*) FROM monitoring_detection d JOIN monitoring_sourceimage s"
-            " ON s.id = d.source_image_id WHERE s.deployment_id = t.id AND d.bbox IS NOT NULL)",
-            "(SELECT count(*) FROM monitoring_occurrence o JOIN monitoring_project p"
-            " ON p.id = t.project_id WHERE o.deployment_id = t.id"
-            " AND o.determination_score >= p.default_filters_score_threshold)",
-            "(SELECT count(DISTINCT o.determination_id) FROM monitoring_occurrence o"
-            " JOIN monitoring_project p ON p.id = t.project_id WHERE o.deployment_id = t.id"
-            " AND o.determination_score >= p.default_filters_score_threshold)",
-        ],
-    ),
-    "monitoring_sourceimagecollection": (
-        [
-            "source_images_count",
-            "source_images_with_detections_count",
-            "source_images_processed_count",
-        ],
-        [
-            "(SELECT count(*) FROM monitoring_sourceimagecollection_images m"
-            " WHERE m.sourceimagecollection_id = t.id)",
-            "(SELECT count(*) FROM monitoring_sourceimagecollection_images m"
-            " WHERE m.sourceimagecollection_id = t.id AND EXISTS (SELECT 1 FROM"
-            " monitoring_detection d WHERE d.source_image_id = m.sourceimage_id"
-            " AND d.bbox IS NOT NULL))",
-            "(SELECT count(*) FROM monitoring_sourceimagecollection_images m"
-            " WHERE m.sourceimagecollection_id = t.id AND EXISTS (SELECT 1 FROM"
-            " monitoring_detection d WHERE d.source_image_id = m.sourceimage_id))",
-        ],
-    ),
-}
 
 
 def seed(*args: str) -> str:
@@ -206,20 +150,8 @@ def test_capture_sets_range_from_empty_to_half_of_everything(seeded):
     assert foreign == [(0,)]
 
 
-def drift() -> dict[str, list]:
-    """Rows whose stored counts differ from the truth, per table (empty lists when exact)."""
-    found = {}
-    for table, (columns, truths) in TRUTH.items():
-        stored = ", ".join(f"t.{c}" for c in columns)
-        true = ", ".join(truths)
-        found[table] = fetch(
-            f"SELECT t.id, ({stored}), ({true}) FROM {table} t WHERE ({stored}) <> ({true})"
-        )
-    return found
-
-
 def test_every_cached_count_is_exact_and_nothing_is_pending(seeded):
-    assert drift() == {table: [] for table in TRUTH}
+    assert_all_counts_exact()
     assert scalar("SELECT count(*) FROM counts_dirtymark") == 0
     # Not vacuous: the seeded counts are far from the zeros rows are inserted with.
     collections = fetch(
@@ -239,7 +171,8 @@ def test_truth_check_catches_a_wrong_count(seeded):
             " source_images_processed_count + 1 WHERE id = (SELECT max(id) FROM"
             " monitoring_sourceimagecollection)"
         )
-    assert len(drift()["monitoring_sourceimagecollection"]) == 1
+    wrong = [line for line in mismatches() if line.startswith("monitoring.sourceimagecollection#")]
+    assert len(wrong) == 1, wrong
 
 
 FINGERPRINT = """
@@ -284,7 +217,7 @@ def test_same_seed_gives_the_same_data_and_another_seed_differs():
     assert first == again
     assert other != first
     assert Project.objects.count() == 9
-    assert drift() == {table: [] for table in TRUTH}
+    assert_all_counts_exact()
 
 
 def test_if_empty_does_nothing_once_a_project_exists(seeded):
