@@ -43,6 +43,9 @@ class CachedCountField(models.IntegerField):
         self.count_filter = filter
         self.count_distinct = bool(distinct)
         kwargs.setdefault("default", 0)
+        # A database default too: a row inserted by raw SQL or another client that knows nothing
+        # of cached columns must not fail on NOT NULL (its triggers mark it dirty anyway).
+        kwargs.setdefault("db_default", 0)
         kwargs.setdefault("editable", False)
         super().__init__(**kwargs)
 

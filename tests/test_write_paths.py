@@ -323,6 +323,25 @@ def test_raw_sql_through_a_plain_cursor_is_captured(world, marks):
     assert count(world.d2, "occurrences_count") == 1
 
 
+def test_raw_insert_that_names_no_cached_column_succeeds_and_is_counted(world, marks):
+    """Other clients know nothing of cached columns: the database defaults them to 0."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO monitoring_sourceimage (deployment_id, timestamp, path, created_at,"
+            " updated_at) VALUES (%s, now(), 'raw.jpg', now(), now()) RETURNING id",
+            [world.d1.pk],
+        )
+        (image_id,) = cursor.fetchone()
+        cursor.execute(
+            "INSERT INTO monitoring_detection (source_image_id, bbox, created_at, updated_at)"
+            " VALUES (%s, '[1, 2, 3, 4]', now(), now())",
+            [image_id],
+        )
+    assert marks.of("monitoring.sourceimage") == {image_id}
+    settle()
+    assert count(SourceImage.objects.get(pk=image_id), "detections_count") == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_writes_from_another_client_are_captured(marks, make_world):
     """psycopg without Django: the trigger, not an execute wrapper, writes the mark."""
