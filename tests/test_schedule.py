@@ -1,0 +1,103 @@
+"""The scheduler process: one leader, sweeps that survive Redis or PostgreSQL dropping out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from django.db import connections
+from django.test import override_settings
+
+from counts.models import DirtyMark
+from tests import worker_harness as wh
+from workers import debounce
+from workers import redis as workers_redis
+from workers.schedule import Lease, Scheduler, sweep
+
+COLLECTION = "monitoring.sourceimagecollection"
+
+
+@pytest.fixture(autouse=True)
+def clean_redis():
+    wh.reset_redis()
+    yield
+    wh.reset_redis()
+
+
+@pytest.fixture
+def closed_redis():
+    """Point the workers' Redis client at a port nothing listens on."""
+    workers_redis.client.cache_clear()
+    with override_settings(REDIS_URL="redis://127.0.0.1:1/0"):
+        yield
+    workers_redis.client.cache_clear()
+
+
+def test_only_one_scheduler_leads_until_its_lease_lapses():
+    first, second = Lease(ttl_ms=300), Lease(ttl_ms=300)
+    assert first.acquire()
+    assert first.acquire(), "the leader renews its own lease"
+    assert not second.acquire()
+    time.sleep(0.4)
+    assert second.acquire(), "a dead leader's lease lapses and a spare takes over"
+    assert not first.acquire()
+
+
+@pytest.mark.django_db
+def test_sweep_sends_for_marks_with_no_message_and_leaves_scheduled_ones_alone():
+    assert sweep() == []
+    DirtyMark.objects.create(target=COLLECTION, ids=[1])
+    assert sweep() == [COLLECTION]
+    assert debounce.is_scheduled(COLLECTION)
+    assert sweep() == []
+    assert wh.queued_messages() == 1
+
+
+@pytest.mark.django_db
+def test_sweep_leaves_a_live_drainer_alone_but_not_a_dead_ones_stale_marks():
+    DirtyMark.objects.create(target=COLLECTION, ids=[1])
+    debounce.hold_draining(COLLECTION)
+    assert sweep() == [], "a drainer is at work and the mark is fresh"
+    DirtyMark.objects.update(created_at="2000-01-01T00:00Z")
+    assert sweep() == [COLLECTION], "a mark older than the drainer flag's life is stale"
+
+
+@pytest.mark.django_db
+def test_sweep_survives_redis_being_down(closed_redis, caplog):
+    DirtyMark.objects.create(target=COLLECTION, ids=[1])
+    scheduler = Scheduler()
+    with caplog.at_level(logging.WARNING, logger="workers.schedule"):
+        scheduler.run_sweep()
+        scheduler.run_reconcile()
+    assert "cannot reach redis" in caplog.text
+    assert DirtyMark.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweep_survives_postgresql_being_down_and_recovers(caplog):
+    DirtyMark.objects.create(target=COLLECTION, ids=[1])
+    scheduler = Scheduler()
+    outcome = {}
+
+    def sweep_in_a_thread_whose_database_is_unreachable():
+        conn = connections["default"]
+        conn.settings_dict = {**conn.settings_dict, "PORT": "1"}
+        try:
+            scheduler.run_sweep()
+            outcome["raised"] = False
+        except Exception:  # pragma: no cover - the assertion below reports it
+            outcome["raised"] = True
+        finally:
+            conn.close()
+
+    with caplog.at_level(logging.ERROR, logger="workers.schedule"):
+        thread = threading.Thread(target=sweep_in_a_thread_whose_database_is_unreachable)
+        thread.start()
+        thread.join()
+    assert outcome == {"raised": False}
+    assert "sweep failed" in caplog.text
+    assert not debounce.is_scheduled(COLLECTION)
+    scheduler.run_sweep()
+    assert debounce.is_scheduled(COLLECTION), "the next sweep, with the database back, sends"
