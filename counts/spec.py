@@ -109,13 +109,13 @@ class CountSpec:
         """Whether joins made for this or sibling counts can repeat a counted row."""
         if self.distinct:
             return True
-        for chain in joined:
-            for i, hop in enumerate(chain):
-                if hop.to_many and chain[: i + 1] != self.counted[: i + 1]:
-                    return True
-                if hop.to_many and i >= len(self.counted):
-                    return True
-        return False
+        # A to-many hop off the counted chain (a branch, or a hop below the counted rows)
+        # multiplies each counted row by its matches.
+        return any(
+            hop.to_many and chain[: i + 1] != self.counted[: i + 1]
+            for chain in joined
+            for i, hop in enumerate(chain)
+        )
 
 
 def table_of(model) -> Table:

@@ -69,7 +69,11 @@ def test_declaration_deconstructs_to_what_was_declared():
     field = SourceImageCollection._meta.get_field("source_images_with_detections_count")
     _name, path, args, kwargs = field.deconstruct()
     assert path == "counts.fields.CachedCountField" and args == []
-    assert kwargs == {"path": "images", "filter": Q(images__detections__bbox__isnull=False)}
+    assert kwargs == {
+        "path": "images",
+        "filter": Q(images__detections__bbox__isnull=False),
+        "db_default": 0,  # recorded: the column's database default is schema
+    }
     taxa = Deployment._meta.get_field("taxa_count").deconstruct()[3]
     assert taxa["distinct"] is True and "default" not in taxa and "editable" not in taxa
 
