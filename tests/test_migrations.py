@@ -27,6 +27,7 @@ from counts.spec import resolve, resolve_all
 from counts.status import trigger_states
 from counts.triggers import CompiledTrigger, compile_triggers
 from project.monitoring.models import Project
+from tests.truth import LABELS, mismatches
 
 
 def captures_per_project():
@@ -137,3 +138,31 @@ def test_trigger_migrations_apply_and_reverse_exactly():
         latest.database_forwards("monitoring", editor, None, None)
     assert installed_triggers() == {(t.table, t.name): t.hash for t in compile_triggers(graph())}
     assert {s["state"] for s in trigger_states()} == {"INSTALLED"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_backfill_repairs_every_row_chunk_by_chunk_outside_a_transaction(make_world, marks):
+    """What a trigger migration's backfill does to rows that existed before the count."""
+    world = make_world()
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE monitoring_sourceimagecollection SET source_images_count = 99")
+        cursor.execute("UPDATE monitoring_event SET captures_count = 99")
+    backfill = BackfillCounts(targets=["monitoring.sourceimagecollection"], chunk=1)
+    with connection.schema_editor(atomic=False) as editor:
+        backfill.database_forwards("monitoring", editor, None, None)
+    world.c1.refresh_from_db()
+    assert world.c1.source_images_count != 99
+    assert not mismatches_of("monitoring_sourceimagecollection")
+    assert mismatches_of("monitoring_event"), "only the named targets are backfilled"
+
+
+@pytest.mark.django_db
+def test_backfill_refuses_to_run_inside_one_transaction():
+    with connection.schema_editor() as editor, pytest.raises(RuntimeError, match="atomic = False"):
+        BackfillCounts(targets=["monitoring.event"]).database_forwards(
+            "monitoring", editor, None, None
+        )
+
+
+def mismatches_of(table: str) -> list[str]:
+    return [line for line in mismatches() if line.startswith(LABELS[table] + "#")]
