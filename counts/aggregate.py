@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from django.apps import apps
 from django.db import connections
-from django.db.models import Count, Q
+from django.db.models import Count, Exists, OuterRef, Q
 from django.db.models.expressions import RawSQL
 
 from counts.apps import graph
@@ -57,8 +57,63 @@ class RecomputeStatement:
         return [ids if p is _IDS else p for p in self.params]
 
 
+def _relative(q: Q, prefix: str) -> Q:
+    """The same conditions with ``prefix`` stripped from every lookup."""
+    children = [
+        _relative(child, prefix) if isinstance(child, Q) else (child[0][len(prefix) :], child[1])
+        for child in q.children
+    ]
+    return Q(*children, _connector=q.connector, _negated=q.negated)
+
+
+def _leaves(q: Q):
+    for child in q.children:
+        yield from _leaves(child) if isinstance(child, Q) else [child]
+
+
+def _probe(spec: CountSpec) -> Exists:
+    """``EXISTS`` per counted row: index probes that grow with the rows counted, where a join
+    to the table below could be planned as a scan of all of it.
+
+    When the conditions are a plain AND of lookups through one reverse relation of the counted
+    rows (``detections__bbox__isnull=False``, ``detections__isnull=False``), the probe starts
+    from that relation's table, keyed by its foreign key: one index probe per counted row.
+    """
+    end = apps.get_model(spec.counted[-1].child.label)
+    conditions = _relative(spec.filter, spec.path + "__")
+    below = _child_conditions(end, conditions)
+    if below is not None:
+        relation, child_conditions = below
+        return Exists(
+            relation.related_model._base_manager.filter(
+                child_conditions, **{relation.field.name: OuterRef(spec.path)}
+            )
+        )
+    return Exists(end._base_manager.filter(conditions, pk=OuterRef(spec.path)))
+
+
+def _child_conditions(end, conditions: Q):
+    """``(reverse relation, its rows' conditions)`` when the probe can start below ``end``."""
+    flat = not conditions.negated and conditions.connector == Q.AND
+    if not flat or any(isinstance(c, Q) for c in conditions.children):
+        return None
+    names = {lookup.split("__", 1)[0] for lookup, _ in conditions.children}
+    if len(names) != 1:
+        return None
+    relation = end._meta.get_field(names.pop())
+    if not relation.one_to_many:
+        return None
+    exists = (f"{relation.name}__isnull", False)  # what the probe itself asserts
+    rest = [c for c in conditions.children if c != exists]
+    if any(not lookup.startswith(relation.name + "__") for lookup, _ in rest):
+        return None
+    return relation, _relative(Q(*rest), relation.name + "__")
+
+
 def _count_expression(spec: CountSpec, joined: frozenset[Chain]) -> Count:
     distinct = spec.needs_distinct(joined)
+    if spec.probes:
+        return Count(spec.path, filter=_probe(spec), distinct=distinct)
     if spec.counted == spec.path_chain:
         return Count(spec.path, filter=spec.filter, distinct=distinct)
     # The path ends in a forward FK and rows holding one are counted, not distinct targets.

@@ -91,6 +91,9 @@ class CountSpec:
     counted: Chain
     path_chain: Chain
     reads: dict[Chain, frozenset[str]] = field(hash=False, compare=False)
+    #: The filter looks below the counted rows through a to-many relation ("images with a
+    #: valid detection"): it is evaluated as an EXISTS probe per counted row, never as a join.
+    probes: bool = False
 
     @property
     def key(self) -> str:
@@ -99,6 +102,8 @@ class CountSpec:
     @property
     def join_signature(self) -> frozenset[Chain]:
         """Chains the aggregate joins; counts with equal signatures share one subquery."""
+        if self.probes:
+            return frozenset(self.counted[:i] for i in range(1, len(self.counted) + 1))
         return frozenset(chain for chain in self.reads if chain and self._joined(chain))
 
     def _joined(self, chain: Chain) -> bool:
@@ -223,11 +228,18 @@ def resolve(model, count_field: CachedCountField) -> CountSpec:
 
     reads: dict[Chain, set[str]] = {}
     _add_read(reads, path_chain, None)
+    below, elsewhere = False, False
     if count_field.count_filter is not None:
         for lookup, value in _lookups(count_field.count_filter):
-            _add_read(reads, *walk(model, lookup))
-            for ref in _f_refs(value):
+            chain, column = walk(model, lookup)
+            _add_read(reads, chain, column)
+            refs = list(_f_refs(value))
+            for ref in refs:
                 _add_read(reads, *walk(model, ref))
+            under_path = lookup.startswith(count_field.count_path + "__") and not refs
+            below |= under_path and any(h.to_many for h in chain[len(counted) :])
+            elsewhere |= not under_path
+    probes = below and not elsewhere and counted == path_chain
     return CountSpec(
         target=table_of(model),
         name=count_field.name,
@@ -238,6 +250,7 @@ def resolve(model, count_field: CachedCountField) -> CountSpec:
         counted=counted,
         path_chain=path_chain,
         reads={chain: frozenset(cols) for chain, cols in reads.items()},
+        probes=probes,
     )
 
 

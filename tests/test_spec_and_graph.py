@@ -8,10 +8,13 @@ the engine cannot honour fails at start-up with a message naming the model and f
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.apps import apps
 from django.db.models import F, Q
 
+from counts.aggregate import compile_recompute
 from counts.apps import graph
 from counts.capture import WriteWatcher
 from counts.errors import DeclarationError, UnknownTargetError
@@ -129,10 +132,32 @@ def test_joins_that_can_repeat_a_counted_row_require_distinct():
         siblings = [o for o in graph().specs if o.join_signature == s.join_signature]
         return s.needs_distinct(frozenset().union(*(o.join_signature for o in siblings)))
 
-    assert needs("monitoring.sourceimagecollection.source_images_with_detections_count")
     assert not needs("monitoring.sourceimagecollection.source_images_count")
+    assert not needs("monitoring.deployment.detections_count")  # rows below, but counted there
     assert not needs("monitoring.deployment.events_count")
     assert needs("monitoring.deployment.taxa_count")
+
+
+def test_conditions_below_the_counted_rows_become_exists_probes_not_joins():
+    with_detections = spec("monitoring.sourceimagecollection.source_images_with_detections_count")
+    processed = spec("monitoring.sourceimagecollection.source_images_processed_count")
+    plain = spec("monitoring.sourceimagecollection.source_images_count")
+    assert with_detections.probes and processed.probes and not plain.probes
+    # Probing counts join only the path, so all three share one subquery and no DISTINCT.
+    assert with_detections.join_signature == plain.join_signature
+    assert not with_detections.needs_distinct(plain.join_signature)
+    # Counting the rows the condition is on (valid detections) needs no probe.
+    assert not spec("monitoring.deployment.detections_count").probes
+    # A condition compared with a setting of the target is joined, not probed.
+    assert not spec("monitoring.deployment.occurrences_count").probes
+
+
+def test_probe_starts_at_the_table_below_the_counted_rows():
+    sql = compile_recompute("monitoring.sourceimagecollection").sql
+    probes = re.findall(r"EXISTS\(SELECT .*? FROM (\S+) U0 WHERE (.*?) LIMIT 1\)", sql)
+    assert [table for table, _ in probes] == ['"monitoring_detection"'] * 2
+    assert '"bbox" IS NOT NULL' in probes[0][1] and "bbox" not in probes[1][1]
+    assert 'monitoring_sourceimage"' not in sql.split("changed AS")[0], "no join to captures"
 
 
 @pytest.mark.parametrize(
