@@ -18,7 +18,6 @@ trigger with transition tables may serve only one event, and may not use ``UPDAT
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
 from counts.graph import ROOT, Graph, Route
@@ -100,51 +99,111 @@ def _changed_rows(table: Table, columns: frozenset[str], side: str) -> str:
     return f"(SELECT s.* FROM {this} s WHERE NOT EXISTS (SELECT 1 FROM {other} o WHERE {same}))"
 
 
-def walk_sql(route: Route, source: str) -> tuple[str, list[str]]:
-    """How to reach target ids from rows of ``source``: a first query, then probe statements.
+@dataclass(frozen=True)
+class Probe:
+    """One hop up: ``SELECT select FROM table WHERE where = ANY(<ids>)``."""
+
+    table: Table
+    select: str
+    where: str
+
+
+def walk(route: Route, source: str) -> tuple[str, list[Probe]]:
+    """How to reach target ids from rows of ``source``: a first query, then probes.
 
     ``source`` is a relation of rows of ``route.table`` (a transition table or a subquery of
-    one). The first query reads ``source`` and yields an id array; each probe statement moves
-    ``_ids`` one hop up. ``_ids`` ends NULL when nothing is reached: every later probe then
-    finds nothing. First queries are returned apart so that routes sharing one read the
-    transition table once.
+    one); the first query reads it and yields an id array, and each probe moves the array one
+    hop up, by index, until it holds target ids. An empty array (NULL) stays empty.
     """
-    steps: list[str] = []
+    probes: list[Probe] = []
     chain = route.chain
     if route.reached_by == ROOT:
         held_table, held_column = route.target, route.target.pk
-        steps.append(f"SELECT array_agg(DISTINCT src.{q(held_column)}) FROM {source} src")
+        first = f"SELECT array_agg(DISTINCT src.{q(held_column)}) FROM {source} src"
     else:
         last = chain[-1]
         if last.kind == REVERSE:
             held_table, held_column = last.parent, last.parent.pk
-            steps.append(
+            first = (
                 f"SELECT array_agg(DISTINCT src.{q(last.column)}) FROM {source} src"
                 f" WHERE src.{q(last.column)} IS NOT NULL"
             )
         else:
             held_table, held_column = last.parent, last.column
-            steps.append(f"SELECT array_agg(DISTINCT src.{q(last.child.pk)}) FROM {source} src")
+            first = f"SELECT array_agg(DISTINCT src.{q(last.child.pk)}) FROM {source} src"
         for hop in reversed(chain[:-1]):
             # We hold values of ``held_column`` on rows of hop.child; step to hop.parent.
             child = hop.child
             if hop.kind == REVERSE:
-                steps.append(_probe(child, hop.column, held_column))
+                probes.append(Probe(child, hop.column, held_column))
                 held_table, held_column = hop.parent, hop.parent.pk
             else:
                 if held_column != child.pk:
-                    steps.append(_probe(child, child.pk, held_column))
+                    probes.append(Probe(child, child.pk, held_column))
                 held_table, held_column = hop.parent, hop.column
     if held_column != held_table.pk:
-        steps.append(_probe(held_table, held_table.pk, held_column))
-    return steps[0], steps[1:]
+        probes.append(Probe(held_table, held_table.pk, held_column))
+    return first, probes
 
 
-def _probe(table: Table, select: str, where: str) -> str:
-    return (
-        f"SELECT array_agg(DISTINCT t.{q(select)}) INTO _ids FROM {q(table.db_table)} t"
-        f" WHERE t.{q(where)} = ANY(_ids) AND t.{q(select)} IS NOT NULL;"
-    )
+class _Plan:
+    """The statements of one trigger function, with shared work done once.
+
+    Routes that read the same transition rows share their first query; probes from the same
+    array into the same table and column (to the station *and* the night of a capture) become
+    one statement selecting several columns: one index pass instead of two.
+    """
+
+    def __init__(self) -> None:
+        self.firsts: dict[str, str] = {}  # first query -> variable
+        self.probes: dict[tuple, str] = {}  # (input var, table, where, select) -> variable
+        self.collected: dict[str, list[str]] = {}  # target label -> variables
+
+    def _var(self) -> str:
+        return f"_v{len(self.firsts) + len(self.probes)}"
+
+    def add(self, label: str, first: str, probes: list[Probe]) -> None:
+        if first not in self.firsts:
+            self.firsts[first] = self._var()
+        var = self.firsts[first]
+        for p in probes:
+            key = (var, p.table.db_table, p.where, p.select)
+            if key not in self.probes:
+                self.probes[key] = self._var()
+            var = self.probes[key]
+        vars_ = self.collected.setdefault(label, [])
+        if var not in vars_:
+            vars_.append(var)
+
+    def variables(self) -> list[str]:
+        return sorted([*self.firsts.values(), *self.probes.values()], key=lambda v: int(v[2:]))
+
+    def statements(self) -> list[str]:
+        lines = [f"{var} := ({first});" for first, var in self.firsts.items()]
+        grouped: dict[tuple, list[tuple[str, str]]] = {}
+        for (source, table, where, select), var in self.probes.items():
+            grouped.setdefault((source, table, where), []).append((select, var))
+        for (source, table, where), selects in grouped.items():
+            aggregates = ", ".join(
+                f"array_agg(DISTINCT t.{q(col)}) FILTER (WHERE t.{q(col)} IS NOT NULL)"
+                for col, _ in selects
+            )
+            into = ", ".join(var for _, var in selects)
+            lines.append(
+                f"SELECT {aggregates} INTO {into} FROM {q(table)} t"
+                f" WHERE t.{q(where)} = ANY({source});"
+            )
+        rows = ", ".join(
+            f"({literal(label)}, {' || '.join(vars_)})"
+            for label, vars_ in sorted(self.collected.items())
+        )
+        # One statement writes every target's mark: one row per target model that was reached.
+        lines.append(
+            f"INSERT INTO {MARK_TABLE} (target, ids)"
+            " SELECT v.target, ARRAY(SELECT DISTINCT x FROM unnest(v.ids) x ORDER BY x)"
+            f" FROM (VALUES {rows}) v(target, ids) WHERE cardinality(v.ids) > 0;"
+        )
+        return lines
 
 
 def _routes_for(routes: tuple[Route, ...], operation: str) -> list[Route]:
@@ -155,44 +214,27 @@ def _routes_for(routes: tuple[Route, ...], operation: str) -> list[Route]:
     return [r for r in routes if r.on_insert_delete or r.on_update]
 
 
-def function_body(routes: list[Route], operation: str) -> str:
-    """The PL/pgSQL between BEGIN and END for one table and operation."""
-    targets = sorted({r.target.label for r in routes})
-    acc = {label: f"_acc{i}" for i, label in enumerate(targets)}
-    lines: list[str] = []
-    firsts: dict[str, str] = {}  # first query -> variable holding its result
+def function_body(routes: list[Route], operation: str) -> tuple[str, list[str]]:
+    """The PL/pgSQL between BEGIN and END for one table and operation, and its variables."""
     if operation == "truncate":
-        for label in targets:
-            lines.append(f"INSERT INTO {MARK_TABLE} (target, ids) VALUES ({literal(label)}, NULL);")
-        return "\n".join([*lines, "RETURN NULL;"])
+        lines = [
+            f"INSERT INTO {MARK_TABLE} (target, ids) VALUES ({literal(label)}, NULL);"
+            for label in sorted({r.target.label for r in routes})
+        ]
+        return "\n".join([*lines, "RETURN NULL;"]), []
+    plan = _Plan()
     for route in routes:
-        path = " > ".join([route.target.label] + [h.child.db_table for h in route.chain])
-        lines.append(f"-- {path}")
         if operation == "update":
-            sources = [_changed_rows(route.table, route.columns, s) for s in ("old", "new")]
+            # Old and new versions of the changed rows: a moved detection dirties both images.
+            old, new = (_changed_rows(route.table, route.columns, s) for s in ("old", "new"))
+            source = f"({old} UNION ALL {new})"
         else:
-            sources = ["new_rows" if operation == "insert" else "old_rows"]
-        for source in sources:
-            first, probes = walk_sql(route, source)
-            if first not in firsts:
-                firsts[first] = f"_src{len(firsts)}"
-                lines.append(f"{firsts[first]} := ({first});")
-            lines.append(f"_ids := {firsts[first]};")
-            lines.extend(probes)
-            lines.append(f"{acc[route.target.label]} := {acc[route.target.label]} || _ids;")
-    return "\n".join([*lines, *_flush(acc)])
-
-
-def _flush(acc: dict[str, str]) -> list[str]:
-    """One mark per target model: the union of every route's ids."""
-    lines = []
-    for label, a in acc.items():
-        lines.append(
-            f"IF cardinality({a}) > 0 THEN INSERT INTO {MARK_TABLE} (target, ids)"
-            f" SELECT {literal(label)}, array_agg(DISTINCT x ORDER BY x) FROM unnest({a}) x;"
-            " END IF;"
-        )
-    return [*lines, "RETURN NULL;"]
+            source = "new_rows" if operation == "insert" else "old_rows"
+        plan.add(route.target.label, *walk(route, source))
+    paths = [
+        "-- " + " > ".join([r.target.label] + [h.child.db_table for h in r.chain]) for r in routes
+    ]
+    return "\n".join([*paths, *plan.statements(), "RETURN NULL;"]), plan.variables()
 
 
 def compile_trigger(table: Table, routes: tuple[Route, ...], operation: str):
@@ -201,23 +243,19 @@ def compile_trigger(table: Table, routes: tuple[Route, ...], operation: str):
     if not chosen:
         return None
     name = object_name(table.db_table, operation)
-    targets = sorted({r.target.label for r in chosen})
-    declare = ["_ids bigint[];"] + [f"_acc{i} bigint[] := '{{}}';" for i in range(len(targets))]
-    if operation == "truncate":
-        declare = []
-        referencing = ""
-    elif operation == "update":
-        referencing = "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
-    elif operation == "insert":
-        referencing = "REFERENCING NEW TABLE AS new_rows"
-    else:
-        referencing = "REFERENCING OLD TABLE AS old_rows"
-    body = function_body(chosen, operation)
-    declare += [f"{v} bigint[];" for v in sorted(set(re.findall(r"\b_src\d+\b", body)))]
-    declare_sql = ("DECLARE\n" + "\n".join(declare) + "\n") if declare else ""
+    body, variables = function_body(chosen, operation)
+    referencing = {
+        "insert": "REFERENCING NEW TABLE AS new_rows",
+        "update": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+        "delete": "REFERENCING OLD TABLE AS old_rows",
+        "truncate": "",
+    }[operation]
+    declare = "".join(f"{v} bigint[];\n" for v in variables)
+    if declare:
+        declare = f"DECLARE\n{declare}"
     install = (
         f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $counts$\n"
-        f"{declare_sql}BEGIN\n{body}\nEND;\n$counts$;\n"
+        f"{declare}BEGIN\n{body}\nEND;\n$counts$;\n"
         f"DROP TRIGGER IF EXISTS {name} ON {q(table.db_table)};\n"
         f"CREATE TRIGGER {name} AFTER {operation.upper()} ON {q(table.db_table)}"
         f"{' ' + referencing if referencing else ''} FOR EACH STATEMENT EXECUTE FUNCTION {name}();"

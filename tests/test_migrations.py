@@ -124,13 +124,13 @@ def installed_triggers() -> dict[tuple[str, str], str]:
 
 @pytest.mark.django_db
 def test_trigger_migrations_apply_and_reverse_exactly():
-    """Reversing the newest trigger sync restores the set before it; reapplying restores all.
+    """Reversing the newest trigger sync restores the set before it (none, for the first);
+    reapplying restores all.
 
     DDL is transactional in PostgreSQL: the test transaction's rollback undoes all of it.
     """
     latest = _latest_sync(MigrationLoader(None, ignore_no_migrations=True))
     previous = [CompiledTrigger(**row) for row in latest.previous]
-    assert previous, "the newest trigger migration should replace an older set"
     with connection.schema_editor() as editor:
         latest.database_backwards("monitoring", editor, None, None)
     assert installed_triggers() == {(t.table, t.name): t.hash for t in previous}
@@ -166,3 +166,17 @@ def test_backfill_refuses_to_run_inside_one_transaction():
 
 def mismatches_of(table: str) -> list[str]:
     return [line for line in mismatches() if line.startswith(LABELS[table] + "#")]
+
+
+@pytest.mark.django_db
+def test_a_sync_between_two_trigger_sets_drops_what_went_and_restores_it_on_reverse():
+    current = [t.as_dict() for t in compile_triggers(graph())]
+    fewer = [t for t in current if t["name"] != "counts_ins_monitoring_detection"]
+    sync = SyncCountTriggers(triggers=fewer, previous=current)
+    with connection.schema_editor() as editor:
+        sync.database_forwards("monitoring", editor, None, None)
+    assert ("monitoring_detection", "counts_ins_monitoring_detection") not in installed_triggers()
+    assert len(installed_triggers()) == len(current) - 1
+    with connection.schema_editor() as editor:
+        sync.database_backwards("monitoring", editor, None, None)
+    assert {s["state"] for s in trigger_states()} == {"INSTALLED"}
