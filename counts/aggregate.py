@@ -181,8 +181,8 @@ def compile_recompute(label: str, using: str = "default") -> RecomputeStatement:
     head = f"WITH fresh AS ({fresh}), changed AS ({changed}) "
     sets = ", ".join(f"{q(c)} = changed.{q('new_' + c)}" for c in columns)
     write = (
-        f"{head}UPDATE {q(table)} t SET {sets}, {q(FRESHNESS_FIELD)} = now() FROM changed"
-        f" WHERE t.{q(pk)} = changed.pk RETURNING {returning}"
+        f"{head}UPDATE {q(table)} t SET {sets}, {q(FRESHNESS_FIELD)} = statement_timestamp()"
+        f" FROM changed WHERE t.{q(pk)} = changed.pk RETURNING {returning}"
     )
     dry = f"{head}SELECT {returning} FROM changed ORDER BY changed.pk"
     return RecomputeStatement(
