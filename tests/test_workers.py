@@ -284,3 +284,15 @@ def test_worker_killed_mid_batch_loses_no_mark_and_counts_converge_after_restart
     sets[0].refresh_from_db()
     assert sets[0].source_images_count == 6
     assert_all_counts_exact()
+
+
+@override_settings(COUNTS_DRAIN_BUDGET_S=0, COUNTS_DRAIN_BATCH=2, COUNTS_DEBOUNCE_MS=50)
+def test_a_drain_past_its_time_budget_hands_over_to_a_fresh_message(counter):
+    images, sets = make_sets(n_sets=6, n_images=3)
+    with wh.running_worker(threads=1):
+        for s in sets:
+            s.images.add(images[0])
+        wh.wait_until(converged, timeout=30)
+    assert counter.sent["recompute_pending"] >= 2, "each batch past the budget sends a successor"
+    assert not counter.retries, "handing over is not a failure"
+    assert_all_counts_exact()

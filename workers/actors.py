@@ -71,10 +71,10 @@ def _args(args, kwargs, names: tuple[str, ...]) -> list:
     return values
 
 
-def _redis_quietly(action, *args) -> None:
+def _redis_quietly(action, *args, **kwargs) -> None:
     """The drain flag is an optimisation; Redis being away must not stop a drain."""
     try:
-        action(*args)
+        action(*args, **kwargs)
     except redis.RedisError as exc:
         logger.warning("redis unavailable during drain: %s", exc)
 
