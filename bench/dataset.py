@@ -1,0 +1,223 @@
+"""The data the bench measures on: a seeded dataset it reuses, and its own objects around it.
+
+Why this split: seeding 10⁶ captures costs minutes, measuring should not. So the dataset (what
+``seed_demo`` builds) is created once and *reused* by later runs against the same database; the
+bench only seeds when the database holds fewer captures than ``--scale`` asks for, and only into
+an empty database (or after ``--reseed``, which empties the monitoring tables first). Point
+``DATABASE_URL`` at a dedicated database (``countdown_bench``) and it stays ready between runs.
+
+Everything else a run writes — capture sets of exact sizes, 1,000 small sets, burst targets —
+hangs off projects whose names start with :data:`PREFIX`. They are deleted at the end of a run
+(and at the start of the next one, should a run have died), and the marks their deletion leaves
+are drained, so the database ends as it began: same rows, counts exact, no mark pending.
+
+Bench writes go through :class:`counts.marks.quiet`: the triggers still write their marks (the
+bench drains them itself, synchronously), but no recompute message is sent to Redis. Only the
+burst section (``bench.burst``) writes loudly, because messages are what it measures.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection, transaction
+
+import counts
+from counts.marks import pending_ids, quiet
+from project.monitoring.models import Project, SourceImageCollection
+
+#: Name prefix of every project the bench creates (and deletes).
+PREFIX = "bench: "
+COLLECTION = "monitoring.sourceimagecollection"
+THROUGH = SourceImageCollection.images.through._meta.db_table
+_TABLES = {
+    "projects": "monitoring_project",
+    "stations": "monitoring_deployment",
+    "nights": "monitoring_event",
+    "captures": "monitoring_sourceimage",
+    "detections": "monitoring_detection",
+    "occurrences": "monitoring_occurrence",
+    "capture_sets": "monitoring_sourceimagecollection",
+    "memberships": THROUGH,
+}
+#: Tables ``--reseed`` empties (CASCADE reaches the rest).
+_RESEED = ("monitoring_project", "monitoring_taxon")
+
+
+def rows() -> dict[str, int]:
+    """Rows per table of the dataset, bench objects excluded (there are none between runs)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in _TABLES.values())
+        )
+        return dict(zip(_TABLES, cursor.fetchone(), strict=True))
+
+
+def ensure(scale: int, seed: int, reseed: bool, log) -> dict:
+    """Reuse the dataset when it has ``scale`` captures or more; otherwise seed one.
+
+    Returns what was found or made: ``{"seeded": bool, "seed_seconds": float, "rows": {...}}``.
+    """
+    remove_bench_objects()
+    found = rows()
+    if found["captures"] >= scale and not reseed:
+        log(f"reusing the dataset: {found['captures']:,} captures (>= --scale {scale:,})")
+        return {"seeded": False, "seed_seconds": 0.0, "rows": found}
+    if found["projects"] and not reseed:
+        raise CommandError(
+            f"the database holds {found['captures']:,} captures, fewer than --scale {scale:,},"
+            " and other data: point DATABASE_URL at a dedicated bench database, lower --scale,"
+            " or pass --reseed to empty the monitoring tables and seed afresh"
+        )
+    started = time.perf_counter()
+    if found["projects"]:
+        log("--reseed: emptying the monitoring tables")
+        with connection.cursor() as cursor:
+            cursor.execute(f"TRUNCATE {', '.join(_RESEED)} CASCADE")
+    log(f"seeding {scale:,} captures with seed_demo (seed {seed})")
+    output = io.StringIO()
+    call_command("seed_demo", scale=scale, seed=seed, stdout=output)
+    log(output.getvalue().strip())
+    drain_all()  # the TRUNCATE's "every row" marks, if any
+    return {"seeded": True, "seed_seconds": time.perf_counter() - started, "rows": rows()}
+
+
+def drain_all(limit: int = 100_000) -> int:
+    """Drain marks in this process until none is left; returns the marks consumed."""
+    consumed = 0
+    for _ in range(limit):
+        result = counts.drain()
+        if result.empty:
+            return consumed
+        consumed += result.marks
+    raise CommandError(f"marks still pending after {limit} drain batches")
+
+
+def new_project(name: str) -> int:
+    with quiet():
+        return Project.objects.create(name=PREFIX + name).pk
+
+
+def new_sets(project_id: int, names: list[str]) -> list[int]:
+    """Empty capture sets in one INSERT; returns their ids in the order of ``names``."""
+    with quiet():
+        made = SourceImageCollection.objects.bulk_create(
+            SourceImageCollection(project_id=project_id, name=n) for n in names
+        )
+    return [c.pk for c in made]
+
+
+def sample_images(n: int, salt: int = 0) -> list[int]:
+    """``n`` capture ids scattered over the whole table, the same ones every run.
+
+    Real capture sets are random samples or whole stations, not the first ids: ordering by a
+    hash of the id spreads members over the heap as a sample's would, so the annotation
+    queries pay for the random reads they would pay in production.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id FROM monitoring_sourceimage ORDER BY hashint8extended(id, %s), id LIMIT %s",
+            [salt, n],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def add_members(set_ids: list[int], image_ids: list[int]) -> int:
+    """Insert memberships ``(set_ids[i], image_ids[i])`` in one statement (one mark)."""
+    if not set_ids:
+        return 0
+    with quiet(), connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {THROUGH} (sourceimagecollection_id, sourceimage_id)"
+            " SELECT * FROM unnest(%s::bigint[], %s::bigint[]) ON CONFLICT DO NOTHING",
+            [set_ids, image_ids],
+        )
+        return cursor.rowcount
+
+
+#: Tables whose dead rows the bench makes (rolled-back samples, deletions, recomputes, marks).
+CHURNED = (
+    THROUGH,
+    "monitoring_sourceimagecollection",
+    "monitoring_detection",
+    "monitoring_sourceimage",
+    "counts_dirtymark",
+)
+
+
+def vacuum(*tables: str) -> None:
+    """``VACUUM (ANALYZE)`` the tables a step churned (all of :data:`CHURNED` by default).
+
+    Samples must not pay for the dead rows of the samples before them, and figures must not
+    depend on whether, or when, autovacuum happens to run (it was switched off on the machine
+    this was written on). Vacuuming between steps, untimed, makes every sample start from the
+    same clean tables and fresh planner statistics.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(f"VACUUM (ANALYZE) {', '.join(tables or CHURNED)}")
+
+
+def remove_bench_objects() -> int:
+    """Delete every project the bench made, their sets and memberships; drain what that marks.
+
+    Plain SQL rather than the ORM's collector, which would load 500k membership rows into
+    Python before deleting them.
+    """
+    with quiet(), connection.cursor() as cursor:
+        cursor.execute("SELECT id FROM monitoring_project WHERE name LIKE %s", [PREFIX + "%"])
+        projects = [row[0] for row in cursor.fetchall()]
+        if not projects:
+            return 0
+        cursor.execute(
+            f"DELETE FROM {THROUGH} WHERE sourceimagecollection_id IN"
+            " (SELECT id FROM monitoring_sourceimagecollection WHERE project_id = ANY(%s))",
+            [projects],
+        )
+        cursor.execute(
+            "DELETE FROM monitoring_sourceimagecollection WHERE project_id = ANY(%s)", [projects]
+        )
+        cursor.execute("DELETE FROM monitoring_project WHERE id = ANY(%s)", [projects])
+    drain_all()
+    return len(projects)
+
+
+# --- The truth about capture sets, written independently of the engine ------------------------
+
+#: Set sizes are skewed (a few sets hold half of all captures), so a join the planner sizes by
+#: the average set would hash whole tables for every set; ``EXISTS`` probes per member inside
+#: the aggregate stay on the indexes whatever the estimate.
+_TRUTH = f"""
+SELECT c.id, count(m.sourceimage_id),
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM monitoring_detection d
+                        WHERE d.source_image_id = m.sourceimage_id AND d.bbox IS NOT NULL)),
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM monitoring_detection d
+                        WHERE d.source_image_id = m.sourceimage_id))
+FROM unnest(%s::bigint[]) AS c(id)
+LEFT JOIN {THROUGH} m ON m.sourceimagecollection_id = c.id
+GROUP BY c.id ORDER BY c.id
+"""
+_CACHED = """
+SELECT id, source_images_count, source_images_with_detections_count,
+       source_images_processed_count
+FROM monitoring_sourceimagecollection WHERE id = ANY(%s) ORDER BY id
+"""
+
+
+def set_counts(ids: list[int], *, truth: bool) -> dict[int, tuple[int, int, int]]:
+    """``{set id: (images, with detections, processed)}``, stored (``truth=False``) or true."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        # The skew-proof plan above is estimated as costly; JIT-compiling it would take longer
+        # than running it, and this query is polled while the burst waits for exact counts.
+        cursor.execute("SET LOCAL jit = off")
+        cursor.execute(_TRUTH if truth else _CACHED, [ids])
+        return {row[0]: tuple(row[1:]) for row in cursor.fetchall()}
+
+
+def sets_exact(ids: list[int]) -> bool:
+    """Every stored count of these sets equals the truth, and no mark waits for them."""
+    if pending_ids(COLLECTION, ids):
+        return False
+    return set_counts(ids, truth=False) == set_counts(ids, truth=True)

@@ -1,0 +1,187 @@
+"""``manage.py bench``: what the cached counts buy and what they cost, side by side, in one run.
+
+Five sections, each "A against B" on the same data in the same run (details in each module):
+
+1. ``bench.listing`` — capture-set list page: cached columns vs. two per-request countings;
+2. ``bench.writes`` — bulk_create, single-row saves, M2M add: count triggers on vs. off;
+3. ``bench.recompute`` — 1,000 dirty sets: grouped drain vs. one recompute per set;
+4. ``bench.burst`` — 10,000 single-row writes with a real worker: messages, time to exact counts;
+5. ``bench.reconcile`` — full reconcile throughput over the dataset.
+
+It prints one table (medians over repeats, the machine's core count in the header), progress on
+stderr, and with ``--json PATH`` every figure and sample; a PNG plot of list latency against
+collection size goes to ``--plot`` (default ``bench/out/list_latency.png``).
+
+**Which database.** Whatever ``DATABASE_URL`` names; use a dedicated one, e.g.
+``DATABASE_URL=postgres://postgres@127.0.0.1:5432/countdown_bench``. A database with at least
+``--scale`` captures is reused as is; an empty one is seeded with ``seed_demo --scale``; a
+smaller, non-empty one is refused unless ``--reseed`` (which empties the monitoring tables).
+The bench removes everything else it creates and drains the marks it leaves, so it ends with the
+same rows it began with (plus the dataset, if it seeded one), counts exact and nothing pending.
+Marks already pending when it starts are drained first (what a worker would do), so they cannot
+disturb the figures. The tables it churns are ``VACUUM (ANALYZE)``-ed between steps (untimed),
+so no sample pays for another's dead rows, whether autovacuum runs or not. Section 4 sends real
+messages through ``REDIS_URL`` and runs a worker in this process; stop other workers on the same
+database and namespace while it runs.
+
+Defaults (``--scale 200000``) take about three minutes on two cores (plus ~20 s to seed the first
+time); ``--scale 1000000`` adds the 500k-image set and takes about eight (90 s of it seeding).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import time
+from pathlib import Path
+
+import django
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
+from django.test import override_settings
+
+from bench import burst, dataset, listing, recompute, reconcile, report, writes
+
+SECTIONS = ("list", "write", "recompute", "burst", "reconcile")
+DEFAULT_PLOT = Path(settings.BASE_DIR) / "bench" / "out" / "list_latency.png"
+
+
+def _ints(raw: str) -> list[int]:
+    try:
+        return sorted({int(x) for x in raw.split(",") if x.strip()})
+    except ValueError as exc:
+        raise CommandError(f"expected comma-separated integers, got {raw!r}") from exc
+
+
+class Command(BaseCommand):
+    help = "Measure what the cached counts buy (list latency) and cost (writes), side by side."
+
+    def add_arguments(self, parser):
+        add = parser.add_argument
+        add(
+            "--scale",
+            type=int,
+            default=200_000,
+            help="Captures the dataset needs (seeded if short)",
+        )
+        add("--seed", type=int, default=1, help="seed_demo seed when seeding")
+        add("--reseed", action="store_true", help="Empty the monitoring tables and seed afresh")
+        add("--repeats", type=int, default=7, help="Repeats for list, write and recompute")
+        add("--sizes", default="1000,10000,100000,500000", help="Capture-set sizes to list")
+        add("--bulk", type=int, default=10_000, help="Detections in the bulk_create")
+        add("--saves", type=int, default=1_000, help="Single-row saves")
+        add("--m2m", type=int, default=100_000, help="Images in the M2M add")
+        add("--recompute-sets", type=int, default=1_000, help="Dirty sets to recompute")
+        add("--burst-writes", type=int, default=10_000, help="Single-row writes in a burst")
+        add("--burst-sets", type=int, default=50, help="Capture sets the burst writes to")
+        add("--burst-repeats", type=int, default=3, help="Bursts (p50/p99 over these)")
+        add("--reconcile-repeats", type=int, default=1, help="Full reconcile passes")
+        add("--sections", default=",".join(SECTIONS), help="Subset of: " + ", ".join(SECTIONS))
+        add("--json", dest="json_path", help="Write every figure and sample as JSON here")
+        add("--plot", default=str(DEFAULT_PLOT), help="PNG of list latency ('' for none)")
+
+    def log(self, message: str) -> None:
+        self.stderr.write(f"[bench] {message}")
+
+    def handle(self, *args, **o):
+        sections = [s.strip() for s in o["sections"].split(",") if s.strip()]
+        unknown = set(sections) - set(SECTIONS)
+        if unknown:
+            raise CommandError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+        if min(o["repeats"], o["burst_repeats"], o["reconcile_repeats"]) < 1:
+            raise CommandError("repeats must be at least 1")
+        started = time.perf_counter()
+        # Query logging (DEBUG) would weigh on every statement measured; the numbers should be
+        # those of a production process.
+        with override_settings(DEBUG=False):
+            results = self.run(sections, o)
+        results["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+        self.stdout.write(report.table(results))
+        if o["json_path"]:
+            report.write_json(o["json_path"], results)
+            self.log(f"figures written to {o['json_path']}")
+        if o["plot"] and results.get("list"):
+            report.plot(o["plot"], results)
+            self.log(f"plot written to {o['plot']}")
+        return None
+
+    def run(self, sections: list[str], o: dict) -> dict:
+        pending = dataset.drain_all()
+        found = dataset.ensure(o["scale"], o["seed"], o["reseed"], self.log)
+        captures = found["rows"]["captures"]
+        results: dict = {"meta": self.meta(o, found, pending)}
+        sizes = [s for s in _ints(o["sizes"]) if 0 < s <= captures] or [captures]
+        dataset.vacuum()
+        try:
+            if "list" in sections or "write" in sections:
+                self.log(f"making capture sets of {', '.join(f'{s:,}' for s in sizes)} images")
+                made = listing.setup(sizes)
+                if "list" in sections:
+                    results["list"] = listing.measure(made, o["repeats"], self.log)
+                if "write" in sections:
+                    results["write"] = writes.measure(
+                        made[max(sizes)]["set"],
+                        o["repeats"],
+                        o["bulk"],
+                        o["saves"],
+                        min(o["m2m"], captures),
+                        self.log,
+                    )
+                self.tidy()
+            if "recompute" in sections:
+                ids = recompute.setup(o["recompute_sets"])
+                results["recompute"] = recompute.measure(ids, o["repeats"], self.log)
+                self.tidy()
+            if "burst" in sections:
+                sets, images = burst.setup(o["burst_sets"], o["burst_writes"])
+                results["burst"] = burst.measure(
+                    sets, images, o["burst_writes"], o["burst_repeats"], self.log
+                )
+                self.tidy()
+        finally:
+            self.tidy()
+        if "reconcile" in sections:
+            results["reconcile"] = reconcile.measure(o["reconcile_repeats"], self.log)
+        return results
+
+    def tidy(self) -> None:
+        """Remove the section's objects and their dead rows: each section measures the dataset
+        plus its own objects only, never the leftovers of the one before."""
+        if dataset.remove_bench_objects():
+            dataset.vacuum()
+
+    def meta(self, o: dict, found: dict, pending: int) -> dict:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT current_setting('server_version'), current_setting('jit'),"
+                " current_setting('shared_buffers'), current_setting('work_mem'),"
+                " current_setting('synchronous_commit'), current_setting('autovacuum'),"
+                " current_database()"
+            )
+            version, jit, shared_buffers, work_mem, sync, autovacuum, database = cursor.fetchone()
+        return {
+            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "cores": os.cpu_count(),
+            "cores_available": len(os.sched_getaffinity(0)),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "django": django.get_version(),
+            "postgres": {
+                "version": version.split()[0],
+                "jit": jit,
+                "shared_buffers": shared_buffers,
+                "work_mem": work_mem,
+                "synchronous_commit": sync,
+                "autovacuum": autovacuum,
+            },
+            "database": database,
+            "scale": o["scale"],
+            "seeded": found["seeded"],
+            "seed_seconds": round(found["seed_seconds"], 1),
+            "dataset": found["rows"],
+            "marks_pending_at_start": pending,
+            "repeats": o["repeats"],
+            "options": {k: o[k] for k in sorted(o) if k not in ("stdout", "stderr")},
+        }

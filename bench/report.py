@@ -1,0 +1,215 @@
+"""Turning the figures into one table, a JSON file and a plot.
+
+One table on purpose: every figure of a run is measured on the same machine, data and minute,
+and reading them side by side (what the cached counts buy next to what they cost) is the point
+of the bench. Each row is "A against B" with the ratio that matters and, where the issue set
+one, the goal and whether this run met it. The JSON holds the same figures plus every sample,
+so two runs can be compared; the plot shows list latency against collection size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+OK, MISSED = "ok", "MISSED"
+
+
+def _fmt_ms(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:,.0f} ms" if value >= 100 else f"{value:.1f} ms"
+
+
+def _fmt_x(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:,.0f}x" if value >= 20 else f"{value:.2f}x"
+
+
+def _size(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def _verdict(met: bool | None) -> str:
+    return "" if met is None else (OK if met else MISSED)
+
+
+def rows(results: dict) -> list[tuple[str, ...]]:
+    """(section, figure, A, B, ratio, goal, verdict) for every figure measured."""
+    out: list[tuple[str, ...]] = []
+    lst = results.get("list")
+    if lst:
+        for r in lst["sizes"]:
+            at_goal = r["size"] >= 500_000
+            for key, name in (
+                ("subquery", "3 Subquery(Count)"),
+                ("count_distinct", "Count(distinct)"),
+            ):
+                x = r[f"{key}_ratio"]
+                out.append(
+                    (
+                        f"list {_size(r['size'])}",
+                        f"page of 25, cached vs {name}" + ("" if r["agree"] else " (DISAGREE)"),
+                        _fmt_ms(r["cached_ms"]),
+                        _fmt_ms(r[f"{key}_ms"]),
+                        _fmt_x(x),
+                        "≥ 100x" if at_goal else "",
+                        _verdict(x >= 100 if at_goal else None),
+                    )
+                )
+        cached = [r["cached_ms"] for r in lst["sizes"]]
+        out.append(
+            (
+                "list",
+                "cached latency, largest size vs smallest (flat?)",
+                _fmt_ms(cached[-1]),
+                _fmt_ms(cached[0]),
+                _fmt_x(lst["cached_flatness"]),
+                "≤ 1.5x",
+                _verdict(lst["cached_flatness"] <= 1.5 and lst["agree"]),
+            )
+        )
+    wr = results.get("write")
+    if wr:
+        for key in ("bulk_create", "single_saves", "m2m_add"):
+            r = wr[key]
+            bulk = key != "single_saves"
+            out.append(
+                (
+                    "write",
+                    f"{r['label']}: triggers on vs off",
+                    _fmt_ms(r["on_ms"]),
+                    _fmt_ms(r["off_ms"]),
+                    _fmt_x(r["ratio"]),
+                    "≤ 1.2x" if bulk else "",
+                    _verdict(r["ratio"] <= 1.2 if bulk else None),
+                )
+            )
+    rc = results.get("recompute")
+    if rc:
+        for key, name in (("statement", "per-set statement"), ("orm", "per-set ORM aggregate")):
+            x = rc[f"{key}_ratio"]
+            out.append(
+                (
+                    "recompute",
+                    f"{rc['sets']:,} dirty sets: grouped drain vs {name}"
+                    + ("" if rc["exact"] else " (NOT EXACT)"),
+                    _fmt_ms(rc["grouped_ms"]),
+                    _fmt_ms(rc[f"per_set_{key}_ms"]),
+                    _fmt_x(x),
+                    "≥ 10x",
+                    _verdict(x >= 10 and rc["exact"]),
+                )
+            )
+    bu = results.get("burst")
+    if bu:
+        out.append(
+            (
+                "burst",
+                f"{bu['writes']:,} single-row writes over {bu['sets']} sets: messages, med / max",
+                f"{bu['messages_median']:g}",
+                f"{bu['messages_max']}",
+                "",
+                "≤ 5",
+                _verdict(bu["messages_max"] <= 5),
+            )
+        )
+        p50, p99 = bu["exact_after_p50_s"], bu["exact_after_p99_s"]
+        out.append(
+            (
+                "burst",
+                f"last commit → exact counts, p50 / p99 of {bu['repeats']} bursts"
+                f" (debounce {bu['debounce_ms']} ms)",
+                "—" if p50 is None else f"{p50:.2f} s",
+                "—" if p99 is None else f"{p99:.2f} s",
+                "",
+                "exact",
+                _verdict(bu["exact"]),
+            )
+        )
+    re = results.get("reconcile")
+    if re:
+        out.append(
+            (
+                "reconcile",
+                f"targets checked per second ({re['checked']:,} in {re['seconds']:.1f} s,"
+                f" {re['drifted_rows']} drifted)",
+                f"{re['per_second']:,.0f}/s",
+                "",
+                "",
+                "no drift",
+                _verdict(re["drifted_rows"] == 0),
+            )
+        )
+    return out
+
+
+HEADER = ("section", "figure (A vs B)", "A", "B", "B/A", "goal", "")
+
+
+def table(results: dict) -> str:
+    """The whole run as one fixed-width table, headed by what it ran on."""
+    meta = results["meta"]
+    body = [HEADER, *rows(results)]
+    widths = [max(len(r[i]) for r in body) for i in range(len(HEADER))]
+    right = {2, 3, 4}
+
+    def line(r):
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    ds, pg = meta["dataset"], meta["postgres"]
+    seeded = f"seeded, {meta['seed_seconds']:.0f} s" if meta["seeded"] else "reused"
+    head = [
+        f"countdown bench — {meta['cores']} cores, PostgreSQL {pg['version']} (jit {pg['jit']},"
+        f" autovacuum {pg['autovacuum']}), Django {meta['django']}, Python {meta['python']}",
+        f"dataset: {ds['captures']:,} captures, {ds['detections']:,} detections,"
+        f" {ds['capture_sets']:,} capture sets ({seeded});"
+        f" medians of {meta['repeats']} repeats; wall {meta['wall_seconds']:.0f} s",
+    ]
+    rule = "─" * max(len(line(r)) for r in body)
+    return "\n".join([*head, rule, line(HEADER), rule, *(line(r) for r in body[1:]), rule])
+
+
+def write_json(path: str, results: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def plot(path: str, results: dict) -> None:
+    """List latency (log) against collection size (log), one line per approach."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = results["list"]["sizes"]
+    xs = [r["size"] for r in sizes]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, name, style in (
+        ("cached", "cached columns (production view)", "o-"),
+        ("subquery", "3 correlated Subquery(Count) per row", "s--"),
+        ("count_distinct", "Count(distinct=True, filter=…)", "^--"),
+    ):
+        ax.plot(xs, [r[f"{key}_ms"] for r in sizes], style, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("images in the largest capture set on the page")
+    ax.set_ylabel("median latency of a page of 25 (ms)")
+    meta = results["meta"]
+    ax.set_title(
+        f"/api/v2/captures/collections/ — {meta['dataset']['captures']:,} captures,"
+        f" {meta['cores']} cores",
+        fontsize=10,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""``manage.py bench`` at a tiny scale: every section runs, and its JSON says something sane.
+
+The figures themselves are machine-dependent and not asserted; what is asserted is what makes
+them worth reading: each comparison actually ran both sides (positive times and ratios), the
+triggers really were off on the "off" side (no mark written), every recompute path and the
+burst's worker reached exact counts, the three list approaches agreed with an independent count,
+and the bench left the database as it found it (no bench objects, no marks pending). Real
+PostgreSQL, real Redis, a real in-process worker; committed data, hence ``transaction=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+
+from bench.dataset import PREFIX
+from counts.models import DirtyMark
+from project.monitoring.models import Project, SourceImageCollection
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+SECTIONS = ("meta", "list", "write", "recompute", "burst", "reconcile")
+
+
+def positive(*values) -> bool:
+    return all(isinstance(v, int | float) and v > 0 for v in values)
+
+
+def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_found(tmp_path):
+    figures, plot = tmp_path / "bench.json", tmp_path / "list.png"
+    out, err = StringIO(), StringIO()
+    call_command(
+        "bench",
+        scale=2000,
+        repeats=1,
+        sizes="100,1000",
+        bulk=200,
+        saves=20,
+        m2m=500,
+        recompute_sets=20,
+        burst_writes=200,
+        burst_sets=5,
+        burst_repeats=1,
+        json_path=str(figures),
+        plot=str(plot),
+        stdout=out,
+        stderr=err,
+    )
+    data = json.loads(figures.read_text())
+    assert set(SECTIONS) <= set(data), f"missing sections: {set(SECTIONS) - set(data)}"
+
+    meta = data["meta"]
+    assert meta["cores"] >= 1 and meta["seeded"] and meta["dataset"]["captures"] == 2000
+
+    listing = data["list"]
+    assert [row["size"] for row in listing["sizes"]] == [100, 1000]
+    assert listing["agree"], "the three list approaches disagree with the truth"
+    for row in listing["sizes"]:
+        assert row["rows_on_page"] == 25
+        assert positive(row["cached_ms"], row["subquery_ms"], row["count_distinct_ms"])
+        assert positive(row["subquery_ratio"], row["count_distinct_ratio"])
+
+    for case in ("bulk_create", "single_saves", "m2m_add"):
+        write = data["write"][case]
+        assert positive(write["on_ms"], write["off_ms"], write["ratio"]), case
+        assert write["marks_on"] > 0 and write["marks_off"] == 0, f"{case}: triggers not toggled"
+
+    recompute = data["recompute"]
+    assert recompute["exact"] and recompute["sets"] == 20
+    assert positive(recompute["statement_ratio"], recompute["orm_ratio"], recompute["grouped_ms"])
+
+    burst = data["burst"]
+    assert burst["exact"], "the worker never brought the burst's sets to exact counts"
+    assert burst["messages_max"] >= 1 and positive(burst["exact_after_p50_s"] + 1e-9)
+    assert burst["exact_after_p99_s"] >= burst["exact_after_p50_s"]
+
+    reconcile = data["reconcile"]
+    assert reconcile["drifted_rows"] == 0
+    assert positive(reconcile["checked"], reconcile["per_second"])
+
+    table = out.getvalue()
+    for section in ("list 100", "list 1k", "write", "recompute", "burst", "reconcile"):
+        assert section in table
+    assert "cores" in table.splitlines()[0]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert not Project.objects.filter(name__startswith=PREFIX).exists()
+    assert SourceImageCollection.objects.count() == meta["dataset"]["capture_sets"]
+    assert not DirtyMark.objects.exists(), "the bench left marks pending"
