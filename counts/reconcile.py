@@ -20,7 +20,7 @@ from django.db import connections, transaction
 from counts import aggregate
 from counts.apps import graph
 from counts.errors import UnknownTargetError
-from counts.marks import quiet
+from counts.marks import prepare, quiet
 from counts.triggers import q
 
 
@@ -99,6 +99,7 @@ def reconcile(
         while True:
             with transaction.atomic(using=using), quiet(using):
                 cursor = connections[using].cursor()
+                prepare(cursor)
                 where = "" if last is None else f"WHERE {q(statement.pk)} > %s"
                 cursor.execute(
                     f"SELECT {q(statement.pk)} FROM {q(statement.table)} {where}"
