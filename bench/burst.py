@@ -24,57 +24,16 @@ import math
 import time
 from contextlib import contextmanager
 
-import dramatiq
 from django.conf import settings
-from dramatiq.middleware import Middleware
 
 from bench import dataset
 from bench.timing import median, percentile, stopwatch
 from counts.marks import quiet
 from project.monitoring.models import SourceImageCollection
+from workers.inprocess import counting_messages, queued_messages, running_worker
 
 Through = SourceImageCollection.images.through
-_booted = {"done": False}
 ACTORS = ("recompute_pending", "drain_backlog")
-
-
-class MessageCounter(Middleware):
-    """Distinct message ids enqueued per actor (retries are counted apart)."""
-
-    def __init__(self) -> None:
-        self.ids: dict[str, set] = {}
-        self.retries = 0
-
-    def after_enqueue(self, broker, message, delay):
-        if message.options.get("retries"):
-            self.retries += 1
-        self.ids.setdefault(message.actor_name, set()).add(message.message_id)
-
-    def sent(self) -> dict[str, int]:
-        return {actor: len(self.ids.get(actor, ())) for actor in ACTORS}
-
-    def clear(self) -> None:
-        self.ids.clear()
-        self.retries = 0
-
-
-def broker():
-    """The configured broker, booted once per process as ``rundramatiq`` would boot it."""
-    import workers.actors  # noqa: F401  (declares the actors and their queue on the broker)
-
-    b = dramatiq.get_broker()
-    if not _booted["done"]:
-        b.emit_after("process_boot")
-        _booted["done"] = True
-    return b
-
-
-def queued_messages() -> int:
-    """Messages enqueued, delayed or running on the counts queue."""
-    from workers.actors import QUEUE
-
-    b = broker()
-    return sum(b.client.hlen(f"{b.namespace}:{q}.msgs") for q in (QUEUE, f"{QUEUE}.DQ"))
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.02) -> float | None:
@@ -122,13 +81,8 @@ def measure(sets: list[int], images: list[int], writes: int, repeats: int, log) 
 
 
 def _measure(sets: list[int], images: list[int], writes: int, repeats: int, log) -> dict:
-    b = broker()
-    counter = MessageCounter()
-    b.add_middleware(counter)
-    worker = dramatiq.Worker(b, worker_threads=2, worker_timeout=100)
-    worker.start()
     runs = []
-    try:
+    with counting_messages() as counter, running_worker(threads=2):
         for rep in range(repeats):
             wait_until(lambda: queued_messages() == 0, timeout=120)
             counter.clear()
@@ -140,13 +94,13 @@ def _measure(sets: list[int], images: list[int], writes: int, repeats: int, log)
                     )
             exact_after = wait_until(lambda: dataset.sets_exact(sets), timeout=120)
             wait_until(lambda: queued_messages() == 0, timeout=120)
-            sent = counter.sent()
+            sent = {actor: counter.sent[actor] for actor in ACTORS}
             runs.append(
                 {
                     "write_seconds": round(sw.seconds, 3),
                     "messages": sum(sent.values()),
                     "by_actor": sent,
-                    "retries": counter.retries,
+                    "retries": sum(counter.retries.values()),
                     "exact_after_s": None if exact_after is None else round(exact_after, 3),
                 }
             )
@@ -157,9 +111,6 @@ def _measure(sets: list[int], images: list[int], writes: int, repeats: int, log)
                 + " after the last commit"
             )
             _empty(sets)
-    finally:
-        worker.stop()
-        b.middleware.remove(counter)
     reached = [r["exact_after_s"] for r in runs if r["exact_after_s"] is not None]
     return {
         "writes": writes,

@@ -47,11 +47,8 @@ def clean_slate():
 
 @pytest.fixture
 def counter():
-    middleware = wh.EnqueueCounter()
-    broker = wh.broker()
-    broker.add_middleware(middleware)
-    yield middleware
-    broker.middleware.remove(middleware)
+    with wh.counting_messages() as counting:
+        yield counting
 
 
 def make_sets(n_sets: int, n_images: int):

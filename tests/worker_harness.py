@@ -13,53 +13,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-import dramatiq
 from django.conf import settings
 from django.db import connection
-from dramatiq.middleware import Middleware
 
 from counts.models import DirtyMark
-from workers.actors import QUEUE
+from workers.inprocess import (  # noqa: F401  (re-exported for the tests)
+    MessageCounter,
+    booted_broker,
+    counting_messages,
+    dead_letters,
+    queued_messages,
+    running_worker,
+)
 from workers.redis import client
 
 ROOT = Path(__file__).resolve().parent.parent
-_booted = {"done": False}
-
-
-class EnqueueCounter(Middleware):
-    """Counts messages sent per actor, as the broker sees them.
-
-    A delayed message is enqueued twice (into the delay queue, then into the queue when due)
-    under one message id; it is one message. Retries are counted in ``retries``.
-    """
-
-    def __init__(self) -> None:
-        self.ids: dict[str, set] = {}
-        self.retries: Counter = Counter()
-
-    def after_enqueue(self, broker, message, delay):
-        if message.options.get("retries"):
-            self.retries[message.actor_name] += 1
-        self.ids.setdefault(message.actor_name, set()).add(message.message_id)
-
-    @property
-    def sent(self) -> Counter:
-        return Counter({actor: len(ids) for actor, ids in self.ids.items()})
-
-    def clear(self) -> None:
-        self.ids.clear()
-        self.retries.clear()
-
-
-def broker():
-    b = dramatiq.get_broker()
-    if not _booted["done"]:
-        b.emit_after("process_boot")
-        _booted["done"] = True
-    return b
+broker = booted_broker
 
 
 def reset_redis() -> None:
@@ -71,25 +42,6 @@ def reset_redis() -> None:
     ns = broker().namespace
     for k in r.scan_iter(f"{ns}:*"):
         r.delete(k)
-
-
-def queued_messages() -> int:
-    r, ns = client(), broker().namespace
-    return sum(r.hlen(f"{ns}:{q}.msgs") for q in (QUEUE, f"{QUEUE}.DQ"))
-
-
-def dead_letters() -> int:
-    return client().zcard(f"{broker().namespace}:{QUEUE}.XQ")
-
-
-@contextlib.contextmanager
-def running_worker(threads: int = 2):
-    worker = dramatiq.Worker(broker(), worker_threads=threads, worker_timeout=100)
-    worker.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
 
 
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05) -> float:

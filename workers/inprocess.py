@@ -1,0 +1,90 @@
+"""Running and observing the counts workers inside one process: for the bench and the tests.
+
+Real pieces only: the broker django-dramatiq configured from settings (Redis), a real
+``dramatiq.Worker``, and a middleware that watches what the broker accepts. Nothing here is
+used on the production path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import dramatiq
+from dramatiq.middleware import Middleware
+
+_booted = {"done": False}
+
+
+def booted_broker():
+    """The configured broker, booted once per process as ``rundramatiq`` would boot it."""
+    import workers.actors  # noqa: F401  (declares the actors and their queue on the broker)
+
+    broker = dramatiq.get_broker()
+    if not _booted["done"]:
+        broker.emit_after("process_boot")
+        _booted["done"] = True
+    return broker
+
+
+class MessageCounter(Middleware):
+    """Messages sent per actor, as the broker accepted them.
+
+    A delayed message is enqueued twice (into the delay queue, then into the queue when due)
+    under one message id: it is one message. Retries are counted apart, in ``retries``.
+    """
+
+    def __init__(self) -> None:
+        self.ids: dict[str, set] = {}
+        self.retries: Counter = Counter()
+
+    def after_enqueue(self, broker, message, delay):
+        if message.options.get("retries"):
+            self.retries[message.actor_name] += 1
+        self.ids.setdefault(message.actor_name, set()).add(message.message_id)
+
+    @property
+    def sent(self) -> Counter:
+        return Counter({actor: len(ids) for actor, ids in self.ids.items()})
+
+    def clear(self) -> None:
+        self.ids.clear()
+        self.retries.clear()
+
+
+@contextlib.contextmanager
+def counting_messages():
+    """A :class:`MessageCounter` attached to the broker for the block's duration."""
+    counter, broker = MessageCounter(), booted_broker()
+    broker.add_middleware(counter)
+    try:
+        yield counter
+    finally:
+        broker.middleware.remove(counter)
+
+
+@contextlib.contextmanager
+def running_worker(threads: int = 2):
+    """A real worker consuming the configured broker's queues until the block ends."""
+    worker = dramatiq.Worker(booted_broker(), worker_threads=threads, worker_timeout=100)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def queued_messages() -> int:
+    """Messages enqueued, delayed or running on the counts queue."""
+    from workers.actors import QUEUE
+
+    broker = booted_broker()
+    return sum(broker.client.hlen(f"{broker.namespace}:{q}.msgs") for q in (QUEUE, f"{QUEUE}.DQ"))
+
+
+def dead_letters() -> int:
+    """Messages of the counts queue in the dead-letter set."""
+    from workers.actors import QUEUE
+
+    broker = booted_broker()
+    return broker.client.zcard(f"{broker.namespace}:{QUEUE}.XQ")
