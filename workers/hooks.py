@@ -35,23 +35,39 @@ def on_marks_committed(sender, targets, using, **kwargs) -> None:
         logger.warning("redis is back; recompute messages flow again")
 
 
-def queue_depths(sender, **kwargs) -> dict:
-    """Queue depths for ``counts status`` (ready, delayed, dead-lettered)."""
+def queue_sizes() -> dict[str, int]:
+    """Messages of the counts queue by state, read from the Redis broker's own keys.
+
+    ``pending`` counts enqueued and running messages, ``delayed`` the debounced ones waiting
+    for their time, ``dead`` the dead-lettered ones.
+    """
     import dramatiq
 
     from workers.actors import QUEUE
 
     broker = dramatiq.get_broker()
-    ns = getattr(broker, "namespace", "dramatiq")
+    r, ns = broker.client, getattr(broker, "namespace", "dramatiq")
+    return {
+        "ready": r.llen(f"{ns}:{QUEUE}"),
+        "pending": r.hlen(f"{ns}:{QUEUE}.msgs"),
+        "delayed": r.hlen(f"{ns}:{QUEUE}.DQ.msgs"),
+        "dead": r.zcard(f"{ns}:{QUEUE}.XQ"),
+    }
+
+
+def queue_depths(sender, **kwargs) -> dict:
+    """Queue depths for ``counts status`` (ready, delayed, dead-lettered)."""
+    from workers.actors import QUEUE
+
     try:
-        r = broker.client
-        return {
-            "queues": {
-                f"{QUEUE} (ready)": r.llen(f"{ns}:{QUEUE}"),
-                f"{QUEUE} (enqueued or running)": r.hlen(f"{ns}:{QUEUE}.msgs"),
-                f"{QUEUE} (delayed)": r.hlen(f"{ns}:{QUEUE}.DQ.msgs"),
-                f"{QUEUE} (dead letters)": r.zcard(f"{ns}:{QUEUE}.XQ"),
-            }
-        }
+        sizes = queue_sizes()
     except redis.RedisError as exc:
         return {"queues": {"redis unavailable": str(exc)}}
+    return {
+        "queues": {
+            f"{QUEUE} (ready)": sizes["ready"],
+            f"{QUEUE} (enqueued or running)": sizes["pending"],
+            f"{QUEUE} (delayed)": sizes["delayed"],
+            f"{QUEUE} (dead letters)": sizes["dead"],
+        }
+    }

@@ -13,6 +13,8 @@ from collections import Counter
 import dramatiq
 from dramatiq.middleware import Middleware
 
+from workers.hooks import queue_sizes
+
 _booted = {"done": False}
 
 
@@ -76,15 +78,12 @@ def running_worker(threads: int = 2):
 
 def queued_messages() -> int:
     """Messages enqueued, delayed or running on the counts queue."""
-    from workers.actors import QUEUE
-
-    broker = booted_broker()
-    return sum(broker.client.hlen(f"{broker.namespace}:{q}.msgs") for q in (QUEUE, f"{QUEUE}.DQ"))
+    booted_broker()
+    sizes = queue_sizes()
+    return sizes["pending"] + sizes["delayed"]
 
 
 def dead_letters() -> int:
     """Messages of the counts queue in the dead-letter set."""
-    from workers.actors import QUEUE
-
-    broker = booted_broker()
-    return broker.client.zcard(f"{broker.namespace}:{QUEUE}.XQ")
+    booted_broker()
+    return queue_sizes()["dead"]
