@@ -26,3 +26,7 @@ class UnknownTargetError(CountsError):
     def __init__(self, label: str) -> None:
         super().__init__(f"{label!r} declares no cached counts")
         self.label = label
+
+
+class MigrationError(CountsError):
+    """A count migration operation cannot run as configured (e.g. inside one transaction)."""

@@ -8,10 +8,17 @@ it, so it can be applied and reversed exactly; ``manage.py counts makemigrations
 
 from __future__ import annotations
 
+import logging
+
 from django.db import connections, transaction
 from django.db.migrations.operations.base import Operation
 
+from counts.apps import graph
+from counts.errors import MigrationError
+from counts.fields import FRESHNESS_FIELD
 from counts.triggers import CompiledTrigger
+
+logger = logging.getLogger(__name__)
 
 
 def _compiled(rows) -> dict[tuple[str, str], CompiledTrigger]:
@@ -66,12 +73,47 @@ class SyncCountTriggers(Operation):
         return "count_triggers"
 
 
+def _columns(state) -> dict[str, set[str]]:
+    """Columns of every table in a migration state (auto-created M2M tables included)."""
+    return {
+        model._meta.db_table: {f.column for f in model._meta.local_concrete_fields}
+        for model in state.apps.get_models(include_auto_created=True)
+    }
+
+
+def computable(label: str, state) -> bool:
+    """Whether today's declarations of ``label`` can be computed on the schema of ``state``.
+
+    A database that skips releases migrates through several count-adding migrations in one
+    go; an earlier migration's backfill runs while columns that today's declarations write
+    (a later count) or read (a later filter) do not exist yet. Only when every column the
+    counts of ``label`` write and read is there can they be computed now.
+    """
+    if state is None:
+        return True
+    columns = _columns(state)
+    for spec in graph().specs_for(label):
+        needed = {spec.target.db_table: {spec.column, FRESHNESS_FIELD}}
+        for chain, read in spec.reads.items():
+            table = chain[-1].child if chain else spec.target
+            needed.setdefault(table.db_table, set()).update(read)
+        for table, wanted in needed.items():
+            if not wanted <= columns.get(table, set()):
+                return False
+    return True
+
+
 class BackfillCounts(Operation):
     """Recompute the named targets' counts for every existing row, chunk by chunk.
 
     Put it in a migration with ``atomic = False``: each chunk commits on its own, so a
-    900k-image capture set never sits in one giant transaction. It uses the live engine, so it
-    is meant to run in the deploy that adds the counts.
+    900k-image capture set never sits in one giant transaction.
+
+    It computes with the engine as deployed, which may be newer than this migration. When the
+    schema at this point lacks a column today's counts of a target write or read (a later
+    migration adds it), the target gets an "every row" mark instead: the later migration's
+    backfill, or the workers, recompute it once the column exists. Replaying any sequence of
+    count-adding migrations on a database holding data therefore succeeds and ends exact.
     """
 
     reversible = True
@@ -89,15 +131,27 @@ class BackfillCounts(Operation):
         """Data only."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        from counts.apps import graph
+        from counts.marks import mark_all
         from counts.reconcile import reconcile
 
         alias = schema_editor.connection.alias
         if connections[alias].in_atomic_block:
-            raise RuntimeError("BackfillCounts must run in a migration with atomic = False")
+            raise MigrationError(
+                "BackfillCounts must run in a migration with atomic = False"
+                f" ({app_label}: it commits chunk by chunk)"
+            )
         for label in self.targets:
-            if label in graph().targets:
+            if label not in graph().targets:
+                continue  # the count was removed later: nothing to fill
+            if computable(label, to_state):
                 reconcile(model=label, chunk=self.chunk, using=alias)
+            else:
+                mark_all(label, using=alias)
+                logger.warning(
+                    "%s: counts not backfilled here (a later migration changes their columns);"
+                    " every row is marked for recompute",
+                    label,
+                )
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         """Nothing to undo: the columns go with the schema migration that added them."""

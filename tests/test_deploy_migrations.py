@@ -1,0 +1,120 @@
+"""A deploy that adds counts in several migrations migrates forward with data.
+
+What a maintainer does, in a scratch copy of this tree: load data, declare a count and run
+``makemigrations``, declare another and run it again, then ``migrate`` the database that holds
+data and sits before both — as every production database that skipped a release would. The
+first backfill runs while the second count's column does not exist yet; the migration must
+still succeed and the counts end exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+THRESHOLD_LINE = "    default_filters_score_threshold = models.FloatField(default=0.5)\n"
+COUNTS = [
+    'captures_count = CachedCountField("deployments__captures")',
+    'events_count = CachedCountField("deployments__events")',
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _admin_connection():
+    db = connection.settings_dict
+    return psycopg.connect(
+        host=db["HOST"] or "127.0.0.1",
+        port=db["PORT"] or 5432,
+        user=db["USER"],
+        password=db["PASSWORD"] or None,
+        dbname="postgres",
+        autocommit=True,
+    )
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """A copy of the tracked tree and an empty database of its own."""
+    tree = tmp_path / "tree"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+    name = f"countdown_deploy_{os.getpid()}"
+    db = connection.settings_dict
+    with _admin_connection() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:"
+        f"{db['PORT'] or 5432}/{name}",
+        "DEBUG": "1",
+    }
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+
+    def manage(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"manage.py {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    yield tree, manage, name
+    with _admin_connection() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def declare(tree: Path, line: str) -> None:
+    models = tree / "project" / "monitoring" / "models.py"
+    text = models.read_text()
+    assert THRESHOLD_LINE in text
+    models.write_text(text.replace(THRESHOLD_LINE, f"{THRESHOLD_LINE}    {line}\n", 1))
+
+
+def test_two_count_adding_migrations_apply_in_one_migrate_on_a_database_with_data(scratch):
+    tree, manage, dbname = scratch
+    manage("migrate", "--no-input", "-v", "0")
+    manage("seed_demo", "--scale", "2000")
+    for line in COUNTS:  # two releases, each adding a count
+        declare(tree, line)
+        assert "Count triggers: wrote" in manage("makemigrations", "monitoring")
+    manage("migrate", "--no-input", "-v", "0")  # skipping a release: both at once
+    manage("counts", "drain", "--until-empty")
+    report = json.loads(manage("counts", "reconcile", "--dry-run", "--json"))
+    assert report["drifted_rows"] == 0 and "monitoring.project" in report["models"], report
+    db = connection.settings_dict
+    with psycopg.connect(
+        host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"], dbname=dbname
+    ) as conn:
+        rows = conn.execute(
+            "SELECT p.captures_count, p.events_count,"
+            " (SELECT count(*) FROM monitoring_sourceimage si JOIN monitoring_deployment d"
+            "  ON d.id = si.deployment_id WHERE d.project_id = p.id),"
+            " (SELECT count(*) FROM monitoring_event e JOIN monitoring_deployment d"
+            "  ON d.id = e.deployment_id WHERE d.project_id = p.id)"
+            " FROM monitoring_project p"
+        ).fetchall()
+    assert rows and all(r[0] == r[2] > 0 and r[1] == r[3] > 0 for r in rows), rows
