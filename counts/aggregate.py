@@ -210,17 +210,36 @@ class Change:
 
 
 def lock(cursor, statement: RecomputeStatement, ids: list[int]) -> list[int]:
-    """Lock the target rows in id order; returns the ids that still exist.
+    """Lock the target rows that nobody else holds, in id order; returns the ids locked.
 
     ``FOR NO KEY UPDATE`` (the lock our own UPDATE takes) orders two recomputes of one row just
     as ``FOR UPDATE`` would, but does not conflict with the ``FOR KEY SHARE`` lock a writer's
     foreign-key check takes on the parent of a row it inserts: ``FOR UPDATE`` would make every
     write under a target queue behind its recompute, and could deadlock with one.
+
+    ``SKIP LOCKED``: a row held by someone else (an admin transaction left open, another
+    drainer, a ``bulk_update`` locking rows in its own order) is left out instead of waited
+    for. A recompute therefore never waits on a row lock, so it can neither stall every other
+    target of its batch behind one busy row nor deadlock with a writer. Callers decide what
+    happens to the rows left out (see :func:`held_elsewhere`).
     """
     cursor.execute(
         f"SELECT {q(statement.pk)} FROM {q(statement.table)} WHERE {q(statement.pk)} = ANY(%s)"
-        f" ORDER BY {q(statement.pk)} FOR NO KEY UPDATE",
+        f" ORDER BY {q(statement.pk)} FOR NO KEY UPDATE SKIP LOCKED",
         [ids],
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
+def held_elsewhere(cursor, statement: RecomputeStatement, ids: list[int], locked) -> list[int]:
+    """Which of ``ids`` :func:`lock` left out although the row exists (someone holds it)."""
+    missing = sorted(set(ids) - set(locked))
+    if not missing:
+        return []
+    cursor.execute(
+        f"SELECT {q(statement.pk)} FROM {q(statement.table)} WHERE {q(statement.pk)} = ANY(%s)"
+        f" ORDER BY {q(statement.pk)}",
+        [missing],
     )
     return [row[0] for row in cursor.fetchall()]
 

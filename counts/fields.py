@@ -12,6 +12,11 @@ that recomputes it — is derived from these declarations in ``counts.spec`` and
 
 The first cached count on a model also gives it a ``counts_updated_at`` column: the time its
 counts last changed value. Freshness is part of what users see, so every counted model has it.
+
+**The engine owns these columns.** Nobody else changes a cached column or ``counts_updated_at``:
+guard triggers (``counts.guards``) keep the old values on every other ``UPDATE`` — a stale
+instance's ``save()``, ``bulk_update()``, ``queryset.update()``, raw SQL — and mark a row
+inserted with made-up counts for recount. Read them; never write them.
 """
 
 from django.db import models
@@ -22,7 +27,10 @@ FRESHNESS_FIELD = "counts_updated_at"
 
 
 class CachedCountField(models.IntegerField):
-    """An integer column kept equal to a count over related rows.
+    """An integer column kept equal to a count over related rows, written only by the engine.
+
+    Values assigned in Python are ignored by the database when saved (the guard triggers keep
+    the stored count), and a row inserted with counts other than 0 is recounted.
 
     Args:
         path: Relation path from the model to the counted rows (``"images"``,

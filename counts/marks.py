@@ -2,17 +2,26 @@
 
 The shape follows Django's deletion collector — record the work first, perform it after:
 
-1. take up to ``batch_size`` marks with ``FOR UPDATE SKIP LOCKED`` (other drainers take
-   others), keep a prefix of them worth at most ``max_ids`` target ids, and delete those;
+1. take up to ``batch_size`` marks that are due with ``FOR UPDATE SKIP LOCKED`` (other
+   drainers take others), keep a prefix of them worth at most ``max_ids`` target ids, and
+   delete those;
 2. plan: ``{label: {ids}}``, expanding "every row" marks into chunked marks for later batches;
-3. for each target model in label order, lock its rows in id order, recompute and write.
+3. for each target model in label order, lock the rows nobody else holds (``SKIP LOCKED``, in
+   id order), recompute and write them; a row someone holds gets a new mark, due a little
+   later (``not_before``), instead of holding up the rest of the batch.
 
 All of it commits together. A crash before commit rolls the deletes back, so no mark is lost;
-a mark is consumed only by a committed recompute whose snapshot is newer than the mark.
+a mark is consumed only by a committed recompute whose snapshot is newer than the mark, or
+replaced by a deferred mark for the same row in the same transaction. A drain never waits on
+a row lock, so one busy row cannot stall its model and a drain cannot deadlock with a writer.
+
+Every recompute runs in :func:`engine_transaction`, under the engine's setting
+the only writes to cached columns the guard triggers let through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,10 +32,13 @@ from counts import aggregate
 from counts.apps import graph
 from counts.capture import QUIET_ATTR
 from counts.errors import UnknownTargetError
+from counts.guards import ENGINE_SETTING
 from counts.triggers import MARK_TABLE, q
 
 #: Target ids in one expanded chunk of an "every row" mark.
 EXPAND_CHUNK = 2000
+#: How long a row someone else holds waits before a drain tries it again.
+LOCKED_RETRY_MS = 1000
 
 
 @dataclass
@@ -37,17 +49,24 @@ class DrainResult:
     targets: dict[str, int] = field(default_factory=dict)  # label -> rows recomputed
     changed: dict[str, int] = field(default_factory=dict)  # label -> rows written
     expanded: dict[str, int] = field(default_factory=dict)  # label -> chunk marks created
+    deferred: dict[str, int] = field(default_factory=dict)  # label -> held rows marked again
     ms: float = 0.0
 
     @property
     def empty(self) -> bool:
         return self.marks == 0
 
+    @property
+    def idle(self) -> bool:
+        """Nothing was recomputed or expanded: the batch found no marks, or only busy rows."""
+        return not any(self.targets.values()) and not self.expanded
+
     def as_log(self) -> dict:
         return {
             "marks": self.marks,
             "targets": sum(self.targets.values()),
             "changed": sum(self.changed.values()),
+            "deferred": sum(self.deferred.values()),
             "by_model": {k: [self.targets.get(k, 0), self.changed.get(k, 0)] for k in self.targets},
             "ms": round(self.ms, 1),
         }
@@ -67,21 +86,37 @@ class quiet:
         setattr(self.connection, QUIET_ATTR, self.previous)
 
 
-def prepare(cursor, lock_timeout_ms: int | None = None) -> None:
-    """Settings for one recompute transaction.
+@contextlib.contextmanager
+def engine_transaction(using: str = "default", lock_timeout_ms: int | None = None):
+    """One recompute transaction (or savepoint): yields a cursor with the engine's settings.
+
+    The engine's setting lets this block, and nothing else, write cached columns (the guard
+    triggers keep them otherwise). ``set_config(..., true)`` lasts until the end of the
+    *outermost* transaction, and a savepoint's release hands it on to the caller's
+    transaction; so it is switched off again before the block ends, or a caller's stale
+    ``save()`` later in the same request would slip past the guards. (A rollback undoes it by
+    itself.)
 
     JIT off: a batch's aggregate is estimated expensive enough to be compiled, and compiling it
     (about 135 ms for 500 capture sets) costs more than running it. The lock timeout, when
-    given, bounds the wait for a target row someone else holds.
+    given, bounds the wait for a lock that ``SKIP LOCKED`` cannot skip (a table lock taken by a
+    migration or a ``LOCK TABLE``).
     """
     timeout = "0" if lock_timeout_ms is None else f"{lock_timeout_ms}ms"
-    cursor.execute(
-        "SELECT set_config('jit', 'off', true), set_config('lock_timeout', %s, true)", [timeout]
-    )
+    with transaction.atomic(using=using), quiet(using):
+        cursor = connections[using].cursor()
+        cursor.execute(
+            "SELECT set_config(%s, 'on', true), set_config('jit', 'off', true),"
+            " set_config('lock_timeout', %s, true)",
+            [ENGINE_SETTING, timeout],
+        )
+        yield cursor
+        cursor.execute("SELECT set_config(%s, 'off', true)", [ENGINE_SETTING])
 
 
 def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
-    where = "WHERE target = ANY(%s)" if labels else ""
+    where = "WHERE (not_before IS NULL OR not_before <= now())"
+    where += " AND target = ANY(%s)" if labels else ""
     params: list = [labels] if labels else []
     cursor.execute(
         f"SELECT id, target, ids FROM {MARK_TABLE} {where} ORDER BY id LIMIT %s"
@@ -130,11 +165,7 @@ def drain(
     started = time.perf_counter()
     result = DrainResult()
     known = graph().targets
-    with transaction.atomic(using=using), quiet(using):
-        cursor = connections[using].cursor()
-        # A target row locked for long (a stuck admin transaction) fails this batch quickly;
-        # the caller retries later and the marks, never deleted, wait.
-        prepare(cursor, lock_timeout_ms)
+    with engine_transaction(using, lock_timeout_ms) as cursor:
         taken = _take(cursor, batch_size, max_ids, targets)
         result.marks = len(taken)
         plan: dict[str, set[int]] = defaultdict(set)
@@ -147,32 +178,58 @@ def drain(
             else:
                 plan[label].update(ids)
         for label in sorted(plan):
-            statement = aggregate.compile_recompute(label, using)
-            alive = aggregate.lock(cursor, statement, sorted(plan[label]))
-            changes = aggregate.run(cursor, statement, alive, write=True)
-            result.targets[label] = len(alive)
-            result.changed[label] = len(changes)
+            recomputed, changed, deferred = _recompute(cursor, label, sorted(plan[label]), using)
+            result.targets[label] = recomputed
+            result.changed[label] = changed
+            if deferred:
+                result.deferred[label] = deferred
     result.ms = (time.perf_counter() - started) * 1000
     return result
+
+
+def _recompute(cursor, label: str, ids: list[int], using: str) -> tuple[int, int, int]:
+    """Lock what can be locked, recompute and write it, mark the rest again for later.
+
+    Returns:
+        (rows recomputed, rows whose counts changed, rows deferred because someone holds them)
+    """
+    statement = aggregate.compile_recompute(label, using)
+    locked = aggregate.lock(cursor, statement, ids)
+    held = aggregate.held_elsewhere(cursor, statement, ids, locked)
+    if held:
+        defer(cursor, label, held)
+    changes = aggregate.run(cursor, statement, locked, write=True)
+    return len(locked), len(changes), len(held)
+
+
+def defer(cursor, label: str, ids: list[int], retry_ms: int = LOCKED_RETRY_MS) -> None:
+    """Mark ``ids`` again, due in ``retry_ms``: their rows are held by another transaction."""
+    cursor.execute(
+        f"INSERT INTO {MARK_TABLE} (target, ids, not_before)"
+        " VALUES (%s, %s, now() + make_interval(secs => %s))",
+        [label, ids, retry_ms / 1000],
+    )
 
 
 def recompute_rows(ids_by_label: dict[str, list[int]], using: str = "default") -> tuple[int, int]:
     """Recompute the given rows now, under the same locks as a drain.
 
+    A row another transaction holds is marked instead, for the workers to recompute once it is
+    free: "Recompute now" never hangs on an admin form left open.
+
     Returns:
         (rows recomputed, rows whose stored counts changed)
     """
     recomputed = changed = 0
-    with transaction.atomic(using=using), quiet(using):
-        cursor = connections[using].cursor()
-        prepare(cursor)
+    with engine_transaction(using) as cursor:
         for label in sorted(ids_by_label):
             if label not in graph().targets:
                 raise UnknownTargetError(label)
-            statement = aggregate.compile_recompute(label, using)
-            alive = aggregate.lock(cursor, statement, sorted(set(ids_by_label[label])))
-            recomputed += len(alive)
-            changed += len(aggregate.run(cursor, statement, alive, write=True))
+            done, written, _deferred = _recompute(
+                cursor, label, sorted(set(ids_by_label[label])), using
+            )
+            recomputed += done
+            changed += written
     return recomputed, changed
 
 
@@ -208,6 +265,7 @@ class PendingSummary:
     marks: int
     ids: int | None  # None when an "every row" mark is waiting
     oldest_seconds: float
+    due: int = 0  # marks a drain may take now (the rest wait for a row someone holds)
 
 
 def pending_summary(using: str = "default") -> list[PendingSummary]:
@@ -216,12 +274,13 @@ def pending_summary(using: str = "default") -> list[PendingSummary]:
         cursor.execute(
             f"SELECT target, count(*), CASE WHEN bool_or(ids IS NULL) THEN NULL"
             f" ELSE sum(cardinality(ids)) END,"
-            f" extract(epoch FROM now() - min(created_at))"
+            f" extract(epoch FROM now() - min(created_at)),"
+            f" count(*) FILTER (WHERE not_before IS NULL OR not_before <= now())"
             f" FROM {MARK_TABLE} GROUP BY target ORDER BY target"
         )
         return [
-            PendingSummary(label, marks, None if n is None else int(n), float(age or 0))
-            for label, marks, n, age in cursor.fetchall()
+            PendingSummary(label, marks, None if n is None else int(n), float(age or 0), due)
+            for label, marks, n, age, due in cursor.fetchall()
         ]
 
 

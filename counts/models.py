@@ -14,12 +14,15 @@ class DirtyMark(models.Model):
     """Rows of ``target`` whose cached counts may be stale.
 
     ``ids`` NULL means every row of the target (written by TRUNCATE and by backfills).
+    ``not_before`` is set on a mark a drain wrote again for rows another transaction held:
+    drains leave it alone until then, so a busy row is retried, not spun on.
     """
 
     id = models.BigAutoField(primary_key=True)
     target = models.CharField(max_length=100, help_text="Model label, e.g. monitoring.event")
     ids = ArrayField(models.BigIntegerField(), null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
+    not_before = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "counts_dirtymark"

@@ -15,12 +15,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from django.db import connections, transaction
-
 from counts import aggregate
 from counts.apps import graph
 from counts.errors import UnknownTargetError
-from counts.marks import prepare, quiet
+from counts.marks import defer, engine_transaction
 from counts.triggers import q
 
 
@@ -97,9 +95,7 @@ def reconcile(
         model_report = report.models[label] = ModelReport(label)
         last = None
         while True:
-            with transaction.atomic(using=using), quiet(using):
-                cursor = connections[using].cursor()
-                prepare(cursor)
+            with engine_transaction(using) as cursor:
                 where = "" if last is None else f"WHERE {q(statement.pk)} > %s"
                 cursor.execute(
                     f"SELECT {q(statement.pk)} FROM {q(statement.table)} {where}"
@@ -109,11 +105,16 @@ def reconcile(
                 ids = [row[0] for row in cursor.fetchall()]
                 if not ids:
                     break
+                checked = ids
                 if not dry_run:
-                    ids = aggregate.lock(cursor, statement, ids) or ids
-                changes = aggregate.run(cursor, statement, ids, write=not dry_run)
+                    # Rows someone holds are marked for the drain rather than waited for.
+                    checked = aggregate.lock(cursor, statement, ids)
+                    held = aggregate.held_elsewhere(cursor, statement, ids, checked)
+                    if held:
+                        defer(cursor, label, held)
+                changes = aggregate.run(cursor, statement, checked, write=not dry_run)
             last = ids[-1]
-            model_report.checked += len(ids)
+            model_report.checked += len(checked)
             model_report.drifted_rows += len(changes)
             for change in changes:
                 model_report.drift.update(change.fields)

@@ -27,7 +27,14 @@ from counts.spec import REVERSE, Table
 MARK_TABLE = "counts_dirtymark"
 #: Operations, in the order triggers are compiled.
 OPERATIONS = ("insert", "update", "delete", "truncate")
-_SHORT = {"insert": "ins", "update": "upd", "delete": "del", "truncate": "trunc"}
+_SHORT = {
+    "insert": "ins",
+    "update": "upd",
+    "delete": "del",
+    "truncate": "trunc",
+    "own": "own",
+    "made": "made",
+}
 
 
 @dataclass(frozen=True)
@@ -263,8 +270,8 @@ def compile_trigger(table: Table, routes: tuple[Route, ...], operation: str):
     return CompiledTrigger(name, table.db_table, operation, install)
 
 
-def compile_triggers(graph: Graph) -> list[CompiledTrigger]:
-    """Every trigger the graph needs, in a stable order."""
+def compile_mark_triggers(graph: Graph) -> list[CompiledTrigger]:
+    """The triggers that write marks, in a stable order."""
     compiled = []
     for _db_table, routes in graph.routes.items():
         table = routes[0].table
@@ -273,3 +280,10 @@ def compile_triggers(graph: Graph) -> list[CompiledTrigger]:
             if trigger is not None:
                 compiled.append(trigger)
     return compiled
+
+
+def compile_triggers(graph: Graph) -> list[CompiledTrigger]:
+    """Every trigger the graph needs, in a stable order: marks, then the columns' guards."""
+    from counts.guards import compile_guards  # guards build on this module's helpers
+
+    return compile_mark_triggers(graph) + compile_guards(graph)

@@ -21,7 +21,7 @@ from project.monitoring.models import (
     SourceImageCollection,
 )
 from tests.api_fixtures import T0, build_catalogue
-from tests.truth import drain_all, truth
+from tests.truth import drain_all, triggers_off, truth
 
 COLLECTIONS = "/api/v2/captures/collections/"
 DEPLOYMENTS = "/api/v2/deployments/"
@@ -136,10 +136,12 @@ ORDERINGS = [(url, name, attr) for url in ENDPOINTS for name, attr in _sort_keys
 def test_ordering_sorts_both_ways_with_id_tie_break(client, catalogue, url, name, attr):
     model, _ = ENDPOINTS[url]
     if name == "counts_updated_at":
-        # One test is one transaction, so every drain stamped the same now(): spread them.
-        for n, pk in enumerate(model.objects.order_by("-pk").values_list("pk", flat=True)):
-            stamp = None if n == 1 else T0 + timedelta(hours=n % 3)
-            model.objects.filter(pk=pk).update(counts_updated_at=stamp)
+        # One test is one transaction, so every drain stamped the same now(): spread them
+        # (with triggers off: only the engine may write freshness otherwise).
+        with triggers_off():
+            for n, pk in enumerate(model.objects.order_by("-pk").values_list("pk", flat=True)):
+                stamp = None if n == 1 else T0 + timedelta(hours=n % 3)
+                model.objects.filter(pk=pk).update(counts_updated_at=stamp)
     values = dict(model.objects.values_list("pk", attr))
     # PostgreSQL puts NULLs last ascending; a descending sort is the exact reverse.
     ascending = sorted(values, key=lambda pk: (values[pk] is None, values[pk] or 0, pk))
@@ -184,7 +186,8 @@ def test_events_filter_by_deployment_and_by_project(client, catalogue):
 def test_pending_flag_shows_exactly_the_rows_waiting_for_a_worker(client, catalogue):
     bravo = catalogue.sets["Bravo"]
     # As if their counts last changed long ago (now() is fixed within one test transaction).
-    SourceImageCollection.objects.update(counts_updated_at=T0)
+    with triggers_off():
+        SourceImageCollection.objects.update(counts_updated_at=T0)
     before = {r["name"]: r for r in get_ok(client, COLLECTIONS)["results"]}
     new = SourceImage.objects.create(deployment=catalogue.north, timestamp=T0, path="new.jpg")
     bravo.images.add(new)

@@ -16,8 +16,16 @@ import pytest
 from django.db import OperationalError, connection, transaction
 
 import counts
-from project.monitoring.models import Detection, Occurrence, SourceImage, SourceImageCollection
-from tests.truth import assert_all_counts_exact, cached, drain_all
+from counts.models import DirtyMark
+from project.monitoring.models import (
+    Deployment,
+    Detection,
+    Event,
+    Occurrence,
+    SourceImage,
+    SourceImageCollection,
+)
+from tests.truth import assert_all_counts_exact, cached, drain_all, truth
 
 pytestmark = pytest.mark.django_db(transaction=True)
 BOX = [10, 10, 20, 20]
@@ -71,7 +79,8 @@ def write_randomly(seed: int, steps: int) -> None:
 
 
 def drain_until(done: threading.Event, stats: dict) -> None:
-    """One drainer: drain until the writers are done and no mark is left for it."""
+    """One drainer: drain until the writers are done and no mark is left, deferred ones
+    (rows the other drainer held) included: those come due a second later."""
     while True:
         try:
             result = counts.drain(batch_size=3, max_ids=20)
@@ -80,7 +89,7 @@ def drain_until(done: threading.Event, stats: dict) -> None:
             continue
         stats["marks"] += result.marks
         if result.empty:
-            if done.is_set():
+            if done.is_set() and not DirtyMark.objects.exists():
                 return
             time.sleep(0.005)
 
@@ -132,13 +141,64 @@ def waiting_on_a_lock(pid: int) -> bool:
     return bool(row) and row[0] == "Lock"
 
 
-def test_a_drain_waiting_on_a_locked_row_writes_the_newer_value(make_world, marks):
-    """Worker A drained and holds the row; a writer commits; worker B must end newer."""
+def write_and_save_stale_rows(seed: int, steps: int) -> int:
+    """A writer that, like an ML job or an admin, holds rows it loaded long ago and saves them
+    after drains have moved their counts on. Returns how many stale saves it made."""
+    rng = random.Random(seed)
+    held = (
+        list(Deployment.objects.all())
+        + list(Event.objects.all())
+        + list(SourceImage.objects.all())
+        + list(SourceImageCollection.objects.all())
+    )
+    write_randomly(seed, steps // 2)
+    for _ in range(steps // 2):
+        row = rng.choice(held)
+        if isinstance(row, Event):
+            row.end = row.start
+        elif isinstance(row, SourceImage):
+            row.path = f"{row.path.split('#')[0]}#{rng.randrange(1000)}"
+        else:
+            row.name = f"{row.name.split('#')[0]}#{rng.randrange(1000)}"
+        row.save()
+        write_randomly(rng.randrange(10**6), 1)
+    for row in held:  # the job ends by saving everything it holds, long after loading it
+        row.save()
+    return steps // 2
+
+
+def test_stale_saves_racing_drains_leave_no_wrong_count(make_world, marks):
+    """Four writers saving rows they loaded before the drains: no cell may end wrong."""
+    make_world()
+    done = threading.Event()
+    stats = [{"marks": 0, "retries": 0} for _ in range(2)]
+    drainers = [Worker(drain_until, done, s) for s in stats]
+    writers = [Worker(write_and_save_stale_rows, seed, 30) for seed in range(4)]
+    for t in drainers + writers:
+        t.start()
+    for t in writers:
+        t.finish()
+    done.set()
+    for t in drainers:
+        t.finish()
+    assert marks.count() == 0
+    assert_all_counts_exact()
+
+
+def make_due() -> None:
+    """Time passes for deferred marks: a row held elsewhere is tried again at once."""
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE counts_dirtymark SET not_before = NULL")
+
+
+def test_a_drain_skips_a_row_another_drain_holds_and_recounts_it_later(make_world, marks):
+    """Worker A drained and holds the row; a writer commits; worker B must not wait for A,
+    must not write the row under A, and the row must end at the newer value."""
     world = make_world()
     marker = Detection.objects.create(source_image=world.i1, bbox=None)
     drain_all()
     Detection.objects.create(source_image=world.i1, bbox=BOX)  # truth 3, cached 2
-    a_done, release_a, b_pid = threading.Event(), threading.Event(), []
+    a_done, release_a = threading.Event(), threading.Event()
 
     def worker_a():
         with transaction.atomic():
@@ -146,28 +206,101 @@ def test_a_drain_waiting_on_a_locked_row_writes_the_newer_value(make_world, mark
             a_done.set()
             release_a.wait(10)
 
-    def worker_b():
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            b_pid.append(cursor.fetchone()[0])
-        drain_all()
-
     a = Worker(worker_a)
     a.start()
     assert a_done.wait(10)
     # A newer change that needs none of A's locks commits while A still holds them.
     Detection.objects.filter(pk=marker.pk).update(bbox=BOX)  # truth 4
-    b = Worker(worker_b)
+    b = Worker(drain_all)
     b.start()
-    deadline = time.monotonic() + 10
-    while not (b_pid and waiting_on_a_lock(b_pid[0])) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert b_pid and waiting_on_a_lock(b_pid[0]), "worker B never queued behind worker A"
+    b.finish(timeout=10)  # B never queues behind A
     release_a.set()  # A commits its older value: 3
     a.finish()
-    b.finish()
+    assert cached("monitoring_sourceimage")[world.i1.pk]["detections_count"] == 3
+    assert marks.of("monitoring.sourceimage") == {world.i1.pk}, "B left i1 marked for later"
+    make_due()
+    drain_all()
     assert cached("monitoring_sourceimage")[world.i1.pk]["detections_count"] == 4
     assert marks.count() == 0
+    assert_all_counts_exact()
+
+
+def test_one_locked_target_does_not_stall_the_others(make_world, marks):
+    """An admin transaction left open on one capture set: every other set still converges."""
+    world = make_world()
+    held, release = threading.Event(), threading.Event()
+
+    def admin_left_open():
+        with transaction.atomic():
+            SourceImageCollection.objects.select_for_update().get(pk=world.c1.pk)
+            held.set()
+            release.wait(20)
+
+    a = Worker(admin_left_open)
+    a.start()
+    assert held.wait(10)
+    try:
+        Detection.objects.create(source_image=world.i3, bbox=BOX)  # i3 is in c1 only
+        Detection.objects.create(source_image=world.i4, bbox=None)  # i4 is in c2 only
+        world.c3.images.add(world.i5)
+        started = time.monotonic()
+        results = drain_all()
+        assert time.monotonic() - started < 5, "the drain waited for the locked set"
+        assert sum(r.deferred.get("monitoring.sourceimagecollection", 0) for r in results) == 1
+        want, have = (
+            truth("monitoring_sourceimagecollection"),
+            cached("monitoring_sourceimagecollection"),
+        )
+        assert have[world.c2.pk] == want[world.c2.pk]
+        assert have[world.c3.pk] == want[world.c3.pk]
+        assert have[world.c1.pk] != want[world.c1.pk], "c1 waits for its lock, stale"
+        assert marks.of("monitoring.sourceimagecollection") == {world.c1.pk}
+    finally:
+        release.set()
+        a.finish()
+    make_due()
+    drain_all()
+    assert marks.count() == 0
+    assert_all_counts_exact()
+
+
+def test_a_drain_and_a_bulk_update_locking_in_the_other_order_do_not_deadlock(make_world, marks):
+    """A writer locks capture B then wants A; a drain of A and B must not hold A waiting on B.
+
+    Waiting locks taken in id order by the drain and in the writer's own order by
+    ``bulk_update`` deadlocked now and then; a drain that skips held rows never waits.
+    """
+    world = make_world()
+    first, second = world.i2, world.i1  # the writer's order: not the drain's id order
+    Detection.objects.create(source_image=first, bbox=BOX)
+    Detection.objects.create(source_image=second, bbox=BOX)
+    writer_holds, drain_holds = threading.Event(), threading.Event()
+
+    def writer():
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SET LOCAL lock_timeout = '10s'")
+            first.path = "renamed.jpg"
+            SourceImage.objects.bulk_update([first], ["path"])  # holds i2
+            writer_holds.set()
+            assert drain_holds.wait(10)
+            second.path = "renamed-too.jpg"
+            SourceImage.objects.bulk_update([second], ["path"])  # waits for the drain on i1
+
+    def drainer():
+        assert writer_holds.wait(10)
+        with transaction.atomic():
+            result = counts.drain(targets=["monitoring.sourceimage"])
+            drain_holds.set()
+            time.sleep(0.3)  # the writer now queues behind our lock on i1
+        assert result.deferred == {"monitoring.sourceimage": 1}
+
+    w, d = Worker(writer), Worker(drainer)
+    w.start()
+    d.start()
+    d.finish(timeout=20)
+    w.finish(timeout=20)  # a deadlock would have made one of them fail
+    make_due()
+    drain_all()
     assert_all_counts_exact()
 
 

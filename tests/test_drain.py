@@ -1,8 +1,8 @@
 """Draining: plan targets from marks, lock, recompute, write only what changed, lose nothing.
 
-Cached columns are corrupted here with plain SQL on purpose: the engine never reads them, so
-such a write marks nothing, and a drain that claims to have recomputed a row must put the true
-value back. Every test ends by comparing all cached counts with the independent truth.
+Cached columns are corrupted here on purpose, with triggers off (as a restore would): such a
+write marks nothing, and a drain that claims to have recomputed a row must put the true value
+back. Every test ends by comparing all cached counts with the independent truth.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from counts import aggregate
 from counts import marks as marks_module
 from counts.errors import UnknownTargetError
 from project.monitoring.models import Detection, Event, SourceImage, Taxon
-from tests.truth import assert_all_counts_exact, drain_all
+from tests.truth import assert_all_counts_exact, drain_all, triggers_off
 
 S, E = "monitoring.sourceimage", "monitoring.event"
 LONG_AGO = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
@@ -33,11 +33,13 @@ def add_mark(label: str, ids: list[int] | None) -> None:
 
 
 def corrupt(table: str, column: str, ids: list[int], value: int = 99) -> None:
-    sql(f"UPDATE {table} SET {column} = %s WHERE id = ANY(%s)", [value, ids])
+    with triggers_off() as cursor:
+        cursor.execute(f"UPDATE {table} SET {column} = %s WHERE id = ANY(%s)", [value, ids])
 
 
-def test_corrupting_a_cached_column_marks_nothing(world, marks):
-    corrupt("monitoring_sourceimage", "detections_count", [world.i1.pk])
+def test_writing_a_cached_column_marks_nothing(world, marks):
+    """A write to a cached column is kept out by the guards and changes no count: no mark."""
+    sql("UPDATE monitoring_sourceimage SET detections_count = 99 WHERE id = %s", [world.i1.pk])
     sql("UPDATE monitoring_deployment SET counts_updated_at = now()")
     assert marks.rows() == []
 
@@ -57,8 +59,9 @@ def test_drain_groups_marks_per_target_and_reports_what_it_did(world, marks):
 
 
 def test_drain_writes_only_rows_whose_counts_changed(world, marks):
-    for table in ("monitoring_sourceimage", "monitoring_event", "monitoring_deployment"):
-        sql(f"UPDATE {table} SET counts_updated_at = %s", [LONG_AGO])
+    with triggers_off() as cursor:
+        for table in ("monitoring_sourceimage", "monitoring_event", "monitoring_deployment"):
+            cursor.execute(f"UPDATE {table} SET counts_updated_at = %s", [LONG_AGO])
     Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
     add_mark(S, [i.pk for i in SourceImage.objects.all()])
     add_mark(E, [e.pk for e in Event.objects.all()])

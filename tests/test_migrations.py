@@ -19,6 +19,7 @@ from django.db.migrations.loader import MigrationLoader
 
 from counts.aggregate import _count_expression
 from counts.apps import graph
+from counts.errors import MigrationError
 from counts.fields import CachedCountField
 from counts.graph import Graph
 from counts.migrations_writer import _latest_sync, pending_migration
@@ -27,7 +28,7 @@ from counts.spec import resolve, resolve_all
 from counts.status import trigger_states
 from counts.triggers import CompiledTrigger, compile_triggers
 from project.monitoring.models import Project
-from tests.truth import LABELS, mismatches
+from tests.truth import LABELS, mismatches, triggers_off
 
 
 def captures_per_project():
@@ -77,7 +78,10 @@ def test_a_new_count_adds_triggers_and_leaves_the_others_alone(grown_graph):
     changed = {key for key in after if before.get(key) != after[key]}
     assert changed == {
         ("monitoring_deployment", op) for op in ("insert", "update", "delete", "truncate")
-    } | {("monitoring_sourceimage", op) for op in ("insert", "update", "delete", "truncate")}
+    } | {("monitoring_sourceimage", op) for op in ("insert", "update", "delete", "truncate")} | {
+        ("monitoring_project", "own"),  # the project's new cached column gets its guards
+        ("monitoring_project", "made"),
+    }
     assert set(before) <= set(after)
     assert "'monitoring.project'" in after[("monitoring_sourceimage", "insert")]
     # Inserting a station matters now (it brings captures); before, only moving one did.
@@ -144,7 +148,7 @@ def test_trigger_migrations_apply_and_reverse_exactly():
 def test_backfill_repairs_every_row_chunk_by_chunk_outside_a_transaction(make_world, marks):
     """What a trigger migration's backfill does to rows that existed before the count."""
     world = make_world()
-    with connection.cursor() as cursor:
+    with triggers_off() as cursor:
         cursor.execute("UPDATE monitoring_sourceimagecollection SET source_images_count = 99")
         cursor.execute("UPDATE monitoring_event SET captures_count = 99")
     backfill = BackfillCounts(targets=["monitoring.sourceimagecollection"], chunk=1)
@@ -158,7 +162,8 @@ def test_backfill_repairs_every_row_chunk_by_chunk_outside_a_transaction(make_wo
 
 @pytest.mark.django_db
 def test_backfill_refuses_to_run_inside_one_transaction():
-    with connection.schema_editor() as editor, pytest.raises(RuntimeError, match="atomic = False"):
+    refused = pytest.raises(MigrationError, match="atomic = False")
+    with connection.schema_editor() as editor, refused:
         BackfillCounts(targets=["monitoring.event"]).database_forwards(
             "monitoring", editor, None, None
         )

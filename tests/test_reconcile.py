@@ -18,7 +18,7 @@ from django.db import connection
 import counts
 from counts.errors import UnknownTargetError
 from project.monitoring.models import Detection, SourceImage
-from tests.truth import assert_all_counts_exact, cached, mismatches
+from tests.truth import assert_all_counts_exact, cached, mismatches, triggers_off
 
 D, E, S, C = (
     "monitoring.deployment",
@@ -104,7 +104,7 @@ def test_reconcile_repairs_by_default_and_then_finds_nothing(drifted):
 
 
 def test_a_hand_corrupted_cached_column_is_repaired(world, marks):
-    with connection.cursor() as cursor:
+    with triggers_off() as cursor:
         cursor.execute(
             "UPDATE monitoring_sourceimagecollection SET source_images_count = 0 WHERE id = %s",
             [world.c1.pk],

@@ -23,7 +23,7 @@ from project.monitoring.models import (
     SourceImage,
     SourceImageCollection,
 )
-from tests.truth import assert_all_counts_exact, mismatches
+from tests.truth import assert_all_counts_exact, mismatches, triggers_off
 
 pytestmark = pytest.mark.django_db
 
@@ -165,7 +165,7 @@ def test_every_cached_count_is_exact_and_nothing_is_pending(seeded):
 
 
 def test_truth_check_catches_a_wrong_count(seeded):
-    with connection.cursor() as cursor:
+    with triggers_off() as cursor:
         cursor.execute(
             "UPDATE monitoring_sourceimagecollection SET source_images_processed_count ="
             " source_images_processed_count + 1 WHERE id = (SELECT max(id) FROM"

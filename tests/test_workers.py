@@ -222,10 +222,9 @@ def test_database_error_in_a_batch_is_retried_with_backoff_and_keeps_marks(count
     images, sets = make_sets(n_sets=1, n_images=4)
     blocker = raw_connection()
     try:
-        blocker.execute(
-            "SELECT 1 FROM monitoring_sourceimagecollection WHERE id = %s FOR NO KEY UPDATE",
-            [sets[0].pk],
-        )
+        # A drain skips rows someone holds; a table lock (a migration, a LOCK TABLE) it waits
+        # for, until its lock timeout makes the batch fail.
+        blocker.execute("LOCK TABLE monitoring_detection IN ACCESS EXCLUSIVE MODE")
         with wh.running_worker():
             sets[0].images.add(*images)
             wh.wait_until(lambda: counter.retries["recompute_pending"] >= 1, timeout=20)
@@ -241,25 +240,25 @@ def test_database_error_in_a_batch_is_retried_with_backoff_and_keeps_marks(count
 @pytest.mark.slow
 def test_worker_killed_mid_batch_loses_no_mark_and_counts_converge_after_restart(tmp_path):
     images, sets = make_sets(n_sets=1, n_images=6)
-    env = wh.worker_subprocess_env(COUNTS_DEBOUNCE_MS="50", COUNTS_DRAINING_TTL_MS="1000")
+    env = wh.worker_subprocess_env(
+        COUNTS_DEBOUNCE_MS="50", COUNTS_DRAINING_TTL_MS="1000", COUNTS_LOCK_TIMEOUT_MS="120000"
+    )
     blocker = raw_connection()
     worker = wh.start_rundramatiq(env, tmp_path / "worker1.log")
     try:
-        blocker.execute(
-            "SELECT 1 FROM monitoring_sourceimagecollection WHERE id = %s FOR NO KEY UPDATE",
-            [sets[0].pk],
-        )
+        # Holds the drain inside its batch: the aggregate reads detections.
+        blocker.execute("LOCK TABLE monitoring_detection IN ACCESS EXCLUSIVE MODE")
         with transaction.atomic():
             sets[0].images.add(*images)
         marks_before = DirtyMark.objects.count()
 
         def worker_waits_on_our_lock():
-            """the worker has taken the marks and waits to lock the capture set"""
+            """the worker has taken the marks and waits to read detections"""
             with connection.cursor() as cursor:
                 cursor.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                     " AND query LIKE %s",
-                    ["%FOR NO KEY UPDATE%"],
+                    ["WITH fresh AS%"],
                 )
                 return cursor.fetchone()[0] > 0
 

@@ -14,7 +14,9 @@ subquery per count, following DESIGN.md §1 word for word:
 
 from __future__ import annotations
 
-from django.db import connection
+import contextlib
+
+from django.db import connection, transaction
 
 import counts
 
@@ -142,3 +144,19 @@ def drain_all(limit: int = 1000, **kwargs) -> list:
             return results
         results.append(result)
     raise AssertionError(f"drain() still found marks after {limit} batches")
+
+
+@contextlib.contextmanager
+def triggers_off(conn=connection):
+    """A cursor whose writes skip every trigger: the column guards and the marks alike.
+
+    This is how a restore, a bulk load or a hand repair with ``session_replication_role =
+    replica`` changes a database: the drift that only a recompute or reconcile can see. Tests
+    use it to make cached counts wrong on purpose; nothing else can (``counts.guards``).
+    """
+    with transaction.atomic(using=conn.alias), conn.cursor() as cursor:
+        cursor.execute("SET LOCAL session_replication_role = replica")
+        yield cursor
+        # SET LOCAL lasts until the outermost transaction ends, past this savepoint: a test's
+        # later writes must fire their triggers again.
+        cursor.execute("SET LOCAL session_replication_role = DEFAULT")

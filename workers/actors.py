@@ -101,7 +101,9 @@ def drain_label(label: str, *, fan_out: bool) -> int:
     while True:
         _redis_quietly(debounce.hold_draining, label)
         result = _drain(label)
-        if result.empty:
+        # Idle: no marks, or only rows someone else holds (marked again, due a little later:
+        # the sweep sends for them then; spinning on them here would help nobody).
+        if result.idle:
             quiet_until = quiet_until or time.monotonic() + linger
             if time.monotonic() < quiet_until:
                 time.sleep(poll)
@@ -110,7 +112,7 @@ def drain_label(label: str, *, fan_out: bool) -> int:
             # committed its marks before this last look.
             _redis_quietly(debounce.drop_draining, label)
             result = _drain(label)
-            if result.empty:
+            if result.idle:
                 return batches
         quiet_until = None
         batches += 1

@@ -49,6 +49,8 @@ def sweep() -> list[str]:
     stale_after = settings.COUNTS_DRAINING_TTL_MS / 1000
     sent = []
     for pending in pending_summary():
+        if not pending.due:  # only rows someone holds, tried again when their mark is due
+            continue
         if debounce.is_scheduled(pending.label):
             continue
         if debounce.is_draining(pending.label) and pending.oldest_seconds < stale_after:
