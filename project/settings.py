@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_dramatiq",
     "pgtrigger",
     "counts",
@@ -203,6 +204,11 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "2",
     # The schema documents the API, not the endpoint that serves it.
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI and Redoc from our own static files (drf-spectacular-sidecar, served by
+    # whitenoise), not a CDN: the docs work offline and the version is pinned by the package.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 LOGGING = {
