@@ -203,6 +203,10 @@ def test_bin_run_serves_the_url_it_prints_and_leaves_nothing_running():
             assert f"starting Redis on 127.0.0.1:{redis_port}" in "".join(lines)
             login = admin + "login/"
             _wait_for(lambda: _get(login) == 200, 120, f"200 from {login}", lines)
+            # The real scheduler and workers beat: the deployment becomes ready on its own.
+            readyz = admin.replace("/admin/", "/readyz")
+            _wait_for(lambda: _get(readyz) == 200, 120, f"200 from {readyz}", lines)
+            assert _get(admin.replace("/admin/", "/metrics")) == 200
         finally:
             # What Ctrl-C in the terminal does: SIGINT to the whole foreground group.
             with contextlib.suppress(ProcessLookupError):
