@@ -58,33 +58,60 @@ psycopg.connect(host=d.hostname, port=d.port or 5432, user=d.username or 'postgr
 redis_up() { .venv/bin/python -c "
 import os, redis; redis.Redis.from_url(os.environ['REDIS_URL'], socket_connect_timeout=3).ping()" 2>/dev/null; }
 
+# The local cluster this script may start: Debian's newest, on the port its config names (5432
+# when none is installed yet: that is where apt-get puts it).
+cluster_ver() { ls /etc/postgresql 2>/dev/null | sort -V | tail -1 || true; }
+cluster_port() {
+  local conf port=""
+  conf="/etc/postgresql/$(cluster_ver)/main/postgresql.conf"
+  if [ -f "$conf" ]; then port="$(sed -nE 's/^\s*port\s*=\s*([0-9]+).*/\1/p' "$conf" | tail -1)"; fi
+  echo "${port:-5432}"
+}
+
 if ! pg_up; then
-  is_local "$PGHOST_" || die "PostgreSQL at $PGHOST_:$PGPORT_ does not answer"
+  is_local "$PGHOST_" || die "PostgreSQL at $PGHOST_:$PGPORT_ does not answer; start it there, or point DATABASE_URL at one that answers"
+  if [ "$PGPORT_" != "$(cluster_port)" ]; then
+    die "nothing answers at $PGHOST_:$PGPORT_ (DATABASE_URL); the local cluster this script can start listens on $(cluster_port). Start your PostgreSQL server on $PGHOST_:$PGPORT_, or unset DATABASE_URL for the default ($(cluster_port), started here)"
+  fi
   if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
     say "installing PostgreSQL (apt-get)"
     apt_install postgresql
-    ver="$(ls /etc/postgresql | sort -V | tail -1)"
+    ver="$(cluster_ver)"
     hba="/etc/postgresql/$ver/main/pg_hba.conf"
     # Local development only: trust connections from this machine.
     as_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
     as_root sed -i -E 's/^(local\s+all\s+postgres\s+)\S+/\1trust/' "$hba"
   fi
-  say "starting PostgreSQL"
-  ver="$(ls /etc/postgresql | sort -V | tail -1)"
+  ver="$(cluster_ver)"
+  say "starting PostgreSQL $ver (cluster main, $PGHOST_:$PGPORT_)"
   as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start 2>/dev/null || as_root pg_ctlcluster "$ver" main start || true
   for _ in $(seq 30); do pg_up && break; sleep 1; done
-  pg_up || die "PostgreSQL did not start; see /var/log/postgresql/"
+  pg_up || die "PostgreSQL $ver did not start on $PGHOST_:$PGPORT_; see /var/log/postgresql/postgresql-$ver-main.log"
 fi
 
+# A Redis server started here belongs to this run: bin/run stops it when it stops (its EXIT
+# trap calls stop_own_redis); bin/test leaves it for the next run and says so.
+OWN_REDIS_PORT=""
+OWN_REDIS_PIDFILE=""
+stop_own_redis() {
+  [ -n "$OWN_REDIS_PIDFILE" ] && [ -s "$OWN_REDIS_PIDFILE" ] || return 0
+  say "stopping the Redis started on $RHOST_:$OWN_REDIS_PORT"
+  kill "$(cat "$OWN_REDIS_PIDFILE")" 2>/dev/null || true
+  for _ in $(seq 50); do [ -s "$OWN_REDIS_PIDFILE" ] || break; sleep 0.1; done
+}
+
 if ! redis_up; then
-  is_local "$RHOST_" || die "Redis at $RHOST_:$RPORT_ does not answer"
+  is_local "$RHOST_" || die "Redis at $RHOST_:$RPORT_ does not answer; start it there, or point REDIS_URL at one that answers"
   command -v redis-server >/dev/null || { say "installing Redis (apt-get)"; apt_install redis-server; }
-  say "starting Redis"
   mkdir -p var/redis
+  OWN_REDIS_PORT="$RPORT_"
+  OWN_REDIS_PIDFILE="$ROOT/var/redis/redis-$RPORT_.pid"
+  redis_log="$ROOT/var/redis/redis-$RPORT_.log"
+  say "starting Redis on $RHOST_:$RPORT_ (log $redis_log, pid file $OWN_REDIS_PIDFILE)"
   redis-server --daemonize yes --bind 127.0.0.1 --port "$RPORT_" --save "" --appendonly no \
-    --dir "$ROOT/var/redis" --logfile "$ROOT/var/redis/redis.log" >/dev/null
+    --dir "$ROOT/var/redis" --logfile "$redis_log" --pidfile "$OWN_REDIS_PIDFILE" >/dev/null
   for _ in $(seq 20); do redis_up && break; sleep 0.5; done
-  redis_up || die "Redis did not start; see var/redis/redis.log"
+  redis_up || die "Redis did not start on $RHOST_:$RPORT_; see $redis_log"
 fi
 
 .venv/bin/python - <<'PYEOF'

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 
 from counts.apps import graph
 from counts.marks import pending_summary
@@ -32,13 +32,31 @@ def trigger_states() -> list[dict]:
     return rows
 
 
+def database_unreachable(exc: Exception) -> str:
+    """One line naming the database that did not answer, and why."""
+    db = connection.settings_dict
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = reason.rsplit(" failed: ", 1)[-1]
+    return (
+        f"PostgreSQL at {db['HOST'] or 'localhost'}:{db['PORT'] or 5432}"
+        f" (database {db['NAME']}) does not answer: {reason}"
+    )
+
+
 def status() -> dict:
-    report = {
-        "pending": [p.__dict__ for p in pending_summary()],
-        "triggers": trigger_states(),
-        "queues": None,
-    }
+    """Backlog and triggers, plus the sections ``status_extras`` receivers add.
+
+    A source that does not answer leaves its sections ``None`` and adds one line to
+    ``unreachable`` (``{service: line}``), so callers can say so instead of a traceback.
+    """
+    report: dict = {"pending": None, "triggers": None, "queues": None, "unreachable": {}}
+    try:
+        report["pending"] = [p.__dict__ for p in pending_summary()]
+        report["triggers"] = trigger_states()
+    except (OperationalError, InterfaceError) as exc:
+        report["unreachable"]["PostgreSQL"] = database_unreachable(exc)
     for _receiver, extra in status_extras.send(sender=None):
         if extra:
+            report["unreachable"].update(extra.pop("unreachable", {}))
             report.update(extra)
     return report

@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_dramatiq",
     "pgtrigger",
     "counts",
@@ -73,6 +74,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # PostgreSQL not answering: a 503 with a one-line JSON body, not a 500 (or a debug page).
+    "project.health.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -88,6 +91,8 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                # When the scheduler and workers were last seen (the pending-marks page).
+                "workers.heartbeat.context",
             ],
         },
     },
@@ -100,6 +105,10 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+#: A server that does not answer fails a connection in seconds, not after TCP's minutes.
+DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+    "connect_timeout", env_int("DB_CONNECT_TIMEOUT_S", 5)
+)
 if not DATABASES["default"]["ENGINE"].endswith("postgresql"):
     raise ImproperlyConfigured(
         "countdown needs PostgreSQL: its dirty marks are written by triggers."
@@ -139,6 +148,10 @@ DRAMATIQ_BROKER = {
         "dramatiq.middleware.Retries",
         "dramatiq.middleware.CurrentMessage",
         "django_dramatiq.middleware.DbConnectionsMiddleware",
+        # Each worker process says it is alive (readyz, counts status, the admin).
+        "workers.heartbeat.WorkerHeartbeat",
+        # Messages sent, counted in Redis for /metrics (see workers.metrics).
+        "workers.metrics.CountMessages",
     ],
 }
 DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
@@ -167,6 +180,10 @@ COUNTS_LOCK_TIMEOUT_MS = env_int("COUNTS_LOCK_TIMEOUT_MS", 10_000)
 COUNTS_FANOUT = env_int("COUNTS_FANOUT", 4)
 #: Seconds between scheduler sweeps for marks that have no message (raw SQL, lost messages).
 COUNTS_SWEEP_INTERVAL_S = env_int("COUNTS_SWEEP_INTERVAL_S", 5)
+#: Seconds between heartbeats of a worker process (the scheduler beats every sweep).
+COUNTS_HEARTBEAT_INTERVAL_S = env_int("COUNTS_HEARTBEAT_INTERVAL_S", 10)
+#: /readyz fails when the scheduler was last seen longer ago than this.
+COUNTS_SCHEDULER_STALE_S = env_int("COUNTS_SCHEDULER_STALE_S", max(30, 3 * COUNTS_SWEEP_INTERVAL_S))
 #: Seconds between full reconcile passes.
 COUNTS_RECONCILE_INTERVAL_S = env_int("COUNTS_RECONCILE_INTERVAL_S", 6 * 3600)
 
@@ -187,6 +204,11 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "2",
     # The schema documents the API, not the endpoint that serves it.
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI and Redoc from our own static files (drf-spectacular-sidecar, served by
+    # whitenoise), not a CDN: the docs work offline and the version is pinned by the package.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 LOGGING = {

@@ -36,7 +36,7 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
         "bench",
         scale=2000,
         repeats=1,
-        sizes="100,1000",
+        sizes="100,1000,5000",
         bulk=200,
         saves=20,
         m2m=500,
@@ -57,6 +57,9 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
 
     listing = data["list"]
     assert [row["size"] for row in listing["sizes"]] == [100, 1000]
+    assert "dropping capture-set sizes 5,000: larger than the dataset's 2,000 captures" in (
+        err.getvalue()
+    )
     assert listing["agree"], "the three list approaches disagree with the truth"
     for row in listing["sizes"]:
         assert row["rows_on_page"] == 25
@@ -90,3 +93,33 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
     assert not Project.objects.filter(name__startswith=PREFIX).exists()
     assert SourceImageCollection.objects.count() == meta["dataset"]["capture_sets"]
     assert not DirtyMark.objects.exists(), "the bench left marks pending"
+
+
+def test_report_labels_say_what_the_flatness_and_tail_figures_compute():
+    from bench.report import rows
+
+    size = {"agree": True, "subquery_ratio": 50.0, "count_distinct_ratio": 60.0}
+    size.update(subquery_ms=9.0, count_distinct_ms=9.0)
+    results = {
+        "list": {
+            "sizes": [
+                {**size, "size": 1000, "cached_ms": 4.0},
+                {**size, "size": 10_000, "cached_ms": 6.0},
+                {**size, "size": 500_000, "cached_ms": 5.0},
+            ],
+            "cached_flatness": 1.5,
+            "agree": True,
+        },
+        "burst": {
+            "writes": 10_000, "sets": 50, "messages_median": 1, "messages_max": 2,
+            "exact_after_p50_s": 0.25, "exact_after_p99_s": 0.4, "repeats": 3,
+            "debounce_ms": 1000, "exact": True,
+        },
+    }  # fmt: skip
+    by_figure = {row[1]: row for row in rows(results)}
+    (flat,) = [row for figure, row in by_figure.items() if "slowest (A)" in figure]
+    assert "fastest (B) of 3 set sizes" in flat[1]
+    assert flat[2:5] == ("6.0 ms", "4.0 ms", "1.50x"), "A is the slowest size, B the fastest"
+    (tail,) = [row for figure, row in by_figure.items() if "p99 (B) of 3 bursts" in figure]
+    assert "median (A)" in tail[1] and "≈ the worst seen" in tail[1]
+    assert tail[2:4] == ("0.25 s", "0.40 s")

@@ -21,7 +21,8 @@ from django.db import close_old_connections
 import counts
 from counts.apps import graph
 from counts.marks import drain, pending_summary
-from workers import debounce
+from counts.signals import reconciled
+from workers import debounce, metrics
 from workers.errors import MalformedMessage
 
 logger = logging.getLogger("workers.drain")
@@ -116,6 +117,7 @@ def drain_label(label: str, *, fan_out: bool) -> int:
                 return batches
         quiet_until = None
         batches += 1
+        metrics.record_drain(result)
         logger.info("drained %s", json.dumps({"target": label, **result.as_log()}))
         if not fanned and result.marks >= settings.COUNTS_DRAIN_BATCH:
             fanned = True
@@ -167,5 +169,6 @@ def reconcile_counts(*args, **kwargs) -> None:
             raise MalformedMessage(f"reconcile_counts takes no arguments, got {args!r} {kwargs!r}")
     close_old_connections()
     report = counts.reconcile()
+    reconciled.send(sender=reconcile_counts, report=report)
     level = logging.WARNING if report.drifted_rows else logging.INFO
     logger.log(level, "reconciled %s", json.dumps(report.as_dict()))

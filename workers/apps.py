@@ -9,8 +9,10 @@ class WorkersConfig(AppConfig):
 
     def ready(self) -> None:
         from counts.capture import marks_committed
-        from counts.signals import status_extras
-        from workers import hooks
+        from counts.signals import reconciled, status_extras
+        from workers import heartbeat, hooks, metrics
 
         marks_committed.connect(hooks.on_marks_committed, dispatch_uid="workers.debounce")
         status_extras.connect(hooks.queue_depths, dispatch_uid="workers.queue_depths")
+        status_extras.connect(heartbeat.status_section, dispatch_uid="workers.heartbeat")
+        reconciled.connect(metrics.on_reconciled, dispatch_uid="workers.metrics")

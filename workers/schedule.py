@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from counts.marks import pending_summary
-from workers import debounce
+from workers import debounce, heartbeat
 from workers.redis import client, key
 
 logger = logging.getLogger("workers.schedule")
@@ -92,6 +92,7 @@ class Scheduler:
             return False
 
     def run_sweep(self) -> None:
+        heartbeat.beat(heartbeat.SCHEDULER)
         if not self._leading():
             return
         close_old_connections()

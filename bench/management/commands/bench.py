@@ -112,7 +112,15 @@ class Command(BaseCommand):
         found = dataset.ensure(o["scale"], o["seed"], o["reseed"], self.log)
         captures = found["rows"]["captures"]
         results: dict = {"meta": self.meta(o, found, pending)}
-        sizes = [s for s in _ints(o["sizes"]) if 0 < s <= captures] or [captures]
+        asked = _ints(o["sizes"])
+        sizes = [s for s in asked if 0 < s <= captures] or [captures]
+        dropped = [s for s in asked if s not in sizes]
+        if dropped:
+            self.log(
+                f"dropping capture-set sizes {', '.join(f'{s:,}' for s in dropped)}: larger than"
+                f" the dataset's {captures:,} captures (raise --scale to measure them);"
+                f" listing {', '.join(f'{s:,}' for s in sizes)}"
+            )
         dataset.vacuum()
         try:
             if "list" in sections or "write" in sections:

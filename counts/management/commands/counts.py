@@ -12,6 +12,7 @@ import json
 import sys
 
 from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
 
 from counts.errors import CountsError
 
@@ -21,20 +22,38 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         sub = parser.add_subparsers(dest="action", required=True)
-        status = sub.add_parser("status", help="Pending marks and trigger state")
-        status.add_argument("--json", action="store_true")
+        status = sub.add_parser(
+            "status", help="Pending marks, queues, processes last seen and trigger state"
+        )
+        status.add_argument("--json", action="store_true", help="Print the report as JSON")
         for name in ("reconcile", "rebuild"):
             p = sub.add_parser(name, help=f"{name.title()} cached counts")
-            p.add_argument("--model", help="Model label, e.g. monitoring.event")
-            p.add_argument("--chunk", type=int, default=1000)
-            p.add_argument("--json", action="store_true")
+            p.add_argument(
+                "--model", help="Only this model's counts, by label (e.g. monitoring.event)"
+            )
+            p.add_argument(
+                "--chunk", type=int, default=1000, help="Rows per transaction (default 1000)"
+            )
+            p.add_argument(
+                "--json", action="store_true", help="Print the report as JSON (no progress bar)"
+            )
             if name == "reconcile":
-                p.add_argument("--dry-run", action="store_true")
+                p.add_argument(
+                    "--dry-run", action="store_true", help="Report drift without repairing it"
+                )
         drain = sub.add_parser("drain", help="Drain dirty marks in this process")
-        drain.add_argument("--until-empty", action="store_true")
-        drain.add_argument("--batch-size", type=int, default=500)
+        drain.add_argument(
+            "--until-empty", action="store_true", help="Keep draining until no mark is left"
+        )
+        drain.add_argument(
+            "--batch-size", type=int, default=500, help="Marks per drain transaction (default 500)"
+        )
         mm = sub.add_parser("makemigrations", help="Write the count-trigger migration if due")
-        mm.add_argument("--check", action="store_true")
+        mm.add_argument(
+            "--check",
+            action="store_true",
+            help="Write nothing; exit 1 if a migration is due (for CI)",
+        )
 
     def handle(self, *args, action, **options):
         try:
@@ -46,40 +65,51 @@ class Command(BaseCommand):
         from counts.status import status
 
         report = status()
+        unreachable = report["unreachable"]
         if json:
             self.stdout.write(_dumps(report))
-            return
-        self.stdout.write("Pending marks:")
-        if not report["pending"]:
-            self.stdout.write("  none")
-        for row in report["pending"]:
-            ids = "every row" if row["ids"] is None else f"{row['ids']} ids"
-            self.stdout.write(
-                f"  {row['label']:<40} {row['marks']:>7} marks  {ids:>12}"
-                f"  oldest {row['oldest_seconds']:.1f}s"
-            )
-        if report.get("queues") is not None:
-            self.stdout.write("Queues:")
-            for name, depth in report["queues"].items():
-                self.stdout.write(f"  {name:<40} {depth}")
-        self.stdout.write("Triggers:")
-        for row in report["triggers"]:
-            self.stdout.write(f"  {row['state']:<10} {row['table']}.{row['name']}")
+        else:
+            if "Redis" in unreachable:
+                report["queues"] = None  # its one line below says more than a queue row
+            self._print_status(report)
+        for line in unreachable.values():
+            self.stderr.write(line)
+        if unreachable:
+            sys.exit(1)
+
+    def _print_status(self, report: dict) -> None:
+        if report["pending"] is not None:
+            self.stdout.write("Pending marks:")
+            if not report["pending"]:
+                self.stdout.write("  none")
+            for row in report["pending"]:
+                ids = "every row" if row["ids"] is None else f"{row['ids']} ids"
+                self.stdout.write(
+                    f"  {row['label']:<40} {row['marks']:>7} marks  {ids:>12}"
+                    f"  oldest {row['oldest_seconds']:.1f}s"
+                )
+        for section, title in (("queues", "Queues"), ("processes", "Processes")):
+            if report.get(section) is not None:
+                self.stdout.write(f"{title}:")
+                for name, value in report[section].items():
+                    self.stdout.write(f"  {name:<40} {value}")
+        if report["triggers"] is not None:
+            self.stdout.write("Triggers:")
+            for row in report["triggers"]:
+                self.stdout.write(f"  {row['state']:<10} {row['table']}.{row['name']}")
 
     def _run_reconcile(self, model, chunk, dry_run, as_json):
         from counts.reconcile import reconcile
 
-        def progress(label, checked):
-            if not as_json:
-                self.stderr.write(f"\r{label}: {checked} rows checked", ending="")
-
-        report = reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
-        if not as_json:
-            self.stderr.write("")
-        return report
+        show = not as_json and self.stdout.isatty()
+        with _Progress(model, enabled=show, stream=self.stderr._out) as progress:
+            return reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
 
     def do_reconcile(self, model=None, chunk=1000, dry_run=False, json=False, **_):
+        from counts.signals import reconciled
+
         report = self._run_reconcile(model, chunk, dry_run, json)
+        reconciled.send(sender=type(self), report=report)
         if json:
             self.stdout.write(_dumps(report.as_dict()))
             return
@@ -124,6 +154,51 @@ class Command(BaseCommand):
             self.stderr.write(f"Count triggers out of date: {app_label}.{migration.name} needed")
             sys.exit(1)
         self.stdout.write(f"Wrote {write(app_label, migration)}")
+
+
+class _Progress:
+    """A tqdm bar per model (total: its row count, so with a rate and an ETA) on a terminal.
+
+    Disabled, it is a no-op callback: piped or logged output gets no carriage-return noise.
+    """
+
+    def __init__(self, model, enabled: bool, stream) -> None:
+        self.model, self.enabled, self.stream = model, enabled, stream
+        self.bar, self.label = None, None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, label: str, checked: int) -> None:
+        if not self.enabled:
+            return
+        if label != self.label:
+            self._close()
+            self.label = label
+            self.bar = tqdm(
+                total=_row_count(label), desc=label, unit="rows", file=self.stream, leave=True
+            )
+        self.bar.update(checked - self.bar.n)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __exit__(self, *exc):
+        self._close()
+
+
+def _row_count(label: str) -> int:
+    """Rows of a target model's table now: the bar's total (a pass visits each once)."""
+    from django.db import connection
+
+    from counts.apps import graph
+    from counts.triggers import q
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM {q(graph().targets[label].db_table)}")
+        return cursor.fetchone()[0]
 
 
 def _dumps(data) -> str:

@@ -1,0 +1,147 @@
+"""Operator endpoints and the web's answer to a database that does not answer.
+
+- ``/healthz``: the process is alive and serving (touches nothing else), for a liveness probe.
+- ``/readyz``: this deployment can do its job: PostgreSQL answers, Redis answers, every count
+  trigger is INSTALLED (``counts.status.trigger_states``) and the scheduler was seen within
+  ``COUNTS_SCHEDULER_STALE_S`` (``workers.heartbeat``). 200 when all pass, 503 naming the check
+  that failed, always JSON.
+- ``/metrics``: Prometheus text from ``workers.metrics.REGISTRY``.
+- :class:`DatabaseUnavailableMiddleware`: PostgreSQL down turns into a 503 with a one-line JSON
+  body and one log line, instead of a 500 with a traceback (a debug page with DEBUG on).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection
+from django.http import HttpResponse, JsonResponse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+logger = logging.getLogger(__name__)
+
+#: What a client is told to wait before retrying after a 503.
+RETRY_AFTER_S = 10
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class DatabaseUnavailableMiddleware:
+    """Map ``OperationalError`` / ``InterfaceError`` raised by a view to a 503.
+
+    Those are the errors of a server that is down, restarting, refusing connections or
+    timing a lock out: all "try again shortly", none a bug in the request.
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if not isinstance(exception, OperationalError | InterfaceError):
+            return None
+        logger.error(
+            "database unavailable for %s %s: %s",
+            request.method,
+            request.path,
+            first_line(exception),
+        )
+        return JsonResponse(
+            {"detail": "The database is unavailable; try again shortly."},
+            status=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+
+@never_cache
+@require_GET
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+def _postgresql() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return "answers"
+
+
+def _triggers() -> str:
+    from counts.status import trigger_states
+
+    states = trigger_states()
+    bad = [f"{r['table']}.{r['name']} {r['state']}" for r in states if r["state"] != "INSTALLED"]
+    if bad:
+        raise NotReady(f"{len(bad)} of {len(states)} count triggers not installed: {bad[:5]}")
+    return f"{len(states)} installed"
+
+
+def _redis() -> str:
+    from workers.redis import client
+
+    client().ping()
+    return "answers"
+
+
+def _scheduler() -> str:
+    from workers.heartbeat import SCHEDULER, ago, last_seen
+
+    age = last_seen().get(SCHEDULER)
+    if age is None:
+        raise NotReady("not seen in the last hour (is `manage.py run_scheduler` running?)")
+    if age > settings.COUNTS_SCHEDULER_STALE_S:
+        raise NotReady(f"last seen {ago(age)}; expected every {settings.COUNTS_SWEEP_INTERVAL_S}s")
+    return f"last seen {ago(age)}"
+
+
+class NotReady(Exception):
+    """A check ran and found something wrong (as opposed to a source not answering)."""
+
+
+#: (check, what it needs): a check whose source failed is not run, and says so.
+CHECKS = (
+    ("postgresql", _postgresql, None),
+    ("redis", _redis, None),
+    ("triggers", _triggers, "postgresql"),
+    ("scheduler", _scheduler, "redis"),
+)
+
+
+def readiness() -> dict:
+    checks: dict[str, dict] = {}
+    for name, check, needs in CHECKS:
+        if needs and not checks[needs]["ok"]:
+            checks[name] = {"ok": False, "detail": f"not checked: {needs} does not answer"}
+            continue
+        try:
+            checks[name] = {"ok": True, "detail": check()}
+        except NotReady as exc:
+            checks[name] = {"ok": False, "detail": str(exc)}
+        except (OperationalError, InterfaceError, redis.RedisError) as exc:
+            checks[name] = {"ok": False, "detail": f"does not answer: {first_line(exc)}"}
+    failed = [name for name, result in checks.items() if not result["ok"]]
+    return {"ready": not failed, "failed": failed, "checks": checks}
+
+
+@never_cache
+@require_GET
+def readyz(request):
+    report = readiness()
+    return JsonResponse(report, status=200 if report["ready"] else 503)
+
+
+@never_cache
+@require_GET
+def metrics(request):
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from workers.metrics import REGISTRY
+
+    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

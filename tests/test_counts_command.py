@@ -1,0 +1,92 @@
+"""``manage.py counts`` as an operator meets it: help for every option, progress on a terminal.
+
+The reconcile runs in a subprocess whose output is a real pseudo-terminal (or a pipe), because
+what it prints depends on exactly that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import re
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+from counts.management.commands.counts import Command
+from tests import worker_harness as wh
+from tests.truth import assert_all_counts_exact
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = Command().create_parser("manage.py", "counts")
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_every_counts_subcommand_option_says_what_it_does():
+    for name, parser in subparsers().items():
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"counts {name} {action.option_strings} has no help text"
+
+
+def run_on_terminal(args: list[str], env: dict, timeout: float = 120) -> str:
+    """Run ``manage.py`` with stdout and stderr on a pseudo-terminal; returns what it showed."""
+    main, terminal = os.openpty()
+    # A terminal has a size (a bare pty is 0x0, where tqdm draws an empty bar): 24 rows, 120.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", *args],
+        cwd=wh.ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(main, 4096)
+            except OSError:  # EIO: the other side closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(main)
+        process.wait(timeout=30)
+    assert process.returncode == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reconcile_shows_a_progress_bar_with_total_and_eta_only_on_a_terminal(world):
+    env = wh.worker_subprocess_env()
+    args = ["counts", "reconcile", "--dry-run", "--chunk", "2"]
+    shown = run_on_terminal(args, env)
+    # One bar per model, its total the model's row count, with a rate and time left.
+    assert re.search(r"monitoring\.sourceimage: 100%\|[^|]*\| 5/5 \[\d\d:\d\d<\d\d:\d\d", shown)
+    assert re.search(r"monitoring\.event: 100%\|[^|]*\| 3/3 ", shown), shown
+    assert "monitoring.sourceimage: 5 checked, 0 would repair (no drift)" in shown
+
+    piped = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=wh.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert "%|" not in piped.stderr + piped.stdout and "\r" not in piped.stderr
+    assert "monitoring.sourceimage: 5 checked, 0 would repair (no drift)" in piped.stdout
+    assert_all_counts_exact()

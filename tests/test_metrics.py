@@ -1,0 +1,114 @@
+"""``/metrics`` after real work: writes, a real worker draining, a reconcile repairing drift.
+
+The counters live in Redis (``workers.metrics``), so what a worker thread records is what the
+web's scrape reads; the scrape is parsed with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+from prometheus_client.parser import text_string_to_metric_families
+
+import counts
+from project.monitoring.models import Detection
+from tests import worker_harness as wh
+from tests.conftest import build_world
+from tests.truth import assert_all_counts_exact
+from workers.actors import reconcile_counts
+
+S, C = "monitoring.sourceimage", "monitoring.sourceimagecollection"
+
+
+@pytest.fixture(autouse=True)
+def clean_slate():
+    wh.reset_redis()
+    yield
+    wh.reset_redis()
+
+
+def scrape(client) -> dict[tuple, float]:
+    """``{(sample name, (label items...)): value}`` of one scrape."""
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def total(samples, name: str) -> float:
+    return sum(v for (n, _labels), v in samples.items() if n == name)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_metrics_report_drains_messages_pending_marks_and_drift(client):
+    before = scrape(client)
+    assert total(before, "countdown_drain_batches_total") == 0
+    assert value(before, "countdown_source_up", source="postgresql") == 1
+    assert value(before, "countdown_source_up", source="redis") == 1
+
+    world = build_world()  # commits: the write path sends debounced messages
+    with wh.running_worker(threads=2):
+        wh.wait_until(wh.settled, timeout=60)
+    drained = scrape(client)
+    batches = value(drained, "countdown_drain_batches_total")
+    assert batches >= 1
+    assert value(drained, "countdown_drain_seconds_count") == batches
+    assert value(drained, "countdown_drain_seconds_bucket", le="+Inf") == batches
+    assert 0 < value(drained, "countdown_drain_seconds_sum") < 60 * batches
+    assert value(drained, "countdown_rows_recomputed_total", model=C) >= 3
+    assert value(drained, "countdown_rows_changed_total", model=C) >= 2  # two sets have images
+    assert value(drained, "countdown_messages_sent_total", actor="recompute_pending") >= 1
+    assert value(drained, "countdown_dead_letters", queue="counts") == 0
+    assert total(drained, "countdown_pending_marks") == 0
+
+    Detection.objects.create(source_image=world.i3, bbox=None)  # no worker running now
+    waiting = scrape(client)
+    assert value(waiting, "countdown_pending_marks", model=S) == 1
+    assert value(waiting, "countdown_pending_oldest_seconds", model=S) >= 0
+    counts.drain()
+
+    with connection.cursor() as cursor:  # drift the triggers cannot see
+        cursor.execute("SET session_replication_role = replica")
+        cursor.execute("DELETE FROM monitoring_detection WHERE id = %s", [world.det4.pk])
+        cursor.execute("SET session_replication_role = DEFAULT")
+    # A dry run repairs nothing and counts nothing; a migration's backfill is not drift either.
+    call_command("counts", "reconcile", "--dry-run", stdout=StringIO(), stderr=StringIO())
+    counts.reconcile()
+    assert total(scrape(client), "countdown_reconcile_drift_total") == 0
+    with connection.cursor() as cursor:
+        cursor.execute("SET session_replication_role = replica")
+        cursor.execute("DELETE FROM monitoring_detection WHERE id = %s", [world.det5.pk])
+        cursor.execute("SET session_replication_role = DEFAULT")
+    reconcile_counts.send()  # what the scheduler does, run by a real worker
+    with wh.running_worker(threads=1):
+        wh.wait_until(lambda: wh.queued_messages() == 0, timeout=60)
+    reconciled = scrape(client)
+    assert value(reconciled, "countdown_reconcile_runs_total") == 1
+    assert (
+        value(reconciled, "countdown_reconcile_drift_total", model=S, field="detections_count") == 1
+    )
+    assert value(reconciled, "countdown_reconcile_rows_checked_total", model=S) == 5
+    assert_all_counts_exact()
+
+
+def test_metrics_still_answer_when_redis_does_not(client, settings):
+    from workers import redis as workers_redis
+
+    workers_redis.client.cache_clear()
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    try:
+        samples = scrape(client)
+    finally:
+        workers_redis.client.cache_clear()
+    assert value(samples, "countdown_source_up", source="redis") == 0
