@@ -26,8 +26,10 @@ from project.monitoring.models import (
 
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
-    list_display = ("name", "default_filters_score_threshold", "created_at")
+    list_display = ("name", "is_public", "default_filters_score_threshold", "created_at")
+    list_filter = ("is_public",)
     search_fields = ("name",)
+    filter_horizontal = ("members",)
 
 
 @admin.register(Deployment)
