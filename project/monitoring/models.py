@@ -36,6 +36,7 @@ class Project(TimestampedModel):
     default_filters_score_threshold = models.FloatField(default=0.5)
     is_public = models.BooleanField(
         default=False,
+        db_default=False,  # rows inserted in bulk by raw SQL (seed_demo, bench) are private
         help_text="Anyone, signed in or not, may read this project's rows through the API.",
     )
     members = models.ManyToManyField(
