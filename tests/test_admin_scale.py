@@ -98,6 +98,24 @@ def test_confirming_the_summarised_delete_deletes_the_cascade(root, catalogue):
     assert_all_counts_exact()
 
 
+def test_deleting_many_selected_captures_confirms_with_counts(root, catalogue):
+    images = grow(catalogue)
+
+    response = run_action(
+        root, "/admin/monitoring/sourceimage/", images[:250], action="delete_selected"
+    )
+
+    assert response.status_code == 200
+    counted = {str(k): v for k, v in response.context["model_count"]}
+    assert counted == {
+        "source images": "250",
+        "detections": "250",
+        "sourceimagecollection-sourceimage relationships": "250",
+    }
+    assert "extra-3.jpg" in response.content.decode()  # the first 20 selected are named
+    assert "extra-200.jpg" not in response.content.decode()
+
+
 def test_a_small_delete_keeps_djangos_full_list(root, catalogue):
     response = root.get(f"/admin/monitoring/deployment/{catalogue.south.pk}/delete/")
 

@@ -294,6 +294,13 @@ def test_bad_parameter_is_a_400_naming_it_before_any_query(client, db, url, para
     assert len(queries) == 0
 
 
+def test_the_format_override_is_accepted_besides_the_documented_parameters(client, catalogue):
+    response = client.get(COLLECTIONS, {"format": "json", "limit": 1})
+
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/json"
+
+
 def test_the_largest_page_is_accepted(client, catalogue):
     assert len(get_ok(client, COLLECTIONS, limit=1000)["results"]) == 5
 
