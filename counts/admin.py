@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from django import forms
 from django.apps import apps
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -42,6 +43,10 @@ PENDING_BADGE_STYLE = (
     "background:#ffc107;color:#212529;border-radius:.6em;padding:.1em .6em;"
     "font-weight:600;white-space:nowrap"
 )
+
+
+#: Keeps "12 min ago" on one line when a narrow column wraps its cell.
+NBSP = "\u00a0"
 
 
 def ago(seconds: float) -> str:
@@ -105,6 +110,11 @@ class CachedCountsMixin:
         headers = {**short_headers(names), **self.count_headers}
         return [_count_column(name, headers[name]) for name in names]
 
+    @property
+    def media(self):
+        """The admin's media plus ``counts/admin.css`` (compact, right-aligned counts)."""
+        return super().media + forms.Media(css={"all": ["counts/admin.css"]})
+
     def get_list_display(self, request):
         counted = {*self.count_field_names(), FRESHNESS_FIELD, "freshness"}
         own = [
@@ -132,7 +142,8 @@ class CachedCountsMixin:
         if updated is None:
             fresh, exact = "never changed", "The counts have kept their initial values."
         else:
-            fresh = f"updated {ago((timezone.now() - updated).total_seconds())} ago"
+            age = ago((timezone.now() - updated).total_seconds()).replace(" ", NBSP)
+            fresh = f"updated {age}{NBSP}ago"  # wraps, if at all, after "updated"
             exact = f"Counts last changed at {updated.isoformat(timespec='seconds')}."
         if getattr(obj, "counts_pending", False):
             return format_html(

@@ -47,7 +47,11 @@ def operator() -> User:
     user = User.objects.create_user("operator", password=PASSWORD, is_staff=True)
     user.user_permissions.add(
         *Permission.objects.filter(
-            codename__in=["view_sourceimagecollection", "change_sourceimagecollection"]
+            codename__in=[
+                "view_sourceimagecollection",
+                "change_sourceimagecollection",
+                "view_deployment",
+            ]
         ),
         Permission.objects.get(codename="recompute_counts"),
     )
@@ -133,9 +137,11 @@ def test_pending_badge_turns_into_updated_ago_when_a_worker_drains(live_server):
                 while "pending" in freshness.inner_text() and time.monotonic() < deadline:
                     page.wait_for_timeout(250)
                     page.reload()
-            expect(freshness).to_have_text(re.compile(r"^updated \d+ s ago$"))
+            expect(freshness).to_have_text(re.compile(r"^updated\s\d+\ss\sago$"))
             expect(bravo.locator("td.field-source_images_count")).to_have_text("3")
             assert_fits(page, "capture-sets-updated.png")
+            page.goto(f"{live_server.url}/admin/monitoring/deployment/")  # the most counts
+            assert_fits(page, "stations.png")
         finally:
             browser.close()
 
