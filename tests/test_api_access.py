@@ -176,3 +176,18 @@ def test_the_browsable_api_signs_in_with_a_session(client, catalogue):
     page = client.get(COLLECTIONS, HTTP_ACCEPT="text/html")
     assert page.status_code == 200
     assert b"Alpha" in page.content and b"Delta" not in page.content
+
+
+def test_membership_and_publicity_are_set_in_the_project_admin(client, catalogue):
+    client.force_login(User.objects.create_superuser("root"))
+    url = f"/admin/monitoring/project/{catalogue.panama.pk}/change/"
+    form = {"name": "Panama", "default_filters_score_threshold": 0.3}
+
+    assert client.post(url, {**form, "members": [catalogue.ana.pk]}).status_code == 302
+    client.force_login(catalogue.ana)
+    assert names(client.get(DEPLOYMENTS)) == ["Canal", "North", "South"]
+
+    client.force_login(User.objects.get(username="root"))
+    assert client.post(url, {**form, "is_public": "on"}).status_code == 302  # ana removed
+    client.logout()
+    assert names(client.get(DEPLOYMENTS)) == ["Canal"]
