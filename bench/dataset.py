@@ -97,8 +97,10 @@ def drain_all(limit: int = 100_000) -> int:
 
 
 def new_project(name: str) -> int:
+    """A public project: the bench's anonymous client reads it as any visitor would, through
+    the same access scoping as a member's request."""
     with quiet():
-        return Project.objects.create(name=PREFIX + name).pk
+        return Project.objects.create(name=PREFIX + name, is_public=True).pk
 
 
 def new_sets(project_id: int, names: list[str]) -> list[int]:

@@ -1,14 +1,18 @@
 """Admin for cached counts, reusable by any app: it imports nothing from the domain.
 
-Two pieces:
+Three pieces:
 
-- :class:`CachedCountsAdmin`, a ``ModelAdmin`` base for a model with ``CachedCountField``\\ s.
-  Its list shows every count (sortable: they are plain columns) and their freshness — whether a
-  dirty mark is waiting for the row (one query per page, not per row) and when the engine last
-  changed its counts. Its **"Recompute now"** action recomputes the selected rows synchronously,
-  under the same locks as a drain, and is offered only to users holding
-  ``counts.recompute_counts``: staff status alone does not let anyone take row locks on a
-  900k-image capture set.
+- :class:`CachedCountsMixin` (and :class:`CachedCountsAdmin`, the mixin on ``ModelAdmin``) for a
+  model with ``CachedCountField``\\ s. Its list shows every count under a short header with
+  thousands separators (sortable: they are plain columns) and one *freshness* column: a
+  "pending" badge while a dirty mark waits for the row (one query per page, not per row), else
+  "updated 12 s ago" from ``counts_updated_at``. Its **"Recompute now"** action recomputes the
+  selected rows synchronously, under the same locks as a drain, and is offered only to users
+  holding ``counts.recompute_counts``: staff status alone does not let anyone take row locks on
+  a 900k-image capture set.
+- :func:`augment`, run by ``CountsConfig.ready()``: every registered ``ModelAdmin`` whose model
+  has cached counts but does not use the mixin gets it, so a count declared on a model with a
+  plain admin shows up (column, freshness, "Recompute now") without touching its admin.
 - :class:`DirtyMarkAdmin`, a read-only page for operators: the backlog per target model (marks,
   rows, age of the oldest) above the waiting marks themselves (template:
   ``counts/templates/admin/counts/dirtymark/change_list.html``).
@@ -16,9 +20,15 @@ Two pieces:
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from django import forms
+from django.apps import apps
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html
 
 import counts
 from counts.fields import FRESHNESS_FIELD, cached_count_fields
@@ -27,17 +37,67 @@ from counts.models import DirtyMark
 
 #: The permission that unlocks "Recompute now" (declared on ``DirtyMark.Meta``).
 RECOMPUTE_PERMISSION = "counts.recompute_counts"
+#: Inline style of the "pending" badge (the admin's own warning colours, readable in both the
+#: light and dark themes), so the mixin needs no static file of its own.
+PENDING_BADGE_STYLE = (
+    "background:#ffc107;color:#212529;border-radius:.6em;padding:.1em .6em;"
+    "font-weight:600;white-space:nowrap"
+)
 
 
-class CachedCountsAdmin(admin.ModelAdmin):
-    """``ModelAdmin`` for a model with cached counts.
+#: Keeps "12 min ago" on one line when a narrow column wraps its cell.
+NBSP = "\u00a0"
 
-    Subclasses set ``list_display`` to their own columns; the counts and the two freshness
-    columns are appended by :meth:`get_list_display`, so a count added to the model shows up
-    without touching its admin. Add to ``actions`` as ``(*CachedCountsAdmin.actions, ...)``.
+
+def ago(seconds: float) -> str:
+    """A short humanized age: "12 s", "4 min", "3 h", "2 days"."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("days", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {'day' if unit == 'days' and n == 1 else unit}"
+    return f"{seconds} s"
+
+
+def short_headers(names: list[str]) -> dict[str, str]:
+    """Column headers for count fields: without ``_count`` and the words they share.
+
+    ``source_images_count``, ``source_images_with_detections_count`` and
+    ``source_images_processed_count`` become "images", "with detections" and "processed": the
+    model's list has room for every count and its freshness at a laptop's width.
+    """
+    stems = [name.removesuffix("_count") + "_" for name in names]
+    common = ""
+    if len(stems) > 1:
+        common = min(stems)
+        while not all(stem.startswith(common) for stem in stems):
+            common = common[: common.rstrip("_").rfind("_") + 1]
+    headers = {}
+    for name, stem in zip(names, stems, strict=True):
+        rest = stem[len(common) :] or common.rstrip("_").split("_")[-1] + "_"
+        headers[name] = rest.rstrip("_").replace("_", " ")
+    return headers
+
+
+def _count_column(name: str, header: str):
+    """A list column showing ``name`` as "12,345", sorted by its column."""
+
+    def column(obj) -> str:
+        return f"{getattr(obj, name):,}"
+
+    column.__name__ = name  # the cell's CSS class: field-<name>
+    return admin.display(description=header, ordering=name)(column)
+
+
+class CachedCountsMixin:
+    """Counts, freshness and "Recompute now" for any ``ModelAdmin`` (put the mixin first).
+
+    ``list_display`` lists the admin's own columns; the counts and the freshness column are
+    appended by :meth:`get_list_display`, so a count added to the model shows up without
+    touching its admin. ``count_headers`` overrides a header ({field name: header}).
     """
 
-    actions = ("recompute_now",)
+    count_headers: dict[str, str] = {}
     #: Most rows "Recompute now" takes in one request: it holds their row locks until it
     #: commits, inside a web worker's timeout. Bigger jobs belong to ``counts reconcile``.
     recompute_now_limit = 10_000
@@ -45,9 +105,24 @@ class CachedCountsAdmin(admin.ModelAdmin):
     def count_field_names(self) -> list[str]:
         return [f.name for f in cached_count_fields(self.model)]
 
+    def count_columns(self) -> list:
+        names = self.count_field_names()
+        headers = {**short_headers(names), **self.count_headers}
+        return [_count_column(name, headers[name]) for name in names]
+
+    @property
+    def media(self):
+        """The admin's media plus ``counts/admin.css`` (compact, right-aligned counts)."""
+        return super().media + forms.Media(css={"all": ["counts/admin.css"]})
+
     def get_list_display(self, request):
-        own = [name for name in super().get_list_display(request) if name != "__str__"]
-        return [*(own or ["__str__"]), *self.count_field_names(), "pending", FRESHNESS_FIELD]
+        counted = {*self.count_field_names(), FRESHNESS_FIELD, "freshness"}
+        own = [
+            name
+            for name in super().get_list_display(request)
+            if name != "__str__" and name not in counted
+        ]
+        return [*(own or ["__str__"]), *self.count_columns(), "freshness"]
 
     def get_readonly_fields(self, request, obj=None):
         extra = [*self.count_field_names(), FRESHNESS_FIELD]
@@ -59,10 +134,30 @@ class CachedCountsAdmin(admin.ModelAdmin):
         flag_pending(changelist.result_list)
         return changelist
 
-    @admin.display(boolean=True, description="counts pending")
-    def pending(self, obj) -> bool | None:
-        """Whether a change to these counts is waiting for a worker (None off the list page)."""
-        return getattr(obj, "counts_pending", None)
+    @admin.display(description="freshness", ordering=FRESHNESS_FIELD)
+    def freshness(self, obj) -> str:
+        """A "pending" badge while a recompute waits for this row, else how long ago the engine
+        last changed its counts (the exact time on hover)."""
+        updated: datetime | None = getattr(obj, FRESHNESS_FIELD)
+        if updated is None:
+            fresh, exact = "never changed", "The counts have kept their initial values."
+        else:
+            age = ago((timezone.now() - updated).total_seconds()).replace(" ", NBSP)
+            fresh = f"updated {age}{NBSP}ago"  # wraps, if at all, after "updated"
+            exact = f"Counts last changed at {updated.isoformat(timespec='seconds')}."
+        if getattr(obj, "counts_pending", False):
+            return format_html(
+                '<span class="counts-pending" style="{}" title="{}">pending</span>',
+                PENDING_BADGE_STYLE,
+                f"A change is waiting for a worker. {exact}",
+            )
+        return format_html('<span class="counts-fresh" title="{}">{}</span>', exact, fresh)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        if self.actions is not None and self.has_recompute_permission(request):
+            actions.setdefault("recompute_now", self.get_action("recompute_now"))
+        return actions
 
     def has_recompute_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm(RECOMPUTE_PERMISSION)
@@ -84,6 +179,51 @@ class CachedCountsAdmin(admin.ModelAdmin):
         self.message_user(request, f"{recomputed} recomputed, {changed} changed", messages.SUCCESS)
 
 
+class CachedCountsAdmin(CachedCountsMixin, admin.ModelAdmin):
+    """``ModelAdmin`` for a model with cached counts (see :class:`CachedCountsMixin`)."""
+
+
+def augment(site: admin.AdminSite = admin.site) -> list[str]:
+    """Give :class:`CachedCountsMixin` to every admin on ``site`` whose model has cached counts
+    and lacks it; returns the labels of the models re-registered.
+
+    The admin class is subclassed with the mixin first and re-registered, so its own columns,
+    filters and actions stay.
+    """
+    augmented = []
+    for model, model_admin in list(site._registry.items()):
+        if isinstance(model_admin, CachedCountsMixin) or not cached_count_fields(model):
+            continue
+        base = type(model_admin)
+        counted = type(f"Counted{base.__name__}", (CachedCountsMixin, base), {})
+        site.unregister(model)
+        site.register(model, counted)
+        augmented.append(model._meta.label_lower)
+    return augmented
+
+
+def verbose_name_of(label: str) -> str:
+    """ "capture sets" for ``monitoring.sourceimagecollection``; the label if the model is gone."""
+    try:
+        return str(apps.get_model(label)._meta.verbose_name_plural)
+    except LookupError:
+        return label
+
+
+class TargetFilter(admin.SimpleListFilter):
+    """Filter marks by target model, offered by verbose name (every model with counts)."""
+
+    title = "model"
+    parameter_name = "target"
+
+    def lookups(self, request, model_admin):
+        labels = sorted(m._meta.label_lower for m in apps.get_models() if cached_count_fields(m))
+        return [(label, verbose_name_of(label)) for label in labels]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(target=self.value()) if self.value() else queryset
+
+
 @admin.register(DirtyMark)
 class DirtyMarkAdmin(admin.ModelAdmin):
     """What the workers have yet to do: read-only, since marks belong to triggers and drains.
@@ -94,10 +234,14 @@ class DirtyMarkAdmin(admin.ModelAdmin):
     """
 
     change_list_template = "admin/counts/dirtymark/change_list.html"
-    list_display = ("id", "target", "rows", "created_at")
-    list_filter = ("target",)
+    list_display = ("id", "target_model", "rows", "created_at")
+    list_filter = (TargetFilter,)
     ordering = ("id",)
     show_full_result_count = False
+
+    @admin.display(description="model", ordering="target")
+    def target_model(self, mark: DirtyMark) -> str:
+        return verbose_name_of(mark.target)
 
     @admin.display(description="rows")
     def rows(self, mark: DirtyMark) -> str:
@@ -107,6 +251,7 @@ class DirtyMarkAdmin(admin.ModelAdmin):
         summary = [
             {
                 "label": entry.label,
+                "model": verbose_name_of(entry.label),
                 "marks": entry.marks,
                 "rows": "every row" if entry.ids is None else entry.ids,
                 "oldest_seconds": round(entry.oldest_seconds, 1),

@@ -5,7 +5,9 @@ class CountsConfig(AppConfig):
     """Builds and seals the dependency graph once every model is loaded.
 
     A declaration that cannot be turned into a count fails here, at start-up, with a
-    ``DeclarationError`` naming the model and field — never in a request or a worker.
+    ``DeclarationError`` naming the model and field — never in a request or a worker. Then
+    every admin of a model with counts gets their columns and "Recompute now"
+    (``counts.admin.augment``).
     """
 
     name = "counts"
@@ -19,6 +21,13 @@ class CountsConfig(AppConfig):
 
         self.graph = Graph.build(resolve_all(apps.get_models()))
         capture.install(self.graph)
+        if apps.is_installed("django.contrib.admin"):
+            from django.contrib.admin import autodiscover
+
+            from counts.admin import augment
+
+            autodiscover()  # every app's admin registered (a no-op when already done)
+            augment()
 
 
 def graph():

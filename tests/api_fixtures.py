@@ -12,7 +12,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+from django.contrib.auth.models import User
 from django.db import connection
+from rest_framework.authtoken.models import Token
 
 from project.monitoring.models import (
     Deployment,
@@ -114,6 +116,19 @@ def build_catalogue() -> SimpleNamespace:
         c.sets[name] = collection
     drain_all()
     return c
+
+
+def member(username: str, *projects: Project, password: str | None = None) -> User:
+    """A user who belongs to ``projects`` (and may read their rows through the API)."""
+    user = User.objects.create_user(username, password=password)
+    user.projects.add(*projects)
+    return user
+
+
+def token_header(user: User) -> dict[str, str]:
+    """Test-client headers authenticating as ``user`` with an API token."""
+    token, _ = Token.objects.get_or_create(user=user)
+    return {"HTTP_AUTHORIZATION": f"Token {token.key}"}
 
 
 def drift(row, **wrong: int) -> None:

@@ -1,11 +1,14 @@
 """The admin: counts and freshness in lists, "Recompute now" behind its permission, the backlog.
 
 Pages are requested as logged-in staff users through Django's test client and read the way a
-user reads them: the rows of the result table, the options of the action menu, the messages.
+user reads them: the rows of the result table, its column headers, the options of the action
+menu, the messages. (Large pages — delete confirmations, capture-set members, and admins
+augmented with counts — are in ``test_admin_scale``.)
 """
 
 from __future__ import annotations
 
+import re
 from html.parser import HTMLParser
 
 import pytest
@@ -14,6 +17,7 @@ from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from counts.admin import ago
 from counts.marks import mark_all
 from project.monitoring.models import (
     Deployment,
@@ -22,7 +26,7 @@ from project.monitoring.models import (
     SourceImageCollection,
 )
 from tests.api_fixtures import T0, build_catalogue, drift
-from tests.truth import truth
+from tests.truth import drain_all, truth
 
 SETS_URL = "/admin/monitoring/sourceimagecollection/"
 PENDING_URL = "/admin/counts/dirtymark/"
@@ -35,11 +39,16 @@ BASE_PERMISSIONS = [
 
 
 class ChangeList(HTMLParser):
-    """Rows of an admin result table as ``{column: text}``; boolean icons read as their alt."""
+    """Rows of an admin result table as ``{column: text}``; boolean icons read as their alt.
+
+    ``headers`` maps each column to its header text.
+    """
 
     def __init__(self, html: str) -> None:
         super().__init__()
         self.rows: list[dict[str, str]] = []
+        self.headers: dict[str, str] = {}
+        self._header: str | None = None
         self.action_options: list[str] = []
         self._column: str | None = None
         self._in_action_select = False
@@ -51,6 +60,11 @@ class ChangeList(HTMLParser):
             self._in_action_select = True
         elif tag == "option" and self._in_action_select:
             self.action_options.append(attrs.get("value", ""))
+        elif tag == "th" and attrs.get("scope") == "col":
+            classes = (attrs.get("class") or "").split()
+            self._header = next((c[len("column-") :] for c in classes if "column-" in c), None)
+            if self._header:
+                self.headers[self._header] = ""
         elif tag == "tr":
             self._row: dict[str, str] = {}
         elif tag in ("td", "th"):
@@ -68,13 +82,15 @@ class ChangeList(HTMLParser):
         if tag == "select":
             self._in_action_select = False
         elif tag in ("td", "th"):
-            self._column = None
+            self._column = self._header = None
         elif tag == "tr" and getattr(self, "_row", None):
             self.rows.append(self._row)
 
     def handle_data(self, data):
+        if self._header:
+            self.headers[self._header] += data.strip()
         if self._column:
-            self._row[self._column] += data.strip()
+            self._row[self._column] += data.strip().replace("\xa0", " ")
 
 
 def staff(username: str, *permissions: str) -> User:
@@ -197,24 +213,88 @@ def test_list_shows_counts_and_freshness_per_row(viewer, catalogue):
     waiting = SourceImage.objects.create(deployment=catalogue.north, timestamp=T0, path="new.jpg")
     catalogue.sets["Bravo"].images.add(waiting)  # marks Bravo; no worker runs here
 
-    html = viewer.get(SETS_URL).content.decode()
-    rows = {r["name"]: r for r in ChangeList(html).rows}
+    page = ChangeList(viewer.get(SETS_URL).content.decode())
+    rows = {r["name"]: r for r in page.rows}
 
-    assert "Source images count" in html
     assert rows["Alpha"]["source_images_count"] == "6"
     assert rows["Alpha"]["source_images_with_detections_count"] == "2"
     assert rows["Alpha"]["source_images_processed_count"] == "3"
     assert rows["Alpha"]["project"] == "Vermont"
-    assert rows["Alpha"]["pending"] == "False"
-    assert rows["Alpha"]["counts_updated_at"].startswith("June 1, 2024")
-    assert rows["Bravo"]["pending"] == "True"
+    assert re.fullmatch(r"updated \d{3,} days ago", rows["Alpha"]["freshness"])
+    assert rows["Echo"]["freshness"] == "updated 0 s ago"  # drained in this transaction
+    assert rows["Bravo"]["freshness"] == "pending"
     assert rows["Bravo"]["source_images_count"] == "2"  # the cached value until recomputed
-    assert rows["Charlie"]["counts_updated_at"] == "-"  # never changed
+    assert rows["Charlie"]["freshness"] == "never changed"
+
+
+def test_pending_is_a_badge_not_a_green_tick(viewer, catalogue):
+    catalogue.sets["Bravo"].images.add(
+        SourceImage.objects.create(deployment=catalogue.north, timestamp=T0, path="new.jpg")
+    )
+
+    html = viewer.get(SETS_URL).content.decode()
+
+    assert html.count('class="counts-pending"') == 1
+    assert "icon-yes.svg" not in html and "icon-no.svg" not in html
+    drain_all()
+    html = viewer.get(SETS_URL).content.decode()
+    assert 'class="counts-pending"' not in html
+    assert html.count(">updated 0\xa0s\xa0ago<") == 4  # every set but Charlie, never changed
+
+
+def test_columns_have_short_headers_and_counts_thousands_separators(viewer, catalogue):
+    drift(catalogue.sets["Alpha"], source_images_count=1234567)
+
+    page = ChangeList(viewer.get(SETS_URL).content.decode())
+
+    assert page.headers == {
+        "name": "Name",
+        "project": "Project",
+        "source_images_count": "Images",
+        "source_images_with_detections_count": "With detections",
+        "source_images_processed_count": "Processed",
+        "freshness": "Freshness",
+    }
+    assert {r["name"]: r for r in page.rows}["Alpha"]["source_images_count"] == "1,234,567"
+    stations = ChangeList(viewer.get("/admin/monitoring/deployment/").content.decode()).headers
+    assert list(stations)[2:] == [
+        "events_count",
+        "occurrences_count",
+        "captures_count",
+        "detections_count",
+        "taxa_count",
+        "freshness",
+    ]
+    assert list(stations.values())[2:-1] == [
+        "Events",
+        "Occurrences",
+        "Captures",
+        "Detections",
+        "Taxa",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0, "0 s"),
+        (12, "12 s"),
+        (59, "59 s"),
+        (60, "1 min"),
+        (3599, "59 min"),
+        (7200, "2 h"),
+        (86_400, "1 day"),
+        (3 * 86_400 + 5, "3 days"),
+        (-4, "0 s"),
+    ],
+)
+def test_ages_read_like_a_person_would_say_them(seconds, shown):
+    assert ago(seconds) == shown
 
 
 def test_list_sorts_by_a_count_both_ways(viewer, catalogue):
     model_admin = admin.site._registry[SourceImageCollection]
-    columns = model_admin.get_list_display(None)
+    columns = [getattr(c, "__name__", c) for c in model_admin.get_list_display(None)]
     column = columns.index("source_images_count") + 1  # 0 is the action checkbox
 
     ascending = ChangeList(viewer.get(SETS_URL, {"o": column}).content.decode()).rows
@@ -235,7 +315,7 @@ def test_list_queries_do_not_grow_with_rows(viewer, catalogue):
     with CaptureQueriesContext(connection) as many:
         rows = ChangeList(viewer.get(SETS_URL).content.decode()).rows
     assert len(rows) == 25
-    assert all(r["pending"] == "True" for r in rows)
+    assert all(r["freshness"] == "pending" for r in rows)
     assert len(many) == len(few)
 
 
@@ -244,8 +324,8 @@ def test_other_counted_lists_show_counts_and_freshness(viewer, catalogue, model_
     rows = ChangeList(viewer.get(f"/admin/monitoring/{model_name}/").content.decode()).rows
 
     assert rows
-    assert all(r["pending"] == "False" for r in rows)
-    assert any(r["counts_updated_at"] != "-" for r in rows)
+    assert all(r["freshness"].startswith(("updated ", "never changed")) for r in rows)
+    assert any(r["freshness"] == "updated 0 s ago" for r in rows)
     assert any(int(r["detections_count"]) > 0 for r in rows)
 
 
@@ -268,7 +348,7 @@ def test_change_form_shows_counts_read_only(viewer, catalogue):
     assert 'name="source_images_count"' not in html
 
 
-def test_pending_page_shows_the_backlog_per_model(viewer, catalogue):
+def test_pending_page_shows_the_backlog_per_model_by_verbose_name(viewer, catalogue):
     waiting = SourceImage.objects.create(deployment=catalogue.north, timestamp=T0, path="new.jpg")
     catalogue.sets["Bravo"].images.add(waiting)
     mark_all("monitoring.deployment")
@@ -276,14 +356,19 @@ def test_pending_page_shows_the_backlog_per_model(viewer, catalogue):
     response = viewer.get(PENDING_URL)
 
     assert response.status_code == 200
-    summary = {row["label"]: row for row in response.context["pending_summary"]}
-    assert summary["monitoring.deployment"]["rows"] == "every row"
-    assert summary["monitoring.sourceimagecollection"]["rows"] == 1
+    summary = {row["model"]: row for row in response.context["pending_summary"]}
+    assert summary["deployments"]["rows"] == "every row"
+    assert summary["capture sets"]["rows"] == 1
     html = response.content.decode()
     assert "Pending recomputes per model" in html
-    assert "monitoring.sourceimagecollection" in html
-    listed = {row["target"] for row in ChangeList(html).rows}  # the marks themselves, below
-    assert listed == {"monitoring.deployment", "monitoring.sourceimagecollection"}
+    assert '<td title="monitoring.sourceimagecollection">capture sets</td>' in html
+    listed = {row["target_model"] for row in ChangeList(html).rows}  # the marks themselves, below
+    assert listed == {"deployments", "capture sets"}
+    assert ">capture sets</a>" in html  # the filter by model, too
+    filtered = ChangeList(
+        viewer.get(PENDING_URL, {"target": "monitoring.deployment"}).content.decode()
+    )
+    assert {row["target_model"] for row in filtered.rows} == {"deployments"}
 
 
 def test_pending_page_is_read_only_and_says_when_nothing_waits(viewer, catalogue):

@@ -2,6 +2,9 @@
 
 Everything runs against the real PostgreSQL with the count triggers installed; counts are made
 exact by draining the real mark queue, and compared with hand-written SQL (``tests.truth``).
+Requests come from a signed-in member of every project (who is and is not allowed what:
+``test_api_access``); malformed requests are sent anonymously, since they must be refused
+before any query, authentication included.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from project.monitoring.models import (
     SourceImage,
     SourceImageCollection,
 )
-from tests.api_fixtures import T0, build_catalogue
+from tests.api_fixtures import T0, build_catalogue, member
 from tests.truth import drain_all, triggers_off, truth
 
 COLLECTIONS = "/api/v2/captures/collections/"
@@ -34,9 +37,17 @@ ENDPOINTS = {
 }
 
 
+def sign_in_member_of_all(client, catalogue) -> None:
+    reader = member("reader", catalogue.vermont, catalogue.panama, catalogue.empty_project)
+    client.force_login(reader)
+
+
 @pytest.fixture
-def catalogue(db):
-    return build_catalogue()
+def catalogue(db, client):
+    """The dataset, and ``client`` signed in as a member of its three projects."""
+    built = build_catalogue()
+    sign_in_member_of_all(client, built)
+    return built
 
 
 def get_ok(client, url, **params) -> dict:
@@ -215,6 +226,7 @@ def test_an_every_row_mark_makes_every_row_of_that_model_pending(client, catalog
 @pytest.mark.parametrize("url", list(ENDPOINTS))
 def test_query_count_does_not_grow_with_the_page(client, db, url):
     catalogue = build_catalogue()
+    sign_in_member_of_all(client, catalogue)
     for n in range(30):  # enough rows that limit=25 fills a page
         Event.objects.create(deployment=catalogue.north, start=T0)
         Deployment.objects.create(project=catalogue.vermont, name=f"D{n}")
@@ -226,7 +238,10 @@ def test_query_count_does_not_grow_with_the_page(client, db, url):
     with CaptureQueriesContext(connection) as page:
         assert len(get_ok(client, url, limit=25)["results"]) == 25
 
-    assert len(page) == len(one) == 3  # count, page, pending marks
+    assert len(page) == len(one)
+    listing = [q["sql"] for q in page if "django_session" not in q["sql"]]
+    listing = [sql for sql in listing if 'FROM "auth_user"' not in sql]
+    assert len(listing) == 3  # count, page (both scoped by a subquery), pending marks
 
 
 BAD_PARAMETERS = [
@@ -260,6 +275,12 @@ BAD_PARAMETERS = [
     (COLLECTIONS, "offset", "x"),
     (COLLECTIONS, "offset", str(2**31)),
     (EVENTS, "offset", str(10**40)),
+    (COLLECTIONS, "page", "2"),  # this API pages with offset: not silently the first page
+    (COLLECTIONS, "project", "1"),
+    (EVENTS, "search", "moth"),
+    (COLLECTIONS, "project_id", ["1", "2"]),  # repeated: not silently the last one
+    (EVENTS, "ordering", ["start", "-start"]),
+    (DEPLOYMENTS, "limit", ["10", "10"]),
 ]
 
 
@@ -274,6 +295,13 @@ def test_bad_parameter_is_a_400_naming_it_before_any_query(client, db, url, para
     assert body["parameter"] == param
     assert body["detail"].startswith(param)
     assert len(queries) == 0
+
+
+def test_the_format_override_is_accepted_besides_the_documented_parameters(client, catalogue):
+    response = client.get(COLLECTIONS, {"format": "json", "limit": 1})
+
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/json"
 
 
 def test_the_largest_page_is_accepted(client, catalogue):

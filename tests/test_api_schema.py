@@ -1,9 +1,10 @@
 """The served OpenAPI schema is honest: schemathesis fuzzes every endpoint against it.
 
 Requests are generated from ``/api/schema/`` (valid and invalid parameters alike) and sent to
-the WSGI application in-process, inside the test's transaction, over a small real dataset. Every
-built-in check runs: no 5xx, status codes and bodies as documented, invalid input refused,
-valid input accepted.
+the WSGI application in-process, inside the test's transaction, over a small real dataset, with
+the API token of a user who is a member of the projects holding it (so generated ids hit real
+rows, other projects' rows and missing ones). Every built-in check runs: no 5xx, status codes
+and bodies as documented, invalid input refused, valid input accepted.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 
 from project.wsgi import application
-from tests.api_fixtures import build_catalogue
+from tests.api_fixtures import build_catalogue, member, token_header
 
 #: Examples per endpoint and phase: enough to hit every parameter and bound, quick to run.
 MAX_EXAMPLES = 25
@@ -33,11 +34,12 @@ def dataset(db):
     Django closes "old" connections around each request; through a raw WSGI call that would
     close the test's open transaction. Its test client disconnects the same handler.
     """
-    build_catalogue()
+    catalogue = build_catalogue()
+    reader = member("reader", catalogue.vermont, catalogue.empty_project)  # not Panama
     request_started.disconnect(close_old_connections)
     request_finished.disconnect(close_old_connections)
     try:
-        yield
+        yield {"Authorization": token_header(reader)["HTTP_AUTHORIZATION"]}
     finally:
         request_started.connect(close_old_connections)
         request_finished.connect(close_old_connections)
@@ -65,7 +67,8 @@ def test_schema_documents_every_list_endpoint_and_its_parameters(client):
     collections = params["/api/v2/captures/collections/"]
     assert "-source_images_count" in collections["ordering"]["enum"]
     assert collections["limit"]["maximum"] == 1000
-    assert all(set(op["responses"]) == {"200", "400"} for op in operations.values())
+    assert all(set(op["responses"]) == {"200", "400", "401", "403"} for op in operations.values())
+    assert all({"tokenAuth": []} in op["security"] for op in operations.values())
 
 
 @schema.parametrize()
@@ -75,4 +78,5 @@ def test_schema_documents_every_list_endpoint_and_its_parameters(client):
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 def test_api_conforms_to_its_schema(case, dataset):
-    case.call_and_validate()
+    response = case.call_and_validate(headers=dataset)
+    assert response.status_code != 401, "the token was not honoured"

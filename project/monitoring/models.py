@@ -9,6 +9,7 @@ aggregates that recompute them. The semantics (DESIGN.md §1) in one place:
 - a *counted* occurrence has ``determination_score >= project.default_filters_score_threshold``.
 """
 
+from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 
@@ -29,8 +30,21 @@ class TimestampedModel(models.Model):
 
 
 class Project(TimestampedModel):
+    """A monitoring programme; the unit of access (see ``project.monitoring.api.access``)."""
+
     name = models.CharField(max_length=200)
     default_filters_score_threshold = models.FloatField(default=0.5)
+    is_public = models.BooleanField(
+        default=False,
+        db_default=False,  # rows inserted in bulk by raw SQL (seed_demo, bench) are private
+        help_text="Anyone, signed in or not, may read this project's rows through the API.",
+    )
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL,
+        related_name="projects",
+        blank=True,
+        help_text="Users who may read this project's rows through the API.",
+    )
 
     class Meta:
         ordering = ["name", "id"]

@@ -1,13 +1,22 @@
 """Pagination, id filters and ordering for the list endpoints, all strict (see ``params``).
 
-Each piece is a DRF extension point (pagination class, filter backend) configured by plain
-attributes on the view, and each publishes its parameters to the OpenAPI schema through
-``get_schema_operation_parameters`` with the same bounds and choices it enforces.
+Filtering and ordering are a django-filter ``FilterSet`` per endpoint, built from two filters:
+:class:`IdFilter` (``?project_id=``, ``?deployment_id=``: a positive bigint, and a row the caller
+may read) and :class:`SortFilter` (``?ordering=``: one key, ``-`` for descending, ties broken by
+id). :class:`StrictFilterBackend` turns the first invalid value into the API's 400 naming it,
+before any query runs. Each filter publishes its schema (bounds, choices, default) through
+drf-spectacular's django-filter support, with the same bounds and choices it enforces.
 """
 
 from __future__ import annotations
 
-from rest_framework.filters import BaseFilterBackend
+from collections.abc import Callable
+
+import django_filters
+from django import forms
+from django.core.exceptions import ValidationError
+from django_filters.rest_framework import DjangoFilterBackend
+from drf_spectacular.utils import extend_schema_field
 from rest_framework.pagination import LimitOffsetPagination
 
 from project.monitoring.api.params import (
@@ -18,7 +27,7 @@ from project.monitoring.api.params import (
     BadParameter,
     bounded_int,
     integer_schema,
-    parse_id,
+    parse_bounded,
     query_parameter,
 )
 
@@ -34,15 +43,22 @@ class StrictLimitOffsetPagination(LimitOffsetPagination):
     default_limit = DEFAULT_LIMIT
     max_limit = MAX_LIMIT
 
-    def paginate_queryset(self, queryset, request, view=None):
+    def parameter_names(self) -> list[str]:
+        return [self.limit_query_param, self.offset_query_param]
+
+    def check(self, request) -> None:
+        """Parse both values now (the view calls this before filtering)."""
         self._limit = self._parse(request, self.limit_query_param, 1, MAX_LIMIT, DEFAULT_LIMIT)
         self._offset = self._parse(request, self.offset_query_param, 0, MAX_OFFSET, 0)
-        return super().paginate_queryset(queryset, request, view)
 
     @staticmethod
     def _parse(request, name: str, minimum: int, maximum: int, default: int) -> int:
         raw = request.query_params.get(name)
         return default if raw is None else bounded_int(name, raw, minimum, maximum)
+
+    def paginate_queryset(self, queryset, request, view=None):
+        self.check(request)
+        return super().paginate_queryset(queryset, request, view)
 
     def get_limit(self, request):
         return self._limit
@@ -65,58 +81,97 @@ class StrictLimitOffsetPagination(LimitOffsetPagination):
         ]
 
 
-class IdFilters(BaseFilterBackend):
-    """Equality filters on ids, declared by the view as ``id_filters = {param: lookup}``."""
+class IdField(forms.Field):
+    """A row id: plain ASCII digits, 1 to 2**63 - 1. Absent is None; present but empty is an
+    error (``?project_id=`` is a mistake, not "no filter")."""
 
-    def filter_queryset(self, request, queryset, view):
-        for param, lookup in view.id_filters.items():
-            raw = request.query_params.get(param)
-            if raw is not None:
-                queryset = queryset.filter(**{lookup: parse_id(param, raw)})
-        return queryset
-
-    def get_schema_operation_parameters(self, view):
-        return [
-            query_parameter(
-                param, f"Only rows of this {param.removesuffix('_id')}.", integer_schema(1, MAX_ID)
-            )
-            for param in view.id_filters
-        ]
+    def clean(self, value):
+        if value is None:
+            return None
+        try:
+            return parse_bounded(value, 1, MAX_ID)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
 
 
-class StrictOrdering(BaseFilterBackend):
-    """``?ordering=field`` or ``-field`` over the view's ``ordering_fields`` ({public: column}).
+class IdFilter(django_filters.Filter):
+    """Equality on an id, after checking that the request may read that row.
 
-    Ties are broken by id in the same direction, so pages never overlap and ``-x`` is exactly the
-    reverse of ``x``. Counts sort by their cached column — no aggregate at read time.
+    Args:
+        require: ``require(user, id)`` raises 401/403 when the caller may not read the row
+            (``project.monitoring.api.access``); one query, and only when the filter is given.
     """
 
-    param = "ordering"
+    field_class = IdField
 
-    @staticmethod
-    def choices(view) -> list[str]:
-        return [f"{sign}{name}" for name in view.ordering_fields for sign in ("", "-")]
+    def __init__(self, *, require: Callable[[object, int], None], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.require = require
+        noun = kwargs["field_name"].removesuffix("_id").split("__")[-1]
+        schema = {**integer_schema(1, MAX_ID), "description": f"Only rows of this {noun}."}
+        extend_schema_field(schema)(self)
+
+    def filter(self, qs, value):
+        if value is None:
+            return qs
+        self.require(self.parent.request.user, value)
+        return qs.filter(**{self.field_name: value})
+
+
+class SortField(forms.Field):
+    """One of ``sort_keys``; absent is None (the default order)."""
+
+    def __init__(self, *, sort_keys: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.choices = sort_keys
+
+    def clean(self, value):
+        if value is None:
+            return None
+        if value not in self.choices:
+            raise ValidationError(f"{value!r} is not one of: {', '.join(self.choices)}.")
+        return value
+
+
+class SortFilter(django_filters.Filter):
+    """``?ordering=key`` or ``-key`` over ``keys`` ({public name: column}).
+
+    Unlike django-filter's ``OrderingFilter`` it takes a single key (a comma list is refused,
+    not half-applied) and always orders: by ``default`` when absent, with the id as tie-break in
+    the same direction, so pages never overlap and ``-x`` is exactly the reverse of ``x``.
+    Counts sort by their cached column, with no aggregate at read time.
+    """
+
+    field_class = SortField
+
+    def __init__(self, *, keys: dict[str, str], default: str, **kwargs) -> None:
+        choices = [f"{sign}{name}" for name in keys for sign in ("", "-")]
+        super().__init__(sort_keys=choices, **kwargs)
+        self.keys, self.default = keys, default
+        extend_schema_field(
+            {
+                "type": "string",
+                "enum": choices,
+                "default": default,
+                "description": "Sort key; a leading '-' sorts descending (ties broken by id).",
+            }
+        )(self)
+
+    def filter(self, qs, value):
+        value = value or self.default
+        sign = "-" if value.startswith("-") else ""
+        return qs.order_by(f"{sign}{self.keys[value.removeprefix('-')]}", f"{sign}pk")
+
+
+class StrictFilterBackend(DjangoFilterBackend):
+    """django-filter's backend, answering an invalid value with the API's 400 naming it."""
+
+    def parameter_names(self, view) -> list[str]:
+        return list(view.filterset_class.base_filters)
 
     def filter_queryset(self, request, queryset, view):
-        raw = request.query_params.get(self.param, view.default_ordering)
-        name = raw.removeprefix("-")
-        if name not in view.ordering_fields:
-            raise BadParameter(
-                self.param,
-                f"ordering {raw!r} is not one of: {', '.join(self.choices(view))}.",
-            )
-        sign = "-" if raw.startswith("-") else ""
-        return queryset.order_by(f"{sign}{view.ordering_fields[name]}", f"{sign}pk")
-
-    def get_schema_operation_parameters(self, view):
-        return [
-            query_parameter(
-                self.param,
-                "Sort key; a leading '-' sorts descending (ties broken by id).",
-                {
-                    "type": "string",
-                    "enum": self.choices(view),
-                    "default": view.default_ordering,
-                },
-            )
-        ]
+        filterset = self.get_filterset(request, queryset, view)
+        if not filterset.is_valid():
+            name, errors = next(iter(filterset.errors.items()))
+            raise BadParameter(name, f"{name} {errors[0]}")
+        return filterset.qs

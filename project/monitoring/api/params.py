@@ -4,7 +4,8 @@ DRF's stock pagination and ordering quietly ignore what they cannot read (``?lim
 the default page, ``?ordering=nope`` the default order). A client that mistypes a parameter then
 reads a wrong page and never learns why; a value PostgreSQL cannot hold (an id past bigint)
 becomes a 500. Here every parameter is parsed before the first query runs, and anything outside
-what the OpenAPI schema declares is answered with HTTP 400 and a body naming the parameter::
+what the OpenAPI schema declares — including a parameter the endpoint does not take, or one
+given twice — is answered with HTTP 400 and a body naming the parameter::
 
     {"parameter": "limit", "detail": "limit must be an integer from 1 to 1000, got '0'."}
 
@@ -50,20 +51,47 @@ class BadParameterSerializer(serializers.Serializer):
     detail = serializers.CharField(help_text="Why, and what would be accepted.")
 
 
-def bounded_int(parameter: str, raw: str, minimum: int, maximum: int) -> int:
-    """Parse ``raw`` as a base-10 integer within [minimum, maximum] or raise BadParameter."""
+class DetailSerializer(serializers.Serializer):
+    """Schema of a 401 or 403 answer (documentation only)."""
+
+    detail = serializers.CharField(help_text="Why the request was refused.")
+
+
+def parse_bounded(raw: str, minimum: int, maximum: int) -> int:
+    """Parse ``raw`` as a base-10 integer within [minimum, maximum].
+
+    Raises:
+        ValueError: with a message that completes "<parameter> …", e.g. "must be an integer
+            from 1 to 1000, got '0'."
+    """
     value = int(raw) if _DIGITS.match(raw) and len(raw.lstrip("0")) <= 20 else None
     if value is None or not minimum <= value <= maximum:
-        raise BadParameter(
-            parameter,
-            f"{parameter} must be an integer from {minimum} to {maximum}, got {raw!r}.",
-        )
+        raise ValueError(f"must be an integer from {minimum} to {maximum}, got {raw!r}.")
     return value
 
 
-def parse_id(parameter: str, raw: str) -> int:
-    """A row id filter: a positive bigint."""
-    return bounded_int(parameter, raw, 1, MAX_ID)
+def bounded_int(parameter: str, raw: str, minimum: int, maximum: int) -> int:
+    """:func:`parse_bounded`, refusing with a BadParameter that names ``parameter``."""
+    try:
+        return parse_bounded(raw, minimum, maximum)
+    except ValueError as exc:
+        raise BadParameter(parameter, f"{parameter} {exc}") from None
+
+
+def check_names(query_params, accepted: list[str]) -> None:
+    """Refuse a parameter the endpoint does not take, or one given more than once.
+
+    Both would otherwise be ignored without a word: ``?page=2`` (this API pages with
+    ``offset``) would return the first page, and ``?project_id=1&project_id=2`` only project 2.
+    """
+    for name in query_params:
+        if name not in accepted:
+            raise BadParameter(
+                name, f"{name} is not a parameter of this endpoint; it takes {', '.join(accepted)}."
+            )
+        given = len(query_params.getlist(name))
+        if given > 1:
+            raise BadParameter(name, f"{name} was given {given} times; give it at most once.")
 
 
 def integer_schema(minimum: int, maximum: int) -> dict:

@@ -1,21 +1,35 @@
 """Read-only list endpoints for the models with cached counts (DESIGN.md §4).
 
 Every endpoint costs a constant number of queries whatever the page size: the count, the page,
-and one ``pending_ids`` probe of the dirty-mark queue for the whole page. The API is public and
-read-only, so it carries no authentication (a schema with none is also one schemathesis can
-check honestly).
+and one ``pending_ids`` probe of the dirty-mark queue for the whole page (plus one access check
+when the request names a project or station). Rows are scoped to the projects the caller may
+read (``access``): a token (``Authorization: Token …``) or session identifies the user, and
+anonymous clients read public projects. Every query parameter is checked before the first
+query: unknown, repeated or invalid ones are answered with 400 naming them.
 """
 
 from __future__ import annotations
 
+import django_filters
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework.generics import ListAPIView
 from rest_framework.permissions import AllowAny
+from rest_framework.settings import api_settings
 
 from counts.fields import FRESHNESS_FIELD, cached_count_fields
 from counts.marks import flag_pending
-from project.monitoring.api.filters import IdFilters, StrictLimitOffsetPagination, StrictOrdering
-from project.monitoring.api.params import BadParameterSerializer
+from project.monitoring.api import access
+from project.monitoring.api.filters import (
+    IdFilter,
+    SortFilter,
+    StrictFilterBackend,
+    StrictLimitOffsetPagination,
+)
+from project.monitoring.api.params import (
+    BadParameterSerializer,
+    DetailSerializer,
+    check_names,
+)
 from project.monitoring.api.serializers import (
     CollectionSerializer,
     DeploymentSerializer,
@@ -31,24 +45,49 @@ def count_orderings(model) -> dict[str, str]:
 
 
 class CountedListView(ListAPIView):
-    """A paginated, filtered, ordered list of a model with cached counts.
+    """A paginated, filtered, ordered list of a model with cached counts, scoped to the projects
+    the caller may read.
 
-    Subclasses set ``queryset``, ``serializer_class``, ``id_filters`` ({param: lookup}),
-    ``ordering_fields`` ({public name: column}) and ``default_ordering``.
+    Subclasses set ``queryset``, ``serializer_class``, ``filterset_class`` (its filters are the
+    endpoint's parameters besides ``limit``/``offset``) and ``project_path`` (how a row reaches
+    its project).
     """
 
-    authentication_classes = ()
+    #: Anonymous clients may list, and see public projects only (``access``); the project-wide
+    #: default (settings) is authenticated.
     permission_classes = (AllowAny,)
     pagination_class = StrictLimitOffsetPagination
-    filter_backends = (IdFilters, StrictOrdering)
-    id_filters: dict[str, str] = {}
-    ordering_fields: dict[str, str] = {}
-    default_ordering = "id"
+    filter_backends = (StrictFilterBackend,)
+    project_path = "project"
+
+    def initial(self, request, *args, **kwargs):
+        """Refuse unknown, repeated and malformed parameters before any query runs."""
+        super().initial(request, *args, **kwargs)
+        accepted = [
+            *self.paginator.parameter_names(),
+            *StrictFilterBackend().parameter_names(self),
+        ]
+        check_names(request.query_params, [*accepted, api_settings.URL_FORMAT_OVERRIDE])
+        self.paginator.check(request)
+
+    def get_queryset(self):
+        return access.scope(super().get_queryset(), self.request.user, self.project_path)
 
     def paginate_queryset(self, queryset):
         page = super().paginate_queryset(queryset)
         flag_pending(page)
         return page
+
+
+def _filters(model, keys: dict[str, str], default: str, **ids: IdFilter):
+    """A FilterSet for ``model``: the given id filters and ``ordering`` over ``keys``."""
+    attrs = {**ids, "ordering": SortFilter(keys=keys, default=default)}
+    attrs["Meta"] = type("Meta", (), {"model": model, "fields": []})
+    return type(f"{model.__name__}Filter", (django_filters.FilterSet,), attrs)
+
+
+def _project_id(path: str = "project_id") -> IdFilter:
+    return IdFilter(field_name=path, require=access.require_project)
 
 
 def _documented(summary: str, serializer, description: str):
@@ -63,6 +102,15 @@ def _documented(summary: str, serializer, description: str):
                     BadParameterSerializer,
                     description="A query parameter was refused; `parameter` names it.",
                 ),
+                401: OpenApiResponse(
+                    DetailSerializer,
+                    description="Anonymous request for a project or station that is not public,"
+                    " or an invalid token.",
+                ),
+                403: OpenApiResponse(
+                    DetailSerializer,
+                    description="The signed-in user is not a member of that project.",
+                ),
             },
         )
     )
@@ -70,7 +118,10 @@ def _documented(summary: str, serializer, description: str):
 
 _FRESHNESS_NOTE = (
     " Counts are exact once `counts_pending` is false; `counts_updated_at` is when they last"
-    " changed. Bad parameters are answered with 400 and the parameter's name."
+    " changed. Bad parameters are answered with 400 and the parameter's name. Rows come from"
+    " the projects the caller is a member of and the public ones; authenticate with"
+    " `Authorization: Token <key>` (POST username and password to /api/auth/token/ for a key)"
+    " or a session."
 )
 
 
@@ -83,13 +134,12 @@ _FRESHNESS_NOTE = (
 class CollectionList(CountedListView):
     queryset = SourceImageCollection.objects.all()
     serializer_class = CollectionSerializer
-    id_filters = {"project_id": "project_id"}
-    ordering_fields = {
-        "name": "name",
-        "created": "created_at",
-        **count_orderings(SourceImageCollection),
-    }
-    default_ordering = "name"
+    filterset_class = _filters(
+        SourceImageCollection,
+        {"name": "name", "created": "created_at", **count_orderings(SourceImageCollection)},
+        "name",
+        project_id=_project_id(),
+    )
 
 
 @_documented(
@@ -101,9 +151,12 @@ class CollectionList(CountedListView):
 class DeploymentList(CountedListView):
     queryset = Deployment.objects.all()
     serializer_class = DeploymentSerializer
-    id_filters = {"project_id": "project_id"}
-    ordering_fields = {"name": "name", "created": "created_at", **count_orderings(Deployment)}
-    default_ordering = "name"
+    filterset_class = _filters(
+        Deployment,
+        {"name": "name", "created": "created_at", **count_orderings(Deployment)},
+        "name",
+        project_id=_project_id(),
+    )
 
 
 @_documented(
@@ -114,6 +167,11 @@ class DeploymentList(CountedListView):
 class EventList(CountedListView):
     queryset = Event.objects.all()
     serializer_class = EventSerializer
-    id_filters = {"deployment_id": "deployment_id", "project_id": "deployment__project_id"}
-    ordering_fields = {"start": "start", "created": "created_at", **count_orderings(Event)}
-    default_ordering = "start"
+    project_path = "deployment__project"
+    filterset_class = _filters(
+        Event,
+        {"start": "start", "created": "created_at", **count_orderings(Event)},
+        "start",
+        project_id=_project_id("deployment__project_id"),
+        deployment_id=IdFilter(field_name="deployment_id", require=access.require_deployment),
+    )
