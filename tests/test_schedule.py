@@ -31,10 +31,10 @@ def clean_slate(request):
 @pytest.fixture
 def closed_redis():
     """Point the workers' Redis client at a port nothing listens on."""
-    workers_redis.client.cache_clear()
+    workers_redis.reset()
     with override_settings(REDIS_URL="redis://127.0.0.1:1/0"):
         yield
-    workers_redis.client.cache_clear()
+    workers_redis.reset()
 
 
 def test_only_one_scheduler_leads_until_its_lease_lapses():

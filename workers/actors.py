@@ -22,6 +22,7 @@ import counts
 from counts.apps import graph
 from counts.marks import drain, pending_summary
 from workers import debounce
+from workers.encoding import DEAD_LETTER_ACTOR
 from workers.errors import MalformedMessage
 
 logger = logging.getLogger("workers.drain")
@@ -167,3 +168,12 @@ def reconcile_counts(*args, **kwargs) -> None:
     report = counts.reconcile()
     level = logging.WARNING if report.drifted_rows else logging.INFO
     logger.log(level, "reconciled %s", json.dumps(report.as_dict()))
+
+
+@dramatiq.actor(
+    actor_name=DEAD_LETTER_ACTOR, queue_name=QUEUE, throws=(MalformedMessage,), max_retries=0
+)
+def dead_letter(reason: str) -> None:
+    """The stand-in for a payload that did not decode (``workers.encoding``): dead-letter it."""
+    with _dead_letter_on_malformed():
+        raise MalformedMessage(reason)

@@ -6,8 +6,9 @@ down costs a few skipped sweeps, never the process.
 
 The sweep sends a message for every target model whose marks have none coming: marks written by
 raw SQL from another client, a message lost with a dead worker, a write whose Redis call failed.
-It leaves alone a model with a message scheduled, or with a drainer active whose oldest mark is
-younger than the drainer's flag could be.
+It leaves alone a model with a message queued, delayed or waiting for a retry
+(``workers.queued``: a failing drain must not grow its own queue), with a debounce key set, or
+with a drainer active whose oldest mark is younger than the drainer's flag could be.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from django.db import close_old_connections
 
 from counts.marks import pending_summary
 from workers import debounce
+from workers.queued import labels_with_messages
 from workers.redis import client, key
 
 logger = logging.getLogger("workers.schedule")
@@ -48,8 +50,10 @@ def sweep() -> list[str]:
     """Send for every model whose marks wait with no message coming. Returns those labels."""
     stale_after = settings.COUNTS_DRAINING_TTL_MS / 1000
     sent = []
-    for pending in pending_summary():
-        if debounce.is_scheduled(pending.label):
+    waiting = pending_summary()
+    coming = labels_with_messages() if waiting else set()
+    for pending in waiting:
+        if pending.label in coming or debounce.is_scheduled(pending.label):
             continue
         if debounce.is_draining(pending.label) and pending.oldest_seconds < stale_after:
             continue
