@@ -108,15 +108,10 @@ def request(
     window = settings.COUNTS_DEBOUNCE_MS if delay_ms is None else delay_ms
     ttl = window + settings.COUNTS_DEBOUNCE_MARGIN_MS
     token = uuid.uuid4().hex
-    redis = client()
-    script = redis.register_script(_REQUEST)
-    pipe = redis.pipeline(transaction=False)
+    # EVAL, not a registered script: a pipeline checks SCRIPT EXISTS first, a second round trip.
+    pipe = client().pipeline(transaction=False)
     for label in labels:
-        script(
-            keys=[debounce_key(label), draining_key(label)],
-            args=[token, ttl, "1" if force else "0"],
-            client=pipe,
-        )
+        pipe.eval(_REQUEST, 2, debounce_key(label), draining_key(label), token, ttl, int(force))
     sent = []
     for label, was_set in zip(labels, pipe.execute(), strict=True):
         if not was_set:

@@ -19,8 +19,6 @@ from workers.redis import where, write_path
 
 logger = logging.getLogger(__name__)
 
-_outage = {"logged": False}
-
 
 def on_marks_committed(sender, targets, using, **kwargs) -> None:
     if not write_path.allows():
@@ -28,20 +26,17 @@ def on_marks_committed(sender, targets, using, **kwargs) -> None:
     try:
         debounce.request(targets)
     except redis.RedisError as exc:
-        write_path.trip()
-        if not _outage["logged"]:
-            _outage["logged"] = True
+        if write_path.failed():
             logger.error(
                 "redis at %s unavailable: could not schedule recompute for %s (marks are safe;"
-                " the sweep will send; writers skip redis for %d ms): %s",
+                " the sweep will send; writers skip redis for %d ms at a time): %s",
                 where(),
                 sorted(targets),
                 settings.COUNTS_REDIS_COOLDOWN_MS,
                 exc,
             )
         return
-    if _outage["logged"]:
-        _outage["logged"] = False
+    if write_path.succeeded():
         logger.warning("redis at %s is back; recompute messages flow again", where())
 
 

@@ -54,23 +54,30 @@ class Breaker:
     Used by the write path only. A hung Redis costs the first writer one socket timeout; the
     writers after it skip Redis at no cost (their marks are durable in PostgreSQL and the
     scheduler's sweep sends for them). After the cool-down the next writer tries again: it
-    closes the breaker if Redis answers, re-opens it if not.
+    closes the breaker if Redis answers, re-opens it if not. It also knows whether an outage
+    is going on, so the caller logs its start and its end once each.
     """
 
     def __init__(self) -> None:
         self._open_until = 0.0
+        self._outage = False
         self._lock = threading.Lock()
 
     def allows(self) -> bool:
         return time.monotonic() >= self._open_until
 
-    def trip(self) -> None:
+    def failed(self) -> bool:
+        """Open the breaker; True for the first failure of an outage."""
         with self._lock:
             self._open_until = time.monotonic() + settings.COUNTS_REDIS_COOLDOWN_MS / 1000
+            first, self._outage = not self._outage, True
+            return first
 
-    def close(self) -> None:
+    def succeeded(self) -> bool:
+        """Close the breaker; True when this success ends an outage."""
         with self._lock:
-            self._open_until = 0.0
+            ended, self._outage, self._open_until = self._outage, False, 0.0
+            return ended
 
 
 #: Guards the write path's calls to Redis (see :class:`Breaker`).
@@ -81,4 +88,4 @@ def reset() -> None:
     """Forget every client and close the breaker: after ``REDIS_URL`` changed, and in tests."""
     while _clients:
         _clients.popitem()[1].close()
-    write_path.close()
+    write_path.succeeded()

@@ -1,0 +1,148 @@
+"""Faults degrade gracefully: a hung Redis, drains that keep failing, broken payloads.
+
+Each test runs the real pieces (PostgreSQL with its triggers, Redis, Dramatiq workers); a Redis
+that hangs or dies is a redis-server of the test's own (tests/redis_server.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import dramatiq
+import pytest
+import redis
+from django.conf import settings
+from django.test import override_settings
+from dramatiq.brokers.redis import RedisBroker
+
+from counts.models import DirtyMark
+from project.monitoring.models import (
+    Deployment,
+    Detection,
+    Project,
+    SourceImage,
+)
+from tests import worker_harness as wh
+from tests.redis_server import OwnRedis
+from tests.test_workers import converged
+from tests.truth import assert_all_counts_exact
+from workers import redis as workers_redis
+from workers.schedule import sweep
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+COLLECTION = "monitoring.sourceimagecollection"
+
+
+@pytest.fixture(autouse=True)
+def clean_slate():
+    wh.reset_redis()
+    DirtyMark.objects.all().delete()
+    workers_redis.reset()
+    yield
+    workers_redis.reset()
+    wh.reset_redis()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def an_image() -> SourceImage:
+    project = Project.objects.create(name="p")
+    station = Deployment.objects.create(project=project, name="station")
+    return SourceImage.objects.create(deployment=station, timestamp=datetime.now(UTC), path="x")
+
+
+def timed_writes(image: SourceImage, n: int, budget_s: float) -> list[float]:
+    """Seconds each of ``n`` single-row commits took (fewer if the budget ran out)."""
+    took, started = [], time.monotonic()
+    for _ in range(n):
+        t = time.perf_counter()
+        Detection.objects.create(source_image=image, bbox=[1, 2, 3, 4])
+        took.append(time.perf_counter() - t)
+        if time.monotonic() - started > budget_s:
+            break
+    return took
+
+
+def test_commits_stay_fast_while_redis_is_hung_and_counts_converge_after(own_redis, caplog):
+    image = an_image()
+    with override_settings(REDIS_URL=own_redis.url), caplog.at_level(logging.ERROR):
+        own_redis.hang()
+        try:
+            took = timed_writes(image, n=100, budget_s=20)
+        finally:
+            own_redis.resume()
+    took_ms = sorted(t * 1000 for t in took)
+    p50, p99 = statistics.median(took_ms), took_ms[int(len(took_ms) * 0.99) - 1]
+    print(f"\n{len(took)} commits with redis hung: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    assert len(took) == 100, f"only {len(took)} commits in 20 s"
+    assert p50 < 20, "a hung Redis must not slow commits"
+    assert sum(took) < 5, "at most one writer per cool-down pays the socket timeout"
+    errors = [r for r in caplog.records if r.name == "workers.hooks"]
+    assert len(errors) == 1, "one log line per outage"
+    assert f"127.0.0.1:{own_redis.port}" in errors[0].getMessage()
+    assert DirtyMark.objects.exists(), "the marks are durable"
+    with override_settings(COUNTS_DEBOUNCE_MS=100), wh.running_worker():
+        assert sweep(), "the sweep sends for the marks the writers could not announce"
+        wh.wait_until(converged, timeout=30)
+    image.refresh_from_db()
+    assert image.detections_count == 100
+    assert_all_counts_exact()
+
+
+def test_the_brokers_send_gives_up_quickly_on_a_hung_redis(own_redis):
+    """The broker's own connections carry the timeouts the settings give them."""
+    options = settings.DRAMATIQ_BROKER["OPTIONS"]
+    url = options["url"].replace(settings.REDIS_URL.split("?")[0], own_redis.url)
+    broker = RedisBroker(url=url, namespace=f"hung-{uuid.uuid4().hex}")
+    message = dramatiq.Message(queue_name="q", actor_name="a", args=(), kwargs={}, options={})
+    own_redis.hang()
+    outcome = {}
+
+    def send():
+        started = time.monotonic()
+        try:
+            broker.enqueue(message)
+        except redis.RedisError as exc:
+            outcome["error"] = exc
+        outcome["took"] = time.monotonic() - started
+
+    try:
+        thread = threading.Thread(target=send, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+    finally:
+        own_redis.resume()
+    assert outcome.get("took", 99) < 3, "the send gave up within its timeout"
+    assert isinstance(outcome.get("error"), redis.TimeoutError)
+
+
+def test_writes_within_a_window_share_one_redis_round_trip_and_converge(own_redis):
+    image = an_image()
+    commands = ("eval", "evalsha", "script|exists", "script|load")
+    with override_settings(REDIS_URL=own_redis.url, COUNTS_DEBOUNCE_MS=3000):
+        with wh.counting_messages() as counter:
+            Detection.objects.create(source_image=image, bbox=[1, 2, 3, 4])
+            first = own_redis.calls(*commands)
+            for _ in range(19):
+                Detection.objects.create(source_image=image, bbox=[1, 2, 3, 4])
+            after = own_redis.calls(*commands)
+        labels = counter.sent["recompute_pending"]
+        assert first == labels, "the first commit: one call per target model, one round trip"
+        assert after == first, "the 19 commits after it, within the window, call Redis no more"
+        with wh.running_worker():
+            wh.wait_until(converged, timeout=30)
+    image.refresh_from_db()
+    assert image.detections_count == 20
+    assert_all_counts_exact()
