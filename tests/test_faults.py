@@ -29,9 +29,10 @@ from project.monitoring.models import (
 )
 from tests import worker_harness as wh
 from tests.redis_server import OwnRedis
-from tests.test_workers import converged
+from tests.test_workers import converged, make_sets, raw_connection
 from tests.truth import assert_all_counts_exact
 from workers import redis as workers_redis
+from workers.queued import label_of_message
 from workers.schedule import sweep
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -47,6 +48,12 @@ def clean_slate():
     yield
     workers_redis.reset()
     wh.reset_redis()
+
+
+@pytest.fixture
+def counter():
+    with wh.counting_messages() as counting:
+        yield counting
 
 
 @pytest.fixture
@@ -145,4 +152,44 @@ def test_writes_within_a_window_share_one_redis_round_trip_and_converge(own_redi
             wh.wait_until(converged, timeout=30)
     image.refresh_from_db()
     assert image.detections_count == 20
+    assert_all_counts_exact()
+
+
+def messages_for(label: str) -> int:
+    """Messages for ``label`` the broker holds: enqueued, running, delayed or to be retried."""
+    broker = wh.broker()
+    r, ns = broker.client, broker.namespace
+    payloads = [*r.hvals(f"{ns}:counts.msgs"), *r.hvals(f"{ns}:counts.DQ.msgs")]
+    return sum(1 for payload in payloads if label_of_message(payload) == label)
+
+
+@override_settings(COUNTS_LOCK_TIMEOUT_MS=100, COUNTS_DEBOUNCE_MS=50, COUNTS_DRAINING_TTL_MS=500)
+def test_failing_drains_do_not_grow_their_queue_and_converge_after(counter):
+    """A migration holding its table lock makes every drain of the model fail for a while."""
+    images, sets = make_sets(n_sets=1, n_images=5)
+    for image in images:
+        sets[0].images.add(image)
+    blocker = raw_connection()
+    most = 0
+    try:
+        blocker.execute("LOCK TABLE monitoring_sourceimagecollection IN ACCESS EXCLUSIVE MODE")
+        with wh.running_worker():
+            wh.wait_until(lambda: counter.retries["recompute_pending"] >= 1, timeout=20)
+            sent_before, until = counter.sent["recompute_pending"], time.monotonic() + 8
+            while time.monotonic() < until:
+                sweep()
+                most = max(most, messages_for(COLLECTION))
+                time.sleep(0.2)
+            sent_by_sweeps = counter.sent["recompute_pending"] - sent_before
+            assert DirtyMark.objects.filter(target=COLLECTION).exists(), "failed drains keep marks"
+            blocker.rollback()
+            wh.wait_until(converged, timeout=90)
+    finally:
+        blocker.close()
+    print(f"\nwhile drains failed: at most {most} messages, {sent_by_sweeps} sent by sweeps")
+    assert most <= 2, "sweeps add no message while one is queued, delayed or retrying"
+    assert sent_by_sweeps == 0
+    assert messages_for(COLLECTION) == 0, "no redundant message left after recovery"
+    sets[0].refresh_from_db()
+    assert sets[0].source_images_count == len(images)
     assert_all_counts_exact()
