@@ -17,6 +17,7 @@ import dramatiq
 import redis
 from django.conf import settings
 from django.db import close_old_connections
+from dramatiq.middleware import CurrentMessage
 
 import counts
 from counts.apps import graph
@@ -143,7 +144,22 @@ def recompute_pending(*args, **kwargs) -> None:
     # the flag (and this drainer will find its marks) or sets the key and gets a message.
     _redis_quietly(debounce.hold_draining, label)
     _redis_quietly(debounce.release, key, token)
-    drain_label(label, fan_out=True)
+    try:
+        drain_label(label, fan_out=True)
+    except Exception:
+        if _will_retry():
+            # Take the key back for the retry, which frees it again when it starts: writers
+            # (whom the draining flag held back so far) see a message scheduled and send none,
+            # so a failing drain does not collect one more message per debounce window.
+            ttl = _RETRIES["max_backoff"] + settings.COUNTS_DEBOUNCE_MARGIN_MS
+            _redis_quietly(debounce.reclaim, key, token, ttl)
+        raise
+
+
+def _will_retry() -> bool:
+    """Whether the Retries middleware will retry the message being processed if it fails."""
+    message = CurrentMessage.get_current_message()
+    return message is not None and message.options.get("retries", 0) < _RETRIES["max_retries"]
 
 
 @dramatiq.actor(queue_name=QUEUE, throws=(MalformedMessage,), **_RETRIES)

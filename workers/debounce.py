@@ -135,6 +135,11 @@ def release(debounce_key_: str, token: str) -> bool:
     return bool(client().eval(_RELEASE, 1, debounce_key_, token))
 
 
+def reclaim(debounce_key_: str, token: str, ttl_ms: int) -> bool:
+    """Set the key back to a message's token, unless another message holds it by now."""
+    return bool(client().set(debounce_key_, token, nx=True, px=ttl_ms))
+
+
 def hold_draining(label: str) -> None:
     client().set(draining_key(label), "1", px=settings.COUNTS_DRAINING_TTL_MS)
 
