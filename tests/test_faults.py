@@ -200,3 +200,39 @@ def test_failing_drains_do_not_grow_their_queue_and_converge_after(counter):
     assert sets[0].source_images_count == len(images)
     assert sets[0].source_images_with_detections_count == 1
     assert_all_counts_exact()
+
+
+def push_raw(queue: str, payload: bytes) -> str:
+    """Store a payload in the queue the way the Redis broker stores a message; its id."""
+    broker = wh.broker()
+    message_id = str(uuid.uuid4())
+    broker.client.hset(f"{broker.namespace}:{queue}.msgs", message_id, payload)
+    broker.client.rpush(f"{broker.namespace}:{queue}", message_id)
+    return message_id
+
+
+def test_undecodable_payloads_are_dead_lettered_once_and_the_worker_goes_on(caplog):
+    images, sets = make_sets(n_sets=1, n_images=3)
+    broken = {
+        push_raw("counts", b"\xff not json at all"): b"\xff not json at all",
+        push_raw("counts", b'{"json": "but no message"}'): b'{"json": "but no message"}',
+        push_raw("counts.DQ", b"[1, 2"): b"[1, 2",
+    }
+    with caplog.at_level(logging.INFO), wh.running_worker():
+        wh.wait_until(lambda: wh.dead_letters() == len(broken), timeout=30)
+        sets[0].images.add(*images)
+        wh.wait_until(converged, timeout=30)
+    broker = wh.broker()
+    dead = broker.client.hgetall(f"{broker.namespace}:counts.XQ.msgs")
+    assert {k.decode(): v for k, v in dead.items()} == broken, "the payloads, byte for byte"
+    logged = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and "undecodable payload" in r.getMessage()
+    ]
+    assert len(logged) == len(broken), "each logged once, for an operator to see"
+    crashes = [r for r in caplog.records if r.levelno >= logging.CRITICAL]
+    assert not crashes, "the consumer never crashed"
+    sets[0].refresh_from_db()
+    assert sets[0].source_images_count == 3
+    assert_all_counts_exact()
