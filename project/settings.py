@@ -158,6 +158,8 @@ DRAMATIQ_BROKER = {
         "dramatiq.middleware.Retries",
         "dramatiq.middleware.CurrentMessage",
         "django_dramatiq.middleware.DbConnectionsMiddleware",
+        # One line per Redis outage in the worker's log, instead of CRITICALs every 3 s.
+        "workers.outages.QuietRedisOutages",
     ],
 }
 DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]

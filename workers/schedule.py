@@ -19,12 +19,13 @@ import uuid
 import redis
 from apscheduler.schedulers.blocking import BlockingScheduler
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
 from counts.marks import pending_summary
 from workers import debounce
+from workers.outages import Outage, postgres_where
 from workers.queued import labels_with_messages
-from workers.redis import client, key
+from workers.redis import client, key, where
 
 logger = logging.getLogger("workers.schedule")
 
@@ -67,6 +68,9 @@ class Scheduler:
     def __init__(self) -> None:
         interval = settings.COUNTS_SWEEP_INTERVAL_S
         self.lease = Lease(ttl_ms=interval * 3000)
+        retrying = f"the scheduler retries every {interval} s"
+        self.redis = Outage("redis", where(), retrying)
+        self.postgres = Outage("postgresql", postgres_where(connection.settings_dict), retrying)
         self.scheduler = BlockingScheduler(timezone="UTC")
         self.scheduler.add_job(
             self.run_sweep,
@@ -88,10 +92,12 @@ class Scheduler:
 
     def _leading(self) -> bool:
         try:
-            return self.lease.acquire()
+            leading = self.lease.acquire()
         except redis.RedisError as exc:
-            logger.warning("scheduler cannot reach redis: %s", exc)
+            self.redis.down(exc)
             return False
+        self.redis.up()
+        return leading
 
     def run_sweep(self) -> None:
         if not self._leading():
@@ -99,8 +105,14 @@ class Scheduler:
         close_old_connections()
         try:
             sweep()
+        except (OperationalError, InterfaceError) as exc:
+            self.postgres.down(exc)
+        except redis.RedisError as exc:
+            self.redis.down(exc)
         except Exception:
             logger.exception("sweep failed; retrying at the next interval")
+        else:
+            self.postgres.up()
         finally:
             close_old_connections()
 
@@ -112,6 +124,8 @@ class Scheduler:
         try:
             reconcile_counts.send()
             logger.info("reconcile requested")
+        except redis.RedisError as exc:
+            self.redis.down(exc)
         except Exception:
             logger.exception("could not request a reconcile; retrying at the next interval")
 
