@@ -109,6 +109,26 @@ def test_commits_stay_fast_while_redis_is_hung_and_counts_converge_after(own_red
     assert_all_counts_exact()
 
 
+@override_settings(COUNTS_REDIS_COOLDOWN_MS=2000)
+def test_the_write_path_goes_back_to_redis_by_itself_after_the_cool_down(own_redis, caplog):
+    image = an_image()
+    with override_settings(REDIS_URL=own_redis.url), caplog.at_level(logging.WARNING):
+        own_redis.stop()
+        for _ in range(3):
+            Detection.objects.create(source_image=image, bbox=[1, 2, 3, 4])
+        own_redis.start()
+        Detection.objects.create(source_image=image, bbox=[1, 2, 3, 4])
+        assert not own_redis.client().keys("*"), "within the cool-down writers skip Redis"
+        time.sleep(2.1)
+        with wh.counting_messages() as counter:
+            Detection.objects.create(source_image=image, bbox=[1, 2, 3, 4])
+        assert own_redis.client().keys("*debounce*"), "after it, the next writer sets its key"
+    assert counter.sent["recompute_pending"] >= 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "workers.hooks"]
+    assert len(lines) == 2, lines
+    assert "unavailable" in lines[0] and "is back" in lines[1]
+
+
 def test_the_brokers_send_gives_up_quickly_on_a_hung_redis(own_redis):
     """The broker's own connections carry the timeouts the settings give them."""
     options = settings.DRAMATIQ_BROKER["OPTIONS"]
