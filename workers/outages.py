@@ -27,6 +27,7 @@ logger = logging.getLogger("workers.outages")
 PING_INTERVAL_S = 1.0
 
 #: How dramatiq's consumer threads report a lost broker (worker.py), and the lines that follow.
+#: Should dramatiq reword them, the filter lets its lines through unchanged (it fails open).
 _CONSUMER_ERRORS = ("Consumer encountered a connection error", "Consumer encountered an unexpected")
 _CONSUMER_FOLLOW_UPS = ("Restarting consumer", "Failed to post_process_message")
 
