@@ -8,6 +8,7 @@ code runs on a laptop, in CI and in production: ``DATABASE_URL``, ``REDIS_URL``,
 import os
 import sys
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -135,10 +136,28 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 # Dramatiq over Redis. DbConnectionsMiddleware comes before AdminMiddleware (django-dramatiq's
 # advice); the admin middleware that writes a row per task is left out: at 10⁶ writes a day it
 # would be the busiest table in the database.
+#: Seconds the broker's connections wait to connect to and hear from Redis. The broker's send
+#: runs on the write path (after commit): a hung Redis must not hold a request for long. The
+#: worker's own calls (fetch, ack) are short Lua scripts, far below it.
+COUNTS_BROKER_TIMEOUT_S = os.environ.get("COUNTS_BROKER_TIMEOUT_S", "1")
+
+
+def with_query_defaults(url: str, **defaults: str) -> str:
+    """``url`` with query parameters added where it does not set them already."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    return urlunsplit(parts._replace(query=urlencode({**defaults, **query})))
+
+
 DRAMATIQ_BROKER = {
     "BROKER": "dramatiq.brokers.redis.RedisBroker",
     "OPTIONS": {
-        "url": REDIS_URL,
+        # RedisBroker builds its pool from the URL alone: timeouts go in its query string.
+        "url": with_query_defaults(
+            REDIS_URL,
+            socket_connect_timeout=COUNTS_BROKER_TIMEOUT_S,
+            socket_timeout=COUNTS_BROKER_TIMEOUT_S,
+        ),
         "namespace": os.environ.get(
             "DRAMATIQ_NAMESPACE", "countdown-test" if "pytest" in sys.modules else "countdown"
         ),
@@ -154,9 +173,13 @@ DRAMATIQ_BROKER = {
         "workers.heartbeat.WorkerHeartbeat",
         # Messages sent, counted in Redis for /metrics (see workers.metrics).
         "workers.metrics.CountMessages",
+        # One line per Redis outage in the worker's log, instead of CRITICALs every 3 s.
+        "workers.outages.QuietRedisOutages",
     ],
 }
 DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
+# Dead-letters a payload that is not a message instead of crashing the consumer on it.
+DRAMATIQ_ENCODER = "workers.encoding.DeadLetteringJSONEncoder"
 DRAMATIQ_TASKS_DATABASE = "default"
 
 # The counts engine and its workers.
@@ -186,6 +209,13 @@ COUNTS_SWEEP_INTERVAL_S = env_int("COUNTS_SWEEP_INTERVAL_S", 5)
 COUNTS_HEARTBEAT_INTERVAL_S = env_int("COUNTS_HEARTBEAT_INTERVAL_S", 10)
 #: /readyz fails when the scheduler was last seen longer ago than this.
 COUNTS_SCHEDULER_STALE_S = env_int("COUNTS_SCHEDULER_STALE_S", max(30, 3 * COUNTS_SWEEP_INTERVAL_S))
+#: Milliseconds the workers' own Redis client waits to connect and for an answer.
+COUNTS_REDIS_TIMEOUT_MS = env_int("COUNTS_REDIS_TIMEOUT_MS", 250)
+#: Milliseconds writers skip Redis after a failed call (the sweep covers their marks).
+COUNTS_REDIS_COOLDOWN_MS = env_int("COUNTS_REDIS_COOLDOWN_MS", 5000)
+#: Milliseconds without a heartbeat after which a worker's unacknowledged messages count as
+#: lost for the sweep (the broker itself redelivers them only after minutes).
+COUNTS_WORKER_LOST_MS = env_int("COUNTS_WORKER_LOST_MS", 10_000)
 #: Seconds between full reconcile passes.
 COUNTS_RECONCILE_INTERVAL_S = env_int("COUNTS_RECONCILE_INTERVAL_S", 6 * 3600)
 

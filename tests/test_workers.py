@@ -143,14 +143,14 @@ def test_two_workers_and_concurrent_writers_converge_exactly():
 
 def test_redis_down_during_writes_commits_logs_once_and_converges_after(caplog):
     images, sets = make_sets(n_sets=2, n_images=10)
-    workers_redis.client.cache_clear()
+    workers_redis.reset()
     try:
         with override_settings(REDIS_URL="redis://127.0.0.1:1/0"), caplog.at_level(logging.ERROR):
             for img in images[:5]:
                 sets[0].images.add(img)
         errors = [r for r in caplog.records if r.name == "workers.hooks"]
     finally:
-        workers_redis.client.cache_clear()
+        workers_redis.reset()
     assert sets[0].images.count() == 5, "the writes committed although Redis was down"
     assert len(errors) == 1, "one log line per outage, not one per write"
     assert DirtyMark.objects.filter(target=COLLECTION).exists(), "the marks are durable"

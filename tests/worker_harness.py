@@ -19,6 +19,7 @@ from django.conf import settings
 from django.db import connection
 
 from counts.models import DirtyMark
+from workers import debounce
 from workers.inprocess import (  # noqa: F401  (re-exported for the tests)
     MessageCounter,
     booted_broker,
@@ -34,7 +35,8 @@ broker = booted_broker
 
 
 def reset_redis() -> None:
-    """Forget every queued message and every key of ours."""
+    """Forget every queued message, every key of ours and what this process remembers sending."""
+    debounce.forget()
     broker().flush_all()
     r = client()
     for k in r.scan_iter(f"{settings.COUNTS_REDIS_PREFIX}:*"):

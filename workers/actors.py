@@ -17,12 +17,14 @@ import dramatiq
 import redis
 from django.conf import settings
 from django.db import close_old_connections
+from dramatiq.middleware import CurrentMessage
 
 import counts
 from counts.apps import graph
 from counts.marks import drain, pending_summary
 from counts.signals import reconciled
 from workers import debounce, metrics
+from workers.encoding import DEAD_LETTER_ACTOR
 from workers.errors import MalformedMessage
 
 logger = logging.getLogger("workers.drain")
@@ -146,7 +148,22 @@ def recompute_pending(*args, **kwargs) -> None:
     # the flag (and this drainer will find its marks) or sets the key and gets a message.
     _redis_quietly(debounce.hold_draining, label)
     _redis_quietly(debounce.release, key, token)
-    drain_label(label, fan_out=True)
+    try:
+        drain_label(label, fan_out=True)
+    except Exception:
+        if _will_retry():
+            # Take the key back for the retry, which frees it again when it starts: writers
+            # (whom the draining flag held back so far) see a message scheduled and send none,
+            # so a failing drain does not collect one more message per debounce window.
+            ttl = _RETRIES["max_backoff"] + settings.COUNTS_DEBOUNCE_MARGIN_MS
+            _redis_quietly(debounce.reclaim, key, token, ttl)
+        raise
+
+
+def _will_retry() -> bool:
+    """Whether the Retries middleware will retry the message being processed if it fails."""
+    message = CurrentMessage.get_current_message()
+    return message is not None and message.options.get("retries", 0) < _RETRIES["max_retries"]
 
 
 @dramatiq.actor(queue_name=QUEUE, throws=(MalformedMessage,), **_RETRIES)
@@ -172,3 +189,12 @@ def reconcile_counts(*args, **kwargs) -> None:
     reconciled.send(sender=reconcile_counts, report=report)
     level = logging.WARNING if report.drifted_rows else logging.INFO
     logger.log(level, "reconciled %s", json.dumps(report.as_dict()))
+
+
+@dramatiq.actor(
+    actor_name=DEAD_LETTER_ACTOR, queue_name=QUEUE, throws=(MalformedMessage,), max_retries=0
+)
+def dead_letter(reason: str) -> None:
+    """The stand-in for a payload that did not decode (``workers.encoding``): dead-letter it."""
+    with _dead_letter_on_malformed():
+        raise MalformedMessage(reason)

@@ -1,8 +1,10 @@
 """The write path's side: after commit, turn the engine's notice into a debounced message.
 
-Redis being down must not fail or slow a write: the marks are already committed and the
-scheduler's sweep will send for them once Redis is back. The error is logged once per outage,
-not once per write.
+Redis being down or hung must not fail or slow a write: the marks are already committed and the
+scheduler's sweep will send for them once Redis is back. The first failure opens the
+``workers.redis.write_path`` breaker: for a cool-down, writers skip Redis altogether (a hung
+Redis costs one writer one short socket timeout, not every writer). The error is logged once
+per outage, not once per write, and once more when Redis answers again.
 """
 
 from __future__ import annotations
@@ -10,29 +12,32 @@ from __future__ import annotations
 import logging
 
 import redis
+from django.conf import settings
 
 from workers import debounce
+from workers.redis import where, write_path
 
 logger = logging.getLogger(__name__)
 
-_outage = {"logged": False}
-
 
 def on_marks_committed(sender, targets, using, **kwargs) -> None:
+    if not write_path.allows():
+        return
     try:
         debounce.request(targets)
     except redis.RedisError as exc:
-        if not _outage["logged"]:
-            _outage["logged"] = True
+        if write_path.failed():
             logger.error(
-                "could not schedule recompute for %s (marks are safe; the sweep will send): %s",
+                "redis at %s unavailable: could not schedule recompute for %s (marks are safe;"
+                " the sweep will send; writers skip redis for %d ms at a time): %s",
+                where(),
                 sorted(targets),
+                settings.COUNTS_REDIS_COOLDOWN_MS,
                 exc,
             )
         return
-    if _outage["logged"]:
-        _outage["logged"] = False
-        logger.warning("redis is back; recompute messages flow again")
+    if write_path.succeeded():
+        logger.warning("redis at %s is back; recompute messages flow again", where())
 
 
 def queue_sizes() -> dict[str, int]:

@@ -1,27 +1,91 @@
 """The Redis client the workers' own keys live on (the broker keeps its own connections).
 
 Short timeouts on purpose: this client is used on the write path, after commit, and a Redis
-outage must cost a writer at most a fraction of a second, never a hung request.
+outage must cost a writer at most a fraction of a second, never a hung request. The
+:data:`write_path` breaker then keeps later writers off Redis for a while, so only the first
+writer of an outage pays even that.
 """
 
 from __future__ import annotations
 
-import functools
+import threading
+import time
+from urllib.parse import urlsplit
 
 import redis
 from django.conf import settings
 
+#: One client per Redis URL: ``override_settings(REDIS_URL=...)`` gets its own.
+_clients: dict[str, redis.Redis] = {}
 
-@functools.cache
+
 def client() -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.REDIS_URL,
-        socket_connect_timeout=0.5,
-        socket_timeout=1.0,
-        health_check_interval=30,
-    )
+    """The client for the current ``settings.REDIS_URL``, built on first use."""
+    url = settings.REDIS_URL
+    found = _clients.get(url)
+    if found is None:
+        timeout = settings.COUNTS_REDIS_TIMEOUT_MS / 1000
+        found = _clients.setdefault(
+            url,
+            redis.Redis.from_url(
+                url,
+                socket_connect_timeout=timeout,
+                socket_timeout=timeout,
+                health_check_interval=30,
+            ),
+        )
+    return found
+
+
+def where(url: str | None = None) -> str:
+    """``host:port`` of a Redis URL, without its password, for log lines."""
+    parts = urlsplit(url or settings.REDIS_URL)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
 def key(*parts: str) -> str:
     """A key under the project's prefix: ``countdown:counts:debounce:monitoring.event``."""
     return ":".join([settings.COUNTS_REDIS_PREFIX, *parts])
+
+
+class Breaker:
+    """A circuit breaker: after a failure, callers skip Redis until a cool-down has passed.
+
+    Used by the write path only. A hung Redis costs the first writer one socket timeout; the
+    writers after it skip Redis at no cost (their marks are durable in PostgreSQL and the
+    scheduler's sweep sends for them). After the cool-down the next writer tries again: it
+    closes the breaker if Redis answers, re-opens it if not. It also knows whether an outage
+    is going on, so the caller logs its start and its end once each.
+    """
+
+    def __init__(self) -> None:
+        self._open_until = 0.0
+        self._outage = False
+        self._lock = threading.Lock()
+
+    def allows(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    def failed(self) -> bool:
+        """Open the breaker; True for the first failure of an outage."""
+        with self._lock:
+            self._open_until = time.monotonic() + settings.COUNTS_REDIS_COOLDOWN_MS / 1000
+            first, self._outage = not self._outage, True
+            return first
+
+    def succeeded(self) -> bool:
+        """Close the breaker; True when this success ends an outage."""
+        with self._lock:
+            ended, self._outage, self._open_until = self._outage, False, 0.0
+            return ended
+
+
+#: Guards the write path's calls to Redis (see :class:`Breaker`).
+write_path = Breaker()
+
+
+def reset() -> None:
+    """Forget every client and close the breaker: after ``REDIS_URL`` changed, and in tests."""
+    while _clients:
+        _clients.popitem()[1].close()
+    write_path.succeeded()

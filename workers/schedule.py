@@ -6,8 +6,9 @@ down costs a few skipped sweeps, never the process.
 
 The sweep sends a message for every target model whose marks have none coming: marks written by
 raw SQL from another client, a message lost with a dead worker, a write whose Redis call failed.
-It leaves alone a model with a message scheduled, or with a drainer active whose oldest mark is
-younger than the drainer's flag could be.
+It leaves alone a model with a message queued, delayed or waiting for a retry
+(``workers.queued``: a failing drain must not grow its own queue), with a debounce key set, or
+with a drainer active whose oldest mark is younger than the drainer's flag could be.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import uuid
 import redis
 from apscheduler.schedulers.blocking import BlockingScheduler
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
 from counts.marks import pending_summary
 from workers import debounce, heartbeat
-from workers.redis import client, key
+from workers.outages import Outage, postgres_where
+from workers.queued import labels_with_messages
+from workers.redis import client, key, where
 
 logger = logging.getLogger("workers.schedule")
 
@@ -48,10 +51,12 @@ def sweep() -> list[str]:
     """Send for every model whose marks wait with no message coming. Returns those labels."""
     stale_after = settings.COUNTS_DRAINING_TTL_MS / 1000
     sent = []
-    for pending in pending_summary():
+    waiting = pending_summary()
+    coming = labels_with_messages() if waiting else set()
+    for pending in waiting:
         if not pending.due:  # only rows someone holds, tried again when their mark is due
             continue
-        if debounce.is_scheduled(pending.label):
+        if pending.label in coming or debounce.is_scheduled(pending.label):
             continue
         if debounce.is_draining(pending.label) and pending.oldest_seconds < stale_after:
             continue
@@ -65,6 +70,9 @@ class Scheduler:
     def __init__(self) -> None:
         interval = settings.COUNTS_SWEEP_INTERVAL_S
         self.lease = Lease(ttl_ms=interval * 3000)
+        retrying = f"the scheduler retries every {interval} s"
+        self.redis = Outage("redis", where(), retrying)
+        self.postgres = Outage("postgresql", postgres_where(connection.settings_dict), retrying)
         self.scheduler = BlockingScheduler(timezone="UTC")
         self.scheduler.add_job(
             self.run_sweep,
@@ -86,10 +94,12 @@ class Scheduler:
 
     def _leading(self) -> bool:
         try:
-            return self.lease.acquire()
+            leading = self.lease.acquire()
         except redis.RedisError as exc:
-            logger.warning("scheduler cannot reach redis: %s", exc)
+            self.redis.down(exc)
             return False
+        self.redis.up()
+        return leading
 
     def run_sweep(self) -> None:
         heartbeat.beat(heartbeat.SCHEDULER)
@@ -98,8 +108,14 @@ class Scheduler:
         close_old_connections()
         try:
             sweep()
+        except (OperationalError, InterfaceError) as exc:
+            self.postgres.down(exc)
+        except redis.RedisError as exc:
+            self.redis.down(exc)
         except Exception:
             logger.exception("sweep failed; retrying at the next interval")
+        else:
+            self.postgres.up()
         finally:
             close_old_connections()
 
@@ -111,6 +127,8 @@ class Scheduler:
         try:
             reconcile_counts.send()
             logger.info("reconcile requested")
+        except redis.RedisError as exc:
+            self.redis.down(exc)
         except Exception:
             logger.exception("could not request a reconcile; retrying at the next interval")
 
