@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import connections
 from django.test import override_settings
+from django.utils import timezone
 
 from counts.models import DirtyMark
 from tests import worker_harness as wh
@@ -45,6 +47,18 @@ def test_only_one_scheduler_leads_until_its_lease_lapses():
     time.sleep(0.4)
     assert second.acquire(), "a dead leader's lease lapses and a spare takes over"
     assert not first.acquire()
+
+
+@pytest.mark.django_db
+def test_sweep_waits_for_marks_of_held_rows_to_come_due():
+    """A drain marks a row someone holds again, due a second later: no message before then."""
+    held = DirtyMark.objects.create(
+        target=COLLECTION, ids=[1], not_before=timezone.now() + timedelta(hours=1)
+    )
+    assert sweep() == []
+    assert wh.queued_messages() == 0
+    DirtyMark.objects.filter(pk=held.pk).update(not_before=timezone.now() - timedelta(hours=1))
+    assert sweep() == [COLLECTION]
 
 
 @pytest.mark.django_db
