@@ -25,6 +25,8 @@ from counts.errors import UnknownTargetError
 from counts.spec import FORWARD, REVERSE, Chain, CountSpec, Table
 
 ROOT = "root"
+#: Statement kinds a table can see, as trigger events name them.
+OPERATIONS = ("insert", "update", "delete", "truncate")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,18 @@ class Route:
     @property
     def on_update(self) -> bool:
         return bool(self.columns - {self.table.pk}) or self.reached_by == REVERSE
+
+    @property
+    def operations(self) -> frozenset[str]:
+        """Statement kinds on ``table`` that can change the counts this route leads to.
+
+        The same rule the triggers are compiled from: a TRUNCATE matters whenever anything
+        does, since it removes every row at once.
+        """
+        ops = {"insert", "delete"} if self.on_insert_delete else set()
+        if self.on_update:
+            ops.add("update")
+        return frozenset(ops | {"truncate"}) if ops else frozenset()
 
 
 @dataclass(frozen=True)
@@ -96,5 +110,14 @@ class Graph:
         """Labels of the targets a write to ``db_table`` can make dirty."""
         return frozenset(r.target.label for r in self.routes.get(db_table, ()))
 
+    def targets_of_operation(self, db_table: str, operation: str) -> frozenset[str]:
+        """Labels of the targets an ``operation`` (``OPERATIONS``) on ``db_table`` can dirty.
 
-__all__ = ["FORWARD", "REVERSE", "ROOT", "Graph", "Route"]
+        Narrower than :meth:`targets_of_table`: inserting a project reaches no count, since a
+        table reached by a forward hop matters only when a column the counts read changes.
+        """
+        routes = self.routes.get(db_table, ())
+        return frozenset(r.target.label for r in routes if operation in r.operations)
+
+
+__all__ = ["FORWARD", "OPERATIONS", "REVERSE", "ROOT", "Graph", "Route"]

@@ -19,8 +19,9 @@ from counts.apps import graph
 from counts.capture import WriteWatcher
 from counts.errors import DeclarationError, UnknownTargetError
 from counts.fields import FRESHNESS_FIELD, CachedCountField, cached_count_fields
-from counts.graph import ROOT, Graph
+from counts.graph import OPERATIONS, ROOT, Graph
 from counts.spec import FORWARD, REVERSE, resolve, resolve_all, walk
+from counts.triggers import compile_mark_triggers
 from project.monitoring.models import (
     Deployment,
     Event,
@@ -212,7 +213,7 @@ def test_unknown_targets_are_refused():
 
 
 def test_write_watcher_notices_writes_to_watched_tables_only():
-    watcher = WriteWatcher({t: graph().targets_of_table(t) for t in graph().routes})
+    watcher = WriteWatcher.for_graph(graph())
     assert watcher.targets_of('INSERT INTO "monitoring_detection" ...') == set(graph().targets)
     assert watcher.targets_of(f'DELETE FROM "{THROUGH}" WHERE ...') == {
         "monitoring.sourceimagecollection"
@@ -220,6 +221,26 @@ def test_write_watcher_notices_writes_to_watched_tables_only():
     assert watcher.targets_of('SELECT * FROM "monitoring_detection"') == frozenset()
     assert watcher.targets_of('UPDATE "monitoring_taxon" SET name = 1') == frozenset()
     assert watcher.targets_of("WITH x AS (SELECT 1) UPDATE monitoring_project SET a = 1") == {
+        "monitoring.deployment",
+        "monitoring.event",
+    }
+
+
+def test_the_notice_names_exactly_what_each_trigger_can_mark():
+    """Per table and operation, the watcher announces the targets the trigger writes marks for.
+
+    Announcing more sends useless messages (inserting a project reaches no count); announcing
+    less leaves counts stale until the sweep.
+    """
+    labels = sorted(graph().targets)
+    compiled = {(t.table, t.operation): t.sql for t in compile_mark_triggers(graph())}
+    for table in graph().routes:
+        for op in OPERATIONS:
+            sql = compiled.get((table, op), "")
+            marked = {label for label in labels if f"'{label}'" in sql}
+            assert graph().targets_of_operation(table, op) == marked, (table, op)
+    assert graph().targets_of_operation("monitoring_project", "insert") == frozenset()
+    assert graph().targets_of_operation("monitoring_project", "update") == {
         "monitoring.deployment",
         "monitoring.event",
     }

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 from django.db import connection
+from django.utils.text import slugify
 
 #: (name, score threshold, share of captures, station places). Thresholds differ on purpose:
 #: the same score spread counts differently in each project.
@@ -110,10 +110,6 @@ def split(total: int, weights: list[float]) -> list[int]:
         acc += w
         cuts.append(round(total * acc / whole))
     return [b - a for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]
-
-
-def slugify(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def make_plan(scale: int, seed: int) -> Plan:
