@@ -45,14 +45,14 @@ def own_redis():
     url = f"redis://127.0.0.1:{port}/0"
     r = redis.Redis.from_url(url)
     wh.wait_until(lambda: _pings(r), timeout=10)
-    workers_redis.client.cache_clear()
+    workers_redis.reset()
     try:
         with override_settings(REDIS_URL=url):
             yield server
     finally:
         server.kill()
         server.wait(timeout=10)
-        workers_redis.client.cache_clear()
+        workers_redis.reset()
 
 
 def _pings(r) -> bool:

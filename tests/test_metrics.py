@@ -105,10 +105,10 @@ def test_metrics_report_drains_messages_pending_marks_and_drift(client):
 def test_metrics_still_answer_when_redis_does_not(client, settings):
     from workers import redis as workers_redis
 
-    workers_redis.client.cache_clear()
+    workers_redis.reset()
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     try:
         samples = scrape(client)
     finally:
-        workers_redis.client.cache_clear()
+        workers_redis.reset()
     assert value(samples, "countdown_source_up", source="redis") == 0
