@@ -39,117 +39,138 @@ def _verdict(met: bool | None) -> str:
 def rows(results: dict) -> list[tuple[str, ...]]:
     """(section, figure, A, B, ratio, goal, verdict) for every figure measured."""
     out: list[tuple[str, ...]] = []
-    lst = results.get("list")
-    if lst:
-        for r in lst["sizes"]:
-            at_goal = r["size"] >= 500_000
-            for key, name in (
-                ("subquery", "3 Subquery(Count)"),
-                ("count_distinct", "Count(distinct)"),
-            ):
-                x = r[f"{key}_ratio"]
-                out.append(
-                    (
-                        f"list {_size(r['size'])}",
-                        f"page of 25, cached vs {name}" + ("" if r["agree"] else " (DISAGREE)"),
-                        _fmt_ms(r["cached_ms"]),
-                        _fmt_ms(r[f"{key}_ms"]),
-                        _fmt_x(x),
-                        "≥ 100x" if at_goal else "",
-                        _verdict(x >= 100 if at_goal else None),
-                    )
-                )
-        cached = [r["cached_ms"] for r in lst["sizes"]]
-        out.append(
-            (
-                "list",
-                f"cached page of 25: slowest (A) ÷ fastest (B) of {len(cached)} set sizes"
-                " — flat if the ratio A/B stays small",
-                _fmt_ms(max(cached)),
-                _fmt_ms(min(cached)),
-                _fmt_x(lst["cached_flatness"]),
-                "≤ 1.5x",
-                _verdict(lst["cached_flatness"] <= 1.5 and lst["agree"]),
-            )
-        )
-    wr = results.get("write")
-    if wr:
-        for key in ("bulk_create", "single_saves", "m2m_add"):
-            r = wr[key]
-            bulk = key != "single_saves"
+    for section, section_rows in _SECTIONS:
+        if results.get(section):
+            out += section_rows(results[section])
+    return out
+
+
+def _list_rows(lst: dict) -> list[tuple[str, ...]]:
+    """Each set size against both per-request aggregates, then the flatness of the cached page."""
+    out = []
+    for r in lst["sizes"]:
+        at_goal = r["size"] >= 500_000
+        for key, name in (("subquery", "3 Subquery(Count)"), ("count_distinct", "Count(distinct)")):
+            x = r[f"{key}_ratio"]
             out.append(
                 (
-                    "write",
-                    f"{r['label']}: triggers on vs off",
-                    _fmt_ms(r["on_ms"]),
-                    _fmt_ms(r["off_ms"]),
-                    _fmt_x(r["ratio"]),
-                    "≤ 1.2x" if bulk else "",
-                    _verdict(r["ratio"] <= 1.2 if bulk else None),
-                )
-            )
-    rc = results.get("recompute")
-    if rc:
-        for key, name in (("statement", "per-set statement"), ("orm", "per-set ORM aggregate")):
-            x = rc[f"{key}_ratio"]
-            out.append(
-                (
-                    "recompute",
-                    f"{rc['sets']:,} dirty sets: grouped drain vs {name}"
-                    + ("" if rc["exact"] else " (NOT EXACT)"),
-                    _fmt_ms(rc["grouped_ms"]),
-                    _fmt_ms(rc[f"per_set_{key}_ms"]),
+                    f"list {_size(r['size'])}",
+                    f"page of 25, cached vs {name}" + ("" if r["agree"] else " (DISAGREE)"),
+                    _fmt_ms(r["cached_ms"]),
+                    _fmt_ms(r[f"{key}_ms"]),
                     _fmt_x(x),
-                    "≥ 10x",
-                    _verdict(x >= 10 and rc["exact"]),
+                    "≥ 100x" if at_goal else "",
+                    _verdict(x >= 100 if at_goal else None),
                 )
             )
-    bu = results.get("burst")
-    if bu:
-        out.append(
-            (
-                "burst",
-                f"{bu['writes']:,} single-row writes over {bu['sets']} sets: messages, med / max",
-                f"{bu['messages_median']:g}",
-                f"{bu['messages_max']}",
-                "",
-                "≤ 5",
-                _verdict(bu["messages_max"] <= 5),
-            )
+    cached = [r["cached_ms"] for r in lst["sizes"]]
+    out.append(
+        (
+            "list",
+            f"cached page of 25: slowest (A) ÷ fastest (B) of {len(cached)} set sizes"
+            " — flat if the ratio A/B stays small",
+            _fmt_ms(max(cached)),
+            _fmt_ms(min(cached)),
+            _fmt_x(lst["cached_flatness"]),
+            "≤ 1.5x",
+            _verdict(lst["cached_flatness"] <= 1.5 and lst["agree"]),
         )
-        p50, p99 = bu["exact_after_p50_s"], bu["exact_after_p99_s"]
+    )
+    return out
+
+
+def _write_rows(wr: dict) -> list[tuple[str, ...]]:
+    """What the triggers cost each write path (the bulk ones have a goal)."""
+    out = []
+    for key in ("bulk_create", "single_saves", "m2m_add"):
+        r = wr[key]
+        bulk = key != "single_saves"
         out.append(
             (
-                "burst",
-                f"last commit → exact counts: median (A) / p99 (B) of {bu['repeats']} bursts"
-                + (
-                    " (p99 interpolated between the two slowest: ≈ the worst seen)"
-                    if bu["repeats"] < 100
-                    else ""
-                )
-                + f", debounce {bu['debounce_ms']} ms",
-                "—" if p50 is None else f"{p50:.2f} s",
-                "—" if p99 is None else f"{p99:.2f} s",
-                "",
-                "exact",
-                _verdict(bu["exact"]),
-            )
-        )
-    re = results.get("reconcile")
-    if re:
-        out.append(
-            (
-                "reconcile",
-                f"targets checked per second ({re['checked']:,} in {re['seconds']:.1f} s,"
-                f" {re['drifted_rows']} drifted)",
-                f"{re['per_second']:,.0f}/s",
-                "",
-                "",
-                "no drift",
-                _verdict(re["drifted_rows"] == 0),
+                "write",
+                f"{r['label']}: triggers on vs off",
+                _fmt_ms(r["on_ms"]),
+                _fmt_ms(r["off_ms"]),
+                _fmt_x(r["ratio"]),
+                "≤ 1.2x" if bulk else "",
+                _verdict(r["ratio"] <= 1.2 if bulk else None),
             )
         )
     return out
+
+
+def _recompute_rows(rc: dict) -> list[tuple[str, ...]]:
+    """The grouped drain against recomputing set by set, by statement and by ORM."""
+    out = []
+    for key, name in (("statement", "per-set statement"), ("orm", "per-set ORM aggregate")):
+        x = rc[f"{key}_ratio"]
+        out.append(
+            (
+                "recompute",
+                f"{rc['sets']:,} dirty sets: grouped drain vs {name}"
+                + ("" if rc["exact"] else " (NOT EXACT)"),
+                _fmt_ms(rc["grouped_ms"]),
+                _fmt_ms(rc[f"per_set_{key}_ms"]),
+                _fmt_x(x),
+                "≥ 10x",
+                _verdict(x >= 10 and rc["exact"]),
+            )
+        )
+    return out
+
+
+def _burst_rows(bu: dict) -> list[tuple[str, ...]]:
+    """Messages per burst of writes, and how long after its last commit the counts are exact."""
+    p50, p99 = bu["exact_after_p50_s"], bu["exact_after_p99_s"]
+    interpolated = " (p99 interpolated between the two slowest: ≈ the worst seen)"
+    return [
+        (
+            "burst",
+            f"{bu['writes']:,} single-row writes over {bu['sets']} sets: messages, med / max",
+            f"{bu['messages_median']:g}",
+            f"{bu['messages_max']}",
+            "",
+            "≤ 5",
+            _verdict(bu["messages_max"] <= 5),
+        ),
+        (
+            "burst",
+            f"last commit → exact counts: median (A) / p99 (B) of {bu['repeats']} bursts"
+            + (interpolated if bu["repeats"] < 100 else "")
+            + f", debounce {bu['debounce_ms']} ms",
+            "—" if p50 is None else f"{p50:.2f} s",
+            "—" if p99 is None else f"{p99:.2f} s",
+            "",
+            "exact",
+            _verdict(bu["exact"]),
+        ),
+    ]
+
+
+def _reconcile_rows(re: dict) -> list[tuple[str, ...]]:
+    """The reconcile pass's rate, and whether it found drift."""
+    return [
+        (
+            "reconcile",
+            f"targets checked per second ({re['checked']:,} in {re['seconds']:.1f} s,"
+            f" {re['drifted_rows']} drifted)",
+            f"{re['per_second']:,.0f}/s",
+            "",
+            "",
+            "no drift",
+            _verdict(re["drifted_rows"] == 0),
+        )
+    ]
+
+
+#: The table's sections in order: a key of the results and the function making its rows.
+_SECTIONS = (
+    ("list", _list_rows),
+    ("write", _write_rows),
+    ("recompute", _recompute_rows),
+    ("burst", _burst_rows),
+    ("reconcile", _reconcile_rows),
+)
 
 
 HEADER = ("section", "figure (A vs B)", "A", "B", "B/A", "goal", "")

@@ -99,20 +99,7 @@ def cases(big_set: int, bulk: int, saves: int, m2m: int) -> list[WriteCase]:
     Detections go to images that belong to a big set (and to the seeded sets), so the trigger
     walks every route it has: image, night, station and capture sets.
     """
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT sourceimage_id FROM {dataset.THROUGH} WHERE sourceimagecollection_id = %s"
-            " ORDER BY sourceimage_id LIMIT %s",
-            [big_set, max(1, bulk // 2)],
-        )
-        images = [row[0] for row in cursor.fetchall()]
-        cursor.execute(
-            f"SELECT d.id FROM monitoring_detection d JOIN {dataset.THROUGH} m"
-            " ON m.sourceimage_id = d.source_image_id AND m.sourceimagecollection_id = %s"
-            " ORDER BY d.id LIMIT %s",
-            [big_set, saves],
-        )
-        detections = [row[0] for row in cursor.fetchall()]
+    images, detections = _in_big_set(big_set, max(1, bulk // 2), saves)
     members = dataset.sample_images(m2m, salt=2)
     project = SourceImageCollection.objects.get(pk=big_set).project_id
 
@@ -158,6 +145,25 @@ def cases(big_set: int, bulk: int, saves: int, m2m: int) -> list[WriteCase]:
             lambda s: s.images.add(*members),
         ),
     ]
+
+
+def _in_big_set(big_set: int, images: int, detections: int) -> tuple[list[int], list[int]]:
+    """The first ``images`` captures of the set and the first ``detections`` detections on its
+    captures, by id."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT sourceimage_id FROM {dataset.THROUGH} WHERE sourceimagecollection_id = %s"
+            " ORDER BY sourceimage_id LIMIT %s",
+            [big_set, images],
+        )
+        image_ids = [row[0] for row in cursor.fetchall()]
+        cursor.execute(
+            f"SELECT d.id FROM monitoring_detection d JOIN {dataset.THROUGH} m"
+            " ON m.sourceimage_id = d.source_image_id AND m.sourceimagecollection_id = %s"
+            " ORDER BY d.id LIMIT %s",
+            [big_set, detections],
+        )
+        return image_ids, [row[0] for row in cursor.fetchall()]
 
 
 def measure(big_set: int, repeats: int, bulk: int, saves: int, m2m: int, log) -> dict:

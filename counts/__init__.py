@@ -5,7 +5,10 @@ The public API, importable from ``counts``:
 - :class:`~counts.fields.CachedCountField` — declare a count (in ``counts.fields``);
 - :func:`recompute` — recompute given rows now (admin action, tests);
 - :func:`drain` — consume one batch of dirty marks (workers);
-- :func:`reconcile` — find and repair drift (scheduler, ``manage.py counts reconcile``).
+- :func:`reconcile` — find and repair drift (scheduler, ``manage.py counts reconcile``);
+- :func:`rebuild` — recompute every row of some or all models now, leaving no redundant mark
+  (``manage.py counts rebuild``, ``seed_demo``); :func:`target_rows` sizes such a pass;
+- :mod:`counts.rest` — list endpoints with counts and freshness, for apps that use DRF.
 
 The functions import lazily so that importing ``counts.fields`` from a models module never
 pulls in code that needs the app registry (``reconcile`` is the exception; see below).
@@ -50,3 +53,15 @@ from counts import reconcile as _reconcile_module  # noqa: E402
 def reconcile(model=None, dry_run: bool = False, chunk: int = 1000, progress=None):
     """Find and repair drift; see :func:`counts.reconcile.reconcile`."""
     return _reconcile_module.reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
+
+
+def rebuild(models=None, chunk: int = 1000, progress=None):
+    """Recompute every row of ``models`` (all targets when None) now; see
+    :func:`counts.reconcile.rebuild`."""
+    return _reconcile_module.rebuild(models=models, chunk=chunk, progress=progress)
+
+
+def target_rows(models=None) -> dict[str, int]:
+    """``{label: rows}`` of ``models`` (all targets when None); see
+    :func:`counts.reconcile.target_rows`."""
+    return _reconcile_module.target_rows(models=models)

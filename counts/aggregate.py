@@ -138,7 +138,27 @@ def compile_recompute(label: str, using: str = "default") -> RecomputeStatement:
     model = apps.get_model(label)
     specs = graph().specs_for(label)
     table, pk = model._meta.db_table, model._meta.pk.column
-    compiler_connection = connections[using]
+    fresh, columns, params = _fresh_sql(model, specs, connections[using])
+    write, dry = _compare_and_write_sql(table, pk, columns, fresh)
+    return RecomputeStatement(
+        label=label,
+        table=table,
+        pk=pk,
+        fields=tuple({s.column: s.name for s in specs}[c] for c in columns),
+        sql=write,
+        dry_sql=dry,
+        params=tuple(params),
+    )
+
+
+def _fresh_sql(model, specs, connection) -> tuple[str, list[str], list]:
+    """``SELECT pk, <every count>`` for the rows whose ids are bound at execution: one grouped
+    subquery per join signature, LEFT JOINed to the target table.
+
+    Returns:
+        (sql, the count columns in the order selected, params with :data:`_IDS` placeholders)
+    """
+    pk = model._meta.pk.column
     joins, selects, params = [], [], []
     for g, group in enumerate(_groups(specs)):
         joined = frozenset().union(*(s.join_signature for s in group))
@@ -149,20 +169,29 @@ def compile_recompute(label: str, using: str = "default") -> RecomputeStatement:
             .values("pk")
             .annotate(**annotations)
         )
-        sub_sql, sub_params = qs.query.get_compiler(connection=compiler_connection).as_sql()
+        sub_sql, sub_params = qs.query.get_compiler(connection=connection).as_sql()
         joins.append(f"LEFT JOIN ({sub_sql}) g{g} ON g{g}.pk = t.{q(pk)}")
         params.extend(sub_params)
         for i, spec in enumerate(group):
             selects.append((spec.column, f"COALESCE(g{g}.c{i}, 0)"))
-    columns = [c for c, _ in selects]
     fresh = (
         f"SELECT t.{q(pk)} AS pk, "
         + ", ".join(f"{expr} AS {q(col)}" for col, expr in selects)
-        + f" FROM {q(table)} t "
+        + f" FROM {q(model._meta.db_table)} t "
         + " ".join(joins)
         + f" WHERE t.{q(pk)} = ANY(%s::bigint[])"
     )
     params.append(_IDS)
+    return fresh, [c for c, _ in selects], params
+
+
+def _compare_and_write_sql(table: str, pk: str, columns: list[str], fresh: str) -> tuple[str, str]:
+    """The statements around ``fresh``: keep the rows whose stored counts differ, then write them
+    (stamping freshness) or, for a dry run, only select them; both return pk, olds, news.
+
+    Returns:
+        (write sql, dry-run sql)
+    """
     old = ", ".join(f"t.{q(c)}" for c in columns)
     new = ", ".join(f"f.{q(c)}" for c in columns)
     changed = (
@@ -185,15 +214,7 @@ def compile_recompute(label: str, using: str = "default") -> RecomputeStatement:
         f" FROM changed WHERE t.{q(pk)} = changed.pk RETURNING {returning}"
     )
     dry = f"{head}SELECT {returning} FROM changed ORDER BY changed.pk"
-    return RecomputeStatement(
-        label=label,
-        table=table,
-        pk=pk,
-        fields=tuple({s.column: s.name for s in specs}[c] for c in columns),
-        sql=write,
-        dry_sql=dry,
-        params=tuple(params),
-    )
+    return write, dry
 
 
 @dataclass(frozen=True)

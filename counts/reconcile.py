@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from django.db import connections
 
 from counts import aggregate
 from counts.apps import graph
 from counts.errors import UnknownTargetError
 from counts.marks import defer, engine_transaction
-from counts.triggers import q
+from counts.triggers import MARK_TABLE, q
 
 
 @dataclass
@@ -62,15 +64,20 @@ class ReconcileReport:
         }
 
 
-def _labels(model) -> list[str]:
+def _labels(models) -> list[str]:
+    """Target labels named by ``models``: None (every target), a model or label, or several."""
     targets = sorted(graph().targets)
-    if model is None:
+    if models is None:
         return targets
-    label = model if isinstance(model, str) else model._meta.label_lower
-    label = label.lower()
-    if label not in targets:
-        raise UnknownTargetError(label)
-    return [label]
+    if isinstance(models, str) or not isinstance(models, Iterable):
+        models = [models]
+    labels = []
+    for model in models:
+        label = (model if isinstance(model, str) else model._meta.label_lower).lower()
+        if label not in targets:
+            raise UnknownTargetError(label)
+        labels.append(label)
+    return sorted(set(labels))
 
 
 def reconcile(
@@ -91,35 +98,89 @@ def reconcile(
     started = time.perf_counter()
     report = ReconcileReport(dry_run=dry_run)
     for label in _labels(model):
-        statement = aggregate.compile_recompute(label, using)
-        model_report = report.models[label] = ModelReport(label)
-        last = None
-        while True:
-            with engine_transaction(using) as cursor:
-                where = "" if last is None else f"WHERE {q(statement.pk)} > %s"
-                cursor.execute(
-                    f"SELECT {q(statement.pk)} FROM {q(statement.table)} {where}"
-                    f" ORDER BY {q(statement.pk)} LIMIT %s",
-                    ([] if last is None else [last]) + [chunk],
-                )
-                ids = [row[0] for row in cursor.fetchall()]
-                if not ids:
-                    break
-                checked = ids
-                if not dry_run:
-                    # Rows someone holds are marked for the drain rather than waited for.
-                    checked = aggregate.lock(cursor, statement, ids)
-                    held = aggregate.held_elsewhere(cursor, statement, ids, checked)
-                    if held:
-                        defer(cursor, label, held)
-                changes = aggregate.run(cursor, statement, checked, write=not dry_run)
-            last = ids[-1]
-            model_report.checked += len(checked)
-            model_report.drifted_rows += len(changes)
-            for change in changes:
-                model_report.drift.update(change.fields)
-            model_report.examples.extend(changes[: max(0, 5 - len(model_report.examples))])
-            if progress:
-                progress(label, model_report.checked)
+        report.models[label] = _reconcile_model(label, dry_run, chunk, progress, using)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _reconcile_model(label: str, dry_run: bool, chunk: int, progress, using: str) -> ModelReport:
+    """One target model's pass, ``chunk`` rows per transaction in id order."""
+    statement = aggregate.compile_recompute(label, using)
+    model_report = ModelReport(label)
+    last = None
+    while True:
+        with engine_transaction(using) as cursor:
+            ids = _next_ids(cursor, statement, last, chunk)
+            if not ids:
+                break
+            checked = ids
+            if not dry_run:
+                # Rows someone holds are marked for the drain rather than waited for.
+                checked = aggregate.lock(cursor, statement, ids)
+                held = aggregate.held_elsewhere(cursor, statement, ids, checked)
+                if held:
+                    defer(cursor, label, held)
+            changes = aggregate.run(cursor, statement, checked, write=not dry_run)
+        last = ids[-1]
+        model_report.checked += len(checked)
+        model_report.drifted_rows += len(changes)
+        for change in changes:
+            model_report.drift.update(change.fields)
+        model_report.examples.extend(changes[: max(0, 5 - len(model_report.examples))])
+        if progress:
+            progress(label, model_report.checked)
+    return model_report
+
+
+def _next_ids(cursor, statement, last: int | None, chunk: int) -> list[int]:
+    """The next ``chunk`` ids after ``last`` (keyset pagination: no offset to walk past)."""
+    where = "" if last is None else f"WHERE {q(statement.pk)} > %s"
+    cursor.execute(
+        f"SELECT {q(statement.pk)} FROM {q(statement.table)} {where}"
+        f" ORDER BY {q(statement.pk)} LIMIT %s",
+        ([] if last is None else [last]) + [chunk],
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
+def rebuild(
+    models=None,
+    chunk: int = 1000,
+    progress: Callable[[str, int], None] | None = None,
+    using: str = "default",
+) -> ReconcileReport:
+    """Recompute every row of ``models`` now, then drop the marks the pass made redundant.
+
+    A repairing :func:`reconcile` over each model, after which the marks for those models that
+    were already committed when it started are deleted: the pass read every row after they
+    were committed, so it covered them, and a drain would only recompute the same rows again.
+    Marks written meanwhile (by writers, or for rows someone held) stay for the workers.
+
+    Args:
+        models: A model, a label, or several; every target when None.
+        chunk: Rows per transaction.
+        progress: Called with (label, rows checked so far) after each chunk.
+    """
+    labels = _labels(models)
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"SELECT id FROM {MARK_TABLE} WHERE target = ANY(%s)", [labels])
+        covered = [row[0] for row in cursor.fetchall()]
+    started = time.perf_counter()
+    report = ReconcileReport(dry_run=False)
+    for label in labels:
+        report.models[label] = _reconcile_model(label, False, chunk, progress, using)
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"DELETE FROM {MARK_TABLE} WHERE id = ANY(%s)", [covered])
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def target_rows(models=None, using: str = "default") -> dict[str, int]:
+    """``{label: rows in its table now}`` for ``models`` (every target when None): the length
+    of a :func:`rebuild` or :func:`reconcile` pass, e.g. for a progress bar."""
+    rows = {}
+    with connections[using].cursor() as cursor:
+        for label in _labels(models):
+            cursor.execute(f"SELECT count(*) FROM {q(graph().targets[label].db_table)}")
+            rows[label] = cursor.fetchone()[0]
+    return rows

@@ -8,13 +8,13 @@ against the plain-SQL truth of DESIGN §1 in ``tests.truth``, independently of t
 aggregate.
 """
 
+import importlib
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-import counts
 from project.monitoring.models import (
     Detection,
     Event,
@@ -237,17 +237,19 @@ def test_if_empty_seeds_an_empty_database():
 
 def test_a_write_during_the_counting_pass_keeps_its_mark(monkeypatch):
     """Only marks that existed before the pass are deleted: a concurrent write stays queued."""
-    real = counts.reconcile
+    engine = importlib.import_module("counts.reconcile")  # counts.reconcile is the function
+    real = engine._reconcile_model
     written = {}
 
-    def reconcile_then_someone_writes(**kwargs):
-        report = real(**kwargs)
-        image = SourceImage.objects.order_by("id").first()
-        written["image"] = image.pk
-        Detection.objects.create(source_image=image, bbox=[0, 0, 5, 5])
+    def reconcile_then_someone_writes(*args):
+        report = real(*args)
+        if not written:
+            image = SourceImage.objects.order_by("id").first()
+            written["image"] = image.pk
+            Detection.objects.create(source_image=image, bbox=[0, 0, 5, 5])
         return report
 
-    monkeypatch.setattr(counts, "reconcile", reconcile_then_someone_writes)
+    monkeypatch.setattr(engine, "_reconcile_model", reconcile_then_someone_writes)
     seed("--scale", "500")
     pending = fetch(
         "SELECT count(*) FROM counts_dirtymark"

@@ -9,6 +9,22 @@ raw SQL from another client, a message lost with a dead worker, a write whose Re
 It leaves alone a model with a message queued, delayed or waiting for a retry
 (``workers.queued``: a failing drain must not grow its own queue), with a debounce key set, or
 with a drainer active whose oldest mark is younger than the drainer's flag could be.
+
+Why not dramatiq-crontab (1.2.1, read from its source): it is a thin layer over the same
+APScheduler ``BlockingScheduler``, and it does run sub-minute jobs (``interval(seconds=…)``),
+but it does not keep this process's behaviour. (1) It schedules only actors: ``interval`` and
+``cron`` decorate a Dramatiq actor and schedule ``actor.send``; the sweep would become a message
+that waits in the very queues it inspects, piles up one per interval while the workers are
+down, and the scheduler's heartbeat would then measure the workers, not the scheduler. (2) Its
+leadership is one redis-py lock (``dramatiq-scheduler``, 10 s TTL, extended every 5 s), taken
+once at start: a spare scheduler waits 15 s, prints "Another scheduler is already running" and
+exits (under honcho that stops every process of the Procfile); a Redis down at start is a
+traceback and an exit. (3) During a Redis outage the extend job raises ``ConnectionError`` (not
+``LockError``), which APScheduler logs with a traceback every 5 s, while the TTL lapses and a
+spare may lead too; once Redis is back the extend raises ``LockNotOwnedError`` and the leader
+shuts down instead of resuming. The :class:`Lease` here is renewed or retaken every sweep, a
+spare keeps running and takes over when the lease lapses, and an outage is one log line each
+way (``workers.outages``).
 """
 
 from __future__ import annotations

@@ -278,79 +278,100 @@ def load(plan: Plan, progress) -> dict[str, int]:
         0,
     )
     rows["membership"] = 0
-    seed = plan.seed
     with connection.cursor() as cursor:
         # Check foreign keys per statement rather than queueing millions of checks to COMMIT.
         cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
         cursor.execute("SELECT pg_get_serial_sequence('monitoring_occurrence', 'id')")
         occ_seq = cursor.fetchone()[0]
-        project_ids = [
-            _insert_returning(
-                cursor,
-                "INSERT INTO monitoring_project (created_at, updated_at, name,"
-                " default_filters_score_threshold) VALUES (now(), now(), %(n)s, %(t)s)"
-                " RETURNING id",
-                {"n": name, "t": threshold},
-            )[0][0]
-            for name, threshold, _share, _places in PROJECTS
-        ]
+        project_ids = _insert_projects(cursor)
         rows["project"] = len(project_ids)
-        cursor.execute(
-            "INSERT INTO monitoring_taxon (created_at, updated_at, name)"
-            " SELECT now(), now(), n FROM unnest(%(names)s::text[]) n"
-            " ON CONFLICT (name) DO NOTHING",
-            {"names": plan.taxa},
-        )
-        rows["taxon"] = cursor.rowcount
-        cursor.execute(
-            "SELECT t.id FROM unnest(%(names)s::text[]) WITH ORDINALITY AS n(name, i)"
-            " JOIN monitoring_taxon t ON t.name = n.name ORDER BY n.i",
-            {"names": plan.taxa},
-        )
-        taxa = [r[0] for r in cursor.fetchall()]
+        rows["taxon"], taxa = _insert_taxa(cursor, plan.taxa)
         for d in plan.deployments:
             d.id = _insert_deployment(cursor, d, project_ids[d.project])
-            rows["deployment"] += 1
-            rows["event"] += len(d.nights)
-            groups = [(n.id, n.start, _step(n.captures), n.captures) for n in d.nights]
-            groups += [(None, t, _step(n, DAYTIME), n) for t, n in d.days]
-            cursor.execute(
-                _CAPTURES,
-                {
-                    "dep": d.id,
-                    "slug": d.slug,
-                    "events": [g[0] for g in groups],
-                    "starts": [g[1] for g in groups],
-                    "steps": [g[2] for g in groups],
-                    "sizes": [g[3] for g in groups],
-                },
-            )
-            rows["capture"] += cursor.rowcount
-            cursor.execute(
-                _DETECTIONS,
-                {"dep": d.id, "seed": seed, "occ_seq": occ_seq, "taxa": taxa, "n_taxa": len(taxa)},
-            )
-            detections, occurrences = cursor.fetchone()
-            rows["detection"] += detections
-            rows["occurrence"] += occurrences
+            _load_station(cursor, d, rows, seed=plan.seed, occ_seq=occ_seq, taxa=taxa)
             progress(d.captures)
         for c in collection_plans(plan):
-            collection_id = _insert_returning(
-                cursor,
-                "INSERT INTO monitoring_sourceimagecollection (created_at, updated_at, project_id,"
-                " name, source_images_count, source_images_with_detections_count,"
-                " source_images_processed_count) VALUES (now(), now(), %(p)s, %(n)s, 0, 0, 0)"
-                " RETURNING id",
-                {"p": project_ids[c.project], "n": c.name},
-            )[0][0]
+            rows["membership"] += _insert_collection(cursor, plan, c, project_ids[c.project])
             rows["set"] += 1
-            deps = [d.id for d in plan.deployments if d.project == c.project]
-            cursor.execute(
-                _MEMBERS.format(where=c.where),
-                {"collection": collection_id, "deps": deps, "seed": seed, **c.params},
-            )
-            rows["membership"] += cursor.rowcount
     return rows
+
+
+def _insert_projects(cursor) -> list[int]:
+    """One row per :data:`PROJECTS` entry; their ids in that order."""
+    return [
+        _insert_returning(
+            cursor,
+            "INSERT INTO monitoring_project (created_at, updated_at, name,"
+            " default_filters_score_threshold) VALUES (now(), now(), %(n)s, %(t)s)"
+            " RETURNING id",
+            {"n": name, "t": threshold},
+        )[0][0]
+        for name, threshold, _share, _places in PROJECTS
+    ]
+
+
+def _insert_taxa(cursor, names: list[str]) -> tuple[int, list[int]]:
+    """Insert the taxa not there yet; returns (how many were new, every name's id in order)."""
+    cursor.execute(
+        "INSERT INTO monitoring_taxon (created_at, updated_at, name)"
+        " SELECT now(), now(), n FROM unnest(%(names)s::text[]) n"
+        " ON CONFLICT (name) DO NOTHING",
+        {"names": names},
+    )
+    inserted = cursor.rowcount
+    cursor.execute(
+        "SELECT t.id FROM unnest(%(names)s::text[]) WITH ORDINALITY AS n(name, i)"
+        " JOIN monitoring_taxon t ON t.name = n.name ORDER BY n.i",
+        {"names": names},
+    )
+    return inserted, [r[0] for r in cursor.fetchall()]
+
+
+def _load_station(cursor, d: DeploymentPlan, rows: dict, *, seed, occ_seq, taxa) -> None:
+    """One station's nights, captures, detections and occurrences (its row is in already);
+    adds what it wrote to ``rows``."""
+    rows["deployment"] += 1
+    rows["event"] += len(d.nights)
+    groups = [(n.id, n.start, _step(n.captures), n.captures) for n in d.nights]
+    groups += [(None, t, _step(n, DAYTIME), n) for t, n in d.days]
+    cursor.execute(
+        _CAPTURES,
+        {
+            "dep": d.id,
+            "slug": d.slug,
+            "events": [g[0] for g in groups],
+            "starts": [g[1] for g in groups],
+            "steps": [g[2] for g in groups],
+            "sizes": [g[3] for g in groups],
+        },
+    )
+    rows["capture"] += cursor.rowcount
+    cursor.execute(
+        _DETECTIONS,
+        {"dep": d.id, "seed": seed, "occ_seq": occ_seq, "taxa": taxa, "n_taxa": len(taxa)},
+    )
+    detections, occurrences = cursor.fetchone()
+    rows["detection"] += detections
+    rows["occurrence"] += occurrences
+
+
+def _insert_collection(cursor, plan: Plan, c: CollectionPlan, project_id: int) -> int:
+    """One capture set and its images (picked by ``c.where`` among its project's stations);
+    returns the memberships written."""
+    collection_id = _insert_returning(
+        cursor,
+        "INSERT INTO monitoring_sourceimagecollection (created_at, updated_at, project_id,"
+        " name, source_images_count, source_images_with_detections_count,"
+        " source_images_processed_count) VALUES (now(), now(), %(p)s, %(n)s, 0, 0, 0)"
+        " RETURNING id",
+        {"p": project_id, "n": c.name},
+    )[0][0]
+    deps = [d.id for d in plan.deployments if d.project == c.project]
+    cursor.execute(
+        _MEMBERS.format(where=c.where),
+        {"collection": collection_id, "deps": deps, "seed": plan.seed, **c.params},
+    )
+    return cursor.rowcount
 
 
 def _step(captures: int, span: timedelta = NIGHT) -> timedelta:

@@ -3,7 +3,8 @@
 - ``status``: pending marks per target model (with the age of the oldest) and whether every
   count trigger is INSTALLED, OUTDATED or MISSING;
 - ``reconcile [--dry-run] [--model LABEL] [--chunk N] [--json]``: find drift, repair it;
-- ``rebuild [--model LABEL]``: recompute every row (a reconcile that prints less);
+- ``rebuild [--model LABEL]``: recompute every row (``counts.rebuild``: a reconcile that prints
+  less and drops the marks it made redundant);
 - ``drain [--until-empty]``: drain marks in this process (no workers needed);
 - ``makemigrations [--check]``: the count-trigger migration, if one is due.
 """
@@ -98,12 +99,14 @@ class Command(BaseCommand):
             for row in report["triggers"]:
                 self.stdout.write(f"  {row['state']:<10} {row['table']}.{row['name']}")
 
-    def _run_reconcile(self, model, chunk, dry_run, as_json):
-        from counts.reconcile import reconcile
+    def _run_reconcile(self, model, chunk, dry_run, as_json, rebuild=False):
+        import counts
 
         show = not as_json and self.stdout.isatty()
         with _Progress(model, enabled=show, stream=self.stderr._out) as progress:
-            return reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
+            if rebuild:
+                return counts.rebuild(model, chunk=chunk, progress=progress)
+            return counts.reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
 
     def do_reconcile(self, model=None, chunk=1000, dry_run=False, json=False, **_):
         from counts.signals import reconciled
@@ -123,7 +126,7 @@ class Command(BaseCommand):
         )
 
     def do_rebuild(self, model=None, chunk=1000, json=False, **_):
-        report = self._run_reconcile(model, chunk, False, json)
+        report = self._run_reconcile(model, chunk, False, json, rebuild=True)
         if json:
             self.stdout.write(_dumps(report.as_dict()))
         else:
@@ -191,14 +194,9 @@ class _Progress:
 
 def _row_count(label: str) -> int:
     """Rows of a target model's table now: the bar's total (a pass visits each once)."""
-    from django.db import connection
+    import counts
 
-    from counts.apps import graph
-    from counts.triggers import q
-
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT count(*) FROM {q(graph().targets[label].db_table)}")
-        return cursor.fetchone()[0]
+    return counts.target_rows(label)[label]
 
 
 def _dumps(data) -> str:

@@ -2,10 +2,11 @@
 
 Filtering and ordering are a django-filter ``FilterSet`` per endpoint, built from two filters:
 :class:`IdFilter` (``?project_id=``, ``?deployment_id=``: a positive bigint, and a row the caller
-may read) and :class:`SortFilter` (``?ordering=``: one key, ``-`` for descending, ties broken by
-id). :class:`StrictFilterBackend` turns the first invalid value into the API's 400 naming it,
-before any query runs. Each filter publishes its schema (bounds, choices, default) through
-drf-spectacular's django-filter support, with the same bounds and choices it enforces.
+may read) and the engine's :class:`counts.rest.SortFilter` (``?ordering=``: one key, ``-`` for
+descending, ties broken by id). :class:`StrictFilterBackend` turns the first invalid value into
+the API's 400 naming it, before any query runs. Each filter publishes its schema (bounds,
+choices, default) through drf-spectacular's django-filter support, with the same bounds and
+choices it enforces.
 """
 
 from __future__ import annotations
@@ -116,51 +117,6 @@ class IdFilter(django_filters.Filter):
             return qs
         self.require(self.parent.request.user, value)
         return qs.filter(**{self.field_name: value})
-
-
-class SortField(forms.Field):
-    """One of ``sort_keys``; absent is None (the default order)."""
-
-    def __init__(self, *, sort_keys: list[str], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.choices = sort_keys
-
-    def clean(self, value):
-        if value is None:
-            return None
-        if value not in self.choices:
-            raise ValidationError(f"{value!r} is not one of: {', '.join(self.choices)}.")
-        return value
-
-
-class SortFilter(django_filters.Filter):
-    """``?ordering=key`` or ``-key`` over ``keys`` ({public name: column}).
-
-    Unlike django-filter's ``OrderingFilter`` it takes a single key (a comma list is refused,
-    not half-applied) and always orders: by ``default`` when absent, with the id as tie-break in
-    the same direction, so pages never overlap and ``-x`` is exactly the reverse of ``x``.
-    Counts sort by their cached column, with no aggregate at read time.
-    """
-
-    field_class = SortField
-
-    def __init__(self, *, keys: dict[str, str], default: str, **kwargs) -> None:
-        choices = [f"{sign}{name}" for name in keys for sign in ("", "-")]
-        super().__init__(sort_keys=choices, **kwargs)
-        self.keys, self.default = keys, default
-        extend_schema_field(
-            {
-                "type": "string",
-                "enum": choices,
-                "default": default,
-                "description": "Sort key; a leading '-' sorts descending (ties broken by id).",
-            }
-        )(self)
-
-    def filter(self, qs, value):
-        value = value or self.default
-        sign = "-" if value.startswith("-") else ""
-        return qs.order_by(f"{sign}{self.keys[value.removeprefix('-')]}", f"{sign}pk")
 
 
 class StrictFilterBackend(DjangoFilterBackend):

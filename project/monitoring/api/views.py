@@ -10,18 +10,14 @@ query: unknown, repeated or invalid ones are answered with 400 naming them.
 
 from __future__ import annotations
 
-import django_filters
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework.generics import ListAPIView
 from rest_framework.permissions import AllowAny
 from rest_framework.settings import api_settings
 
-from counts.fields import FRESHNESS_FIELD, cached_count_fields
-from counts.marks import flag_pending
+from counts.rest import CountedListView, counted_filterset
 from project.monitoring.api import access
 from project.monitoring.api.filters import (
     IdFilter,
-    SortFilter,
     StrictFilterBackend,
     StrictLimitOffsetPagination,
 )
@@ -38,15 +34,9 @@ from project.monitoring.api.serializers import (
 from project.monitoring.models import Deployment, Event, SourceImageCollection
 
 
-def count_orderings(model) -> dict[str, str]:
-    """Every cached count (and freshness) is a sort key, named as its column."""
-    names = [f.name for f in cached_count_fields(model)]
-    return {**{name: name for name in names}, FRESHNESS_FIELD: FRESHNESS_FIELD}
-
-
-class CountedListView(ListAPIView):
-    """A paginated, filtered, ordered list of a model with cached counts, scoped to the projects
-    the caller may read.
+class ScopedListView(CountedListView):
+    """The engine's list of a counted model (counts, freshness, ``counts_pending``), scoped to
+    the projects the caller may read and strict about its parameters.
 
     Subclasses set ``queryset``, ``serializer_class``, ``filterset_class`` (its filters are the
     endpoint's parameters besides ``limit``/``offset``) and ``project_path`` (how a row reaches
@@ -72,18 +62,6 @@ class CountedListView(ListAPIView):
 
     def get_queryset(self):
         return access.scope(super().get_queryset(), self.request.user, self.project_path)
-
-    def paginate_queryset(self, queryset):
-        page = super().paginate_queryset(queryset)
-        flag_pending(page)
-        return page
-
-
-def _filters(model, keys: dict[str, str], default: str, **ids: IdFilter):
-    """A FilterSet for ``model``: the given id filters and ``ordering`` over ``keys``."""
-    attrs = {**ids, "ordering": SortFilter(keys=keys, default=default)}
-    attrs["Meta"] = type("Meta", (), {"model": model, "fields": []})
-    return type(f"{model.__name__}Filter", (django_filters.FilterSet,), attrs)
 
 
 def _project_id(path: str = "project_id") -> IdFilter:
@@ -131,12 +109,12 @@ _FRESHNESS_NOTE = (
     "Capture sets with the number of images, of images with a detection (a bbox) and of"
     " processed images (any detection, including null markers).",
 )
-class CollectionList(CountedListView):
+class CollectionList(ScopedListView):
     queryset = SourceImageCollection.objects.all()
     serializer_class = CollectionSerializer
-    filterset_class = _filters(
+    filterset_class = counted_filterset(
         SourceImageCollection,
-        {"name": "name", "created": "created_at", **count_orderings(SourceImageCollection)},
+        {"name": "name", "created": "created_at"},
         "name",
         project_id=_project_id(),
     )
@@ -148,12 +126,12 @@ class CollectionList(CountedListView):
     "Stations with their nights, captures, detections, counted occurrences (score at or above"
     " the project's threshold) and distinct taxa among them.",
 )
-class DeploymentList(CountedListView):
+class DeploymentList(ScopedListView):
     queryset = Deployment.objects.all()
     serializer_class = DeploymentSerializer
-    filterset_class = _filters(
+    filterset_class = counted_filterset(
         Deployment,
-        {"name": "name", "created": "created_at", **count_orderings(Deployment)},
+        {"name": "name", "created": "created_at"},
         "name",
         project_id=_project_id(),
     )
@@ -164,13 +142,13 @@ class DeploymentList(CountedListView):
     EventSerializer,
     "Nights with their captures, detections and counted occurrences.",
 )
-class EventList(CountedListView):
+class EventList(ScopedListView):
     queryset = Event.objects.all()
     serializer_class = EventSerializer
     project_path = "deployment__project"
-    filterset_class = _filters(
+    filterset_class = counted_filterset(
         Event,
-        {"start": "start", "created": "created_at", **count_orderings(Event)},
+        {"start": "start", "created": "created_at"},
         "start",
         project_id=_project_id("deployment__project_id"),
         deployment_id=IdFilter(field_name="deployment_id", require=access.require_deployment),

@@ -1,0 +1,75 @@
+"""The engine's DRF support: a list endpoint with counts, freshness and pending for free.
+
+The view below is all a second app would write: a bare queryset of a counted model, with no
+serializer, filter or page hook of its own (``project.monitoring.api`` is not involved).
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import User
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from rest_framework.test import APIRequestFactory, force_authenticate
+
+from counts.fields import cached_count_fields
+from counts.marks import mark_all
+from counts.rest import CountedListView
+from project.monitoring.models import Event
+from tests.api_fixtures import build_catalogue
+from tests.truth import assert_all_counts_exact, drain_all, truth
+
+
+class EventCounts(CountedListView):
+    queryset = Event.objects.all()
+
+
+@pytest.fixture
+def catalogue(db):
+    return build_catalogue()
+
+
+def get(**params):
+    request = APIRequestFactory().get("/events/", params)
+    force_authenticate(request, User(username="reader"))
+    response = EventCounts.as_view()(request)
+    response.render()
+    return response
+
+
+def test_a_bare_queryset_serves_every_count_with_its_freshness(catalogue):
+    rows = get(limit=100).data["results"]
+
+    counts = [f.name for f in cached_count_fields(Event)]
+    assert counts  # Event has counts, so the check below is not vacuous
+    assert {tuple(row) for row in rows} == {("id", *counts, "counts_pending", "counts_updated_at")}
+    expected = truth("monitoring_event")
+    assert {row["id"]: {c: row[c] for c in expected[row["id"]]} for row in rows} == expected
+    assert not any(row["counts_pending"] for row in rows)
+    assert all(row["counts_updated_at"] for row in rows if any(row[c] for c in counts))
+    assert_all_counts_exact()
+
+
+def test_pending_is_flagged_until_a_worker_has_recomputed(catalogue):
+    mark_all("monitoring.event")
+
+    with CaptureQueriesContext(connection) as queries:
+        pending = get(limit=100).data["results"]
+    assert all(row["counts_pending"] for row in pending)
+    assert len(queries) == 3  # count, page, and one probe of the mark queue for the page
+
+    drain_all()
+    assert not any(row["counts_pending"] for row in get(limit=100).data["results"])
+    assert_all_counts_exact()
+
+
+def test_ordering_by_a_count_uses_the_cached_column_with_id_tie_break(catalogue):
+    expected = truth("monitoring_event")
+    by_captures = sorted(expected, key=lambda pk: (-expected[pk]["captures_count"], -pk))
+
+    served = [row["id"] for row in get(ordering="-captures_count").data["results"]]
+
+    assert served == by_captures
+    assert len({expected[pk]["captures_count"] for pk in expected}) > 1
+    assert get(ordering="nope").status_code == 400
+    assert_all_counts_exact()

@@ -1,0 +1,64 @@
+"""``counts.rebuild``: recompute every row of some models now, leaving no mark it made redundant.
+
+What ``seed_demo`` and ``manage.py counts rebuild`` use instead of spelling out target tables:
+drift the triggers never saw is repaired, the marks the pass covered are gone (a drain would only
+redo them), and marks it did not cover — other models', and any written during the pass — stay.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import counts
+from counts.errors import UnknownTargetError
+from counts.marks import mark_all
+from project.monitoring.models import Event
+from tests.test_reconcile import write_behind_the_triggers
+from tests.truth import assert_all_counts_exact, drain_all, mismatches
+
+D, E, S, C = (
+    "monitoring.deployment",
+    "monitoring.event",
+    "monitoring.sourceimage",
+    "monitoring.sourceimagecollection",
+)
+
+
+def test_rebuild_repairs_and_drops_only_the_marks_it_covered(world, marks):
+    write_behind_the_triggers(world)
+    mark_all(E)
+    mark_all(D)
+    mark_all(S)
+    during = []
+
+    def progress(label: str, checked: int) -> None:
+        if not during:  # a writer marks an event while the pass is running
+            mark_all(E)
+            during.append(label)
+
+    report = counts.rebuild([Event, D], progress=progress)
+
+    assert set(report.models) == {D, E}
+    assert report.drifted_rows == 3  # one station and two nights had drifted
+    assert not [m for m in mismatches() if m.startswith((f"{D}#", f"{E}#"))]
+    assert [target for target, _ in marks.rows()] == [S, E]  # S: not rebuilt; E: written during
+    drain_all()
+    assert {m.split("#")[0] for m in mismatches()} == {C}  # drifted, and neither marked nor rebuilt
+    counts.rebuild(C)
+    assert_all_counts_exact()
+    assert marks.rows() == []
+
+
+def test_target_rows_sizes_a_pass(world, marks):
+    rows = counts.target_rows()
+
+    assert rows == {
+        D: 3,
+        E: 3,
+        S: 5,
+        C: 3,
+    }
+    assert sum(rows.values()) == counts.rebuild().checked
+    with pytest.raises(UnknownTargetError):
+        counts.rebuild("monitoring.taxon")
+    assert_all_counts_exact()
