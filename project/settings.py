@@ -58,7 +58,6 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_dramatiq",
-    "pgtrigger",
     "counts",
     "workers",
     "project.monitoring",
