@@ -16,13 +16,14 @@ from django.apps import apps
 from django.core.management import call_command
 from django.db import connection
 from django.db.migrations.loader import MigrationLoader
+from django.db.migrations.writer import MigrationWriter
 
 from counts.aggregate import _count_expression
 from counts.apps import graph
 from counts.errors import MigrationError
 from counts.fields import CachedCountField
 from counts.graph import Graph
-from counts.migrations_writer import _latest_sync, pending_migration
+from counts.migrations_writer import installed_after, pending_migrations, trigger_operations
 from counts.operations import BackfillCounts, SyncCountTriggers
 from counts.spec import resolve, resolve_all
 from counts.status import trigger_states
@@ -49,7 +50,7 @@ def test_makemigrations_finds_nothing_pending():
     call_command("makemigrations", "--check", "--dry-run", stdout=out)  # SystemExit if pending
     assert "No changes detected" in out.getvalue()
     assert "Count triggers" not in out.getvalue()
-    assert pending_migration() is None
+    assert pending_migrations() == []
 
 
 def test_counts_makemigrations_check_agrees():
@@ -88,15 +89,40 @@ def test_a_new_count_adds_triggers_and_leaves_the_others_alone(grown_graph):
     assert ("monitoring_deployment", "insert") not in before
 
 
-def test_a_new_count_gets_a_trigger_migration_with_a_backfill(grown_graph, monkeypatch):
+def test_a_new_count_gets_a_trigger_migration_with_only_what_changed(grown_graph, monkeypatch):
+    """The migration holds the added and changed triggers and the old versions of the changed
+    ones: what it needs to apply and reverse, not the whole set twice."""
+    before = {(t.table, t.name): t.as_dict() for t in compile_triggers(graph())}
     monkeypatch.setattr(apps.get_app_config("counts"), "graph", grown_graph)
-    app_label, migration = pending_migration()
-    assert app_label == "monitoring"
+    [(app_label, migration)] = pending_migrations()
+    assert app_label == "monitoring" and migration.name == "0004_count_triggers"
     sync, backfill = migration.operations
     assert isinstance(sync, SyncCountTriggers) and isinstance(backfill, BackfillCounts)
-    assert sync.triggers == [t.as_dict() for t in compile_triggers(grown_graph)]
+    after = {(t.table, t.name): t.as_dict() for t in compile_triggers(grown_graph)}
+    changed = {key for key in after if before.get(key) != after[key]}
+    assert {(row["table"], row["name"]) for row in sync.triggers} == changed
+    previous = {(row["table"], row["name"]): row for row in sync.previous}
+    assert previous == {key: before[key] for key in changed if key in before}
+    assert list(sync.counts) == ["monitoring.project.captures_count"]
     assert backfill.targets == ["monitoring.project"]
-    assert "monitoring.project.captures_count" in sync.counts
+    assert ("monitoring", "0003_count_triggers") in migration.dependencies
+    size = len(MigrationWriter(migration).as_string())
+    assert size < 0.5 * len(MigrationWriter(latest_monitoring_migration()).as_string())
+
+
+def latest_monitoring_migration():
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    return loader.graph.nodes[("monitoring", "0003_count_triggers")]
+
+
+def test_replaying_the_trigger_migrations_gives_the_compiled_set_with_owning_apps():
+    installed = installed_after(MigrationLoader(None, ignore_no_migrations=True))
+    compiled = {(t.table, t.name): t.as_dict() for t in compile_triggers(graph())}
+    assert {key: row for key, (_app, row) in installed.triggers.items()} == compiled
+    owners = {app for app, _row in installed.triggers.values()}
+    assert owners == {"monitoring"}
+    for (table, _name), (app, _row) in installed.triggers.items():
+        assert table.startswith(f"{app}_"), "a trigger lives in its table's app's migrations"
 
 
 @pytest.mark.django_db
@@ -127,21 +153,35 @@ def installed_triggers() -> dict[tuple[str, str], str]:
 
 
 @pytest.mark.django_db
-def test_trigger_migrations_apply_and_reverse_exactly():
-    """Reversing the newest trigger sync restores the set before it (none, for the first);
-    reapplying restores all.
+def test_trigger_migrations_reverse_to_nothing_and_reapply_exactly():
+    """Reversing every trigger sync, newest first, leaves no count trigger; applying them again
+    in order installs exactly the compiled set. After each step back, what is installed is what
+    replaying the syncs before it says.
 
     DDL is transactional in PostgreSQL: the test transaction's rollback undoes all of it.
     """
-    latest = _latest_sync(MigrationLoader(None, ignore_no_migrations=True))
-    previous = [CompiledTrigger(**row) for row in latest.previous]
-    with connection.schema_editor() as editor:
-        latest.database_backwards("monitoring", editor, None, None)
-    assert installed_triggers() == {(t.table, t.name): t.hash for t in previous}
-    with connection.schema_editor() as editor:
-        latest.database_forwards("monitoring", editor, None, None)
+    ops = list(trigger_operations(MigrationLoader(None, ignore_no_migrations=True)))
+    for i in reversed(range(len(ops))):
+        with connection.schema_editor() as editor:
+            ops[i][1].database_backwards(ops[i][0], editor, None, None)
+        replay = installed_after_first(ops[:i])
+        assert installed_triggers() == replay, f"after reversing sync #{i} ({ops[i][0]})"
+    assert installed_triggers() == {}
+    for app_label, op in ops:
+        with connection.schema_editor() as editor:
+            op.database_forwards(app_label, editor, None, None)
     assert installed_triggers() == {(t.table, t.name): t.hash for t in compile_triggers(graph())}
     assert {s["state"] for s in trigger_states()} == {"INSTALLED"}
+
+
+def installed_after_first(ops) -> dict[tuple[str, str], str]:
+    """``{(table, name): hash}`` that applying ``ops`` in order installs."""
+    from counts.migrations_writer import Installed
+
+    state = Installed()
+    for app_label, op in ops:
+        state.apply(app_label, op)
+    return {key: CompiledTrigger(**row).hash for key, (_app, row) in state.triggers.items()}
 
 
 @pytest.mark.django_db(transaction=True)
