@@ -120,7 +120,7 @@ def test_replaying_the_trigger_migrations_gives_the_compiled_set_with_owning_app
     compiled = {(t.table, t.name): t.as_dict() for t in compile_triggers(graph())}
     assert {key: row for key, (_app, row) in installed.triggers.items()} == compiled
     owners = {app for app, _row in installed.triggers.values()}
-    assert owners == {"monitoring"}
+    assert owners == {"monitoring", "counts_testapp"}
     for (table, _name), (app, _row) in installed.triggers.items():
         assert table.startswith(f"{app}_"), "a trigger lives in its table's app's migrations"
 
