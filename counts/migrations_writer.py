@@ -152,14 +152,17 @@ def _next_name(loader: MigrationLoader, app_label: str) -> tuple[str, tuple | No
     return f"{number:04d}_count_triggers", leaf
 
 
-def pending_migrations() -> list[tuple[str, migrations.Migration]]:
+def pending_migrations(app_labels=()) -> list[tuple[str, migrations.Migration]]:
     """``[(app_label, migration)]`` needed to sync triggers, in the order to write them.
 
     Apps whose migration backfills come last, each depending on the others written now: a
-    count is backfilled only once every trigger that marks it is installed.
+    count is backfilled only once every trigger that marks it is installed. ``app_labels``
+    (``makemigrations monitoring``) limits them to those apps.
     """
     loader = MigrationLoader(None, ignore_no_migrations=True)
     found = changes(installed_after(loader))
+    if app_labels:
+        found = {app: change for app, change in found.items() if app in app_labels}
     order = sorted(found, key=lambda app: (bool(found[app].backfill), app))
     written: list[tuple[str, str]] = []
     result = []

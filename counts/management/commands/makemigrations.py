@@ -13,7 +13,7 @@ from counts.migrations_writer import pending_migrations, write
 class Command(DjangoMakemigrations):
     def handle(self, *app_labels, **options):
         super().handle(*app_labels, **options)
-        pending = pending_migrations()
+        pending = pending_migrations(app_labels)
         if not pending:
             return
         if options.get("check_changes") or options.get("dry_run"):
