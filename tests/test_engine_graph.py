@@ -9,9 +9,13 @@ them, so adding a count to the domain never breaks these.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from counts.aggregate import compile_recompute
 from counts.apps import graph
+from counts.capture import WriteWatcher
 from counts.errors import UnknownTargetError
 from counts.graph import ROOT
 from counts.spec import FORWARD, REVERSE
@@ -89,6 +93,37 @@ def test_members_with_a_valid_child_are_probed_not_joined():
     assert rated.probes and not plain.probes
     assert rated.join_signature == plain.join_signature
     assert not rated.needs_distinct(plain.join_signature)
+
+
+def test_a_probe_starts_at_the_table_below_the_counted_rows():
+    sql = compile_recompute(f"{APP}.tag").sql
+    probes = re.findall(r"EXISTS\(SELECT .*? FROM (\S+) U0 WHERE (.*?) LIMIT 1\)", sql)
+    assert [table for table, _ in probes] == ['"counts_testapp_review"']
+    assert '"stars" IS NOT NULL' in probes[0][1]
+    assert 'counts_testapp_book"' not in sql.split("changed AS")[0], "no join to the members"
+
+
+def test_update_triggers_compare_only_columns_a_count_reads():
+    sql = next(
+        t.sql
+        for t in compile_mark_triggers(graph())
+        if (t.table, t.operation) == ("counts_testapp_book", "update")
+    )
+    for read in ("shelf_id", "pages", "author_id"):
+        assert f'IS NOT DISTINCT FROM s."{read}"' in sql
+    assert '"title"' not in sql
+
+
+def test_write_watcher_notices_writes_to_watched_tables_only():
+    watcher = WriteWatcher({t: graph().targets_of_table(t) for t in graph().routes})
+    book, shelf, tag = f"{APP}.book", f"{APP}.shelf", f"{APP}.tag"
+    assert watcher.targets_of('INSERT INTO "counts_testapp_review" ...') == {book, tag}
+    assert watcher.targets_of(f'DELETE FROM "{THROUGH}" WHERE ...') == {book, tag}
+    assert watcher.targets_of('SELECT * FROM "counts_testapp_review"') == frozenset()
+    assert watcher.targets_of('UPDATE "counts_testapp_author" SET name = 1') == frozenset()
+    assert watcher.targets_of("WITH x AS (SELECT 1) UPDATE counts_testapp_library SET a = 1") == {
+        shelf
+    }
 
 
 def test_each_table_is_watched_for_the_operations_that_change_a_count():

@@ -14,7 +14,7 @@ from io import StringIO
 import pytest
 from django.apps import apps
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, migrations
 from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.writer import MigrationWriter
 
@@ -28,20 +28,22 @@ from counts.operations import BackfillCounts, SyncCountTriggers
 from counts.spec import resolve, resolve_all
 from counts.status import trigger_states
 from counts.triggers import CompiledTrigger, compile_triggers
-from project.monitoring.models import Project
+from tests.engine_app.models import Shelf
 from tests.truth import LABELS, mismatches, triggers_off
 
 
-def captures_per_project():
-    """A 13th count, declared but never added to the model class (which other tests share)."""
-    field = CachedCountField("deployments__captures")
-    field.set_attributes_from_name("captures_count")
-    return resolve(Project, field)
+def reviews_per_shelf():
+    """One more count, declared on the engine's test app but never added to the model class
+    (which other tests share). On the test app, so a count added to the domain never collides
+    with it."""
+    field = CachedCountField("books__reviews")
+    field.set_attributes_from_name("reviews_count")
+    return resolve(Shelf, field)
 
 
 @pytest.fixture
 def grown_graph():
-    return Graph.build([*resolve_all(apps.get_models()), captures_per_project()])
+    return Graph.build([*resolve_all(apps.get_models()), reviews_per_shelf()])
 
 
 @pytest.mark.django_db
@@ -59,18 +61,19 @@ def test_counts_makemigrations_check_agrees():
     assert "in sync" in out.getvalue()
 
 
+def routes_of(g) -> set:
+    return {
+        (table, r.target.label, r.chain, r.columns) for table, rs in g.routes.items() for r in rs
+    }
+
+
 def test_a_new_count_adds_routes_from_every_table_on_its_path(grown_graph):
-    new = {
-        (table, [h.child.db_table for h in r.chain][-1] if r.chain else None)
-        for table, routes in grown_graph.routes.items()
-        for r in routes
-        if r.target.label == "monitoring.project"
+    added = routes_of(grown_graph) - routes_of(graph())
+    assert {(table, target) for table, target, _chain, _cols in added} == {
+        ("counts_testapp_review", "counts_testapp.shelf")
     }
-    assert new == {
-        ("monitoring_deployment", "monitoring_deployment"),
-        ("monitoring_sourceimage", "monitoring_sourceimage"),
-    }
-    assert grown_graph.targets_of_table("monitoring_sourceimage") >= {"monitoring.project"}
+    # The books on the path were already watched for the shelf; the reviews below are new.
+    assert grown_graph.targets_of_table("counts_testapp_review") >= {"counts_testapp.shelf"}
 
 
 def test_a_new_count_adds_triggers_and_leaves_the_others_alone(grown_graph):
@@ -78,41 +81,50 @@ def test_a_new_count_adds_triggers_and_leaves_the_others_alone(grown_graph):
     after = {(t.table, t.operation): t.sql for t in compile_triggers(grown_graph)}
     changed = {key for key in after if before.get(key) != after[key]}
     assert changed == {
-        ("monitoring_deployment", op) for op in ("insert", "update", "delete", "truncate")
-    } | {("monitoring_sourceimage", op) for op in ("insert", "update", "delete", "truncate")} | {
-        ("monitoring_project", "own"),  # the project's new cached column gets its guards
-        ("monitoring_project", "made"),
+        ("counts_testapp_review", op) for op in ("insert", "update", "delete", "truncate")
+    } | {
+        ("counts_testapp_shelf", "own"),  # the shelf's new cached column is guarded too
+        ("counts_testapp_shelf", "made"),
     }
-    assert set(before) <= set(after)
-    assert "'monitoring.project'" in after[("monitoring_sourceimage", "insert")]
-    # Inserting a station matters now (it brings captures); before, only moving one did.
-    assert ("monitoring_deployment", "insert") not in before
+    assert set(before) == set(after)
+    assert "'counts_testapp.shelf'" in after[("counts_testapp_review", "insert")]
 
 
-def test_a_new_count_gets_a_trigger_migration_with_only_what_changed(grown_graph, monkeypatch):
-    """The migration holds the added and changed triggers and the old versions of the changed
-    ones: what it needs to apply and reverse, not the whole set twice."""
+def test_a_new_count_gets_a_trigger_migration_in_its_app_with_only_what_changed(
+    grown_graph, monkeypatch
+):
+    """The migration holds the changed triggers and their old versions (what it needs to apply
+    and reverse, not the whole set twice), in the app whose tables and count it is about."""
     before = {(t.table, t.name): t.as_dict() for t in compile_triggers(graph())}
     monkeypatch.setattr(apps.get_app_config("counts"), "graph", grown_graph)
     [(app_label, migration)] = pending_migrations()
-    assert app_label == "monitoring" and migration.name == "0004_count_triggers"
+    assert (app_label, migration.name) == ("counts_testapp", "0003_count_triggers")
     sync, backfill = migration.operations
     assert isinstance(sync, SyncCountTriggers) and isinstance(backfill, BackfillCounts)
     after = {(t.table, t.name): t.as_dict() for t in compile_triggers(grown_graph)}
     changed = {key for key in after if before.get(key) != after[key]}
     assert {(row["table"], row["name"]) for row in sync.triggers} == changed
     previous = {(row["table"], row["name"]): row for row in sync.previous}
-    assert previous == {key: before[key] for key in changed if key in before}
-    assert list(sync.counts) == ["monitoring.project.captures_count"]
-    assert backfill.targets == ["monitoring.project"]
-    assert ("monitoring", "0003_count_triggers") in migration.dependencies
-    size = len(MigrationWriter(migration).as_string())
-    assert size < 0.5 * len(MigrationWriter(latest_monitoring_migration()).as_string())
+    assert previous == {key: before[key] for key in changed}
+    assert list(sync.counts) == ["counts_testapp.shelf.reviews_count"]
+    assert backfill.targets == ["counts_testapp.shelf"]
+    assert ("counts_testapp", "0002_count_triggers") in migration.dependencies
+    assert not [d for d in migration.dependencies if d[0] == "monitoring"]
+    # What the first writer wrote instead: the app's whole set after, and before.
+    whole = [SyncCountTriggers(triggers=app_rows(after), previous=app_rows(before)), backfill]
+    assert size_of(migration) < 0.5 * size_of(migration, whole)
 
 
-def latest_monitoring_migration():
-    loader = MigrationLoader(None, ignore_no_migrations=True)
-    return loader.graph.nodes[("monitoring", "0003_count_triggers")]
+def app_rows(triggers: dict) -> list[dict]:
+    return [row for (table, _), row in triggers.items() if table.startswith("counts_testapp_")]
+
+
+def size_of(migration, operations=None) -> int:
+    """Bytes of the migration file, or of the same migration holding ``operations``."""
+    if operations is not None:
+        attrs = {"operations": operations, "dependencies": migration.dependencies}
+        migration = type("Migration", (migrations.Migration,), attrs)(migration.name, "x")
+    return len(MigrationWriter(migration).as_string())
 
 
 def test_replaying_the_trigger_migrations_gives_the_compiled_set_with_owning_apps():
@@ -126,20 +138,21 @@ def test_replaying_the_trigger_migrations_gives_the_compiled_set_with_owning_app
 
 
 @pytest.mark.django_db
-def test_a_new_count_is_computed_by_the_aggregate_it_declares(world):
-    spec = captures_per_project()
+def test_a_new_count_is_computed_by_the_aggregate_it_declares(library):
+    spec = reviews_per_shelf()
     computed = dict(
-        Project.objects.annotate(n=_count_expression(spec, spec.join_signature)).values_list(
+        Shelf.objects.annotate(n=_count_expression(spec, spec.join_signature)).values_list(
             "pk", "n"
         )
     )
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT p.id, (SELECT count(*) FROM monitoring_sourceimage si JOIN"
-            " monitoring_deployment d ON d.id = si.deployment_id WHERE d.project_id = p.id)"
-            " FROM monitoring_project p"
+            "SELECT s.id, (SELECT count(*) FROM counts_testapp_review r JOIN"
+            " counts_testapp_book b ON b.id = r.book_id WHERE b.shelf_id = s.id)"
+            " FROM counts_testapp_shelf s"
         )
-        assert computed == dict(cursor.fetchall()) == {world.p1.pk: 4, world.p2.pk: 1}
+        assert computed == dict(cursor.fetchall())
+    assert computed == {library.fiction.pk: 3, library.poetry.pk: 0, library.science.pk: 1}
 
 
 def installed_triggers() -> dict[tuple[str, str], str]:

@@ -132,13 +132,6 @@ def test_probes_into_one_table_from_one_array_share_a_statement(compiled):
     assert 'array_agg(DISTINCT t."event_id")' in sql
 
 
-def test_update_triggers_compare_only_columns_a_count_reads(compiled):
-    sql = by_key(compiled)[("monitoring_detection", "update")]
-    assert 'IS NOT DISTINCT FROM s."bbox"' in sql
-    assert 'IS NOT DISTINCT FROM s."source_image_id"' in sql
-    assert '"score"' not in sql and '"occurrence_id"' not in sql and '"updated_at"' not in sql
-
-
 def test_compilation_is_pure_and_deterministic(compiled):
     rebuilt = compile_mark_triggers(Graph.build(resolve_all(apps.get_models())))
     assert [t.as_dict() for t in rebuilt] == [t.as_dict() for t in compiled]
