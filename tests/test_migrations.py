@@ -238,3 +238,20 @@ def test_a_sync_between_two_trigger_sets_drops_what_went_and_restores_it_on_reve
     with connection.schema_editor() as editor:
         sync.database_backwards("monitoring", editor, None, None)
     assert {s["state"] for s in trigger_states()} == {"INSTALLED"}
+
+
+@pytest.mark.django_db
+def test_a_count_trigger_no_declaration_compiles_to_is_reported_unexpected():
+    """What an app removed from INSTALLED_APPS without ``migrate <app> zero`` leaves behind."""
+    stray = compile_triggers(graph())[0]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            stray.install_sql.replace(stray.name, "counts_ins_counts_testapp_author").replace(
+                f'"{stray.table}"', '"counts_testapp_author"'
+            )
+        )
+    states = {(s["table"], s["name"]): s["state"] for s in trigger_states()}
+    assert states[("counts_testapp_author", "counts_ins_counts_testapp_author")] == "UNEXPECTED"
+    assert {state for key, state in states.items() if key[0] != "counts_testapp_author"} == {
+        "INSTALLED"
+    }
