@@ -1,16 +1,34 @@
-"""Write the migration that brings installed triggers in line with the declarations.
+"""Write the migrations that bring installed triggers in line with the declarations.
 
 Called by ``manage.py makemigrations`` (which the counts app extends) and by
-``manage.py counts makemigrations``. It reads the newest :class:`SyncCountTriggers` in the
-migration graph, compiles the triggers the declarations need now, and when they differ writes a
-migration holding both sets, plus a chunked backfill of any count that is new or redefined.
+``manage.py counts makemigrations``. The steps:
+
+1. **Replay.** Every :class:`SyncCountTriggers` in the migration graph, in graph order, is
+   applied to an empty set (:func:`installed_after`): the result is what a database migrated to
+   the newest migrations has installed, trigger by trigger, with the app whose migration
+   installed it, plus the fingerprint of every count those migrations backfilled. Old operations
+   that hold a complete set replay like any other: their ``previous`` names what they removed.
+2. **Compare** with the triggers compiled from today's declarations.
+3. **Write one migration per app that changed**, holding only the difference: the new versions
+   of added or changed triggers, the old versions of changed or removed ones (so it reverses
+   exactly), the fingerprints that changed, and a chunked backfill of the app's new counts.
+
+Ownership: a trigger belongs to the app of the table it is on (a through table to the app of
+its M2M field's model); a count and its backfill to the app of its target. So an app with
+counts gets its own trigger migrations, and installing or removing it never touches another
+app's. A trigger on app A's table can serve counts of app B (B counts rows of A): when B adds
+such a count, A's trigger SQL changes and the writer writes a migration in A (depending on B's
+newest migration, where B's column is added), then B's migration with the backfill (depending
+on A's new migration, so the triggers feeding B's count are live before it is backfilled).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, field
 
+from django.apps import apps
 from django.db import migrations
 from django.db.migrations.autodetector import MigrationAutodetector
 from django.db.migrations.loader import MigrationLoader
@@ -19,6 +37,8 @@ from django.db.migrations.writer import MigrationWriter
 from counts.apps import graph
 from counts.operations import BackfillCounts, SyncCountTriggers
 from counts.triggers import compile_triggers
+
+Key = tuple[str, str]  # (table, trigger name)
 
 
 def fingerprints() -> dict[str, str]:
@@ -33,55 +53,143 @@ def fingerprints() -> dict[str, str]:
     }
 
 
-def _latest_sync(loader: MigrationLoader) -> SyncCountTriggers | None:
-    latest = None
+def _key(row: dict) -> Key:
+    return (row["table"], row["name"])
+
+
+def trigger_operations(loader: MigrationLoader):
+    """``(app_label, operation)`` for every trigger sync in the graph, in a valid apply order."""
     seen = set()
     for leaf in sorted(loader.graph.leaf_nodes()):
-        for key in loader.graph.forwards_plan(leaf):
-            if key in seen:
+        for node in loader.graph.forwards_plan(leaf):
+            if node in seen:
                 continue
-            seen.add(key)
-            for op in loader.graph.nodes[key].operations:
+            seen.add(node)
+            for op in loader.graph.nodes[node].operations:
                 if isinstance(op, SyncCountTriggers):
-                    latest = op
-    return latest
+                    yield node[0], op
 
 
-def pending_migration():
-    """``(app_label, migration)`` needed to sync triggers, or None when they are in sync."""
-    loader = MigrationLoader(None, ignore_no_migrations=True)
-    latest = _latest_sync(loader)
-    wanted = [t.as_dict() for t in compile_triggers(graph())]
+@dataclass
+class Installed:
+    """What the migrations leave installed: triggers (with their owning app) and fingerprints."""
+
+    triggers: dict[Key, tuple[str, dict]] = field(default_factory=dict)
+    counts: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, app_label: str, op: SyncCountTriggers) -> None:
+        """Replay one operation exactly as ``SyncCountTriggers.database_forwards`` applies it."""
+        new = {_key(row): row for row in op.triggers}
+        for row in op.previous:
+            if _key(row) not in new:
+                self.triggers.pop(_key(row), None)
+        for key, row in new.items():
+            self.triggers[key] = (app_label, row)
+        for name, fingerprint in op.counts.items():
+            if fingerprint is None:
+                self.counts.pop(name, None)
+            else:
+                self.counts[name] = fingerprint
+
+
+def installed_after(loader: MigrationLoader) -> Installed:
+    """Replay every trigger migration in the graph."""
+    state = Installed()
+    for app_label, op in trigger_operations(loader):
+        state.apply(app_label, op)
+    return state
+
+
+def table_apps() -> dict[str, str]:
+    """App label of every table Django knows, auto-created M2M through tables included."""
+    return {m._meta.db_table: m._meta.app_label for m in apps.get_models(include_auto_created=True)}
+
+
+@dataclass
+class Change:
+    """What one app's next trigger migration holds."""
+
+    triggers: list[dict] = field(default_factory=list)
+    previous: list[dict] = field(default_factory=list)
+    counts: dict[str, str | None] = field(default_factory=dict)
+    reads: set[str] = field(default_factory=set)  # apps whose tables its triggers read or mark
+
+    @property
+    def backfill(self) -> list[str]:
+        return sorted({k.rsplit(".", 1)[0] for k, fp in self.counts.items() if fp is not None})
+
+
+def changes(installed: Installed) -> dict[str, Change]:
+    """Per app, the difference between what is installed and what the declarations need."""
+    owner = table_apps()
+    wanted = {(t.table, t.name): t.as_dict() for t in compile_triggers(graph())}
+    found: dict[str, Change] = {}
+    for key, row in wanted.items():
+        was = installed.triggers.get(key)
+        if was is not None and was[1] == row:
+            continue
+        change = found.setdefault(owner.get(row["table"], was[0] if was else ""), Change())
+        change.triggers.append(row)
+        if was is not None:
+            change.previous.append(was[1])
+        for route in graph().routes.get(row["table"], ()):
+            labels = [route.target.label] + [h.child.label for h in route.chain]
+            change.reads.update(label.split(".")[0] for label in labels)
+    for key, (app_label, row) in installed.triggers.items():
+        if key not in wanted:
+            found.setdefault(owner.get(row["table"], app_label), Change()).previous.append(row)
     prints = fingerprints()
-    before = latest.triggers if latest else []
-    before_prints = latest.counts if latest else {}
-    if wanted == before and prints == before_prints:
-        return None
-    changed_targets = sorted(
-        {key.rsplit(".", 1)[0] for key, fp in prints.items() if before_prints.get(key) != fp}
-    )
-    app_label = sorted(graph().targets)[0].split(".")[0]
-    involved = {app_label, "counts"}
-    for routes in graph().routes.values():
-        for route in routes:
-            involved.add(route.table.label.split(".")[0])
-    dependencies = []
-    for label in sorted(involved):
-        leaves = loader.graph.leaf_nodes(label)
-        if leaves:
-            dependencies.append(leaves[0])
-    operations = [SyncCountTriggers(triggers=wanted, previous=before, counts=prints)]
-    if changed_targets:
-        operations.append(BackfillCounts(targets=changed_targets))
-    leaf = loader.graph.leaf_nodes(app_label)
-    number = (MigrationAutodetector.parse_number(leaf[0][1]) or 0) + 1 if leaf else 1
-    name = f"{number:04d}_count_triggers"
-    migration = type(
-        "Migration",
-        (migrations.Migration,),
-        {"operations": operations, "dependencies": dependencies},
-    )(name, app_label)
-    return app_label, migration
+    for name in sorted(set(prints) | set(installed.counts)):
+        if prints.get(name) != installed.counts.get(name):
+            found.setdefault(name.split(".")[0], Change()).counts[name] = prints.get(name)
+    return found
+
+
+def _next_name(loader: MigrationLoader, app_label: str) -> tuple[str, tuple | None]:
+    leaves = loader.graph.leaf_nodes(app_label)
+    leaf = max(leaves) if leaves else None
+    number = (MigrationAutodetector.parse_number(leaf[1]) or 0) + 1 if leaf else 1
+    return f"{number:04d}_count_triggers", leaf
+
+
+def pending_migrations(app_labels=()) -> list[tuple[str, migrations.Migration]]:
+    """``[(app_label, migration)]`` needed to sync triggers, in the order to write them.
+
+    Apps whose migration backfills come last, each depending on the others written now: a
+    count is backfilled only once every trigger that marks it is installed. ``app_labels``
+    (``makemigrations monitoring``) limits them to those apps.
+    """
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    found = changes(installed_after(loader))
+    if app_labels:
+        found = {app: change for app, change in found.items() if app in app_labels}
+    order = sorted(found, key=lambda app: (bool(found[app].backfill), app))
+    written: list[tuple[str, str]] = []
+    result = []
+    for app_label in order:
+        change = found[app_label]
+        name, leaf = _next_name(loader, app_label)
+        dependencies = set(loader.graph.leaf_nodes("counts")[:1])
+        for other in change.reads:
+            dependencies.update(loader.graph.leaf_nodes(other)[:1])
+        if change.backfill:
+            dependencies.update(written)
+        dependencies = {d for d in dependencies if d[0] != app_label} | ({leaf} if leaf else set())
+        operations = [
+            SyncCountTriggers(
+                triggers=change.triggers, previous=change.previous, counts=change.counts
+            )
+        ]
+        if change.backfill:
+            operations.append(BackfillCounts(targets=change.backfill))
+        migration = type(
+            "Migration",
+            (migrations.Migration,),
+            {"operations": operations, "dependencies": sorted(dependencies)},
+        )(name, app_label)
+        result.append((app_label, migration))
+        written.append((app_label, name))
+    return result
 
 
 def write(app_label: str, migration) -> str:
@@ -99,4 +207,4 @@ def write(app_label: str, migration) -> str:
     return path
 
 
-__all__ = ["pending_migration", "write"]
+__all__ = ["installed_after", "pending_migrations", "write"]

@@ -1,9 +1,12 @@
 """Migration operations that install the compiled triggers and backfill counts.
 
 Migrations store the compiled SQL itself (``CompiledTrigger.as_dict``), so a migration keeps
-doing what it did when it was written, whatever the declarations say later. Each
-:class:`SyncCountTriggers` holds the complete set of count triggers after it and the set before
-it, so it can be applied and reversed exactly; ``manage.py counts makemigrations`` writes them.
+doing what it did when it was written, whatever the declarations say later. A
+:class:`SyncCountTriggers` holds a difference: the new version of each trigger it adds or
+changes, and the old version of each it changes or removes, so it applies and reverses exactly.
+The first migrations written (``monitoring`` 0002 and 0003) hold complete sets on both sides,
+which is the same thing with nothing left out; ``counts.migrations_writer`` replays them all to
+know what is installed and writes only what changed since.
 """
 
 from __future__ import annotations
@@ -27,7 +30,16 @@ def _compiled(rows) -> dict[tuple[str, str], CompiledTrigger]:
 
 
 class SyncCountTriggers(Operation):
-    """Make the installed count triggers exactly ``triggers`` (from exactly ``previous``)."""
+    """Install ``triggers`` and drop what ``previous`` has and ``triggers`` has not.
+
+    Args:
+        triggers: Compiled triggers (``CompiledTrigger.as_dict``) added or changed here.
+        previous: What they replace: the old version of each changed or removed trigger.
+            Reversing installs these again and drops the triggers this operation added.
+        counts: ``{count key: declaration fingerprint}`` of the counts this migration starts
+            serving or serves differently (``None``: a count that went away); the writer
+            replays them to tell which counts need a backfill.
+    """
 
     reversible = True
     reduces_to_sql = True
@@ -36,7 +48,7 @@ class SyncCountTriggers(Operation):
     def __init__(self, triggers, previous=(), counts=None):
         self.triggers = list(triggers)
         self.previous = list(previous)
-        #: Fingerprint of every count declaration these triggers serve, to spot new ones.
+        #: Fingerprints of the count declarations changed here, to spot new ones.
         self.counts = dict(counts or {})
 
     def deconstruct(self):
@@ -66,7 +78,10 @@ class SyncCountTriggers(Operation):
         self._apply(schema_editor, self.previous, self.triggers)
 
     def describe(self):
-        return f"Install {len(self.triggers)} cached-count triggers"
+        dropped = {(r["table"], r["name"]) for r in self.previous} - {
+            (r["table"], r["name"]) for r in self.triggers
+        }
+        return f"Install {len(self.triggers)} cached-count triggers, drop {len(dropped)}"
 
     @property
     def migration_name_fragment(self):

@@ -11,7 +11,13 @@ from counts.triggers import compile_triggers
 
 
 def trigger_states() -> list[dict]:
-    """INSTALLED, OUTDATED (hash differs) or MISSING for every compiled trigger."""
+    """INSTALLED, OUTDATED (hash differs) or MISSING for every compiled trigger, then
+    UNEXPECTED for every ``counts_`` trigger installed that no declaration compiles to.
+
+    An unexpected one is left behind by an app removed from ``INSTALLED_APPS`` without
+    ``migrate <app> zero`` first (its trigger migrations are per app), or by a count removed
+    without its migration: it keeps writing marks for targets the engine no longer knows.
+    """
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT c.relname, t.tgname, obj_description(t.oid, 'pg_trigger')"
@@ -21,7 +27,7 @@ def trigger_states() -> list[dict]:
         installed = {(table, name): comment for table, name, comment in cursor.fetchall()}
     rows = []
     for trigger in compile_triggers(graph()):
-        comment = installed.get((trigger.table, trigger.name))
+        comment = installed.pop((trigger.table, trigger.name), None)
         if comment is None:
             state = "MISSING"
         elif comment != trigger.hash:
@@ -29,6 +35,8 @@ def trigger_states() -> list[dict]:
         else:
             state = "INSTALLED"
         rows.append({"table": trigger.table, "name": trigger.name, "state": state})
+    for table, name in sorted(installed):
+        rows.append({"table": table, "name": name, "state": "UNEXPECTED"})
     return rows
 
 

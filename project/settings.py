@@ -61,12 +61,19 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_dramatiq",
-    "pgtrigger",
     "counts",
     "workers",
     "project.monitoring",
     "bench",
 ]
+#: The counts engine's own test app (``tests/engine_app``, label ``counts_testapp``): installed
+#: only for tests, so its tables exist in test databases and never in production. Under pytest
+#: the variable is exported, so the workers and commands tests start as subprocesses load the
+#: same apps as the test process.
+if "pytest" in sys.modules:
+    os.environ.setdefault("COUNTS_TEST_APP", "1")
+if env_bool("COUNTS_TEST_APP", False):
+    INSTALLED_APPS.append("tests.engine_app")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 from django.db import connection
 
+from tests.engine_app.world import library  # noqa: F401  (the engine test app's dataset)
+
 #: Stands for "every row" in :meth:`Marks.by_target` (a mark whose ``ids`` is NULL).
 ALL = "ALL"
 

@@ -51,7 +51,9 @@ def total(samples, name: str) -> float:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_metrics_report_drains_messages_pending_marks_and_drift(client):
+def test_metrics_report_drains_messages_pending_marks_and_drift(client, marks):
+    """``marks`` empties the queue: an earlier test's flush leaves every-row marks for every
+    target, the test app's included, and no message for them."""
     before = scrape(client)
     assert total(before, "countdown_drain_batches_total") == 0
     assert value(before, "countdown_source_up", source="postgresql") == 1
@@ -66,7 +68,7 @@ def test_metrics_report_drains_messages_pending_marks_and_drift(client):
     assert value(drained, "countdown_drain_seconds_count") == batches
     assert value(drained, "countdown_drain_seconds_bucket", le="+Inf") == batches
     assert 0 < value(drained, "countdown_drain_seconds_sum") < 60 * batches
-    assert value(drained, "countdown_rows_recomputed_total", model=C) >= 3
+    assert value(drained, "countdown_rows_recomputed_total", model=C) >= 2  # sets with images
     assert value(drained, "countdown_rows_changed_total", model=C) >= 2  # two sets have images
     assert value(drained, "countdown_messages_sent_total", actor="recompute_pending") >= 1
     assert value(drained, "countdown_dead_letters", queue="counts") == 0

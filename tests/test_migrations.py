@@ -14,33 +14,36 @@ from io import StringIO
 import pytest
 from django.apps import apps
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, migrations
 from django.db.migrations.loader import MigrationLoader
+from django.db.migrations.writer import MigrationWriter
 
 from counts.aggregate import _count_expression
 from counts.apps import graph
 from counts.errors import MigrationError
 from counts.fields import CachedCountField
 from counts.graph import Graph
-from counts.migrations_writer import _latest_sync, pending_migration
+from counts.migrations_writer import installed_after, pending_migrations, trigger_operations
 from counts.operations import BackfillCounts, SyncCountTriggers
 from counts.spec import resolve, resolve_all
 from counts.status import trigger_states
 from counts.triggers import CompiledTrigger, compile_triggers
-from project.monitoring.models import Project
+from tests.engine_app.models import Shelf
 from tests.truth import LABELS, mismatches, triggers_off
 
 
-def captures_per_project():
-    """A 13th count, declared but never added to the model class (which other tests share)."""
-    field = CachedCountField("deployments__captures")
-    field.set_attributes_from_name("captures_count")
-    return resolve(Project, field)
+def reviews_per_shelf():
+    """One more count, declared on the engine's test app but never added to the model class
+    (which other tests share). On the test app, so a count added to the domain never collides
+    with it."""
+    field = CachedCountField("books__reviews")
+    field.set_attributes_from_name("reviews_count")
+    return resolve(Shelf, field)
 
 
 @pytest.fixture
 def grown_graph():
-    return Graph.build([*resolve_all(apps.get_models()), captures_per_project()])
+    return Graph.build([*resolve_all(apps.get_models()), reviews_per_shelf()])
 
 
 @pytest.mark.django_db
@@ -49,7 +52,7 @@ def test_makemigrations_finds_nothing_pending():
     call_command("makemigrations", "--check", "--dry-run", stdout=out)  # SystemExit if pending
     assert "No changes detected" in out.getvalue()
     assert "Count triggers" not in out.getvalue()
-    assert pending_migration() is None
+    assert pending_migrations() == []
 
 
 def test_counts_makemigrations_check_agrees():
@@ -58,18 +61,19 @@ def test_counts_makemigrations_check_agrees():
     assert "in sync" in out.getvalue()
 
 
+def routes_of(g) -> set:
+    return {
+        (table, r.target.label, r.chain, r.columns) for table, rs in g.routes.items() for r in rs
+    }
+
+
 def test_a_new_count_adds_routes_from_every_table_on_its_path(grown_graph):
-    new = {
-        (table, [h.child.db_table for h in r.chain][-1] if r.chain else None)
-        for table, routes in grown_graph.routes.items()
-        for r in routes
-        if r.target.label == "monitoring.project"
+    added = routes_of(grown_graph) - routes_of(graph())
+    assert {(table, target) for table, target, _chain, _cols in added} == {
+        ("counts_testapp_review", "counts_testapp.shelf")
     }
-    assert new == {
-        ("monitoring_deployment", "monitoring_deployment"),
-        ("monitoring_sourceimage", "monitoring_sourceimage"),
-    }
-    assert grown_graph.targets_of_table("monitoring_sourceimage") >= {"monitoring.project"}
+    # The books on the path were already watched for the shelf; the reviews below are new.
+    assert grown_graph.targets_of_table("counts_testapp_review") >= {"counts_testapp.shelf"}
 
 
 def test_a_new_count_adds_triggers_and_leaves_the_others_alone(grown_graph):
@@ -77,43 +81,78 @@ def test_a_new_count_adds_triggers_and_leaves_the_others_alone(grown_graph):
     after = {(t.table, t.operation): t.sql for t in compile_triggers(grown_graph)}
     changed = {key for key in after if before.get(key) != after[key]}
     assert changed == {
-        ("monitoring_deployment", op) for op in ("insert", "update", "delete", "truncate")
-    } | {("monitoring_sourceimage", op) for op in ("insert", "update", "delete", "truncate")} | {
-        ("monitoring_project", "own"),  # the project's new cached column gets its guards
-        ("monitoring_project", "made"),
+        ("counts_testapp_review", op) for op in ("insert", "update", "delete", "truncate")
+    } | {
+        ("counts_testapp_shelf", "own"),  # the shelf's new cached column is guarded too
+        ("counts_testapp_shelf", "made"),
     }
-    assert set(before) <= set(after)
-    assert "'monitoring.project'" in after[("monitoring_sourceimage", "insert")]
-    # Inserting a station matters now (it brings captures); before, only moving one did.
-    assert ("monitoring_deployment", "insert") not in before
+    assert set(before) == set(after)
+    assert "'counts_testapp.shelf'" in after[("counts_testapp_review", "insert")]
 
 
-def test_a_new_count_gets_a_trigger_migration_with_a_backfill(grown_graph, monkeypatch):
+def test_a_new_count_gets_a_trigger_migration_in_its_app_with_only_what_changed(
+    grown_graph, monkeypatch
+):
+    """The migration holds the changed triggers and their old versions (what it needs to apply
+    and reverse, not the whole set twice), in the app whose tables and count it is about."""
+    before = {(t.table, t.name): t.as_dict() for t in compile_triggers(graph())}
     monkeypatch.setattr(apps.get_app_config("counts"), "graph", grown_graph)
-    app_label, migration = pending_migration()
-    assert app_label == "monitoring"
+    [(app_label, migration)] = pending_migrations()
+    assert (app_label, migration.name) == ("counts_testapp", "0003_count_triggers")
     sync, backfill = migration.operations
     assert isinstance(sync, SyncCountTriggers) and isinstance(backfill, BackfillCounts)
-    assert sync.triggers == [t.as_dict() for t in compile_triggers(grown_graph)]
-    assert backfill.targets == ["monitoring.project"]
-    assert "monitoring.project.captures_count" in sync.counts
+    after = {(t.table, t.name): t.as_dict() for t in compile_triggers(grown_graph)}
+    changed = {key for key in after if before.get(key) != after[key]}
+    assert {(row["table"], row["name"]) for row in sync.triggers} == changed
+    previous = {(row["table"], row["name"]): row for row in sync.previous}
+    assert previous == {key: before[key] for key in changed}
+    assert list(sync.counts) == ["counts_testapp.shelf.reviews_count"]
+    assert backfill.targets == ["counts_testapp.shelf"]
+    assert ("counts_testapp", "0002_count_triggers") in migration.dependencies
+    assert not [d for d in migration.dependencies if d[0] == "monitoring"]
+    # What the first writer wrote instead: the app's whole set after, and before.
+    whole = [SyncCountTriggers(triggers=app_rows(after), previous=app_rows(before)), backfill]
+    assert size_of(migration) < 0.5 * size_of(migration, whole)
+
+
+def app_rows(triggers: dict) -> list[dict]:
+    return [row for (table, _), row in triggers.items() if table.startswith("counts_testapp_")]
+
+
+def size_of(migration, operations=None) -> int:
+    """Bytes of the migration file, or of the same migration holding ``operations``."""
+    if operations is not None:
+        attrs = {"operations": operations, "dependencies": migration.dependencies}
+        migration = type("Migration", (migrations.Migration,), attrs)(migration.name, "x")
+    return len(MigrationWriter(migration).as_string())
+
+
+def test_replaying_the_trigger_migrations_gives_the_compiled_set_with_owning_apps():
+    installed = installed_after(MigrationLoader(None, ignore_no_migrations=True))
+    compiled = {(t.table, t.name): t.as_dict() for t in compile_triggers(graph())}
+    assert {key: row for key, (_app, row) in installed.triggers.items()} == compiled
+    owners = {app for app, _row in installed.triggers.values()}
+    assert owners == {"monitoring", "counts_testapp"}
+    for (table, _name), (app, _row) in installed.triggers.items():
+        assert table.startswith(f"{app}_"), "a trigger lives in its table's app's migrations"
 
 
 @pytest.mark.django_db
-def test_a_new_count_is_computed_by_the_aggregate_it_declares(world):
-    spec = captures_per_project()
+def test_a_new_count_is_computed_by_the_aggregate_it_declares(library):
+    spec = reviews_per_shelf()
     computed = dict(
-        Project.objects.annotate(n=_count_expression(spec, spec.join_signature)).values_list(
+        Shelf.objects.annotate(n=_count_expression(spec, spec.join_signature)).values_list(
             "pk", "n"
         )
     )
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT p.id, (SELECT count(*) FROM monitoring_sourceimage si JOIN"
-            " monitoring_deployment d ON d.id = si.deployment_id WHERE d.project_id = p.id)"
-            " FROM monitoring_project p"
+            "SELECT s.id, (SELECT count(*) FROM counts_testapp_review r JOIN"
+            " counts_testapp_book b ON b.id = r.book_id WHERE b.shelf_id = s.id)"
+            " FROM counts_testapp_shelf s"
         )
-        assert computed == dict(cursor.fetchall()) == {world.p1.pk: 4, world.p2.pk: 1}
+        assert computed == dict(cursor.fetchall())
+    assert computed == {library.fiction.pk: 3, library.poetry.pk: 0, library.science.pk: 1}
 
 
 def installed_triggers() -> dict[tuple[str, str], str]:
@@ -127,21 +166,35 @@ def installed_triggers() -> dict[tuple[str, str], str]:
 
 
 @pytest.mark.django_db
-def test_trigger_migrations_apply_and_reverse_exactly():
-    """Reversing the newest trigger sync restores the set before it (none, for the first);
-    reapplying restores all.
+def test_trigger_migrations_reverse_to_nothing_and_reapply_exactly():
+    """Reversing every trigger sync, newest first, leaves no count trigger; applying them again
+    in order installs exactly the compiled set. After each step back, what is installed is what
+    replaying the syncs before it says.
 
     DDL is transactional in PostgreSQL: the test transaction's rollback undoes all of it.
     """
-    latest = _latest_sync(MigrationLoader(None, ignore_no_migrations=True))
-    previous = [CompiledTrigger(**row) for row in latest.previous]
-    with connection.schema_editor() as editor:
-        latest.database_backwards("monitoring", editor, None, None)
-    assert installed_triggers() == {(t.table, t.name): t.hash for t in previous}
-    with connection.schema_editor() as editor:
-        latest.database_forwards("monitoring", editor, None, None)
+    ops = list(trigger_operations(MigrationLoader(None, ignore_no_migrations=True)))
+    for i in reversed(range(len(ops))):
+        with connection.schema_editor() as editor:
+            ops[i][1].database_backwards(ops[i][0], editor, None, None)
+        replay = installed_after_first(ops[:i])
+        assert installed_triggers() == replay, f"after reversing sync #{i} ({ops[i][0]})"
+    assert installed_triggers() == {}
+    for app_label, op in ops:
+        with connection.schema_editor() as editor:
+            op.database_forwards(app_label, editor, None, None)
     assert installed_triggers() == {(t.table, t.name): t.hash for t in compile_triggers(graph())}
     assert {s["state"] for s in trigger_states()} == {"INSTALLED"}
+
+
+def installed_after_first(ops) -> dict[tuple[str, str], str]:
+    """``{(table, name): hash}`` that applying ``ops`` in order installs."""
+    from counts.migrations_writer import Installed
+
+    state = Installed()
+    for app_label, op in ops:
+        state.apply(app_label, op)
+    return {key: CompiledTrigger(**row).hash for key, (_app, row) in state.triggers.items()}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -185,3 +238,20 @@ def test_a_sync_between_two_trigger_sets_drops_what_went_and_restores_it_on_reve
     with connection.schema_editor() as editor:
         sync.database_backwards("monitoring", editor, None, None)
     assert {s["state"] for s in trigger_states()} == {"INSTALLED"}
+
+
+@pytest.mark.django_db
+def test_a_count_trigger_no_declaration_compiles_to_is_reported_unexpected():
+    """What an app removed from INSTALLED_APPS without ``migrate <app> zero`` leaves behind."""
+    stray = compile_triggers(graph())[0]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            stray.install_sql.replace(stray.name, "counts_ins_counts_testapp_author").replace(
+                f'"{stray.table}"', '"counts_testapp_author"'
+            )
+        )
+    states = {(s["table"], s["name"]): s["state"] for s in trigger_states()}
+    assert states[("counts_testapp_author", "counts_ins_counts_testapp_author")] == "UNEXPECTED"
+    assert {state for key, state in states.items() if key[0] != "counts_testapp_author"} == {
+        "INSTALLED"
+    }

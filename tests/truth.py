@@ -1,4 +1,4 @@
-"""An independent truth for all twelve cached counts, and the assertion every test ends with.
+"""An independent truth for the domain's twelve cached counts, and the assertion tests end with.
 
 The engine recomputes counts with ORM ``Count`` expressions compiled from the declarations. If
 the truth were computed the same way, a wrong declaration or a wrong compilation would agree
@@ -94,41 +94,46 @@ LABELS = {
 }
 
 
-def truth(table: str, conn=connection) -> dict[int, dict[str, int]]:
+def truth(table: str, conn=connection, truths=None) -> dict[int, dict[str, int]]:
     """``{id: {column: true value}}`` for every row of ``table``."""
-    columns = TRUTH[table]
+    columns = (truths or TRUTH)[table]
     select = ", ".join(f"({sql}) AS {name}" for name, sql in columns.items())
     with conn.cursor() as cursor:
         cursor.execute(f"SELECT t.id, {select} FROM {table} t ORDER BY t.id")
         return {row[0]: dict(zip(columns, row[1:], strict=True)) for row in cursor.fetchall()}
 
 
-def cached(table: str, conn=connection) -> dict[int, dict[str, int]]:
+def cached(table: str, conn=connection, truths=None) -> dict[int, dict[str, int]]:
     """``{id: {column: stored value}}`` for every row of ``table``."""
-    columns = TRUTH[table]
+    columns = (truths or TRUTH)[table]
     with conn.cursor() as cursor:
         cursor.execute(f"SELECT id, {', '.join(columns)} FROM {table} ORDER BY id")
         return {row[0]: dict(zip(columns, row[1:], strict=True)) for row in cursor.fetchall()}
 
 
-def mismatches(conn=connection) -> list[str]:
+def mismatches(conn=connection, truths=None, labels=None) -> list[str]:
     """One line per cached value that differs from the truth, e.g.
-    ``monitoring.event#3 detections_count: cached 2, truth 1``."""
+    ``monitoring.event#3 detections_count: cached 2, truth 1``.
+
+    ``truths`` / ``labels`` default to the monitoring domain's; the engine's test app passes
+    its own (``tests.engine_app.truth``).
+    """
+    truths, labels = truths or TRUTH, labels or LABELS
     lines = []
-    for table in TRUTH:
-        want, have = truth(table, conn), cached(table, conn)
+    for table in truths:
+        want, have = truth(table, conn, truths), cached(table, conn, truths)
         for pk in sorted(want):
             for column, value in want[pk].items():
                 if have[pk][column] != value:
                     lines.append(
-                        f"{LABELS[table]}#{pk} {column}: cached {have[pk][column]}, truth {value}"
+                        f"{labels[table]}#{pk} {column}: cached {have[pk][column]}, truth {value}"
                     )
     return lines
 
 
-def assert_all_counts_exact(conn=connection) -> None:
+def assert_all_counts_exact(conn=connection, truths=None, labels=None) -> None:
     """Every cached column of every row equals the truth; otherwise list every difference."""
-    wrong = mismatches(conn)
+    wrong = mismatches(conn, truths, labels)
     assert not wrong, f"{len(wrong)} cached counts differ from the truth:\n" + "\n".join(wrong)
 
 

@@ -146,17 +146,20 @@ class Command(BaseCommand):
         self.stdout.write(f"Drained {total} marks")
 
     def do_makemigrations(self, check=False, **_):
-        from counts.migrations_writer import pending_migration, write
+        from counts.migrations_writer import pending_migrations, write
 
-        pending = pending_migration()
-        if pending is None:
+        pending = pending_migrations()
+        if not pending:
             self.stdout.write("Count triggers are in sync with the declarations.")
             return
-        app_label, migration = pending
         if check:
-            self.stderr.write(f"Count triggers out of date: {app_label}.{migration.name} needed")
+            for app_label, migration in pending:
+                self.stderr.write(
+                    f"Count triggers out of date: {app_label}.{migration.name} needed"
+                )
             sys.exit(1)
-        self.stdout.write(f"Wrote {write(app_label, migration)}")
+        for app_label, migration in pending:
+            self.stdout.write(f"Wrote {write(app_label, migration)}")
 
 
 class _Progress:

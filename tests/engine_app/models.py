@@ -1,0 +1,71 @@
+"""One cached count per shape the engine supports, on a small library of books.
+
+```
+Library ─< Shelf ─< Book >─ Author          (book.author: nullable, SET_NULL)
+                     ├─< Review             (review.stars: null means "not rated yet")
+Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
+```
+
+| count | shape |
+|---|---|
+| ``Shelf.books_count`` | plain reverse-FK count |
+| ``Shelf.long_books_count`` | filtered by a setting of a parent reached by ``F()`` |
+| ``Shelf.authors_count`` | distinct count over a forward FK at the path's end |
+| ``Book.good_reviews_count`` | filtered count (a constant condition) |
+| ``Book.tags_count`` | count through an M2M, from its reverse side |
+| ``Tag.books_count`` | count through an M2M, from its declaring side |
+| ``Tag.rated_books_count`` | M2M members with at least one valid child (EXISTS below) |
+
+``Author`` has no counts and nothing reads its columns: the model no trigger watches.
+"""
+
+from django.db import models
+from django.db.models import F, Q
+
+from counts.fields import CachedCountField
+
+
+class Library(models.Model):
+    name = models.CharField(max_length=100)
+    #: Pages from which a book counts as long on this library's shelves.
+    long_book_pages = models.IntegerField(default=300)
+
+
+class Author(models.Model):
+    name = models.CharField(max_length=100)
+
+
+class Shelf(models.Model):
+    library = models.ForeignKey(Library, on_delete=models.CASCADE, related_name="shelves")
+    name = models.CharField(max_length=100)
+
+    books_count = CachedCountField("books")
+    long_books_count = CachedCountField(
+        "books", filter=Q(books__pages__gte=F("library__long_book_pages"))
+    )
+    authors_count = CachedCountField("books__author", distinct=True)
+
+
+class Book(models.Model):
+    shelf = models.ForeignKey(Shelf, on_delete=models.CASCADE, related_name="books")
+    author = models.ForeignKey(
+        Author, null=True, blank=True, on_delete=models.SET_NULL, related_name="books"
+    )
+    title = models.CharField(max_length=100)
+    pages = models.IntegerField(null=True, blank=True)
+
+    good_reviews_count = CachedCountField("reviews", filter=Q(reviews__stars__gte=4))
+    tags_count = CachedCountField("tags")
+
+
+class Review(models.Model):
+    book = models.ForeignKey(Book, on_delete=models.CASCADE, related_name="reviews")
+    stars = models.IntegerField(null=True, blank=True)
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=100)
+    books = models.ManyToManyField(Book, related_name="tags", blank=True)
+
+    books_count = CachedCountField("books")
+    rated_books_count = CachedCountField("books", filter=Q(books__reviews__stars__isnull=False))

@@ -1,0 +1,61 @@
+"""An independent truth for the test app's counts: hand-written SQL, one subquery per count.
+
+Like ``tests.truth`` for the domain, and for the same reason: the engine computes counts from
+the declarations, so a truth derived from them would agree with any mistake. These follow the
+meaning written in ``tests.engine_app.models`` word for word.
+"""
+
+from __future__ import annotations
+
+from django.db import connection
+
+from tests import truth as domain_truth
+
+#: Per table: ``{cached column: truth expression}``, each a subquery correlated with ``t``.
+TRUTH: dict[str, dict[str, str]] = {
+    "counts_testapp_shelf": {
+        "books_count": "SELECT count(*) FROM counts_testapp_book b WHERE b.shelf_id = t.id",
+        "long_books_count": (
+            "SELECT count(*) FROM counts_testapp_book b WHERE b.shelf_id = t.id"
+            " AND b.pages >= (SELECT l.long_book_pages FROM counts_testapp_library l"
+            " WHERE l.id = t.library_id)"
+        ),
+        "authors_count": (
+            "SELECT count(DISTINCT b.author_id) FROM counts_testapp_book b WHERE b.shelf_id = t.id"
+        ),
+    },
+    "counts_testapp_book": {
+        "good_reviews_count": (
+            "SELECT count(*) FROM counts_testapp_review r WHERE r.book_id = t.id AND r.stars >= 4"
+        ),
+        "tags_count": "SELECT count(*) FROM counts_testapp_tag_books m WHERE m.book_id = t.id",
+    },
+    "counts_testapp_tag": {
+        "books_count": "SELECT count(*) FROM counts_testapp_tag_books m WHERE m.tag_id = t.id",
+        "rated_books_count": (
+            "SELECT count(*) FROM counts_testapp_tag_books m WHERE m.tag_id = t.id"
+            " AND EXISTS (SELECT 1 FROM counts_testapp_review r WHERE r.book_id = m.book_id"
+            " AND r.stars IS NOT NULL)"
+        ),
+    },
+}
+
+#: Model label of each table, for readable reports.
+LABELS = {
+    "counts_testapp_shelf": "counts_testapp.shelf",
+    "counts_testapp_book": "counts_testapp.book",
+    "counts_testapp_tag": "counts_testapp.tag",
+}
+
+
+def cached(table: str, conn=connection) -> dict[int, dict[str, int]]:
+    return domain_truth.cached(table, conn, TRUTH)
+
+
+def mismatches(conn=connection) -> list[str]:
+    return domain_truth.mismatches(conn, TRUTH, LABELS)
+
+
+def assert_engine_counts_exact(conn=connection) -> None:
+    """Every cached count of the test app equals its truth."""
+    domain_truth.assert_all_counts_exact(conn, TRUTH, LABELS)

@@ -1,0 +1,164 @@
+"""Each count shape the engine supports, written every way, marks exactly and ends exact.
+
+The engine's own test app (``tests.engine_app``) has one count per shape: plain reverse FK,
+constant filter, ``F()`` setting on a parent, distinct over a forward FK, M2M from both sides,
+and "members with at least one valid child". Each test writes one way (save, delete,
+bulk_create, queryset update/delete, M2M add/remove/clear/set from both sides, raw SQL), checks
+the marks the triggers left (targets *and* ids: a missing id is a count that stays stale), then
+drains and compares every cached value with the hand-written truth of
+``tests.engine_app.truth``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from tests.engine_app.models import Author, Book, Library, Review, Shelf, Tag
+from tests.engine_app.truth import assert_engine_counts_exact
+from tests.truth import drain_all
+
+LABELS = {"SH": "counts_testapp.shelf", "BK": "counts_testapp.book", "TG": "counts_testapp.tag"}
+
+pytestmark = pytest.mark.django_db
+
+
+def expect(marks, **wanted) -> None:
+    """The queue holds exactly these targets and ids (``SH=[shelf, ...]``)."""
+    assert marks.by_target() == {LABELS[k]: {o.pk for o in v} for k, v in wanted.items()}
+
+
+def settle() -> None:
+    drain_all()
+    assert_engine_counts_exact()
+
+
+def value(obj, field: str) -> int:
+    obj.refresh_from_db()
+    return getattr(obj, field)
+
+
+def test_a_saved_book_dirties_only_its_shelf(library, marks):
+    Book(shelf=library.fiction, author=library.darwin, title="Voyage", pages=500).save()
+    expect(marks, SH=[library.fiction])
+    settle()
+    assert value(library.fiction, "authors_count") == 2
+    assert value(library.fiction, "long_books_count") == 2
+
+
+def test_a_deleted_book_takes_its_reviews_and_memberships_with_it(library, marks):
+    emma = Book.objects.get(pk=library.emma.pk)
+    emma.delete()  # sets emma.pk to None; library.emma keeps it
+    expect(marks, SH=[library.fiction], BK=[library.emma], TG=[library.classics])
+    settle()
+    assert value(library.classics, "rated_books_count") == 1  # Origin is still rated
+
+
+def test_bulk_create_marks_every_shelf_it_touched(library, marks):
+    Book.objects.bulk_create(
+        [
+            Book(shelf=library.poetry, author=library.austen, title="Verses", pages=40),
+            Book(shelf=library.science, author=None, title="Atlas", pages=150),
+        ]
+    )
+    expect(marks, SH=[library.poetry, library.science])
+    settle()
+    assert value(library.science, "long_books_count") == 2  # Origin, Atlas; not Beagle
+
+
+def test_queryset_update_of_a_read_column_dirties_old_and_new_shelves(library, marks):
+    Book.objects.filter(shelf=library.fiction).update(shelf=library.poetry)
+    expect(marks, SH=[library.fiction, library.poetry])
+    settle()
+    assert value(library.fiction, "books_count") == 0
+
+
+def test_queryset_update_of_an_unread_column_marks_nothing(library, marks):
+    Book.objects.update(title="Untitled")
+    Author.objects.update(name="Anonymous")  # the model no count reads
+    assert marks.by_target() == {}
+
+
+def test_queryset_delete_of_rated_reviews_dirties_books_and_their_tags(library, marks):
+    Review.objects.filter(stars__isnull=False).delete()
+    expect(marks, BK=[library.emma, library.origin], TG=[library.classics, library.nature])
+    settle()
+    assert value(library.nature, "rated_books_count") == 0
+
+
+def test_rating_a_review_makes_its_book_a_rated_member(library, marks):
+    library.r3.stars = 5
+    library.r3.save()
+    expect(marks, BK=[library.sense], TG=[library.classics])
+    settle()
+    assert value(library.classics, "rated_books_count") == 3
+    assert value(library.sense, "good_reviews_count") == 1
+
+
+def test_m2m_add_from_the_declaring_side(library, marks):
+    library.classics.books.add(library.beagle, library.anon)
+    expect(marks, BK=[library.beagle, library.anon], TG=[library.classics])
+    settle()
+    assert value(library.beagle, "tags_count") == 2
+
+
+def test_m2m_remove_from_the_reverse_side(library, marks):
+    library.origin.tags.remove(library.nature)
+    expect(marks, BK=[library.origin], TG=[library.nature])
+    settle()
+    assert value(library.nature, "rated_books_count") == 0
+
+
+def test_m2m_clear_from_both_sides(library, marks):
+    library.emma.tags.clear()
+    expect(marks, BK=[library.emma], TG=[library.classics])
+    drain_all()
+    library.nature.books.clear()
+    expect(marks, BK=[library.origin, library.beagle], TG=[library.nature])
+    settle()
+    assert value(library.classics, "books_count") == 2
+
+
+def test_m2m_set_from_both_sides(library, marks):
+    library.beagle.tags.set([library.classics])
+    expect(marks, BK=[library.beagle], TG=[library.classics, library.nature])
+    drain_all()
+    library.unused.books.set([library.sense])
+    expect(marks, BK=[library.sense], TG=[library.unused])
+    settle()
+    assert value(library.unused, "rated_books_count") == 0  # Sense's review has no stars
+
+
+def test_a_parent_setting_changed_by_raw_sql_dirties_the_shelves_below_it(library, marks):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE counts_testapp_library SET long_book_pages = 200 WHERE id = %s",
+            [library.city.pk],
+        )
+    expect(marks, SH=[library.fiction, library.poetry])
+    settle()
+    assert value(library.fiction, "long_books_count") == 2
+
+
+def test_a_shelf_moved_to_another_library_is_recounted_under_its_threshold(library, marks):
+    library.fiction.library = library.school
+    library.fiction.save()
+    expect(marks, SH=[library.fiction])
+    settle()
+    assert value(library.fiction, "long_books_count") == 2
+
+
+def test_a_book_losing_its_author_leaves_the_distinct_count(library, marks):
+    Book.objects.filter(author=library.darwin).update(author=None)
+    expect(marks, SH=[library.science])
+    settle()
+    assert value(library.science, "authors_count") == 0
+
+
+def test_a_deleted_library_cascades_and_its_counts_stay_exact(library, marks):
+    Library.objects.filter(pk=library.school.pk).delete()
+    assert set(marks.by_target()) == {LABELS["SH"], LABELS["BK"], LABELS["TG"]}
+    settle()
+    assert not Shelf.objects.filter(library_id=library.school.pk).exists()
+    assert value(library.nature, "books_count") == 0
+    assert Tag.objects.count() == 3
