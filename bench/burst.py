@@ -27,10 +27,10 @@ from contextlib import contextmanager
 from django.conf import settings
 
 from bench import dataset
+from bench.inprocess import counting_messages, queued_messages, running_worker
 from bench.timing import median, percentile, stopwatch
-from counts.marks import quiet
+from counts.notice import quiet
 from project.monitoring.models import SourceImageCollection
-from workers.inprocess import counting_messages, queued_messages, running_worker
 
 Through = SourceImageCollection.images.through
 ACTORS = ("recompute_pending", "drain_backlog")

@@ -11,7 +11,7 @@ hangs off projects whose names start with :data:`PREFIX`. They are deleted at th
 (and at the start of the next one, should a run have died), and the marks their deletion leaves
 are drained, so the database ends as it began: same rows, counts exact, no mark pending.
 
-Bench writes go through :class:`counts.marks.quiet`: the triggers still write their marks (the
+Bench writes go through :class:`counts.notice.quiet`: the triggers still write their marks (the
 bench drains them itself, synchronously), but no recompute message is sent to Redis. Only the
 burst section (``bench.burst``) writes loudly, because messages are what it measures.
 """
@@ -26,7 +26,8 @@ from django.core.management.base import CommandError
 from django.db import connection, transaction
 
 import counts
-from counts.marks import pending_ids, quiet
+from counts.marks import pending_ids
+from counts.notice import quiet
 from project.monitoring.models import Project, SourceImageCollection
 
 #: Name prefix of every project the bench creates (and deletes).

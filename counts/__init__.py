@@ -10,8 +10,25 @@ The public API, importable from ``counts``:
   (``manage.py counts rebuild``, ``seed_demo``); :func:`target_rows` sizes such a pass;
 - :mod:`counts.rest` — list endpoints with counts and freshness, for apps that use DRF.
 
+The life of a mark, one module per step, in the order to read them:
+
+1. ``fields`` — the declaration: ``CachedCountField(path, filter=Q(...), distinct=...)``.
+2. ``spec`` — each declaration becomes frozen data: chains of hops and the columns it reads.
+3. ``graph`` — all specs become routes: which table changes reach which targets (pure).
+4. ``triggers`` — routes compile to statement-level triggers that write marks (pure SQL);
+   ``guards`` adds the triggers that keep cached columns the engine's own; ``operations``
+   and ``migrations_writer`` put both into migrations.
+5. ``marks`` — the dirty-mark queue (``models.DirtyMark``): what is pending, marking again.
+6. ``notice`` — after commit, "this transaction wrote these targets" (``workers`` turns it into
+   a debounced message).
+7. ``draining`` — a worker's transaction: take marks, lock what is free, recompute, write.
+8. ``aggregate`` — the one statement per target model that computes, compares and writes.
+
+Around them: ``reconciling`` (drift found and repaired, rebuilds), ``status`` (what operators
+see), ``admin`` and ``rest`` (what users see), ``errors`` (one hierarchy).
+
 The functions import lazily so that importing ``counts.fields`` from a models module never
-pulls in code that needs the app registry (``reconcile`` is the exception; see below).
+pulls in code that needs the app registry.
 """
 
 from __future__ import annotations
@@ -25,7 +42,7 @@ def recompute(rows) -> tuple[int, int]:
     Returns:
         (rows recomputed, rows whose stored counts changed)
     """
-    from counts.marks import recompute_rows
+    from counts.draining import recompute_rows
 
     ids: dict[str, list[int]] = defaultdict(list)
     if hasattr(rows, "model") and hasattr(rows, "values_list"):
@@ -36,32 +53,31 @@ def recompute(rows) -> tuple[int, int]:
     return recompute_rows(dict(ids))
 
 
-def drain(batch_size: int = 500, max_ids: int = 5000, targets=None):
-    """Consume one batch of dirty marks; see :func:`counts.marks.drain`."""
-    from counts.marks import drain as _drain
+def drain(**options):
+    """Consume one batch of dirty marks; see :func:`counts.draining.drain` for the options."""
+    from counts.draining import drain as _drain
 
-    return _drain(batch_size=batch_size, max_ids=max_ids, targets=targets)
-
-
-# The submodule shares this function's name, and the first import of a submodule sets it as an
-# attribute of its package: imported lazily, it would replace ``counts.reconcile`` (the function)
-# with the module, and every later ``counts.reconcile()`` would raise TypeError. Importing it
-# here, before the function is defined, lets the function win. It needs no app registry.
-from counts import reconcile as _reconcile_module  # noqa: E402
+    return _drain(**options)
 
 
 def reconcile(model=None, dry_run: bool = False, chunk: int = 1000, progress=None):
-    """Find and repair drift; see :func:`counts.reconcile.reconcile`."""
-    return _reconcile_module.reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
+    """Find and repair drift; see :func:`counts.reconciling.reconcile`."""
+    from counts.reconciling import reconcile as _reconcile
+
+    return _reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
 
 
 def rebuild(models=None, chunk: int = 1000, progress=None):
     """Recompute every row of ``models`` (all targets when None) now; see
-    :func:`counts.reconcile.rebuild`."""
-    return _reconcile_module.rebuild(models=models, chunk=chunk, progress=progress)
+    :func:`counts.reconciling.rebuild`."""
+    from counts.reconciling import rebuild as _rebuild
+
+    return _rebuild(models=models, chunk=chunk, progress=progress)
 
 
 def target_rows(models=None) -> dict[str, int]:
     """``{label: rows}`` of ``models`` (all targets when None); see
-    :func:`counts.reconcile.target_rows`."""
-    return _reconcile_module.target_rows(models=models)
+    :func:`counts.reconciling.target_rows`."""
+    from counts.reconciling import target_rows as _target_rows
+
+    return _target_rows(models=models)

@@ -66,11 +66,6 @@ def _relative(q: Q, prefix: str) -> Q:
     return Q(*children, _connector=q.connector, _negated=q.negated)
 
 
-def _leaves(q: Q):
-    for child in q.children:
-        yield from _leaves(child) if isinstance(child, Q) else [child]
-
-
 def _probe(spec: CountSpec) -> Exists:
     """``EXISTS`` per counted row: index probes that grow with the rows counted, where a join
     to the table below could be planned as a scan of all of it.

@@ -15,12 +15,12 @@ class CountsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from counts import capture
+        from counts import notice
         from counts.graph import Graph
         from counts.spec import resolve_all
 
         self.graph = Graph.build(resolve_all(apps.get_models()))
-        capture.install(self.graph)
+        notice.install(self.graph)
         if apps.is_installed("django.contrib.admin"):
             from django.contrib.admin import autodiscover
 

@@ -22,6 +22,8 @@ inserted with made-up counts for recount. Read them; never write them.
 from django.db import models
 from django.db.models import Q
 
+from counts.errors import DeclarationError
+
 #: Column added to every model with cached counts.
 FRESHNESS_FIELD = "counts_updated_at"
 
@@ -46,7 +48,7 @@ class CachedCountField(models.IntegerField):
 
     def __init__(self, path=None, *, filter=None, distinct=False, **kwargs):
         if filter is not None and not isinstance(filter, Q):
-            raise TypeError("CachedCountField(filter=...) takes a Q object")
+            raise DeclarationError("CachedCountField", "filter= takes a Q object")
         self.count_path = path
         self.count_filter = filter
         self.count_distinct = bool(distinct)

@@ -102,10 +102,6 @@ class Graph:
             raise UnknownTargetError(label)
         return specs
 
-    def tables(self) -> dict[str, Table]:
-        """Every table a trigger watches, by db_table."""
-        return {name: routes[0].table for name, routes in self.routes.items()}
-
     def targets_of_table(self, db_table: str) -> frozenset[str]:
         """Labels of the targets a write to ``db_table`` can make dirty."""
         return frozenset(r.target.label for r in self.routes.get(db_table, ()))

@@ -147,7 +147,7 @@ class BackfillCounts(Operation):
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         from counts.marks import mark_all
-        from counts.reconcile import reconcile
+        from counts.reconciling import reconcile
 
         alias = schema_editor.connection.alias
         if connections[alias].in_atomic_block:

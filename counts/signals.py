@@ -1,6 +1,6 @@
 """Extension points the engine offers to the layers above it.
 
-- ``counts.capture.marks_committed``: a transaction that wrote watched tables committed.
+- ``counts.notice.marks_committed``: a transaction that wrote watched tables committed.
 - :data:`status_extras`: receivers return a dict merged into ``counts status`` (the workers
   add queue depths), so the engine reports on queues without knowing one.
 - :data:`reconciled`: an operator's or the scheduler's reconcile pass finished (not a
@@ -13,6 +13,6 @@ from django.dispatch import Signal
 #: Receivers return a dict of extra status sections, or None.
 status_extras = Signal()
 
-#: Sent with ``report=`` (a ``counts.reconcile.ReconcileReport``) by ``counts reconcile`` and
+#: Sent with ``report=`` (a ``counts.reconciling.ReconcileReport``) by ``counts reconcile`` and
 #: the periodic reconcile actor.
 reconciled = Signal()

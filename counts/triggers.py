@@ -115,7 +115,7 @@ class Probe:
     where: str
 
 
-def walk(route: Route, source: str) -> tuple[str, list[Probe]]:
+def climb(route: Route, source: str) -> tuple[str, list[Probe]]:
     """How to reach target ids from rows of ``source``: a first query, then probes.
 
     ``source`` is a relation of rows of ``route.table`` (a transition table or a subquery of
@@ -237,7 +237,7 @@ def function_body(routes: list[Route], operation: str) -> tuple[str, list[str]]:
             source = f"({old} UNION ALL {new})"
         else:
             source = "new_rows" if operation == "insert" else "old_rows"
-        plan.add(route.target.label, *walk(route, source))
+        plan.add(route.target.label, *climb(route, source))
     paths = [
         "-- " + " > ".join([r.target.label] + [h.child.db_table for h in r.chain]) for r in routes
     ]

@@ -84,7 +84,7 @@ def _triggers() -> str:
 
 
 def _redis() -> str:
-    from workers.redis import client
+    from workers.redis_client import client
 
     client().ping()
     return "answers"

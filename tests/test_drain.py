@@ -13,7 +13,7 @@ import pytest
 from django.db import connection
 
 import counts
-from counts import aggregate
+from counts import aggregate, draining
 from counts import marks as marks_module
 from counts.errors import UnknownTargetError
 from project.monitoring.models import Detection, Event, SourceImage
@@ -133,7 +133,7 @@ def test_marks_for_deleted_targets_are_skipped(world, marks):
 
 
 def test_every_row_mark_expands_into_chunks(world, marks, monkeypatch):
-    monkeypatch.setattr(marks_module, "EXPAND_CHUNK", 2)
+    monkeypatch.setattr(draining, "EXPAND_CHUNK", 2)
     corrupt("monitoring_sourceimage", "detections_count", [i.pk for i in SourceImage.objects.all()])
     marks_module.mark_all(S)
     assert marks.rows() == [(S, None)]

@@ -15,9 +15,9 @@ import pytest
 
 from counts.aggregate import compile_recompute
 from counts.apps import graph
-from counts.capture import WriteWatcher
 from counts.errors import UnknownTargetError
 from counts.graph import ROOT
+from counts.notice import WriteWatcher
 from counts.spec import FORWARD, REVERSE
 from counts.triggers import compile_mark_triggers
 from tests import truth as domain_truth

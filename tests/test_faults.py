@@ -32,7 +32,7 @@ from tests import worker_harness as wh
 from tests.redis_server import OwnRedis
 from tests.test_workers import converged, make_sets, raw_connection
 from tests.truth import assert_all_counts_exact
-from workers import redis as workers_redis
+from workers import redis_client as workers_redis
 from workers.queued import label_of_message
 from workers.schedule import sweep
 

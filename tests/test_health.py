@@ -21,7 +21,7 @@ from django.test import override_settings
 
 from tests import worker_harness as wh
 from workers import heartbeat
-from workers import redis as workers_redis
+from workers import redis_client as workers_redis
 from workers.schedule import Scheduler
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -105,7 +105,7 @@ def test_metrics_report_drains_messages_pending_marks_and_drift(client, marks):
 
 
 def test_metrics_still_answer_when_redis_does_not(client, settings):
-    from workers import redis as workers_redis
+    from workers import redis_client as workers_redis
 
     workers_redis.reset()
     settings.REDIS_URL = "redis://127.0.0.1:1/0"

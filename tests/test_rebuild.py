@@ -52,7 +52,7 @@ def test_rebuild_repairs_and_drops_only_the_marks_it_covered(world, marks):
 def test_target_rows_sizes_a_pass(world, marks):
     rows = counts.target_rows()
 
-    assert rows == {
+    assert {label: n for label, n in rows.items() if label.startswith("monitoring.")} == {
         D: 3,
         E: 3,
         S: 5,

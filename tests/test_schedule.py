@@ -15,7 +15,7 @@ from django.utils import timezone
 from counts.models import DirtyMark
 from tests import worker_harness as wh
 from workers import debounce
-from workers import redis as workers_redis
+from workers import redis_client as workers_redis
 from workers.schedule import Lease, Scheduler, sweep
 
 COLLECTION = "monitoring.sourceimagecollection"

@@ -237,7 +237,7 @@ def test_if_empty_seeds_an_empty_database():
 
 def test_a_write_during_the_counting_pass_keeps_its_mark(monkeypatch):
     """Only marks that existed before the pass are deleted: a concurrent write stays queued."""
-    engine = importlib.import_module("counts.reconcile")  # counts.reconcile is the function
+    engine = importlib.import_module("counts.reconciling")
     real = engine._reconcile_model
     written = {}
 

@@ -184,7 +184,7 @@ def test_impossible_declarations_fail_naming_model_and_field(path, kwargs, messa
 
 
 def test_a_filter_must_be_a_q():
-    with pytest.raises(TypeError, match="Q object"):
+    with pytest.raises(DeclarationError, match="Q object"):
         CachedCountField("events", filter={"events__end__isnull": True})
 
 

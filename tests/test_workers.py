@@ -27,7 +27,7 @@ from project.monitoring.models import (
 )
 from tests import worker_harness as wh
 from tests.truth import assert_all_counts_exact, drain_all, mismatches
-from workers import redis as workers_redis
+from workers import redis_client as workers_redis
 from workers.actors import drain_backlog, recompute_pending, reconcile_counts
 from workers.schedule import sweep
 

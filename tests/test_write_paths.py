@@ -14,8 +14,7 @@ import psycopg
 import pytest
 from django.db import connection, transaction
 
-from counts.capture import _Notice
-from counts.marks import quiet
+from counts.notice import _Notice, quiet
 from project.monitoring.models import (
     Deployment,
     Detection,

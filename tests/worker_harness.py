@@ -18,9 +18,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connection
 
-from counts.models import DirtyMark
-from workers import debounce
-from workers.inprocess import (  # noqa: F401  (re-exported for the tests)
+from bench.inprocess import (  # noqa: F401  (re-exported for the tests)
     MessageCounter,
     booted_broker,
     counting_messages,
@@ -28,7 +26,9 @@ from workers.inprocess import (  # noqa: F401  (re-exported for the tests)
     queued_messages,
     running_worker,
 )
-from workers.redis import client
+from counts.models import DirtyMark
+from workers import debounce
+from workers.redis_client import client
 
 ROOT = Path(__file__).resolve().parent.parent
 broker = booted_broker

@@ -21,7 +21,8 @@ from dramatiq.middleware import CurrentMessage
 
 import counts
 from counts.apps import graph
-from counts.marks import drain, pending_summary
+from counts.draining import drain
+from counts.marks import pending_summary
 from counts.signals import reconciled
 from workers import debounce, metrics
 from workers.encoding import DEAD_LETTER_ACTOR

@@ -8,7 +8,7 @@ class WorkersConfig(AppConfig):
     verbose_name = "Count workers"
 
     def ready(self) -> None:
-        from counts.capture import marks_committed
+        from counts.notice import marks_committed
         from counts.signals import reconciled, status_extras
         from workers import heartbeat, hooks, metrics
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 from django.conf import settings
 
-from workers.redis import client, key
+from workers.redis_client import client, key
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
-"""Errors of the workers layer."""
+"""Errors of the workers layer, in the engine's one hierarchy (``counts.errors``)."""
+
+from counts.errors import CountsError
 
 
-class MalformedMessage(Exception):
+class MalformedMessage(CountsError):
     """A message whose arguments cannot be what its actor expects.
 
     Listed in the actors' ``throws``: the Retries middleware then fails the message instead of

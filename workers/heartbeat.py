@@ -24,7 +24,7 @@ import redis
 from django.conf import settings
 from dramatiq.middleware import Middleware
 
-from workers.redis import client, key
+from workers.redis_client import client, key
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Redis being down or hung must not fail or slow a write: the marks are already committed and the
 scheduler's sweep will send for them once Redis is back. The first failure opens the
-``workers.redis.write_path`` breaker: for a cool-down, writers skip Redis altogether (a hung
+``workers.redis_client.write_path`` breaker: for a cool-down, writers skip Redis altogether (a hung
 Redis costs one writer one short socket timeout, not every writer). The error is logged once
 per outage, not once per write, and once more when Redis answers again.
 """
@@ -15,7 +15,7 @@ import redis
 from django.conf import settings
 
 from workers import debounce
-from workers.redis import where, write_path
+from workers.redis_client import where, write_path
 
 logger = logging.getLogger(__name__)
 

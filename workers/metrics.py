@@ -35,7 +35,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from workers.redis import client, key
+from workers.redis_client import client, key
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _add(increments: dict[str, float]) -> None:
 
 
 def record_drain(result) -> None:
-    """One committed drain batch (a ``counts.marks.DrainResult``)."""
+    """One committed drain batch (a ``counts.draining.DrainResult``)."""
     if result.empty:
         return
     seconds = result.ms / 1000

@@ -41,7 +41,7 @@ from counts.marks import pending_summary
 from workers import debounce, heartbeat
 from workers.outages import Outage, postgres_where
 from workers.queued import labels_with_messages
-from workers.redis import client, key, where
+from workers.redis_client import client, key, where
 
 logger = logging.getLogger("workers.schedule")
 

@@ -15,6 +15,7 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
+from counts.draining import BATCH_SIZE
 from counts.errors import CountsError
 
 
@@ -47,7 +48,10 @@ class Command(BaseCommand):
             "--until-empty", action="store_true", help="Keep draining until no mark is left"
         )
         drain.add_argument(
-            "--batch-size", type=int, default=500, help="Marks per drain transaction (default 500)"
+            "--batch-size",
+            type=int,
+            default=BATCH_SIZE,
+            help=f"Marks per drain transaction (default {BATCH_SIZE})",
         )
         mm = sub.add_parser("makemigrations", help="Write the count-trigger migration if due")
         mm.add_argument(
@@ -132,8 +136,8 @@ class Command(BaseCommand):
         else:
             self.stdout.write(f"Rebuilt {report.checked} rows ({report.drifted_rows} changed)")
 
-    def do_drain(self, until_empty=False, batch_size=500, **_):
-        from counts.marks import drain
+    def do_drain(self, until_empty=False, batch_size=BATCH_SIZE, **_):
+        from counts.draining import drain
 
         total = 0
         while True:

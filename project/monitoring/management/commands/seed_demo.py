@@ -26,7 +26,7 @@ from django.db import connection, transaction
 from tqdm import tqdm
 
 import counts
-from counts.marks import quiet
+from counts.notice import quiet
 from project.monitoring.demo import load, make_plan
 from project.monitoring.models import Project
 

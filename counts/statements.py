@@ -1,14 +1,4 @@
-"""After-commit notice: "this transaction may have left marks for these targets".
-
-Triggers write the marks; this module only tells the rest of the system, once per transaction
-and after it commits, which target models to look at. ``workers`` subscribes to
-:data:`marks_committed` and turns it into a debounced message; the engine knows no queue.
-
-It works by an execute wrapper on every database connection (``execute`` and ``executemany``
-alike): after a statement that writes a watched table, the transaction gets one ``on_commit``
-notice (found again and widened on later writes, dropped by Django with the transaction on
-rollback). The notice names only the targets whose routes need that operation on that table, the
-same rule the triggers are compiled from, so inserting a project announces nothing.
+"""What a SQL statement writes, read from its text: ``(table, operation)`` pairs.
 
 The statement is judged from its text, never parsed in full (this runs on every statement of
 every request):
@@ -35,19 +25,7 @@ Django's wrappers), functions and procedures that write (``SELECT f()``, ``CALL`
 
 from __future__ import annotations
 
-import logging
 import re
-
-from django.db.backends.signals import connection_created
-from django.dispatch import Signal
-
-from counts.graph import OPERATIONS
-
-logger = logging.getLogger(__name__)
-
-#: Sent after a transaction that wrote watched tables commits; kwargs ``targets`` (frozenset of
-#: model labels) and ``using`` (database alias).
-marks_committed = Signal()
 
 #: Characters of a statement read token by token. A verb is the first keyword of its
 #: statement, so only data-modifying CTEs (and the statement after them) sit deeper; those are
@@ -58,8 +36,6 @@ HEAD = 16384
 #: Characters at the end of an INSERT searched for ``ON CONFLICT … DO UPDATE`` (Django puts it
 #: after the VALUES; 4 KiB holds a SET list of about a hundred columns).
 TAIL = 4096
-#: Connection attribute set while the engine writes cached columns itself.
-QUIET_ATTR = "_counts_quiet"
 #: Table name standing for every watched table: ``TRUNCATE … CASCADE`` also empties the tables
 #: that reference the named ones, which the text does not name.
 ANY_TABLE = "*"
@@ -122,7 +98,6 @@ _TOKEN = re.compile(
 )
 _ESTRING = re.compile(r"[eE]'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'?")
 _BLOCK = re.compile(r"/\*|\*/")
-_NOTHING: frozenset[str] = frozenset()
 
 Token = tuple[str, str]  # ("w", word as written) | ("q", quoted name) | ("p", punctuation)
 
@@ -335,79 +310,3 @@ def statement_writes(sql: str) -> frozenset[tuple[str, str]]:
         elif first == "WITH" and not _VERB_WORD.search(sql[:HEAD].upper()):
             return frozenset()
     return _Reader(sql).read()
-
-
-class _Notice:
-    """The on_commit callback of one transaction; collects targets until it runs."""
-
-    def __init__(self, targets: frozenset[str], using: str) -> None:
-        self.targets = set(targets)
-        self.using = using
-        self.__qualname__ = "counts.capture.notice"  # read by Django when a callback fails
-
-    def __call__(self) -> None:
-        marks_committed.send(sender=_Notice, targets=frozenset(self.targets), using=self.using)
-
-
-class WriteWatcher:
-    """Execute wrapper that notices writes to watched tables.
-
-    ``labels`` maps ``(db_table, operation)`` to the target labels such a write can dirty.
-    """
-
-    def __init__(self, labels: dict[tuple[str, str], frozenset[str]]) -> None:
-        self.labels = {key: targets for key, targets in labels.items() if targets}
-        self.everything = frozenset().union(*self.labels.values())
-
-    @classmethod
-    def for_graph(cls, graph) -> WriteWatcher:
-        """A watcher announcing exactly what the graph's triggers can mark."""
-        return cls(
-            {
-                (table, op): graph.targets_of_operation(table, op)
-                for table in graph.routes
-                for op in OPERATIONS
-            }
-        )
-
-    def targets_of(self, sql: str) -> frozenset[str]:
-        """Targets a statement may dirty, judged from its text (cheap; never parses SQL)."""
-        if not self.labels:
-            return frozenset()
-        found: set[str] = set()
-        for key in statement_writes(sql):
-            found |= self.everything if key[0] == ANY_TABLE else self.labels.get(key, _NOTHING)
-        return frozenset(found)
-
-    def __call__(self, execute, sql, params, many, context):
-        result = execute(sql, params, many, context)
-        connection = context["connection"]
-        if not getattr(connection, QUIET_ATTR, False):
-            targets = self.targets_of(sql)
-            if targets:
-                notify_on_commit(connection, targets)
-        return result
-
-
-def notify_on_commit(connection, targets: frozenset[str]) -> None:
-    """Make sure the current transaction announces ``targets`` once it commits."""
-    for _sids, func, _robust in connection.run_on_commit:
-        if isinstance(func, _Notice):
-            func.targets |= targets
-            return
-    connection.on_commit(_Notice(targets, connection.alias), robust=True)
-
-
-def install(graph) -> None:
-    """Watch every connection, present and future, for writes to the graph's tables."""
-    watcher = WriteWatcher.for_graph(graph)
-
-    def attach(sender, connection, **kwargs):
-        if not any(isinstance(w, WriteWatcher) for w in connection.execute_wrappers):
-            connection.execute_wrappers.append(watcher)
-
-    connection_created.connect(attach, weak=False, dispatch_uid="counts.capture.attach")
-    from django.db import connections
-
-    for conn in connections.all(initialized_only=True):
-        attach(None, conn)

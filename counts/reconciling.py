@@ -19,8 +19,9 @@ from django.db import connections
 
 from counts import aggregate
 from counts.apps import graph
+from counts.draining import engine_transaction
 from counts.errors import UnknownTargetError
-from counts.marks import defer, engine_transaction
+from counts.marks import defer
 from counts.triggers import MARK_TABLE, q
 
 

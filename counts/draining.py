@@ -1,0 +1,215 @@
+"""Draining dirty marks: plan from marks, then lock, recompute and write in one transaction.
+
+The shape follows Django's deletion collector — record the work first, perform it after:
+
+1. take up to ``batch_size`` marks that are due with ``FOR UPDATE SKIP LOCKED`` (other
+   drainers take others), keep a prefix of them worth at most ``max_ids`` target ids, and
+   delete those;
+2. plan: ``{label: {ids}}``, expanding "every row" marks into chunked marks for later batches;
+3. for each target model in label order, lock the rows nobody else holds (``SKIP LOCKED``, in
+   id order), recompute and write them; a row someone holds gets a new mark, due a little
+   later (``not_before``), instead of holding up the rest of the batch.
+
+All of it commits together. A crash before commit rolls the deletes back, so no mark is lost;
+a mark is consumed only by a committed recompute whose snapshot is newer than the mark, or
+replaced by a deferred mark for the same row in the same transaction. A drain never waits on
+a row lock, so one busy row cannot stall its model and a drain cannot deadlock with a writer.
+
+Every recompute runs in :func:`engine_transaction`, under the engine's setting
+the only writes to cached columns the guard triggers let through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from django.db import connections, transaction
+
+from counts import aggregate
+from counts.apps import graph
+from counts.errors import UnknownTargetError
+from counts.guards import ENGINE_SETTING
+from counts.marks import defer
+from counts.notice import quiet
+from counts.triggers import MARK_TABLE, q
+
+#: Target ids in one expanded chunk of an "every row" mark.
+EXPAND_CHUNK = 2000
+#: Marks one drain transaction takes, by default.
+BATCH_SIZE = 500
+#: Target ids one drain transaction recomputes, by default (a single larger mark is taken whole).
+MAX_IDS = 5000
+#: Milliseconds a drain waits for a lock ``SKIP LOCKED`` cannot skip (a table lock), by default.
+LOCK_TIMEOUT_MS = 10_000
+
+
+@dataclass
+class DrainResult:
+    """What one drain transaction did (also the structured log line of a batch)."""
+
+    marks: int = 0
+    targets: dict[str, int] = field(default_factory=dict)  # label -> rows recomputed
+    changed: dict[str, int] = field(default_factory=dict)  # label -> rows written
+    expanded: dict[str, int] = field(default_factory=dict)  # label -> chunk marks created
+    deferred: dict[str, int] = field(default_factory=dict)  # label -> held rows marked again
+    ms: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return self.marks == 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing was recomputed or expanded: the batch found no marks, or only busy rows."""
+        return not any(self.targets.values()) and not self.expanded
+
+    def as_log(self) -> dict:
+        return {
+            "marks": self.marks,
+            "targets": sum(self.targets.values()),
+            "changed": sum(self.changed.values()),
+            "deferred": sum(self.deferred.values()),
+            "by_model": {k: [self.targets.get(k, 0), self.changed.get(k, 0)] for k in self.targets},
+            "ms": round(self.ms, 1),
+        }
+
+
+@contextlib.contextmanager
+def engine_transaction(using: str = "default", lock_timeout_ms: int | None = None):
+    """One recompute transaction (or savepoint): yields a cursor with the engine's settings.
+
+    The engine's setting lets this block, and nothing else, write cached columns (the guard
+    triggers keep them otherwise). ``set_config(..., true)`` lasts until the end of the
+    *outermost* transaction, and a savepoint's release hands it on to the caller's
+    transaction; so it is switched off again before the block ends, or a caller's stale
+    ``save()`` later in the same request would slip past the guards. (A rollback undoes it by
+    itself.)
+
+    JIT off: a batch's aggregate is estimated expensive enough to be compiled, and compiling it
+    (about 135 ms for 500 capture sets) costs more than running it. The lock timeout, when
+    given, bounds the wait for a lock that ``SKIP LOCKED`` cannot skip (a table lock taken by a
+    migration or a ``LOCK TABLE``).
+    """
+    timeout = "0" if lock_timeout_ms is None else f"{lock_timeout_ms}ms"
+    with transaction.atomic(using=using), quiet(using):
+        cursor = connections[using].cursor()
+        cursor.execute(
+            "SELECT set_config(%s, 'on', true), set_config('jit', 'off', true),"
+            " set_config('lock_timeout', %s, true)",
+            [ENGINE_SETTING, timeout],
+        )
+        yield cursor
+        cursor.execute("SELECT set_config(%s, 'off', true)", [ENGINE_SETTING])
+
+
+def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
+    where = "WHERE (not_before IS NULL OR not_before <= now())"
+    where += " AND target = ANY(%s)" if labels else ""
+    params: list = [labels] if labels else []
+    cursor.execute(
+        f"SELECT id, target, ids FROM {MARK_TABLE} {where} ORDER BY id LIMIT %s"
+        " FOR UPDATE SKIP LOCKED",
+        [*params, batch_size],
+    )
+    taken, budget = [], max_ids
+    for mark_id, target, ids in cursor.fetchall():
+        if taken and ids is not None and len(ids) > budget:
+            break
+        taken.append((mark_id, target, ids))
+        budget -= 1 if ids is None else len(ids)
+    if taken:
+        cursor.execute(f"DELETE FROM {MARK_TABLE} WHERE id = ANY(%s)", [[m[0] for m in taken]])
+    return taken
+
+
+def _expand(cursor, label: str) -> int:
+    """Replace an "every row" mark by chunked marks covering every current row."""
+    table = graph().targets[label]
+    cursor.execute(
+        f"INSERT INTO {MARK_TABLE} (target, ids)"
+        f" SELECT %s, array_agg(pk ORDER BY pk) FROM ("
+        f"   SELECT {q(table.pk)} AS pk, (row_number() OVER (ORDER BY {q(table.pk)}) - 1) / %s"
+        f"   AS chunk FROM {q(table.db_table)}) s GROUP BY chunk",
+        [label, EXPAND_CHUNK],
+    )
+    return cursor.rowcount
+
+
+def drain(
+    batch_size: int = BATCH_SIZE,
+    max_ids: int = MAX_IDS,
+    targets: list[str] | None = None,
+    using: str = "default",
+    lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+) -> DrainResult:
+    """Consume one batch of marks and bring their targets' counts up to date.
+
+    Args:
+        batch_size: Most marks taken.
+        max_ids: Most target ids recomputed (a single larger mark is still taken whole).
+        targets: Only marks for these model labels (all when None).
+        lock_timeout_ms: How long to wait for a locked target row before giving up.
+    """
+    started = time.perf_counter()
+    result = DrainResult()
+    known = graph().targets
+    with engine_transaction(using, lock_timeout_ms) as cursor:
+        taken = _take(cursor, batch_size, max_ids, targets)
+        result.marks = len(taken)
+        plan: dict[str, set[int]] = defaultdict(set)
+        for _mark_id, label, ids in taken:
+            if label not in known:
+                # A model whose counts were removed: its marks mean nothing any more.
+                continue
+            if ids is None:
+                result.expanded[label] = _expand(cursor, label)
+            else:
+                plan[label].update(ids)
+        for label in sorted(plan):
+            recomputed, changed, deferred = _recompute(cursor, label, sorted(plan[label]), using)
+            result.targets[label] = recomputed
+            result.changed[label] = changed
+            if deferred:
+                result.deferred[label] = deferred
+    result.ms = (time.perf_counter() - started) * 1000
+    return result
+
+
+def _recompute(cursor, label: str, ids: list[int], using: str) -> tuple[int, int, int]:
+    """Lock what can be locked, recompute and write it, mark the rest again for later.
+
+    Returns:
+        (rows recomputed, rows whose counts changed, rows deferred because someone holds them)
+    """
+    statement = aggregate.compile_recompute(label, using)
+    locked = aggregate.lock(cursor, statement, ids)
+    held = aggregate.held_elsewhere(cursor, statement, ids, locked)
+    if held:
+        defer(cursor, label, held)
+    changes = aggregate.run(cursor, statement, locked, write=True)
+    return len(locked), len(changes), len(held)
+
+
+def recompute_rows(ids_by_label: dict[str, list[int]], using: str = "default") -> tuple[int, int]:
+    """Recompute the given rows now, under the same locks as a drain.
+
+    A row another transaction holds is marked instead, for the workers to recompute once it is
+    free: "Recompute now" never hangs on an admin form left open.
+
+    Returns:
+        (rows recomputed, rows whose stored counts changed)
+    """
+    recomputed = changed = 0
+    with engine_transaction(using) as cursor:
+        for label in sorted(ids_by_label):
+            if label not in graph().targets:
+                raise UnknownTargetError(label)
+            done, written, _deferred = _recompute(
+                cursor, label, sorted(set(ids_by_label[label])), using
+            )
+            recomputed += done
+            changed += written
+    return recomputed, changed
