@@ -23,8 +23,8 @@ from django.db import connection
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLD_LINE = "    default_filters_score_threshold = models.FloatField(default=0.5)\n"
 COUNTS = [
-    'captures_count = CachedCountField("deployments__captures")',
-    'events_count = CachedCountField("deployments__events")',
+    'deploy_check_captures_count = CachedCountField("deployments__captures")',
+    'deploy_check_events_count = CachedCountField("deployments__events")',
 ]
 
 pytestmark = pytest.mark.slow
@@ -110,7 +110,7 @@ def test_two_count_adding_migrations_apply_in_one_migrate_on_a_database_with_dat
         host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"], dbname=dbname
     ) as conn:
         rows = conn.execute(
-            "SELECT p.captures_count, p.events_count,"
+            "SELECT p.deploy_check_captures_count, p.deploy_check_events_count,"
             " (SELECT count(*) FROM monitoring_sourceimage si JOIN monitoring_deployment d"
             "  ON d.id = si.deployment_id WHERE d.project_id = p.id),"
             " (SELECT count(*) FROM monitoring_event e JOIN monitoring_deployment d"

@@ -209,6 +209,21 @@ RAW = [
 ]
 
 
+def announced(writes) -> set[str]:
+    """What the graph says these ``(table, operation)`` writes can dirty.
+
+    The tables above also list the domain's targets today; a count added later only adds to
+    what a write announces, so they are checked as a lower bound.
+    """
+    found: set[str] = set()
+    for table, operation in writes:
+        if table == ANY_TABLE:
+            found |= set(graph().targets)
+        else:
+            found |= graph().targets_of_operation(table, operation)
+    return found
+
+
 @pytest.mark.parametrize(
     ("sql", "writes", "targets"), [r[1:] for r in RAW], ids=[r[0] for r in RAW]
 )
@@ -216,7 +231,7 @@ def test_hand_written_sql_announces_what_it_writes(sql, writes, targets):
     assert statement_writes(sql) == writes
     if targets is ALL_TARGETS:  # every installed app's, the engine's test app's included
         targets = set(graph().targets)
-    assert watcher().targets_of(sql) == targets
+    assert watcher().targets_of(sql) == announced(writes) >= targets
 
 
 def test_a_verb_past_the_head_is_left_to_the_sweep():
@@ -354,8 +369,9 @@ def test_django_generated_sql_announces_what_it_writes(world, marks, action, wri
         action(world)
     assert seen
     assert set().union(*map(statement_writes, seen)) == writes
-    assert set().union(*map(watcher().targets_of, seen)) == targets
-    assert set(marks.by_target()) <= targets, "the triggers marked a target left unannounced"
+    announcing = set().union(*map(watcher().targets_of, seen))
+    assert announcing == announced(writes) >= targets
+    assert set(marks.by_target()) <= announcing, "the triggers marked a target left unannounced"
 
 
 def pending_notice() -> _Notice | None:

@@ -175,6 +175,12 @@ class SourceImageCollectionAdmin(SummarisedDeleteMixin, CachedCountsAdmin):
     raw_id_fields = ("project",)
     exclude = ("images",)  # shown read-only by ``members``, never loaded whole
     readonly_fields = ("members",)
+    #: Stable short headers, whatever other counts a set gains later.
+    count_headers = {
+        "source_images_count": "images",
+        "source_images_with_detections_count": "with detections",
+        "source_images_processed_count": "processed",
+    }
     #: Members shown on the set's page; the rest are a click away, paginated.
     members_preview = 20
 
