@@ -145,3 +145,14 @@ def make_world(marks):
 def world(make_world) -> SimpleNamespace:
     """The dataset of :func:`build_world`, counts exact, no mark pending."""
     return make_world()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own on a free port, to hang, stop and restart at will."""
+    from tests.redis_server import OwnRedis
+
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -94,19 +94,26 @@ def drain_until(done: threading.Event, stats: dict) -> None:
             time.sleep(0.005)
 
 
-def test_concurrent_writers_and_two_drainers_converge_exactly(make_world, marks):
-    make_world()
+def race(writer, steps: int, writers: int = 4, drainers: int = 2) -> list[dict]:
+    """Run ``writers`` threads of ``writer(seed, steps)`` against ``drainers`` drain loops,
+    until the writers are done and the drainers have emptied the queue; returns their stats."""
     done = threading.Event()
-    stats = [{"marks": 0, "retries": 0} for _ in range(2)]
-    drainers = [Worker(drain_until, done, s) for s in stats]
-    writers = [Worker(write_randomly, seed, 25) for seed in range(4)]
-    for t in drainers + writers:
+    stats = [{"marks": 0, "retries": 0} for _ in range(drainers)]
+    draining = [Worker(drain_until, done, s) for s in stats]
+    writing = [Worker(writer, seed, steps) for seed in range(writers)]
+    for t in draining + writing:
         t.start()
-    for t in writers:
+    for t in writing:
         t.finish()
     done.set()
-    for t in drainers:
+    for t in draining:
         t.finish()
+    return stats
+
+
+def test_concurrent_writers_and_two_drainers_converge_exactly(make_world, marks):
+    make_world()
+    stats = race(write_randomly, 25)
     assert all(s["marks"] > 0 for s in stats), stats  # both drainers took a share
     assert marks.count() == 0
     assert_all_counts_exact()  # no final drain here: the drainers converged by themselves
@@ -170,17 +177,7 @@ def write_and_save_stale_rows(seed: int, steps: int) -> int:
 def test_stale_saves_racing_drains_leave_no_wrong_count(make_world, marks):
     """Four writers saving rows they loaded before the drains: no cell may end wrong."""
     make_world()
-    done = threading.Event()
-    stats = [{"marks": 0, "retries": 0} for _ in range(2)]
-    drainers = [Worker(drain_until, done, s) for s in stats]
-    writers = [Worker(write_and_save_stale_rows, seed, 30) for seed in range(4)]
-    for t in drainers + writers:
-        t.start()
-    for t in writers:
-        t.finish()
-    done.set()
-    for t in drainers:
-        t.finish()
+    race(write_and_save_stale_rows, 30)
     assert marks.count() == 0
     assert_all_counts_exact()
 

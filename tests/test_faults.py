@@ -29,7 +29,6 @@ from project.monitoring.models import (
     SourceImage,
 )
 from tests import worker_harness as wh
-from tests.redis_server import OwnRedis
 from tests.test_workers import converged, make_sets, raw_connection
 from tests.truth import assert_all_counts_exact
 from workers import redis_client as workers_redis
@@ -55,14 +54,6 @@ def clean_slate():
 def counter():
     with wh.counting_messages() as counting:
         yield counting
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def an_image() -> SourceImage:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests import worker_harness as wh
-from tests.redis_server import OwnRedis, free_port
+from tests.redis_server import free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -58,14 +58,6 @@ class LateForwarder:
         for s in self.sockets:
             with contextlib.suppress(OSError):
                 s.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def wait_for_line(log: Path, text: str, count: int = 1, timeout: float = 30) -> None:
