@@ -263,3 +263,13 @@ def test_scale_below_a_hundred_is_refused():
     with pytest.raises(CommandError, match="at least 100"):
         seed("--scale", "10")
     assert not Project.objects.exists()
+
+
+def test_one_demo_project_is_public_so_the_printed_api_address_shows_data(seeded, client):
+    """``bin/run`` prints the capture-set list's address; before signing in it lists the public
+    project's sets, and only those."""
+    public = Project.objects.get(is_public=True)
+    body = client.get("/api/v2/captures/collections/", {"limit": 1000}).json()
+    assert body["count"] > 0
+    assert {row["project"] for row in body["results"]} == {public.pk}
+    assert body["count"] == SourceImageCollection.objects.filter(project=public).count()

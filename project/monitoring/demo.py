@@ -39,6 +39,9 @@ PROJECTS = (
     ("Panama Light Traps", 0.8, 0.3, ("Barro Colorado", "Gamboa", "Soberania")),
     ("Quebec Pollinator Watch", 0.3, 0.1, ("Mont Saint-Hilaire", "Gatineau")),
 )
+#: Demo projects anyone may read through the API without signing in (the others need a login:
+#: the admin user is a superuser), so the API address ``bin/run`` prints shows data at once.
+PUBLIC_PROJECTS = frozenset({"Quebec Pollinator Watch"})
 #: Genera and epithets combined into taxon names (unique by construction); word lists read
 #: better as one string than as 54 one-per-line literals.
 GENERA = (  # noqa: SIM905
@@ -302,9 +305,9 @@ def _insert_projects(cursor) -> list[int]:
         _insert_returning(
             cursor,
             "INSERT INTO monitoring_project (created_at, updated_at, name,"
-            " default_filters_score_threshold) VALUES (now(), now(), %(n)s, %(t)s)"
-            " RETURNING id",
-            {"n": name, "t": threshold},
+            " default_filters_score_threshold, is_public)"
+            " VALUES (now(), now(), %(n)s, %(t)s, %(public)s) RETURNING id",
+            {"n": name, "t": threshold, "public": name in PUBLIC_PROJECTS},
         )[0][0]
         for name, threshold, _share, _places in PROJECTS
     ]
