@@ -15,8 +15,8 @@ a mark is consumed only by a committed recompute whose snapshot is newer than th
 replaced by a deferred mark for the same row in the same transaction. A drain never waits on
 a row lock, so one busy row cannot stall its model and a drain cannot deadlock with a writer.
 
-Every recompute runs in :func:`engine_transaction`, under the engine's setting
-the only writes to cached columns the guard triggers let through.
+Every recompute runs in :func:`engine_transaction`, under the engine's setting: the only
+writes to cached columns the guard triggers let through.
 """
 
 from __future__ import annotations
@@ -185,12 +185,22 @@ def _recompute(cursor, label: str, ids: list[int], using: str) -> tuple[int, int
         (rows recomputed, rows whose counts changed, rows deferred because someone holds them)
     """
     statement = aggregate.compile_recompute(label, using)
+    locked, held = claim(cursor, statement, label, ids)
+    changes = aggregate.run(cursor, statement, locked, write=True)
+    return len(locked), len(changes), held
+
+
+def claim(cursor, statement, label: str, ids: list[int]) -> tuple[list[int], int]:
+    """Lock the rows of ``ids`` nobody else holds; mark the held ones again, due a little later.
+
+    Drains, "Recompute now" and reconcile all claim rows this way, so none of them ever waits
+    on a row lock. Returns (ids locked, rows deferred).
+    """
     locked = aggregate.lock(cursor, statement, ids)
     held = aggregate.held_elsewhere(cursor, statement, ids, locked)
     if held:
         defer(cursor, label, held)
-    changes = aggregate.run(cursor, statement, locked, write=True)
-    return len(locked), len(changes), len(held)
+    return locked, len(held)
 
 
 def recompute_rows(ids_by_label: dict[str, list[int]], using: str = "default") -> tuple[int, int]:

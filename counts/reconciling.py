@@ -19,9 +19,8 @@ from django.db import connections
 
 from counts import aggregate
 from counts.apps import graph
-from counts.draining import engine_transaction
+from counts.draining import claim, engine_transaction
 from counts.errors import UnknownTargetError
-from counts.marks import defer
 from counts.triggers import MARK_TABLE, q
 
 
@@ -115,12 +114,8 @@ def _reconcile_model(label: str, dry_run: bool, chunk: int, progress, using: str
             if not ids:
                 break
             checked = ids
-            if not dry_run:
-                # Rows someone holds are marked for the drain rather than waited for.
-                checked = aggregate.lock(cursor, statement, ids)
-                held = aggregate.held_elsewhere(cursor, statement, ids, checked)
-                if held:
-                    defer(cursor, label, held)
+            if not dry_run:  # rows someone holds are marked for the drain, not waited for
+                checked, _held = claim(cursor, statement, label, ids)
             changes = aggregate.run(cursor, statement, checked, write=not dry_run)
         last = ids[-1]
         model_report.checked += len(checked)
