@@ -5,6 +5,13 @@ Messages name the model and field they concern, so an operator reading a log lin
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type's name when it says nothing): what one log line or
+    one JSON error shows of a driver's multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class CountsError(Exception):
     """Base class of every error the engine raises on purpose."""
 

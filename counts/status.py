@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db import InterfaceError, OperationalError, connection
 
 from counts.apps import graph
+from counts.errors import first_line
 from counts.marks import pending_summary
 from counts.signals import status_extras
 from counts.triggers import compile_triggers
@@ -43,7 +44,7 @@ def trigger_states() -> list[dict]:
 def database_unreachable(exc: Exception) -> str:
     """One line naming the database that did not answer, and why."""
     db = connection.settings_dict
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = first_line(exc)
     reason = reason.rsplit(" failed: ", 1)[-1]
     return (
         f"PostgreSQL at {db['HOST'] or 'localhost'}:{db['PORT'] or 5432}"

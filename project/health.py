@@ -21,15 +21,12 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from counts.errors import first_line
+
 logger = logging.getLogger(__name__)
 
 #: What a client is told to wait before retrying after a 503.
 RETRY_AFTER_S = 10
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class DatabaseUnavailableMiddleware:

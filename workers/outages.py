@@ -21,6 +21,8 @@ import redis
 from dramatiq.common import dq_name
 from dramatiq.middleware import Middleware
 
+from counts.errors import first_line
+
 logger = logging.getLogger("workers.outages")
 
 #: Seconds between pings of a Redis that is down, to notice it is back.
@@ -46,7 +48,7 @@ class Outage:
             if self.down_since is not None:
                 return False
             self.down_since = time.monotonic()
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         logger.error(
             "%s at %s unavailable (%s); %s", self.what, self.where, reason, self.consequence
         )
