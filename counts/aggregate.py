@@ -25,7 +25,9 @@ from django.db.models.expressions import RawSQL
 from counts.apps import graph
 from counts.fields import FRESHNESS_FIELD
 from counts.spec import Chain, CountSpec
-from counts.triggers import q
+from counts.items import adjustment_sql, kinds_feeding
+from counts.modes import incremental_columns
+from counts.triggers import MARK_TABLE, literal, q
 
 #: Largest batch one statement recomputes; bigger batches are split.
 STATEMENT_IDS = 5000
@@ -169,7 +171,7 @@ def _fresh_sql(model, specs, connection) -> tuple[str, list[str], list]:
         params.extend(sub_params)
         for i, spec in enumerate(group):
             selects.append((spec.column, f"COALESCE(g{g}.c{i}, 0)"))
-    fresh = (
+    truth = (
         f"SELECT t.{q(pk)} AS pk, "
         + ", ".join(f"{expr} AS {q(col)}" for col, expr in selects)
         + f" FROM {q(model._meta.db_table)} t "
@@ -177,7 +179,47 @@ def _fresh_sql(model, specs, connection) -> tuple[str, list[str], list]:
         + f" WHERE t.{q(pk)} = ANY(%s::bigint[])"
     )
     params.append(_IDS)
-    return fresh, [c for c, _ in selects], params
+    fresh, more = _formula(model._meta.label_lower, truth, [c for c, _ in selects])
+    return fresh, [c for c, _ in selects], params + more
+
+
+def _formula(label: str, truth: str, columns: list[str]) -> tuple[str, list]:
+    """``truth − pending − adjustment`` for the columns kept incrementally, in one statement.
+
+    Invariant I (``counts.items``) says stored + pending = what the ledgers credited. So the
+    value to store is not the truth but the truth less what is still on its way: delta marks
+    not yet applied, and for items whose change is not yet credited, the difference between
+    their truth and their ledger. All three terms read one snapshot — the statement's — which
+    is what makes a recount exact while drains run beside it, and why it consumes no mark.
+    """
+    incremental = incremental_columns(graph()).get(label, frozenset())
+    wanted = [c for c in columns if c in incremental]
+    if not wanted:
+        return truth, []
+    params: list = []
+    pending = ", ".join(
+        f"sum(u.d) FILTER (WHERE m.field = {literal(c)}) AS {q(c)}" for c in wanted
+    )
+    joins = [
+        f"LEFT JOIN (SELECT u.id AS pk, {pending} FROM {MARK_TABLE} m"
+        " CROSS JOIN LATERAL unnest(m.ids, m.deltas) AS u(id, d)"
+        f" WHERE m.target = {literal(label)} AND m.deltas IS NOT NULL"
+        " AND m.ids && %s::bigint[] AND u.id = ANY(%s::bigint[]) GROUP BY u.id) p ON p.pk = f.pk"
+    ]
+    params += [_IDS, _IDS]
+    minus: dict[str, list[str]] = {c: [f"coalesce(p.{q(c)}, 0)"] for c in wanted}
+    for n, kind in enumerate(kinds_feeding(graph(), label)):
+        sql, binds = adjustment_sql(kind, label, n)
+        joins.append(f"LEFT JOIN ({sql}) a{n} ON a{n}.pk = f.pk")
+        params += [_IDS] * binds
+        for i, part in enumerate(kind.parts_for(label)):
+            if part.column in minus:
+                minus[part.column].append(f"coalesce(a{n}.a{n}_{i}, 0)")
+    selects = ", ".join(
+        f"f.{q(c)} - " + " - ".join(minus[c]) + f" AS {q(c)}" if c in minus else f"f.{q(c)}"
+        for c in columns
+    )
+    return f"SELECT f.pk, {selects} FROM ({truth}) f {' '.join(joins)}", params
 
 
 def _compare_and_write_sql(table: str, pk: str, columns: list[str], fresh: str) -> tuple[str, str]:

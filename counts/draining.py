@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 
 from django.db import connections, transaction
 
-from counts import aggregate
+from counts import aggregate, applying, items
 from counts.apps import graph
 from counts.errors import UnknownTargetError
 from counts.guards import ENGINE_SETTING
+from counts.items import item_kinds, mark_every_item
 from counts.marks import defer
+from counts.modes import incremental_columns
 from counts.notice import quiet
 from counts.triggers import MARK_TABLE, q
 
@@ -110,15 +112,16 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
     where += " AND target = ANY(%s)" if labels else ""
     params: list = [labels] if labels else []
     cursor.execute(
-        f"SELECT id, target, ids FROM {MARK_TABLE} {where} ORDER BY id LIMIT %s"
+        f"SELECT id, target, ids, field, deltas FROM {MARK_TABLE} {where} ORDER BY id LIMIT %s"
         " FOR UPDATE SKIP LOCKED",
         [*params, batch_size],
     )
     taken, budget = [], max_ids
-    for mark_id, target, ids in cursor.fetchall():
+    for mark in cursor.fetchall():
+        ids = mark[2]
         if taken and ids is not None and len(ids) > budget:
             break
-        taken.append((mark_id, target, ids))
+        taken.append(mark)
         budget -= 1 if ids is None else len(ids)
     if taken:
         cursor.execute(f"DELETE FROM {MARK_TABLE} WHERE id = ANY(%s)", [[m[0] for m in taken]])
@@ -138,6 +141,43 @@ def _expand(cursor, label: str) -> int:
     return cursor.rowcount
 
 
+@dataclass
+class _Plan:
+    """What one batch's marks ask for: credits to add, rows to recount, items to recompute."""
+
+    credits: dict = field(default_factory=lambda: defaultdict(int))  # (label, column, id) -> n
+    recount: dict = field(default_factory=lambda: defaultdict(set))  # label -> ids
+    items: dict = field(default_factory=lambda: defaultdict(set))  # item kind -> ids
+
+
+def _plan(cursor, taken, result: DrainResult) -> _Plan:
+    known = graph().targets
+    kinds = item_kinds(graph())
+    incremental = incremental_columns()
+    plan = _Plan()
+    for _mark_id, target, ids, column, deltas in taken:
+        if target in kinds:
+            if ids is None:
+                mark_every_item(cursor, kinds[target])
+                result.expanded[target] = result.expanded.get(target, 0) + 1
+            else:
+                plan.items[target].update(ids)
+        elif target not in known:
+            # A model (or item kind) whose counts were removed: its marks mean nothing any more.
+            continue
+        elif ids is None:
+            result.expanded[target] = _expand(cursor, target)
+        elif deltas is None:
+            plan.recount[target].update(ids)
+        elif column in incremental.get(target, ()):
+            for target_id, amount in zip(ids, deltas, strict=True):
+                plan.credits[(target, column, target_id)] += amount
+        else:
+            # The count changed mode or went away since: its amounts mean nothing, recount.
+            plan.recount[target].update(ids)
+    return plan
+
+
 def drain(
     batch_size: int = BATCH_SIZE,
     max_ids: int = MAX_IDS,
@@ -149,33 +189,59 @@ def drain(
 
     Args:
         batch_size: Most marks taken.
-        max_ids: Most target ids recomputed (a single larger mark is still taken whole).
-        targets: Only marks for these model labels (all when None).
-        lock_timeout_ms: How long to wait for a locked target row before giving up.
+        max_ids: Most target (or item) ids taken (a single larger mark is still taken whole).
+        targets: Only marks for these model labels or item kinds (all when None).
+        lock_timeout_ms: How long to wait for a lock ``SKIP LOCKED`` cannot skip.
     """
     started = time.perf_counter()
     result = DrainResult()
-    known = graph().targets
+    kinds = item_kinds(graph())
     with engine_transaction(using, lock_timeout_ms) as cursor:
         taken = _take(cursor, batch_size, max_ids, targets)
         result.marks = len(taken)
-        plan: dict[str, set[int]] = defaultdict(set)
-        for _mark_id, label, ids in taken:
-            if label not in known:
-                # A model whose counts were removed: its marks mean nothing any more.
-                continue
-            if ids is None:
-                result.expanded[label] = _expand(cursor, label)
-            else:
-                plan[label].update(ids)
-        for label in sorted(plan):
-            recomputed, changed, deferred = _recompute(cursor, label, sorted(plan[label]), using)
-            result.targets[label] = recomputed
-            result.changed[label] = changed
-            if deferred:
-                result.deferred[label] = deferred
+        plan = _plan(cursor, taken, result)
+        for kind in sorted(plan.items):
+            done = items.recompute(cursor, kinds[kind], sorted(plan.items[kind]), plan.credits)
+            result.targets[kind] = done.locked
+            result.changed[kind] = done.changed
+            if done.held:
+                defer(cursor, kind, done.held)
+                result.deferred[kind] = len(done.held)
+        _write_targets(cursor, plan, result, using)
     result.ms = (time.perf_counter() - started) * 1000
     return result
+
+
+def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None:
+    """Per target model, in label order: lock what is free; recount the rows marked for it
+    (the formula absorbs this batch's credits to them), add the credits to the others, and
+    queue both again for rows someone else holds."""
+    by_label: dict[str, dict[tuple[str, int], int]] = defaultdict(dict)
+    for (label, column, target_id), amount in plan.credits.items():
+        if amount:
+            by_label[label][(column, target_id)] = amount
+    for label in sorted(set(by_label) | set(plan.recount)):
+        statement = aggregate.compile_recompute(label, using)
+        credits = by_label.get(label, {})
+        recount = plan.recount.get(label, set())
+        ids = sorted(recount | {target_id for _column, target_id in credits})
+        locked = aggregate.lock(cursor, statement, ids)
+        held = aggregate.held_elsewhere(cursor, statement, ids, locked)
+        locked_set = set(locked)
+        to_recount = sorted(recount & locked_set)
+        changes = aggregate.run(cursor, statement, to_recount, write=True)
+        applied = {k: v for k, v in credits.items() if k[1] in locked_set and k[1] not in recount}
+        changed = applying.apply(cursor, statement, applied)
+        result.targets[label] = len(locked)
+        result.changed[label] = len(changes) + changed
+        if held:
+            held_set = set(held)
+            if recount & held_set:
+                defer(cursor, label, sorted(recount & held_set))
+            applying.defer_credits(
+                cursor, label, {k: v for k, v in credits.items() if k[1] in held_set}
+            )
+            result.deferred[label] = len(held)
 
 
 def _recompute(cursor, label: str, ids: list[int], using: str) -> tuple[int, int, int]:

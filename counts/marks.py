@@ -30,9 +30,12 @@ def defer(cursor, label: str, ids: list[int], retry_ms: int = LOCKED_RETRY_MS) -
 
 
 def pending_ids(label: str, ids: list[int], using: str = "default") -> set[int]:
-    """Which of ``ids`` have a mark waiting (an "every row" mark covers them all)."""
+    """Which of ``ids`` have work waiting: a mark naming them (an "every row" mark covers them
+    all), or an item mark for an item that counts towards them, now or in its ledger."""
     if not ids:
         return set()
+    from counts.items import kinds_feeding, targets_of
+
     with connections[using].cursor() as cursor:
         cursor.execute(
             f"SELECT DISTINCT x FROM {MARK_TABLE} m CROSS JOIN LATERAL"
@@ -40,7 +43,24 @@ def pending_ids(label: str, ids: list[int], using: str = "default") -> set[int]:
             f" WHERE m.target = %s AND (m.ids IS NULL OR m.ids && %s::bigint[]) AND x = ANY(%s)",
             [ids, label, ids, ids],
         )
-        return {row[0] for row in cursor.fetchall()}
+        found = {row[0] for row in cursor.fetchall()}
+        wanted = set(ids)
+        for kind in kinds_feeding(graph(), label):
+            for stale in stale_items(cursor, kind.mark_target):
+                found |= targets_of(cursor, kind, stale).get(label, set()) & wanted
+        return found
+
+
+def stale_items(cursor, kind: str, chunk: int = 5000):
+    """The ids of items of ``kind`` with a mark waiting, a chunk at a time."""
+    cursor.execute(
+        f"SELECT DISTINCT x FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
+        " WHERE m.target = %s ORDER BY x",
+        [kind],
+    )
+    ids = [row[0] for row in cursor.fetchall()]
+    for start in range(0, len(ids), chunk):
+        yield ids[start : start + chunk]
 
 
 def flag_pending(rows: list, using: str = "default") -> None:

@@ -47,6 +47,8 @@ def fingerprints() -> dict[str, str]:
         spec.key: hashlib.sha1(
             repr(
                 (spec.path, spec.filter.deconstruct() if spec.filter else None, spec.distinct)
+                # How it is kept: a count that becomes incremental needs its ledgers filled.
+                + ((spec.mode.mode,) if spec.mode.mode != "full" else ())
             ).encode()
         ).hexdigest()[:12]
         for spec in graph().specs

@@ -1,4 +1,4 @@
-"""The dirty-mark queue: the engine's only table.
+"""The engine's tables: the dirty-mark queue and the items' ledgers.
 
 Append-only and keyless on purpose: triggers insert into it inside the writer's transaction,
 and concurrent writers never wait on each other's uncommitted marks the way a unique key would
@@ -13,7 +13,15 @@ from django.db.models.functions import Now
 class DirtyMark(models.Model):
     """Rows of ``target`` whose cached counts may be stale.
 
-    ``ids`` NULL means every row of the target (written by TRUNCATE and by backfills).
+    Four kinds, told apart by ``target`` and ``deltas``:
+
+    - a *recount* mark (``deltas`` NULL): recompute these rows of model ``target`` in full;
+      ``ids`` NULL means every row (written by TRUNCATE and by backfills);
+    - a *delta* mark: add ``deltas[k]`` to column ``field`` of row ``ids[k]`` (own-row counts,
+      and credits for rows a drain could not lock);
+    - an *item* mark (``target`` ``item:<label>``): these items may contribute differently now
+      (``counts.items``).
+
     ``not_before`` is set on a mark a drain wrote again for rows another transaction held:
     drains leave it alone until then, so a busy row is retried, not spun on.
     """
@@ -21,6 +29,8 @@ class DirtyMark(models.Model):
     id = models.BigAutoField(primary_key=True)
     target = models.CharField(max_length=100, help_text="Model label, e.g. monitoring.event")
     ids = ArrayField(models.BigIntegerField(), null=True, blank=True)
+    field = models.CharField(max_length=100, null=True, blank=True)
+    deltas = ArrayField(models.IntegerField(), null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     not_before = models.DateTimeField(null=True, blank=True)
 
@@ -32,3 +42,19 @@ class DirtyMark(models.Model):
     def __str__(self) -> str:
         size = "all" if self.ids is None else len(self.ids)
         return f"{self.target} ({size})"
+
+
+class Ledger(models.Model):
+    """What each item's contribution was credited as, per count (``counts.items``).
+
+    ``state`` is ``{"<ledger key>": [amount, target id, ...]}``; no row means nothing was
+    credited. Written only by drains, under the item's advisory lock.
+    """
+
+    pk = models.CompositePrimaryKey("kind", "item_id")
+    kind = models.CharField(max_length=100)
+    item_id = models.BigIntegerField()
+    state = models.JSONField()
+
+    class Meta:
+        db_table = "counts_ledger"

@@ -146,6 +146,7 @@ class BackfillCounts(Operation):
         """Data only."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        from counts.items import fill_ledgers, kinds_feeding, mark_every_item
         from counts.marks import mark_all
         from counts.reconciling import reconcile
 
@@ -159,9 +160,17 @@ class BackfillCounts(Operation):
             if label not in graph().targets:
                 continue  # the count was removed later: nothing to fill
             if computable(label, to_state):
+                # Item counts: ledgers first, so the recount that follows stores the truth
+                # and what the ledgers say was credited agree from the start.
+                for kind in kinds_feeding(graph(), label):
+                    keys = [p.key for p in kind.parts_for(label)]
+                    fill_ledgers(kind, keys, using=alias, chunk=self.chunk)
                 reconcile(model=label, chunk=self.chunk, using=alias)
             else:
                 mark_all(label, using=alias)
+                with connections[alias].cursor() as cursor:
+                    for kind in kinds_feeding(graph(), label):
+                        mark_every_item(cursor, kind)
                 logger.warning(
                     "%s: counts not backfilled here (a later migration changes their columns);"
                     " every row is marked for recompute",

@@ -21,7 +21,7 @@ The kinds of relation a path can cross, and the hops they become:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from django.core.exceptions import FieldDoesNotExist
 from django.db.models import F, Q
@@ -94,6 +94,8 @@ class CountSpec:
     #: The filter looks below the counted rows through a to-many relation ("images with a
     #: valid detection"): it is evaluated as an EXISTS probe per counted row, never as a join.
     probes: bool = False
+    #: How the engine keeps it up to date (``counts.modes``): own-row, item or full.
+    mode: object = field(default=None, hash=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -240,7 +242,7 @@ def resolve(model, count_field: CachedCountField) -> CountSpec:
             below |= under_path and any(h.to_many for h in chain[len(counted) :])
             elsewhere |= not under_path
     probes = below and not elsewhere and counted == path_chain
-    return CountSpec(
+    spec = CountSpec(
         target=table_of(model),
         name=count_field.name,
         column=count_field.column,
@@ -252,6 +254,9 @@ def resolve(model, count_field: CachedCountField) -> CountSpec:
         reads={chain: frozenset(cols) for chain, cols in reads.items()},
         probes=probes,
     )
+    from counts.modes import classify  # modes builds on this module's hops
+
+    return replace(spec, mode=classify(spec))
 
 
 def resolve_all(models) -> list[CountSpec]:

@@ -221,13 +221,127 @@ def _routes_for(routes: tuple[Route, ...], operation: str) -> list[Route]:
     return [r for r in routes if r.on_insert_delete or r.on_update]
 
 
-def function_body(routes: list[Route], operation: str) -> tuple[str, list[str]]:
-    """The PL/pgSQL between BEGIN and END for one table and operation, and its variables."""
+def _rows(table: Table, columns: frozenset[str], operation: str) -> list[tuple[str, int]]:
+    """``(relation of rows, sign)`` a statement changed, as far as ``columns`` are concerned."""
+    if operation == "insert":
+        return [("new_rows", 1)]
+    if operation == "delete":
+        return [("old_rows", -1)]
+    return [(_changed_rows(table, columns, "new"), 1), (_changed_rows(table, columns, "old"), -1)]
+
+
+def delta_rows(graph: Graph, table: Table, operation: str) -> list[str]:
+    """``SELECT target, field, id, d`` per own-row count fed by ``table``: exact amounts from
+    the statement's own rows, summed per target row (rows whose sum is 0 are left out)."""
+    from counts.modes import OwnRow
+
+    selects = []
+    for spec in graph.specs:
+        mode = spec.mode
+        if not isinstance(mode, OwnRow) or mode.table != table:
+            continue
+        parts = []
+        for relation, sign in _rows(table, mode.columns, operation):
+            where = f"r.{q(mode.fk)} IS NOT NULL"
+            if mode.predicate:
+                where += f" AND ({mode.predicate})"
+            parts.append(f"SELECT r.{q(mode.fk)} AS id, {sign} AS d FROM {relation} r WHERE {where}")
+        selects.append(
+            f"SELECT {literal(spec.target.label)} AS target, {literal(spec.column)} AS field,"
+            f" x.id, sum(x.d)::int AS d FROM ({' UNION ALL '.join(parts)}) x"
+            " GROUP BY x.id HAVING sum(x.d) <> 0"
+        )
+    return selects
+
+
+def item_rows(graph: Graph, table: Table, operation: str) -> list[str]:
+    """``SELECT target, id`` of the items whose contribution a statement on ``table`` may have
+    changed, read from its own rows' old and new values only: the item row itself when its
+    link column changed, the children's and through rows' item column otherwise."""
+    from counts.modes import ItemCount
+
+    sources: dict[tuple[str, str], set[str]] = {}  # (item kind, item column) -> columns read
+    for spec in graph.specs:
+        mode = spec.mode
+        if not isinstance(mode, ItemCount):
+            continue
+        kind = "item:" + mode.kind.label
+        link, measure = mode.link, mode.measure
+        if measure.child == table:
+            sources.setdefault((kind, measure.fk), set()).update(measure.columns)
+        if link.through == table:
+            cols = {link.item_column, link.target_column}
+            sources.setdefault((kind, link.item_column), set()).update(cols)
+        if link.through is None and mode.kind == table and operation != "insert":
+            # An inserted item has no children or memberships yet: nothing to credit.
+            sources.setdefault((kind, table.pk), set()).add(link.target_column)
+    selects = []
+    for (kind, column), columns in sorted(sources.items()):
+        for relation, _sign in _rows(table, frozenset(columns), operation):
+            selects.append(
+                f"SELECT {literal(kind)} AS target, r.{q(column)} AS id FROM {relation} r"
+                f" WHERE r.{q(column)} IS NOT NULL"
+            )
+    return selects
+
+
+def _incremental_statements(graph: Graph, table: Table, operation: str) -> list[str]:
+    lines = []
+    deltas = delta_rows(graph, table, operation)
+    if deltas:
+        lines.append(
+            f"INSERT INTO {MARK_TABLE} (target, field, ids, deltas)"
+            " SELECT s.target, s.field, array_agg(s.id ORDER BY s.id), array_agg(s.d ORDER BY s.id)"
+            f" FROM ({' UNION ALL '.join(deltas)}) s GROUP BY s.target, s.field;"
+        )
+    items = item_rows(graph, table, operation)
+    if items:
+        lines.append(
+            f"INSERT INTO {MARK_TABLE} (target, ids)"
+            " SELECT s.target, array_agg(DISTINCT s.id ORDER BY s.id)"
+            f" FROM ({' UNION ALL '.join(items)}) s GROUP BY s.target;"
+        )
+    return lines
+
+
+def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -> list[str]:
+    """Every row of the own-row and full targets is recounted; every credited item of the
+    item kinds the table feeds is recomputed (an item with no ledger row had nothing to lose).
+    """
+    from counts.items import item_kinds, mark_ledgered_sql
+    from counts.modes import ItemCount, OwnRow
+
+    labels = {r.target.label for r in full_routes}
+    kinds = set()
+    for spec in graph.specs:
+        mode = spec.mode
+        if isinstance(mode, OwnRow) and mode.table == table:
+            labels.add(spec.target.label)
+        if isinstance(mode, ItemCount) and table in (
+            mode.kind,
+            mode.measure.child,
+            mode.link.through,
+        ):
+            kinds.add("item:" + mode.kind.label)
+    lines = [
+        f"INSERT INTO {MARK_TABLE} (target, ids) VALUES ({literal(label)}, NULL);"
+        for label in sorted(labels)
+    ]
+    all_kinds = item_kinds(graph)
+    lines += [mark_ledgered_sql(all_kinds[kind]) + ";" for kind in sorted(kinds)]
+    return lines
+
+
+def function_body(
+    graph: Graph, table: Table, routes: list[Route], operation: str
+) -> tuple[str, list[str]]:
+    """The PL/pgSQL between BEGIN and END for one table and operation, and its variables.
+
+    Own-row deltas and item marks come from the statement's own rows; only counts the engine
+    recounts in full (``routes``) still climb to their target rows.
+    """
     if operation == "truncate":
-        lines = [
-            f"INSERT INTO {MARK_TABLE} (target, ids) VALUES ({literal(label)}, NULL);"
-            for label in sorted({r.target.label for r in routes})
-        ]
+        lines = _truncate_statements(graph, table, routes)
         return "\n".join([*lines, "RETURN NULL;"]), []
     plan = _Plan()
     for route in routes:
@@ -241,16 +355,23 @@ def function_body(routes: list[Route], operation: str) -> tuple[str, list[str]]:
     paths = [
         "-- " + " > ".join([r.target.label] + [h.child.db_table for h in r.chain]) for r in routes
     ]
-    return "\n".join([*paths, *plan.statements(), "RETURN NULL;"]), plan.variables()
+    lines = _incremental_statements(graph, table, operation)
+    if routes:
+        lines += plan.statements()
+    return "\n".join([*paths, *lines, "RETURN NULL;"]), plan.variables()
 
 
-def compile_trigger(table: Table, routes: tuple[Route, ...], operation: str):
-    """Install SQL for one table and operation, or None when no route needs it."""
+def compile_trigger(graph: Graph, table: Table, routes: tuple[Route, ...], operation: str):
+    """Install SQL for one table and operation, or None when nothing needs it."""
     chosen = _routes_for(routes, operation)
-    if not chosen:
+    if operation == "truncate":
+        needed = bool(chosen) or bool(_truncate_statements(graph, table, []))
+    else:
+        needed = bool(chosen) or bool(_incremental_statements(graph, table, operation))
+    if not needed:
         return None
     name = object_name(table.db_table, operation)
-    body, variables = function_body(chosen, operation)
+    body, variables = function_body(graph, table, chosen, operation)
     referencing = {
         "insert": "REFERENCING NEW TABLE AS new_rows",
         "update": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
@@ -270,13 +391,38 @@ def compile_trigger(table: Table, routes: tuple[Route, ...], operation: str):
     return CompiledTrigger(name, table.db_table, operation, install)
 
 
+def watched_tables(graph: Graph) -> dict[str, Table]:
+    """Every table whose writes can change a count: full routes, own rows, items' inputs."""
+    from counts.modes import ItemCount, OwnRow
+
+    tables = {routes[0].table.db_table: routes[0].table for routes in graph.routes.values()}
+    for spec in graph.specs:
+        mode = spec.mode
+        found = []
+        if isinstance(mode, OwnRow):
+            found = [mode.table]
+        elif isinstance(mode, ItemCount):
+            found = [mode.kind, mode.measure.child] + ([mode.link.through] if mode.link.through else [])
+        for t in found:
+            tables.setdefault(t.db_table, t)
+    return dict(sorted(tables.items()))
+
+
+def full_routes(graph: Graph) -> dict[str, tuple[Route, ...]]:
+    """The routes of the counts recounted in full (the only ones that still climb)."""
+    from counts.modes import Full
+
+    full = Graph.build([s for s in graph.specs if isinstance(s.mode, Full)])
+    return full.routes
+
+
 def compile_mark_triggers(graph: Graph) -> list[CompiledTrigger]:
     """The triggers that write marks, in a stable order."""
     compiled = []
-    for _db_table, routes in graph.routes.items():
-        table = routes[0].table
+    routes = full_routes(graph)
+    for db_table, table in watched_tables(graph).items():
         for operation in OPERATIONS:
-            trigger = compile_trigger(table, routes, operation)
+            trigger = compile_trigger(graph, table, routes.get(db_table, ()), operation)
             if trigger is not None:
                 compiled.append(trigger)
     return compiled

@@ -35,13 +35,49 @@ class Marks:
             return [(target, ids) for target, ids in cursor.fetchall()]
 
     def by_target(self) -> dict[str, set[int] | str]:
-        """``{label: ids}`` merged over all marks; :data:`ALL` when a mark covers every row."""
+        """``{label: ids}`` of the rows whose counts the waiting marks will change; :data:`ALL`
+        when a mark covers every row.
+
+        A recount mark names its rows; delta marks name the rows their amounts do not cancel
+        out on; item marks ("capture 17 may count differently now") name the targets a drain
+        would credit now, read without writing (``counts.items.preview``).
+        """
+        from collections import defaultdict
+
+        from counts.apps import graph
+        from counts.items import item_kinds, preview
+
+        kinds = item_kinds(graph())
         merged: dict[str, set[int] | str] = {}
-        for target, ids in self.rows():
+        amounts: dict = defaultdict(int)
+
+        def add(target, ids):
             if ids is None or merged.get(target) == ALL:
                 merged[target] = ALL
             else:
                 merged.setdefault(target, set()).update(ids)
+
+        with self.conn.cursor() as cursor:
+            cursor.execute("SELECT target, ids, field, deltas FROM counts_dirtymark ORDER BY id")
+            for target, ids, column, deltas in cursor.fetchall():
+                if target in kinds and ids is not None:
+                    preview(cursor, kinds[target], list(ids), amounts)
+                elif deltas is not None:
+                    for target_id, amount in zip(ids, deltas, strict=True):
+                        amounts[(target, column, target_id)] += amount
+                else:
+                    add(target, ids)
+        for (label, _column, target_id), amount in amounts.items():
+            if amount:
+                add(label, [target_id])
+        return merged
+
+    def items(self) -> dict[str, set[int]]:
+        """``{item kind: ids}`` of the item marks waiting."""
+        merged: dict[str, set[int]] = {}
+        for target, ids in self.rows():
+            if target.startswith("item:"):
+                merged.setdefault(target, set()).update(ids or ())
         return merged
 
     def of(self, label: str) -> set[int] | str:

@@ -1,14 +1,14 @@
-"""Known races of marks computed at write time: pinned here until incremental maintenance lands.
+"""Races of marks computed at write time, which the first engine lost: now exact.
 
-A mark trigger that climbs from its own rows to the targets reads other tables (a capture's
+A mark trigger that climbed from its own rows to the targets read other tables (a capture's
 station, its capture sets) in the writer's snapshot. A concurrent writer changing those rows
-marks the targets it moves between, and a drain may recount them after that writer commits but
-before this one does; this writer's marks then name the targets it saw, not the new ones, and
-the new ones stay one off until reconcile. Two connections replay each interleaving exactly.
+marked the targets it moved between, and a drain could recount them after that writer
+committed but before this one did; this writer's marks then named the targets it saw, not the
+new ones, which stayed one off until reconcile. Two connections replay each interleaving.
 
-The fix (issue 11, step 1 of its plan): triggers record only their own rows ("this capture
-changed") and the drain climbs to the targets in its own, later snapshot. ``strict`` makes
-these tests fail the day the race is gone, so the marker cannot outlive the bug.
+Triggers now record only their own rows ("this capture changed"), and the drain reads where the
+capture belongs in its own, later snapshot, crediting against the capture's ledger
+(``counts.items``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from django.db import connection
 from tests.truth import assert_all_counts_exact, drain_all
 
 pytestmark = pytest.mark.django_db(transaction=True)
-RACE = "mark triggers read other tables at write time (issue 11: climb in the drain instead)"
 
 
 def raw() -> psycopg.Connection:
@@ -39,7 +38,6 @@ def insert_valid_detection(conn, image_id: int) -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason=RACE)
 def test_a_detection_on_a_capture_being_moved_reaches_its_new_station(make_world, marks):
     world = make_world()
     mover, detector = raw(), raw()
@@ -59,7 +57,6 @@ def test_a_detection_on_a_capture_being_moved_reaches_its_new_station(make_world
     assert_all_counts_exact()
 
 
-@pytest.mark.xfail(strict=True, reason=RACE)
 def test_a_first_detection_racing_a_membership_reaches_the_new_set(make_world, marks):
     world = make_world()
     joiner, detector = raw(), raw()

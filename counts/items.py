@@ -1,0 +1,443 @@
+"""Item kinds and their ledgers: how a drain credits exactly the change an item went through.
+
+An **item** is a row of a junction table (a capture) whose contribution to some counts depends
+on rows joined to it: its children (detections) and the targets it links to (its station, its
+capture sets). Writers never compute contributions; they only record "item i may have changed"
+(an *item mark*, ``target = 'item:<label>'``), from their own rows, in their own transaction.
+
+Each item has a **ledger** row (``counts_ledger``): per count, what was credited for it — the
+amount and the target ids it went to, ``{"<ledger key>": [amount, target, ...]}``. No row
+means nothing was credited, so captures outside every set with no detections cost nothing.
+
+To recompute items, a drain (:func:`recompute`):
+
+1. takes a transaction-scoped advisory lock per item, without waiting (``pg_try_…``); items
+   another drain holds get a new item mark, due a little later;
+2. in one *later* statement — a fresh READ COMMITTED snapshot, which sees every write whose
+   item mark it took, and the ledger the previous holder of the lock committed — reads each
+   item's truth from the base tables, compares it with the ledger, and writes the new ledger;
+3. credits, per target, ``contribution(truth) − contribution(ledger)``.
+
+Why this is exact under concurrency (the correctness argument, in full):
+
+- *Marking is complete.* Every transaction that changes an input of an item's contribution
+  (the item's link column, one of its children, one of its through rows) writes an item mark
+  for it, from the changed rows' own old and new values, in the same transaction. So every
+  snapshot that sees a change sees its mark.
+- *Invariant I.* In every committed state, for every target T and item count X:
+  ``stored(T) + pending deltas(T) = Σ_i contribution_T(ledger_i)``. A writer changes neither
+  side. A drain writes a ledger and, in the same transaction, the credit for the difference
+  (applied to T under T's row lock, or queued as a delta mark). Two drains never write one
+  ledger at once (the item lock), and the second reads the first's committed ledger, because
+  its statement starts after it got the lock, which the first released only after committing.
+- *Invariant J.* An item with no item mark visible in state S has ``ledger_i = truth_i(S)``:
+  the last change to it is visible with its mark; a mark disappears only when a drain that
+  held the item's lock read the truth in a snapshot taken after the mark (and so after the
+  change) had committed, and committed that ledger in the same transaction as the deletion.
+- *At rest* (no marks) I and J give ``stored(T) = Σ_i contribution_T(truth_i) = truth(T)``.
+- Order never matters: marks carry no amounts, so any number of them, taken by any drains in
+  any order, lead to the same ledgers; the credits telescope.
+
+This is what makes the interleavings of issue 11 exact: a detection inserted while its capture
+moves, two first detections on one capture, a detection racing a membership, and two drains
+each holding one of an item's marks (the second finds the first's credit in the ledger).
+
+The full recount (``counts.aggregate``) keeps I true without consuming marks; see
+:func:`adjustment_sql`.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+from counts.modes import ItemCount, Link, Measure, ledger_key
+from counts.spec import Table
+from counts.triggers import MARK_TABLE, literal, q
+
+LEDGER_TABLE = "counts_ledger"
+ITEM_PREFIX = "item:"
+#: Item ids per mark when every item of a kind is marked (TRUNCATE, a new count's backfill).
+CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class Part:
+    """One item count: where its credits go and how an item is measured."""
+
+    key: str  # ledger key
+    label: str  # target model
+    column: str  # cached column
+    link: Link
+    measure: Measure
+
+
+@dataclass(frozen=True)
+class ItemKind:
+    """The item counts that share one junction table."""
+
+    table: Table
+    parts: tuple[Part, ...]
+
+    @property
+    def mark_target(self) -> str:
+        return ITEM_PREFIX + self.table.label
+
+    @property
+    def lock_class(self) -> int:
+        """The advisory-lock class of this kind's items (a stable signed 32-bit number)."""
+        return zlib.crc32(self.mark_target.encode()) - 2**31
+
+    def parts_for(self, label: str) -> tuple[Part, ...]:
+        return tuple(p for p in self.parts if p.label == label)
+
+
+_KINDS: dict[int, dict[str, ItemKind]] = {}
+
+
+def item_kinds(graph) -> dict[str, ItemKind]:
+    """``{mark target: ItemKind}`` for every item count of the graph."""
+    cached = _KINDS.get(id(graph))
+    if cached is not None:
+        return cached
+    parts: dict[Table, list[Part]] = defaultdict(list)
+    for spec in graph.specs:
+        if isinstance(spec.mode, ItemCount):
+            m = spec.mode
+            parts[m.kind].append(
+                Part(ledger_key(spec.key), spec.target.label, spec.column, m.link, m.measure)
+            )
+    kinds = {
+        ITEM_PREFIX + table.label: ItemKind(table, tuple(ps)) for table, ps in sorted(parts.items())
+    }
+    _KINDS[id(graph)] = kinds
+    return kinds
+
+
+def kinds_feeding(graph, label: str) -> list[ItemKind]:
+    return [k for k in item_kinds(graph).values() if k.parts_for(label)]
+
+
+# --- the truth of items, as SQL -------------------------------------------------------------
+
+
+def truth_sql(kind: ItemKind, items: str) -> str:
+    """``SELECT id, state`` of the items listed by the relation ``items`` (column ``id``).
+
+    ``state`` is what the ledger would hold if every item were credited now; an item that
+    contributes nothing has ``'{}'``. One index probe per item and child table or through
+    table: the cost follows the items, never the targets.
+    """
+    t = kind.table
+    joins: list[str] = []
+    measures: dict[tuple, str] = {}  # (child, fk, predicate) -> expression of n
+    children: dict[tuple, list[tuple[str | None, str]]] = {}
+    for p in kind.parts:
+        m = p.measure
+        children.setdefault((m.child.db_table, m.fk), [])
+        slot = children[(m.child.db_table, m.fk)]
+        if (m.predicate, m.exists) not in [(pred, ex) for pred, ex in slot]:
+            slot.append((m.predicate, m.exists))
+    for c, ((table, fk), preds) in enumerate(sorted(children.items())):
+        counts = ", ".join(
+            f"count(*) FILTER (WHERE {pred}) AS n{n}" if pred else f"count(*) AS n{n}"
+            for n, (pred, _exists) in enumerate(preds)
+        )
+        joins.append(
+            f"LEFT JOIN LATERAL (SELECT {counts} FROM {q(table)} r WHERE r.{q(fk)} = i.id)"
+            f" c{c} ON true"
+        )
+        for n, (pred, exists) in enumerate(preds):
+            value = f"coalesce(c{c}.n{n}, 0)"
+            measures[(table, fk, pred, exists)] = f"({value} > 0)::int" if exists else value
+    links: dict[Link, str] = {}
+    own_row = False
+    for p in kind.parts:
+        link = p.link
+        if link in links:
+            continue
+        if link.through is None:
+            own_row = True
+            col = f"j.{q(link.target_column)}"
+            links[link] = f"CASE WHEN {col} IS NOT NULL THEN ARRAY[{col}]::bigint[] END"
+        else:
+            n = len(joins)
+            tc = f"x.{q(link.target_column)}"
+            joins.append(
+                f"LEFT JOIN LATERAL (SELECT array_agg(DISTINCT {tc} ORDER BY {tc})"
+                f" FILTER (WHERE {tc} IS NOT NULL) AS t FROM {q(link.through.db_table)} x"
+                f" WHERE x.{q(link.item_column)} = i.id) l{n} ON true"
+            )
+            links[link] = f"l{n}.t"
+    if own_row:
+        joins.insert(0, f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id")
+    entries = []
+    for p in kind.parts:
+        m = p.measure
+        value = measures[(m.child.db_table, m.fk, m.predicate, m.exists)]
+        targets = links[p.link]
+        entries.append(
+            f"{literal(p.key)}, CASE WHEN {value} > 0 AND cardinality({targets}) > 0"
+            f" THEN jsonb_build_array({value}) || to_jsonb({targets}) END"
+        )
+    return (
+        f"SELECT i.id, jsonb_strip_nulls(jsonb_build_object({', '.join(entries)})) AS state"
+        f" FROM {items} i {' '.join(joins)}"
+    )
+
+
+def recompute_sql(kind: ItemKind) -> str:
+    """Read the locked items' truth, write their ledgers, return ``(id, old, new)`` of those
+    whose ledger changed. Parameters: the ids, three times."""
+    truth = truth_sql(kind, "(SELECT DISTINCT unnest(%s::bigint[]) AS id)")
+    kind_sql = literal(kind.mark_target)
+    return (
+        f"WITH truth AS ({truth}),"
+        f" old AS (SELECT item_id, state FROM {LEDGER_TABLE}"
+        f"  WHERE kind = {kind_sql} AND item_id = ANY(%s::bigint[])),"
+        f" changed AS (SELECT t.id, o.state AS old, t.state AS new FROM truth t"
+        f"  LEFT JOIN old o ON o.item_id = t.id"
+        f"  WHERE coalesce(o.state, '{{}}') IS DISTINCT FROM t.state),"
+        f" kept AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
+        f"  SELECT {kind_sql}, id, new FROM changed WHERE new <> '{{}}'"
+        f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state),"
+        f" dropped AS (DELETE FROM {LEDGER_TABLE} l USING changed c"
+        f"  WHERE l.kind = {kind_sql} AND l.item_id = c.id AND c.new = '{{}}'"
+        f"  AND l.item_id = ANY(%s::bigint[]))"
+        f" SELECT id, old, new FROM changed"
+    )
+
+
+def _lock_sql(kind: ItemKind) -> str:
+    # Two 32-bit keys: the kind, and the id folded into 32 bits. Ids that fold together share
+    # a lock, which costs a retry, never exactness.
+    return (
+        "SELECT id FROM unnest(%s::bigint[]) id WHERE pg_try_advisory_xact_lock("
+        f"{kind.lock_class}, (mod(id, 4294967296) - 2147483648)::int)"
+    )
+
+
+@dataclass
+class ItemResult:
+    locked: int = 0
+    held: list[int] | None = None
+    changed: int = 0
+
+
+def recompute(cursor, kind: ItemKind, ids: list[int], credits) -> ItemResult:
+    """Recompute ``ids`` of ``kind`` and add their credits to ``credits[(label, column, id)]``.
+
+    Items another drain holds are left out and returned in ``held`` (the caller marks them
+    again). Must run inside the drain's transaction.
+    """
+    ids = sorted(set(ids))
+    cursor.execute(_lock_sql(kind), [ids])
+    locked = sorted(row[0] for row in cursor.fetchall())
+    held = sorted(set(ids) - set(locked))
+    result = ItemResult(locked=len(locked), held=held)
+    if not locked:
+        return result
+    cursor.execute(recompute_sql(kind), [locked, locked, locked])
+    by_key = {p.key: p for p in kind.parts}
+    for _item, old, new in cursor.fetchall():
+        result.changed += 1
+        for state, sign in ((_state(old), -1), (_state(new), 1)):
+            for key, entry in state.items():
+                part = by_key.get(key)
+                if part is None:  # a count that no longer exists
+                    continue
+                amount, *targets = entry
+                for target in targets:
+                    credits[(part.label, part.column, target)] += sign * amount
+    return result
+
+
+def _state(value) -> dict:
+    if value is None:
+        return {}
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def mark_items_sql(kind: ItemKind, source: str, column: str) -> str:
+    """Item marks for every id in ``column`` of ``source``, ``CHUNK`` ids per mark."""
+    return (
+        f"INSERT INTO {MARK_TABLE} (target, ids) SELECT {literal(kind.mark_target)},"
+        f" array_agg(id ORDER BY id) FROM (SELECT s.{q(column)} AS id,"
+        f" (row_number() OVER (ORDER BY s.{q(column)}) - 1) / {CHUNK} AS chunk"
+        f" FROM {source} s) c GROUP BY chunk"
+    )
+
+
+def mark_ledgered_sql(kind: ItemKind) -> str:
+    """Item marks for every item with a ledger row (what a TRUNCATE may have changed)."""
+    source = f"(SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {literal(kind.mark_target)})"
+    return mark_items_sql(kind, source, "item_id")
+
+
+def mark_every_item(cursor, kind: ItemKind) -> None:
+    """Mark every item of ``kind``, with or without a ledger (a new count's backfill)."""
+    cursor.execute(mark_items_sql(kind, q(kind.table.db_table), kind.table.pk))
+    cursor.execute(mark_ledgered_sql(kind))
+
+
+# --- what the stale items mean for targets --------------------------------------------------
+
+
+def stale_sql(kind: ItemKind) -> str:
+    """Distinct item ids with an item mark visible to the statement."""
+    return (
+        f"SELECT DISTINCT x AS id FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
+        f" WHERE m.target = {literal(kind.mark_target)}"
+    )
+
+
+def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
+    """``SELECT pk, a0, a1, …``: per target of ``label`` among the bound ids, what the stale
+    items of ``kind`` would change in each of its counts of this kind if credited now.
+
+    The recount writes ``truth − pending − adjustment``: for an item whose change is not yet
+    credited (its mark is visible), the truth already contains the change but the ledgers do
+    not, and invariant I is about the ledgers. Only stale items related to the targets — by
+    their current links or by their ledger — are read. ``n`` numbers the CTE aliases. Returns
+    the SQL and how many times it binds the target ids.
+    """
+    parts = kind.parts_for(label)
+    related, binds = [], 0
+    for link in sorted({p.link for p in parts}, key=repr):
+        if link.through is None:
+            related.append(
+                f"EXISTS (SELECT 1 FROM {q(kind.table.db_table)} j WHERE j.{q(kind.table.pk)}"
+                f" = s.id AND j.{q(link.target_column)} = ANY(%s::bigint[]))"
+            )
+        else:
+            related.append(
+                f"EXISTS (SELECT 1 FROM {q(link.through.db_table)} x WHERE x.{q(link.item_column)}"
+                f" = s.id AND x.{q(link.target_column)} = ANY(%s::bigint[]))"
+            )
+        binds += 1
+    kind_sql = literal(kind.mark_target)
+    related.append(
+        f"EXISTS (SELECT 1 FROM {LEDGER_TABLE} l WHERE l.kind = {kind_sql} AND l.item_id = s.id)"
+    )
+    cand = f"(SELECT s.id FROM ({stale_sql(kind)}) s WHERE {' OR '.join(related)})"
+    truth = truth_sql(kind, cand)
+    entries = (
+        f"SELECT kv.key, (kv.value->>0)::bigint AS v, t::bigint AS t"
+        f" FROM ({truth}) tr, jsonb_each(tr.state) kv, jsonb_array_elements_text(kv.value - 0) t"
+        f" UNION ALL SELECT kv.key, -(kv.value->>0)::bigint, t::bigint"
+        f" FROM {LEDGER_TABLE} l JOIN {cand} c ON l.item_id = c.id AND l.kind = {kind_sql},"
+        f" jsonb_each(l.state) kv, jsonb_array_elements_text(kv.value - 0) t"
+    )
+    sums = ", ".join(
+        f"sum(e.v) FILTER (WHERE e.key = {literal(p.key)}) AS a{n}_{i}" for i, p in enumerate(parts)
+    )
+    sql = (
+        f"SELECT e.t AS pk, {sums} FROM ({entries}) e WHERE e.t = ANY(%s::bigint[]) GROUP BY e.t"
+    )
+    # The candidate list appears twice (truth and ledger), each binding the ids per link.
+    return sql, binds * 2 + 1
+
+
+def targets_of(cursor, kind: ItemKind, ids: list[int]) -> dict[str, set[int]]:
+    """Targets the items ``ids`` count towards, now or in their ledger: what their marks make
+    pending (freshness, and tests reading the queue)."""
+    out: dict[str, set[int]] = defaultdict(set)
+    if not ids:
+        return out
+    cursor.execute(
+        f"SELECT kv.key, t::bigint FROM {LEDGER_TABLE} l, jsonb_each(l.state) kv,"
+        f" jsonb_array_elements_text(kv.value - 0) t"
+        f" WHERE l.kind = %s AND l.item_id = ANY(%s)",
+        [kind.mark_target, ids],
+    )
+    by_key = {p.key: p for p in kind.parts}
+    for key, target in cursor.fetchall():
+        if key in by_key:
+            out[by_key[key].label].add(target)
+    for link in {p.link for p in kind.parts}:
+        labels = {p.label for p in kind.parts if p.link == link}
+        if link.through is None:
+            table, col, where = kind.table.db_table, link.target_column, kind.table.pk
+        else:
+            table, col, where = link.through.db_table, link.target_column, link.item_column
+        cursor.execute(
+            f"SELECT DISTINCT {q(col)} FROM {q(table)} WHERE {q(where)} = ANY(%s)"
+            f" AND {q(col)} IS NOT NULL",
+            [ids],
+        )
+        found = {row[0] for row in cursor.fetchall()}
+        for label in labels:
+            out[label] |= found
+    return out
+
+
+def fill_ledgers(kind: ItemKind, keys: list[str], using: str = "default", chunk: int = 1000) -> int:
+    """Set the ledger entries ``keys`` of every item of ``kind`` to the items' truth, without
+    crediting anything: what a count's backfill does before recounting its targets (which then
+    store the truth, so invariant I holds for the new count from the start).
+
+    Chunk by chunk, each chunk in its own transaction under the items' locks (taken waiting,
+    in id order: drains never wait on these locks, so no deadlock). Returns items written.
+    """
+    from django.db import connections, transaction
+
+    written, last = 0, 0
+    keys_sql = "ARRAY[" + ", ".join(literal(k) for k in keys) + "]::text[]"
+    kind_sql = literal(kind.mark_target)
+    t = kind.table
+    while True:
+        with transaction.atomic(using=using), connections[using].cursor() as cursor:
+            cursor.execute(
+                f"SELECT {q(t.pk)} FROM {q(t.db_table)} WHERE {q(t.pk)} > %s"
+                f" ORDER BY {q(t.pk)} LIMIT %s",
+                [last, chunk],
+            )
+            ids = [row[0] for row in cursor.fetchall()]
+            if not ids:
+                return written
+            cursor.execute(
+                "SELECT count(pg_advisory_xact_lock("
+                f"{kind.lock_class}, (mod(id, 4294967296) - 2147483648)::int))"
+                " FROM unnest(%s::bigint[]) id",
+                [ids],
+            )
+            truth = truth_sql(kind, "(SELECT unnest(%s::bigint[]) AS id)")
+            cursor.execute(
+                f"WITH truth AS ({truth}),"
+                f" fresh AS (SELECT t.id, coalesce(l.state - {keys_sql}, '{{}}')"
+                f"  || (SELECT coalesce(jsonb_object_agg(k, v), '{{}}') FROM jsonb_each(t.state)"
+                f"  kv(k, v) WHERE k = ANY({keys_sql})) AS state FROM truth t"
+                f"  LEFT JOIN {LEDGER_TABLE} l ON l.kind = {kind_sql} AND l.item_id = t.id),"
+                f" kept AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
+                f"  SELECT {kind_sql}, id, state FROM fresh WHERE state <> '{{}}'"
+                f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state RETURNING 1)"
+                f" DELETE FROM {LEDGER_TABLE} l USING fresh f WHERE l.kind = {kind_sql}"
+                f" AND l.item_id = f.id AND f.state = '{{}}'",
+                [ids],
+            )
+            written += len(ids)
+            last = ids[-1]
+
+
+def preview(cursor, kind: ItemKind, ids: list[int], credits) -> None:
+    """Add to ``credits`` what recomputing ``ids`` now would credit, writing nothing (what a
+    pending item mark means for its targets, for tests and operators reading the queue)."""
+    if not ids:
+        return
+    truth = truth_sql(kind, "(SELECT DISTINCT unnest(%s::bigint[]) AS id)")
+    cursor.execute(
+        f"SELECT l.state, t.state FROM ({truth}) t LEFT JOIN {LEDGER_TABLE} l"
+        " ON l.kind = %s AND l.item_id = t.id",
+        [sorted(set(ids)), kind.mark_target],
+    )
+    by_key = {p.key: p for p in kind.parts}
+    for old, new in cursor.fetchall():
+        for state, sign in ((_state(old), -1), (_state(new), 1)):
+            for key, entry in state.items():
+                part = by_key.get(key)
+                if part is not None:
+                    amount, *targets = entry
+                    for target in targets:
+                        credits[(part.label, part.column, target)] += sign * amount
