@@ -203,10 +203,14 @@ def augment(site: admin.AdminSite = admin.site) -> list[str]:
 
 
 def verbose_name_of(label: str) -> str:
-    """ "capture sets" for ``monitoring.sourceimagecollection``; the label if the model is gone."""
+    """ "capture sets" for ``monitoring.sourceimagecollection``, "captures (items)" for the
+    item kind ``item:monitoring.sourceimage``; the label if the model is gone."""
+    prefix = "item:"
+    if label.startswith(prefix):
+        return f"{verbose_name_of(label[len(prefix) :])} (items)"
     try:
         return str(apps.get_model(label)._meta.verbose_name_plural)
-    except LookupError:
+    except (LookupError, ValueError):
         return label
 
 

@@ -24,9 +24,9 @@ from django.db.models.expressions import RawSQL
 
 from counts.apps import graph
 from counts.fields import FRESHNESS_FIELD
-from counts.spec import Chain, CountSpec
 from counts.items import adjustment_sql, kinds_feeding
 from counts.modes import incremental_columns
+from counts.spec import Chain, CountSpec
 from counts.triggers import MARK_TABLE, literal, q
 
 #: Largest batch one statement recomputes; bigger batches are split.
@@ -184,7 +184,7 @@ def _fresh_sql(model, specs, connection) -> tuple[str, list[str], list]:
 
 
 def _formula(label: str, truth: str, columns: list[str]) -> tuple[str, list]:
-    """``truth − pending − adjustment`` for the columns kept incrementally, in one statement.
+    """``truth - pending - adjustment`` for the columns kept incrementally, in one statement.
 
     Invariant I (``counts.items``) says stored + pending = what the ledgers credited. So the
     value to store is not the truth but the truth less what is still on its way: delta marks
@@ -197,9 +197,7 @@ def _formula(label: str, truth: str, columns: list[str]) -> tuple[str, list]:
     if not wanted:
         return truth, []
     params: list = []
-    pending = ", ".join(
-        f"sum(u.d) FILTER (WHERE m.field = {literal(c)}) AS {q(c)}" for c in wanted
-    )
+    pending = ", ".join(f"sum(u.d) FILTER (WHERE m.field = {literal(c)}) AS {q(c)}" for c in wanted)
     joins = [
         f"LEFT JOIN (SELECT u.id AS pk, {pending} FROM {MARK_TABLE} m"
         " CROSS JOIN LATERAL unnest(m.ids, m.deltas) AS u(id, d)"

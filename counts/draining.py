@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from django.db import connections, transaction
 
-from counts import aggregate, applying, items
+from counts import aggregate, applying, items, routes
 from counts.apps import graph
 from counts.errors import UnknownTargetError
 from counts.guards import ENGINE_SETTING
@@ -167,6 +167,8 @@ def _plan(cursor, taken, result: DrainResult) -> _Plan:
             continue
         elif ids is None:
             result.expanded[target] = _expand(cursor, target)
+        elif deltas is None and column and column.startswith("via:"):
+            plan.recount[target].update(routes.resolve(cursor, graph(), column, ids) or ())
         elif deltas is None:
             plan.recount[target].update(ids)
         elif column in incremental.get(target, ()):

@@ -107,13 +107,37 @@ class Graph:
         return frozenset(r.target.label for r in self.routes.get(db_table, ()))
 
     def targets_of_operation(self, db_table: str, operation: str) -> frozenset[str]:
-        """Labels of the targets an ``operation`` (``OPERATIONS``) on ``db_table`` can dirty.
+        """What the marks an ``operation`` (``OPERATIONS``) on ``db_table`` writes are for:
+        target labels, and item kinds (``item:<label>``) for counts kept through ledgers.
 
-        Narrower than :meth:`targets_of_table`: inserting a project reaches no count, since a
-        table reached by a forward hop matters only when a column the counts read changes.
+        This is what a worker is asked to drain after such a write. Inserting a project reaches
+        no count (a table reached by a forward hop matters only when a column the counts read
+        changes); inserting a capture writes deltas for its station and night, and no item
+        mark (a new capture has no detection or capture set yet).
         """
-        routes = self.routes.get(db_table, ())
-        return frozenset(r.target.label for r in routes if operation in r.operations)
+        from counts.modes import Full, ItemCount, OwnRow
+
+        full = {s.key for s in self.specs if isinstance(s.mode, Full)}
+        labels = set()
+        for route in self.routes.get(db_table, ()):
+            if operation in route.operations and any(
+                s.key in full and s.target == route.target and route.chain in s.reads
+                for s in self.specs
+            ):
+                labels.add(route.target.label)
+        for spec in self.specs:
+            mode = spec.mode
+            if isinstance(mode, OwnRow) and mode.table.db_table == db_table:
+                labels.add(spec.target.label)
+            elif isinstance(mode, ItemCount):
+                feeds = db_table in (
+                    mode.measure.child.db_table,
+                    mode.link.through.db_table if mode.link.through else None,
+                )
+                own_link = mode.kind.db_table == db_table and mode.link.through is None
+                if feeds or (own_link and operation != "insert"):
+                    labels.add("item:" + mode.kind.label)
+        return frozenset(labels)
 
 
 __all__ = ["FORWARD", "OPERATIONS", "REVERSE", "ROOT", "Graph", "Route"]

@@ -16,7 +16,7 @@ To recompute items, a drain (:func:`recompute`):
 2. in one *later* statement — a fresh READ COMMITTED snapshot, which sees every write whose
    item mark it took, and the ledger the previous holder of the lock committed — reads each
    item's truth from the base tables, compares it with the ledger, and writes the new ledger;
-3. credits, per target, ``contribution(truth) − contribution(ledger)``.
+3. credits, per target, ``contribution(truth) - contribution(ledger)``.
 
 Why this is exact under concurrency (the correctness argument, in full):
 
@@ -297,7 +297,7 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
     """``SELECT pk, a0, a1, …``: per target of ``label`` among the bound ids, what the stale
     items of ``kind`` would change in each of its counts of this kind if credited now.
 
-    The recount writes ``truth − pending − adjustment``: for an item whose change is not yet
+    The recount writes ``truth - pending - adjustment``: for an item whose change is not yet
     credited (its mark is visible), the truth already contains the change but the ledgers do
     not, and invariant I is about the ledgers. Only stale items related to the targets — by
     their current links or by their ledger — are read. ``n`` numbers the CTE aliases. Returns
@@ -333,9 +333,7 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
     sums = ", ".join(
         f"sum(e.v) FILTER (WHERE e.key = {literal(p.key)}) AS a{n}_{i}" for i, p in enumerate(parts)
     )
-    sql = (
-        f"SELECT e.t AS pk, {sums} FROM ({entries}) e WHERE e.t = ANY(%s::bigint[]) GROUP BY e.t"
-    )
+    sql = f"SELECT e.t AS pk, {sums} FROM ({entries}) e WHERE e.t = ANY(%s::bigint[]) GROUP BY e.t"
     # The candidate list appears twice (truth and ledger), each binding the ids per link.
     return sql, binds * 2 + 1
 
@@ -441,3 +439,27 @@ def preview(cursor, kind: ItemKind, ids: list[int], credits) -> None:
                     amount, *targets = entry
                     for target in targets:
                         credits[(part.label, part.column, target)] += sign * amount
+
+
+def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
+    """``SELECT id`` of the targets of ``label`` among the bound ids that an item mark of
+    ``kind`` may change: stale items' current links and ledger entries. Returns the SQL and
+    how many times it binds the ids."""
+    stale = f"({stale_sql(kind)})"
+    selects = []
+    for link in sorted({p.link for p in kind.parts_for(label)}, key=repr):
+        if link.through is None:
+            table, col, where = kind.table.db_table, link.target_column, kind.table.pk
+        else:
+            table, col, where = link.through.db_table, link.target_column, link.item_column
+        selects.append(
+            f"SELECT x.{q(col)} FROM {q(table)} x WHERE x.{q(where)} IN {stale}"
+            f" AND x.{q(col)} = ANY(%s::bigint[])"
+        )
+    keys = ", ".join(literal(p.key) for p in kind.parts_for(label))
+    selects.append(
+        f"SELECT t::bigint FROM {LEDGER_TABLE} l, jsonb_each(l.state) kv,"
+        f" jsonb_array_elements_text(kv.value - 0) t WHERE l.kind = {literal(kind.mark_target)}"
+        f" AND l.item_id IN {stale} AND kv.key IN ({keys}) AND t::bigint = ANY(%s::bigint[])"
+    )
+    return " UNION ".join(selects), len(selects)

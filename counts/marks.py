@@ -34,33 +34,25 @@ def pending_ids(label: str, ids: list[int], using: str = "default") -> set[int]:
     all), or an item mark for an item that counts towards them, now or in its ledger."""
     if not ids:
         return set()
-    from counts.items import kinds_feeding, targets_of
+    from counts.items import kinds_feeding, pending_targets_sql
 
-    with connections[using].cursor() as cursor:
-        cursor.execute(
-            f"SELECT DISTINCT x FROM {MARK_TABLE} m CROSS JOIN LATERAL"
-            f" unnest(coalesce(m.ids, %s::bigint[])) x"
-            f" WHERE m.target = %s AND (m.ids IS NULL OR m.ids && %s::bigint[]) AND x = ANY(%s)",
-            [ids, label, ids, ids],
-        )
-        found = {row[0] for row in cursor.fetchall()}
-        wanted = set(ids)
-        for kind in kinds_feeding(graph(), label):
-            for stale in stale_items(cursor, kind.mark_target):
-                found |= targets_of(cursor, kind, stale).get(label, set()) & wanted
-        return found
-
-
-def stale_items(cursor, kind: str, chunk: int = 5000):
-    """The ids of items of ``kind`` with a mark waiting, a chunk at a time."""
-    cursor.execute(
-        f"SELECT DISTINCT x FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
-        " WHERE m.target = %s ORDER BY x",
-        [kind],
+    sql = (
+        f"SELECT x FROM {MARK_TABLE} m CROSS JOIN LATERAL"
+        f" unnest(coalesce(m.ids, %s::bigint[])) x"
+        f" WHERE m.target = %s AND (m.ids IS NULL OR m.ids && %s::bigint[]) AND x = ANY(%s)"
+        " AND (m.field IS NULL OR m.field NOT LIKE 'via:%%')"
+        # A mark still to be resolved to rows: pending for every row of the model until then.
+        f" UNION SELECT x FROM unnest(%s::bigint[]) x WHERE EXISTS (SELECT 1 FROM {MARK_TABLE}"
+        " WHERE target = %s AND field LIKE 'via:%%')"
     )
-    ids = [row[0] for row in cursor.fetchall()]
-    for start in range(0, len(ids), chunk):
-        yield ids[start : start + chunk]
+    params: list = [ids, label, ids, ids, ids, label]
+    for kind in kinds_feeding(graph(), label):
+        more, binds = pending_targets_sql(kind, label)
+        sql += f" UNION {more}"
+        params += [ids] * binds
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, params)
+        return {row[0] for row in cursor.fetchall()}
 
 
 def flag_pending(rows: list, using: str = "default") -> None:

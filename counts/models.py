@@ -29,7 +29,7 @@ class DirtyMark(models.Model):
     id = models.BigAutoField(primary_key=True)
     target = models.CharField(max_length=100, help_text="Model label, e.g. monitoring.event")
     ids = ArrayField(models.BigIntegerField(), null=True, blank=True)
-    field = models.CharField(max_length=100, null=True, blank=True)
+    field = models.CharField(max_length=100, null=True, blank=True)  # noqa: DJ001 (NULL: no delta)
     deltas = ArrayField(models.IntegerField(), null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     not_before = models.DateTimeField(null=True, blank=True)
@@ -58,3 +58,6 @@ class Ledger(models.Model):
 
     class Meta:
         db_table = "counts_ledger"
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.item_id}"

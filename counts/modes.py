@@ -5,7 +5,7 @@ A declaration's shape decides how cheaply the engine can keep it exact after a c
 - **own-row** (:class:`OwnRow`): every input of a counted row's contribution is a column of
   that row — ``Count("captures")``, ``Count("detections", filter=Q(detections__bbox__isnull=
   False))``, an M2M without a filter (its through rows are the counted rows). A statement's
-  change to the count is ``Σ [filter(new rows)] − Σ [filter(old rows)]`` grouped by the foreign
+  change to the count is ``Σ [filter(new rows)] - Σ [filter(old rows)]`` grouped by the foreign
   key, which a trigger computes from its transition tables alone: the writer records exact
   amounts (*delta marks*) and a drain adds them up. Nothing is ever recounted.
 - **item** (:class:`ItemCount`): the contribution depends on rows joined to the counted chain.

@@ -21,6 +21,7 @@ from counts import aggregate
 from counts.apps import graph
 from counts.draining import claim, engine_transaction
 from counts.errors import UnknownTargetError
+from counts.items import fill_ledgers, kinds_feeding
 from counts.triggers import MARK_TABLE, q
 
 
@@ -145,12 +146,14 @@ def rebuild(
     progress: Callable[[str, int], None] | None = None,
     using: str = "default",
 ) -> ReconcileReport:
-    """Recompute every row of ``models`` now, then drop the marks the pass made redundant.
+    """Recompute every row of ``models`` now, dropping the marks the pass makes redundant.
 
-    A repairing :func:`reconcile` over each model, after which the marks for those models that
-    were already committed when it started are deleted: the pass read every row after they
-    were committed, so it covered them, and a drain would only recompute the same rows again.
-    Marks written meanwhile (by writers, or for rows someone held) stay for the workers.
+    First the ledgers of the items feeding these models are set to the items' truth, then the
+    marks for these models (and their items) that were committed when the pass started are
+    deleted, then a repairing :func:`reconcile` recounts every row: the pass reads every row
+    and item after those marks were committed, so it covers them. Marks written meanwhile (by
+    writers, or for rows someone held) stay for the workers, and the recount's formula counts
+    them as pending.
 
     Args:
         models: A model, a label, or several; every target when None.
@@ -158,15 +161,28 @@ def rebuild(
         progress: Called with (label, rows checked so far) after each chunk.
     """
     labels = _labels(models)
+    # Item kinds whose every count is rebuilt here: their ledgers are refilled from the truth,
+    # so their item marks are covered too. (A kind feeding other models as well keeps its
+    # marks; the recount's formula accounts for them.)
+    kinds = {}
+    for label in labels:
+        for kind in kinds_feeding(graph(), label):
+            kinds[kind.mark_target] = kind
+    whole = [k for k, kind in kinds.items() if {p.label for p in kind.parts} <= set(labels)]
     with connections[using].cursor() as cursor:
-        cursor.execute(f"SELECT id FROM {MARK_TABLE} WHERE target = ANY(%s)", [labels])
+        cursor.execute(f"SELECT id FROM {MARK_TABLE} WHERE target = ANY(%s)", [labels + whole])
         covered = [row[0] for row in cursor.fetchall()]
     started = time.perf_counter()
+    for kind in kinds.values():
+        keys = [p.key for p in kind.parts if p.label in labels]
+        fill_ledgers(kind, keys, using=using, chunk=chunk)
+    # Amounts still queued for these rows are part of the truth the recount reads: drop them
+    # first, or the recount would subtract them as pending and nothing would add them back.
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"DELETE FROM {MARK_TABLE} WHERE id = ANY(%s)", [covered])
     report = ReconcileReport(dry_run=False)
     for label in labels:
         report.models[label] = _reconcile_model(label, False, chunk, progress, using)
-    with connections[using].cursor() as cursor:
-        cursor.execute(f"DELETE FROM {MARK_TABLE} WHERE id = ANY(%s)", [covered])
     report.seconds = time.perf_counter() - started
     return report
 

@@ -41,6 +41,21 @@ def trigger_states() -> list[dict]:
     return rows
 
 
+def count_modes() -> list[dict]:
+    """How each count is kept: ``own-row`` (exact deltas from the written rows), ``item``
+    (credited through the ledgers of one item kind) or ``full`` (recounted, with why)."""
+    rows = []
+    for spec in graph().specs:
+        mode = spec.mode
+        row = {"count": spec.key, "mode": mode.mode}
+        if mode.mode == "item":
+            row["items"] = mode.kind.label
+        if mode.mode == "full":
+            row["why"] = mode.why
+        rows.append(row)
+    return rows
+
+
 def database_unreachable(exc: Exception) -> str:
     """One line naming the database that did not answer, and why."""
     db = connection.settings_dict
@@ -58,7 +73,13 @@ def status() -> dict:
     A source that does not answer leaves its sections ``None`` and adds one line to
     ``unreachable`` (``{service: line}``), so callers can say so instead of a traceback.
     """
-    report: dict = {"pending": None, "triggers": None, "queues": None, "unreachable": {}}
+    report: dict = {
+        "pending": None,
+        "triggers": None,
+        "queues": None,
+        "unreachable": {},
+        "modes": count_modes(),
+    }
     try:
         report["pending"] = [p.__dict__ for p in pending_summary()]
         report["triggers"] = trigger_states()

@@ -9,10 +9,11 @@ trigger with transition tables may serve only one event, and may not use ``UPDAT
 - ``AFTER INSERT`` / ``AFTER DELETE`` read ``new_rows`` / ``old_rows``; ``AFTER UPDATE`` keeps
   only rows whose read columns changed, from both sides, so a moved detection dirties the old
   image's targets and the new one's; ``AFTER TRUNCATE`` marks every row of each target.
-- Each route is walked from the changed rows up to the target ids with one indexed probe per
-  hop, ids carried in arrays (``= ANY(ids)``) rather than joining the transition table to a
-  large table, which can plan as a sequential scan.
-- One ``counts_dirtymark`` row per target model per statement, however many rows changed.
+- Nothing but the transition tables is read: own-row counts get exact amounts (delta marks),
+  item counts get the items' ids (item marks, ``counts.items``), counts kept in full get the
+  rows' own link values, which the drain resolves to target rows (``counts.routes``).
+- One ``counts_dirtymark`` row per count, item kind or route per statement, however many rows
+  changed.
 """
 
 from __future__ import annotations
@@ -153,64 +154,22 @@ def climb(route: Route, source: str) -> tuple[str, list[Probe]]:
     return first, probes
 
 
-class _Plan:
-    """The statements of one trigger function, with shared work done once.
+def first_hop(route: Route) -> tuple[str, list[Probe]]:
+    """The column of the changed rows a route starts from, and the probes from its values
+    up to target ids (empty when the values are target ids already)."""
+    if route.reached_by == ROOT:
+        column = route.target.pk
+    elif route.chain[-1].kind == REVERSE:
+        column = route.chain[-1].column
+    else:
+        column = route.chain[-1].child.pk
+    return column, climb(route, "src")[1]
 
-    Routes that read the same transition rows share their first query; probes from the same
-    array into the same table and column (to the station *and* the night of a capture) become
-    one statement selecting several columns: one index pass instead of two.
-    """
 
-    def __init__(self) -> None:
-        self.firsts: dict[str, str] = {}  # first query -> variable
-        self.probes: dict[tuple, str] = {}  # (input var, table, where, select) -> variable
-        self.collected: dict[str, list[str]] = {}  # target label -> variables
-
-    def _var(self) -> str:
-        return f"_v{len(self.firsts) + len(self.probes)}"
-
-    def add(self, label: str, first: str, probes: list[Probe]) -> None:
-        if first not in self.firsts:
-            self.firsts[first] = self._var()
-        var = self.firsts[first]
-        for p in probes:
-            key = (var, p.table.db_table, p.where, p.select)
-            if key not in self.probes:
-                self.probes[key] = self._var()
-            var = self.probes[key]
-        vars_ = self.collected.setdefault(label, [])
-        if var not in vars_:
-            vars_.append(var)
-
-    def variables(self) -> list[str]:
-        return sorted([*self.firsts.values(), *self.probes.values()], key=lambda v: int(v[2:]))
-
-    def statements(self) -> list[str]:
-        lines = [f"{var} := ({first});" for first, var in self.firsts.items()]
-        grouped: dict[tuple, list[tuple[str, str]]] = {}
-        for (source, table, where, select), var in self.probes.items():
-            grouped.setdefault((source, table, where), []).append((select, var))
-        for (source, table, where), selects in grouped.items():
-            aggregates = ", ".join(
-                f"array_agg(DISTINCT t.{q(col)}) FILTER (WHERE t.{q(col)} IS NOT NULL)"
-                for col, _ in selects
-            )
-            into = ", ".join(var for _, var in selects)
-            lines.append(
-                f"SELECT {aggregates} INTO {into} FROM {q(table)} t"
-                f" WHERE t.{q(where)} = ANY({source});"
-            )
-        rows = ", ".join(
-            f"({literal(label)}, {' || '.join(vars_)})"
-            for label, vars_ in sorted(self.collected.items())
-        )
-        # One statement writes every target's mark: one row per target model that was reached.
-        lines.append(
-            f"INSERT INTO {MARK_TABLE} (target, ids)"
-            " SELECT v.target, ARRAY(SELECT DISTINCT x FROM unnest(v.ids) x ORDER BY x)"
-            f" FROM (VALUES {rows}) v(target, ids) WHERE cardinality(v.ids) > 0;"
-        )
-        return lines
+def via_key(route: Route) -> str:
+    """A stable name for a route, carried by marks the drain resolves (``via:<hash>``)."""
+    hops = [(h.kind, h.parent.db_table, h.child.db_table, h.column) for h in route.chain]
+    return "via:" + hashlib.sha1(repr((route.target.label, hops)).encode()).hexdigest()[:12]
 
 
 def _routes_for(routes: tuple[Route, ...], operation: str) -> list[Route]:
@@ -245,7 +204,9 @@ def delta_rows(graph: Graph, table: Table, operation: str) -> list[str]:
             where = f"r.{q(mode.fk)} IS NOT NULL"
             if mode.predicate:
                 where += f" AND ({mode.predicate})"
-            parts.append(f"SELECT r.{q(mode.fk)} AS id, {sign} AS d FROM {relation} r WHERE {where}")
+            parts.append(
+                f"SELECT r.{q(mode.fk)} AS id, {sign} AS d FROM {relation} r WHERE {where}"
+            )
         selects.append(
             f"SELECT {literal(spec.target.label)} AS target, {literal(spec.column)} AS field,"
             f" x.id, sum(x.d)::int AS d FROM ({' UNION ALL '.join(parts)}) x"
@@ -317,10 +278,11 @@ def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -
         mode = spec.mode
         if isinstance(mode, OwnRow) and mode.table == table:
             labels.add(spec.target.label)
-        if isinstance(mode, ItemCount) and table in (
-            mode.kind,
-            mode.measure.child,
-            mode.link.through,
+        # An item table's own TRUNCATE cascades to its children and through rows, whose
+        # triggers mark the items; it matters by itself only where it holds the link.
+        if isinstance(mode, ItemCount) and (
+            (mode.kind == table and mode.link.through is None)
+            or table in (mode.measure.child, mode.link.through)
         ):
             kinds.add("item:" + mode.kind.label)
     lines = [
@@ -343,22 +305,33 @@ def function_body(
     if operation == "truncate":
         lines = _truncate_statements(graph, table, routes)
         return "\n".join([*lines, "RETURN NULL;"]), []
-    plan = _Plan()
+    selects = []
     for route in routes:
         if operation == "update":
-            # Old and new versions of the changed rows: a moved detection dirties both images.
+            # Old and new versions of the changed rows: a moved occurrence marks both stations.
             old, new = (_changed_rows(route.table, route.columns, s) for s in ("old", "new"))
             source = f"({old} UNION ALL {new})"
         else:
             source = "new_rows" if operation == "insert" else "old_rows"
-        plan.add(route.target.label, *climb(route, source))
+        column, probes = first_hop(route)
+        via = literal(via_key(route)) if probes else "NULL"
+        selects.append(
+            f"SELECT {literal(route.target.label)} AS target, {via}::text AS field,"
+            f" src.{q(column)} AS id FROM {source} src WHERE src.{q(column)} IS NOT NULL"
+        )
     paths = [
         "-- " + " > ".join([r.target.label] + [h.child.db_table for h in r.chain]) for r in routes
     ]
     lines = _incremental_statements(graph, table, operation)
-    if routes:
-        lines += plan.statements()
-    return "\n".join([*paths, *lines, "RETURN NULL;"]), plan.variables()
+    if selects:
+        # Full counts: the rows' own link values, resolved to target rows by the drain, in a
+        # snapshot taken after this transaction commits (``counts.routes``).
+        lines.append(
+            f"INSERT INTO {MARK_TABLE} (target, field, ids)"
+            " SELECT s.target, s.field, array_agg(DISTINCT s.id ORDER BY s.id)"
+            f" FROM ({' UNION ALL '.join(selects)}) s GROUP BY s.target, s.field;"
+        )
+    return "\n".join([*paths, *lines, "RETURN NULL;"]), []
 
 
 def compile_trigger(graph: Graph, table: Table, routes: tuple[Route, ...], operation: str):
@@ -402,7 +375,9 @@ def watched_tables(graph: Graph) -> dict[str, Table]:
         if isinstance(mode, OwnRow):
             found = [mode.table]
         elif isinstance(mode, ItemCount):
-            found = [mode.kind, mode.measure.child] + ([mode.link.through] if mode.link.through else [])
+            found = [mode.kind, mode.measure.child] + (
+                [mode.link.through] if mode.link.through else []
+            )
         for t in found:
             tables.setdefault(t.db_table, t)
     return dict(sorted(tables.items()))

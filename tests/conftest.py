@@ -46,6 +46,7 @@ class Marks:
 
         from counts.apps import graph
         from counts.items import item_kinds, preview
+        from counts.routes import resolve
 
         kinds = item_kinds(graph())
         merged: dict[str, set[int] | str] = {}
@@ -62,6 +63,8 @@ class Marks:
             for target, ids, column, deltas in cursor.fetchall():
                 if target in kinds and ids is not None:
                     preview(cursor, kinds[target], list(ids), amounts)
+                elif column and column.startswith("via:"):
+                    add(target, resolve(cursor, graph(), column, list(ids)) or [])
                 elif deltas is not None:
                     for target_id, amount in zip(ids, deltas, strict=True):
                         amounts[(target, column, target_id)] += amount

@@ -188,24 +188,34 @@ def test_command_rejects_an_unknown_model(world):
 
 
 def test_command_status_shows_pending_marks_and_trigger_health(world, marks):
-    Detection.objects.create(source_image=world.i3, bbox=None)
+    Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
     out = StringIO()
     call_command("counts", "status", "--json", stdout=out)
     report = json.loads(out.getvalue())
     pending = {row["label"]: row for row in report["pending"]}
-    assert set(pending) == {D, E, S, C}
+    # The capture's own count gets its +1; the capture, as an item, is recomputed for the rest.
+    assert set(pending) == {S, "item:monitoring.sourceimage"}
     assert pending[S]["marks"] == 1 and pending[S]["ids"] == 1
+    modes = {row["count"]: row for row in report["modes"]}
+    assert modes[f"{S}.detections_count"]["mode"] == "own-row"
+    assert modes[f"{C}.source_images_with_detections_count"]["items"] == S
+    assert modes[f"{D}.taxa_count"] == {
+        "count": f"{D}.taxa_count",
+        "mode": "full",
+        "why": "a distinct count",
+    }
     assert {row["state"] for row in report["triggers"]} == {"INSTALLED"}
     text = StringIO()
     call_command("counts", "status", stdout=text)
     assert "INSTALLED" in text.getvalue() and "monitoring.sourceimage" in text.getvalue()
+    assert "full: a distinct count" in text.getvalue()
 
 
 def test_command_drain_until_empty(world, marks):
     Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
     out = StringIO()
     call_command("counts", "drain", "--until-empty", stdout=out)
-    assert "Drained 4 marks" in out.getvalue()
+    assert "Drained 2 marks" in out.getvalue()
     assert marks.rows() == []
     assert_all_counts_exact()
 

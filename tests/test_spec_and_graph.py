@@ -16,6 +16,7 @@ from counts.apps import graph
 from counts.errors import DeclarationError
 from counts.fields import FRESHNESS_FIELD, CachedCountField, cached_count_fields
 from counts.graph import OPERATIONS, ROOT, Graph
+from counts.items import item_kinds
 from counts.spec import FORWARD, REVERSE, resolve, resolve_all, walk
 from counts.triggers import compile_mark_triggers
 from project.monitoring.models import (
@@ -221,11 +222,12 @@ def test_the_notice_names_exactly_what_each_trigger_can_mark():
     less leaves counts stale until the sweep.
     """
     labels = sorted(graph().targets)
+    kinds = item_kinds(graph())
     compiled = {(t.table, t.operation): t.sql for t in compile_mark_triggers(graph())}
     for table in graph().routes:
         for op in OPERATIONS:
             sql = compiled.get((table, op), "")
-            marked = {label for label in labels if f"'{label}'" in sql}
+            marked = {label for label in [*labels, *kinds] if f"'{label}'" in sql}
             assert graph().targets_of_operation(table, op) == marked, (table, op)
     assert graph().targets_of_operation("monitoring_project", "insert") == frozenset()
     assert graph().targets_of_operation("monitoring_project", "update") >= {

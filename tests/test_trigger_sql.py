@@ -90,46 +90,57 @@ def test_only_tables_a_domain_count_reads_are_watched(compiled):
     assert ("monitoring_project", "delete") not in ops
 
 
-def test_truncate_marks_every_row_of_each_target(compiled):
+def test_truncate_recounts_own_row_targets_and_recomputes_every_credited_item(compiled):
     sql = by_key(compiled)[("monitoring_detection", "truncate")]
-    for label in ("deployment", "event", "sourceimage", "sourceimagecollection"):
-        assert f"VALUES ('monitoring.{label}', NULL)" in sql
+    assert "VALUES ('monitoring.sourceimage', NULL)" in sql
+    assert "FROM counts_ledger WHERE kind = 'item:monitoring.sourceimage'" in sql
+    # The stations', nights' and sets' detection counts follow from their captures' ledgers.
+    assert "'monitoring.deployment'" not in sql
 
 
-def test_hops_probe_id_arrays_instead_of_joining_transition_tables(compiled):
-    sql = by_key(compiled)[("monitoring_detection", "insert")]
-    assert re.search(
-        r'FROM "monitoring_sourceimagecollection_images" t WHERE t."sourceimage_id" = ANY\(_v\d+\)',
-        sql,
-    )
+def test_incremental_triggers_read_only_their_own_rows(compiled):
+    """No probe into another table, no join: what a statement records depends on its rows
+    alone, so no concurrent writer can make it record the wrong targets."""
+    for table in (
+        "monitoring_detection",
+        "monitoring_sourceimage",
+        "monitoring_sourceimagecollection_images",
+        "monitoring_event",
+    ):
+        for op in ("insert", "update", "delete"):
+            sql = by_key(compiled).get((table, op))
+            if sql is None:
+                continue
+            body = sql.split("$counts$")[1]
+            assert not re.search(r'FROM "monitoring_\w+"', body), (table, op)
+            assert " JOIN " not in body, (table, op)
+
+
+def test_deltas_are_exact_amounts_and_item_marks_are_ids(compiled):
+    sql = by_key(compiled)[("monitoring_detection", "update")]
+    # A detection's own-row count: +1 for new versions passing the filter, -1 for old ones.
+    assert "'monitoring.sourceimage' AS target, 'detections_count' AS field" in sql
+    assert 'r."bbox" IS NOT NULL' in sql and "-1 AS d" in sql
+    assert "HAVING sum(x.d) <> 0" in sql
+    # The capture, as an item, from the detection's old and new source_image_id.
+    assert "'item:monitoring.sourceimage' AS target, r.\"source_image_id\" AS id" in sql
+
+
+def test_one_statement_writes_one_mark_per_count_and_per_item_kind(compiled):
     for t in compiled:
-        assert " JOIN " not in t.sql
+        if t.operation == "truncate":
+            continue
         body = t.sql.split("$counts$")[1]
-        for line in body.splitlines():
-            if "old_rows" in line or "new_rows" in line:
-                assert '"monitoring_' not in line, line  # transition rows never meet a table
-    probes = sum(len(re.findall(r"= ANY\(_v\d+\)", t.sql)) for t in compiled)
-    assert probes > 0
+        # deltas (one row per count), item marks (one row per kind), recounts (full counts)
+        assert body.count(f"INSERT INTO {MARK_TABLE}") <= 3, t.name
 
 
-def test_one_statement_writes_one_mark_row_per_target_model(compiled):
-    for t in compiled:
-        targets = set(re.findall(r"'(\w+\.\w+)'", t.sql))
-        inserts = t.sql.count(f"INSERT INTO {MARK_TABLE}")
-        expected = len(targets) if t.operation == "truncate" else 1
-        assert inserts == expected, t.name
-    sql = by_key(compiled)[("monitoring_detection", "insert")]
-    rows = re.search(r"FROM \(VALUES (.*?)\) v\(target, ids\)", sql).group(1)
-    assert len(re.findall(r"\('monitoring\.\w+', ", rows)) == 4
-
-
-def test_probes_into_one_table_from_one_array_share_a_statement(compiled):
-    """A capture's station and night come from one index pass over the captures."""
-    sql = by_key(compiled)[("monitoring_detection", "insert")]
-    probes = re.findall(r'FROM "monitoring_sourceimage" t WHERE t."id" = ANY', sql)
-    assert len(probes) == 1
-    assert 'array_agg(DISTINCT t."deployment_id")' in sql
-    assert 'array_agg(DISTINCT t."event_id")' in sql
+def test_full_counts_still_climb_to_their_targets(compiled):
+    """Occurrence counts (a threshold reached by F(), distinct taxa) are recounted: a changed
+    occurrence marks its station and night directly from its own columns."""
+    sql = by_key(compiled)[("monitoring_occurrence", "insert")]
+    assert 'array_agg(DISTINCT src."deployment_id")' in sql
+    assert 'array_agg(DISTINCT src."event_id")' in sql
 
 
 def test_compilation_is_pure_and_deterministic(compiled):
@@ -172,17 +183,17 @@ def test_a_10000_row_statement_writes_one_mark_per_target_model(world, marks):
         )
         assert cursor.rowcount == 10000
     rows = marks.rows()
+    # One delta mark (the captures' own count) and one item mark, for 10,000 rows.
     assert sorted(target for target, _ in rows) == [
-        "monitoring.deployment",
-        "monitoring.event",
+        "item:monitoring.sourceimage",
         "monitoring.sourceimage",
-        "monitoring.sourceimagecollection",
     ]
     assert dict(rows)["monitoring.sourceimage"] == sorted(images)
-    marks.clear()
+    assert dict(rows)["item:monitoring.sourceimage"] == sorted(images)
+    drain_all()
     with connection.cursor() as cursor:
         cursor.execute("UPDATE monitoring_detection SET bbox = NULL WHERE id > %s", [world.det5.pk])
-    assert len(marks.rows()) == 4
+    assert len(marks.rows()) == 2
     drain_all()
     assert_all_counts_exact()
     assert cached("monitoring_sourceimage")[world.i1.pk]["detections_count"] == 2

@@ -22,6 +22,7 @@ from dramatiq.middleware import CurrentMessage
 import counts
 from counts.apps import graph
 from counts.draining import drain
+from counts.items import item_kinds
 from counts.marks import pending_summary
 from counts.signals import reconciled
 from workers import debounce, metrics
@@ -55,7 +56,9 @@ class _dead_letter_on_malformed:
 
 
 def _known_label(label) -> str:
-    if not isinstance(label, str) or label not in graph().targets:
+    """A target model's label, or an item kind's (``item:<label>``): what marks are for."""
+    known = isinstance(label, str) and (label in graph().targets or label in item_kinds(graph()))
+    if not known:
         raise MalformedMessage(f"unknown target model {label!r}")
     return label
 

@@ -83,6 +83,10 @@ class Command(BaseCommand):
             sys.exit(1)
 
     def _print_status(self, report: dict) -> None:
+        self.stdout.write("Counts:")
+        for row in report.get("modes", []):
+            how = {"item": f"item ({row.get('items')})", "full": f"full: {row.get('why')}"}
+            self.stdout.write(f"  {row['count']:<58} {how.get(row['mode'], row['mode'])}")
         if report["pending"] is not None:
             self.stdout.write("Pending marks:")
             if not report["pending"]:
