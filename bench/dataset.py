@@ -224,3 +224,65 @@ def sets_exact(ids: list[int]) -> bool:
     if pending_ids(COLLECTION, ids):
         return False
     return set_counts(ids, truth=False) == set_counts(ids, truth=True)
+
+
+# --- The truth about what the incremental section touched (``bench.incremental``) -------------
+
+
+def images_exact(image_ids: list[int]) -> bool:
+    """Stored ``detections_count`` of the captures, of their nights and of their stations
+    equal counts of valid detections made here."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            WITH img AS (SELECT id, event_id, deployment_id FROM monitoring_sourceimage
+                         WHERE id = ANY(%s)),
+            bad_img AS (
+              SELECT s.id FROM monitoring_sourceimage s WHERE s.id IN (SELECT id FROM img)
+              AND s.detections_count <> (SELECT count(*) FROM monitoring_detection d
+                  WHERE d.source_image_id = s.id AND d.bbox IS NOT NULL)),
+            bad_night AS (
+              SELECT e.id FROM monitoring_event e WHERE e.id IN (SELECT event_id FROM img)
+              AND e.detections_count <> (SELECT count(*) FROM monitoring_sourceimage s
+                  JOIN monitoring_detection d ON d.source_image_id = s.id
+                  WHERE s.event_id = e.id AND d.bbox IS NOT NULL)),
+            bad_station AS (
+              SELECT p.id FROM monitoring_deployment p WHERE p.id IN (SELECT deployment_id FROM img)
+              AND p.detections_count <> (SELECT count(*) FROM monitoring_sourceimage s
+                  JOIN monitoring_detection d ON d.source_image_id = s.id
+                  WHERE s.deployment_id = p.id AND d.bbox IS NOT NULL))
+            SELECT (SELECT count(*) FROM bad_img) + (SELECT count(*) FROM bad_night)
+                 + (SELECT count(*) FROM bad_station)
+            """,
+            [image_ids],
+        )
+        return cursor.fetchone()[0] == 0
+
+
+def threshold_exact(project_id: int) -> bool:
+    """The project's stations' ``occurrences_count`` and ``taxa_count`` and its nights'
+    ``occurrences_count`` equal counts made here against the threshold as it now stands."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            WITH counted AS (
+              SELECT o.deployment_id, o.event_id, o.determination_id
+              FROM monitoring_occurrence o
+              JOIN monitoring_deployment p ON p.id = o.deployment_id
+              JOIN monitoring_project pr ON pr.id = p.project_id
+              WHERE pr.id = %s AND o.determination_score >= pr.default_filters_score_threshold),
+            st AS (SELECT deployment_id AS id, count(*) AS o,
+                          count(DISTINCT determination_id) AS t
+                   FROM counted GROUP BY 1),
+            nt AS (SELECT event_id AS id, count(*) AS o FROM counted GROUP BY 1)
+            SELECT (SELECT count(*) FROM monitoring_deployment p LEFT JOIN st ON st.id = p.id
+                    WHERE p.project_id = %s AND (p.occurrences_count <> coalesce(st.o, 0)
+                                                 OR p.taxa_count <> coalesce(st.t, 0)))
+                 + (SELECT count(*) FROM monitoring_event e
+                    JOIN monitoring_deployment p ON p.id = e.deployment_id
+                    LEFT JOIN nt ON nt.id = e.id
+                    WHERE p.project_id = %s AND e.occurrences_count <> coalesce(nt.o, 0))
+            """,
+            [project_id] * 3,
+        )
+        return cursor.fetchone()[0] == 0
