@@ -26,7 +26,9 @@ quiet: no message is sent, as in every bench section but the burst), drain to em
 check the touched counts against independent SQL (untimed), then undo the write — delete the
 detections, remove the members, restore the threshold — and drain again (untimed), so the
 dataset ends as it began. Detections the bench makes carry ``score = -1``, a value real
-detections never have, so a run that died half-way is cleaned up by the next one.
+detections never have, so those of a run that died half-way are deleted by the next one
+(:func:`bench.dataset.remove_bench_detections`); a run killed between adding members and removing
+them, or between a threshold change and its restore, leaves that change behind.
 
 Samples rotate through the cases (the first case of one repeat is the second of the next) after
 one untimed warm-up round, so drift in the machine's state falls on all cases alike; each figure
@@ -48,10 +50,10 @@ from bench.timing import median, ms, ms_list, stopwatch
 from counts.notice import quiet
 from project.monitoring.models import Detection, Project, SourceImageCollection
 
-#: ``Detection.score`` of every detection the section makes (real scores are 0-1 or NULL).
-SENTINEL = -1.0
+SENTINEL = dataset.BENCH_SCORE
 MARKS = "counts_dirtymark"
-#: Batches one drain-to-empty may take before the bench gives up (marks deferred forever).
+#: Batches one drain-to-empty may take before the bench gives up (a drain that keeps finding
+#: marks, such as one re-marking what it cannot lock, would otherwise spin forever).
 MAX_BATCHES = 100_000
 BBOX = [10, 10, 120, 140]
 
@@ -69,14 +71,6 @@ def drain_to_empty() -> tuple[int, int]:
             return batches, marks
         marks += result.marks
     raise CommandError(f"marks still pending after {MAX_BATCHES:,} drain batches")
-
-
-def remove_leftovers() -> int:
-    """Delete detections an earlier, interrupted run left behind; drain what that marks."""
-    with quiet():
-        deleted, _ = Detection.objects.filter(score=SENTINEL).delete()
-    dataset.drain_all()
-    return deleted
 
 
 def largest_set() -> SourceImageCollection:
@@ -322,7 +316,6 @@ def sample(case: Case, r: int) -> dict:
 def measure(
     big: SourceImageCollection, captures: int, repeats: int, singles: int, ks: list[int], log
 ) -> dict:
-    remove_leftovers()
     made = cases(big, repeats + 1, singles, ks)
     dataset.vacuum()
     samples: dict[str, list[dict]] = {c.key: [] for c in made}

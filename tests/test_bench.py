@@ -198,7 +198,7 @@ def test_an_interrupted_sample_still_undoes_its_write_and_drains():
     Detection.objects.bulk_create(
         Detection(source_image_id=i, score=incremental.SENTINEL) for i in pool[:3]
     )
-    assert incremental.remove_leftovers() == 3
+    assert dataset.remove_bench_detections() == 3
     assert Detection.objects.count() == detections and not DirtyMark.objects.exists()
 
 

@@ -29,8 +29,11 @@ so no sample pays for another's dead rows, whether autovacuum runs or not. Secti
 messages through ``REDIS_URL`` and runs a worker in this process; stop other workers on the same
 database and namespace while it runs.
 
-Defaults (``--scale 200000``) take about three minutes on two cores (plus ~20 s to seed the first
-time); ``--scale 1000000`` adds the 500k-image set and takes about eight (90 s of it seeding).
+Defaults (``--scale 200000``) take about five minutes on two cores (plus ~30 s to seed the first
+time), two of them the incremental section, nearly all of that today's drains (which recount
+whole sets) and the exactness checks; ``--scale 1000000`` adds the 500k-image set and took
+about eight minutes before the incremental section, which should add about six more there
+(estimated from today's drain times, not measured). Leave a section out with ``--sections``.
 """
 
 from __future__ import annotations
