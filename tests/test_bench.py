@@ -230,3 +230,36 @@ def test_report_labels_say_what_the_flatness_and_tail_figures_compute():
     (tail,) = [row for figure, row in by_figure.items() if "p99 (B) of 3 bursts" in figure]
     assert "median (A)" in tail[1] and "≈ the worst seen" in tail[1]
     assert tail[2:4] == ("0.25 s", "0.40 s")
+
+
+def test_incremental_rows_judge_the_drain_against_its_goal_and_flag_inexact_counts():
+    from bench.report import rows
+
+    def case(label, drain_ms, goal_ms, exact=True, **extra):
+        met = None if goal_ms is None else drain_ms <= goal_ms
+        return {"label": label, "drain_ms": drain_ms, "write_ms": 2.0, "goal_ms": goal_ms,
+                "met": met, "exact": exact, "drain_ms_per_row": drain_ms / 10, **extra}  # fmt: skip
+
+    results = {
+        "incremental": {
+            "repeats": 3,
+            "cases": {
+                "add_members": case("add", 12.0, 20),
+                "bulk_detections": case("bulk", 250.0, 20),
+                "one_detection": case("one", 1.0, 5, exact=False),
+                "threshold": case(
+                    "thr", 40.0, None, writer_goal_ms=10, flips=10, **{"from": 0.5, "to": 0.55}
+                ),
+                "per_row_10": case("k10", 30.0, None),
+            },
+            "per_row": [{"k": 10, "drain_ms": 30.0, "drain_ms_per_row": 3.0}],
+        }
+    }
+    got = {row[1].split(":")[0]: row for row in rows(results)}
+    assert got["add"][2:] == ("12.0 ms", "2.0 ms", "", "≤ 20 ms", "ok")
+    assert got["bulk"][-1] == "MISSED"
+    assert "(NOT EXACT)" in got["one"][1] and got["one"][-1] == "MISSED", "fast but wrong"
+    assert got["thr"][2] == "2.0 ms" and got["thr"][-2:] == ("≤ 10 ms", "ok"), "writer time"
+    (flip,) = [row for row in rows(results) if "per flip (B)" in row[1]]
+    assert flip[2:4] == ("40.0 ms", "4 ms") and "10 occurrences scored in [0.5, 0.55)" in flip[1]
+    assert got["k10"][2:4] == ("30.0 ms", "3 ms")
