@@ -9,7 +9,10 @@ an empty database (or after ``--reseed``, which empties the monitoring tables fi
 Everything else a run writes — capture sets of exact sizes, 1,000 small sets, burst targets —
 hangs off projects whose names start with :data:`PREFIX`. They are deleted at the end of a run
 (and at the start of the next one, should a run have died), and the marks their deletion leaves
-are drained, so the database ends as it began: same rows, counts exact, no mark pending.
+are drained, so the database ends as it began: same rows, counts exact, no mark pending. The
+incremental section alone writes into the dataset itself (a few detections, members and a
+threshold, each undone right after its sample); its detections carry :data:`BENCH_SCORE`, so
+the start of a run deletes those an interrupted one left.
 
 Bench writes go through :class:`counts.notice.quiet`: the triggers still write their marks (the
 bench drains them itself, synchronously), but no recompute message is sent to Redis. Only the
@@ -28,10 +31,13 @@ from django.db import connection, transaction
 import counts
 from counts.marks import pending_ids
 from counts.notice import quiet
-from project.monitoring.models import Project, SourceImageCollection
+from project.monitoring.models import Detection, Project, SourceImageCollection
 
 #: Name prefix of every project the bench creates (and deletes).
 PREFIX = "bench: "
+#: ``Detection.score`` of the detections the incremental section adds to the dataset (and
+#: deletes); real scores are 0-1 or NULL.
+BENCH_SCORE = -1.0
 COLLECTION = "monitoring.sourceimagecollection"
 THROUGH = SourceImageCollection.images.through._meta.db_table
 _TABLES = {
@@ -63,6 +69,7 @@ def ensure(scale: int, seed: int, reseed: bool, log) -> dict:
     Returns what was found or made: ``{"seeded": bool, "seed_seconds": float, "rows": {...}}``.
     """
     remove_bench_objects()
+    remove_bench_detections()
     found = rows()
     if found["captures"] >= scale and not reseed:
         log(f"reusing the dataset: {found['captures']:,} captures (>= --scale {scale:,})")
@@ -187,6 +194,16 @@ def remove_bench_objects() -> int:
     return len(projects)
 
 
+def remove_bench_detections() -> int:
+    """Delete the detections an interrupted incremental section left in the dataset; drain
+    what that marks. (Once per run: ``score`` has no index, so this reads every detection.)"""
+    with quiet():
+        deleted, _ = Detection.objects.filter(score=BENCH_SCORE).delete()
+    if deleted:
+        drain_all()
+    return deleted
+
+
 # --- The truth about capture sets, written independently of the engine ------------------------
 
 #: Set sizes are skewed (a few sets hold half of all captures), so a join the planner sizes by
@@ -224,3 +241,68 @@ def sets_exact(ids: list[int]) -> bool:
     if pending_ids(COLLECTION, ids):
         return False
     return set_counts(ids, truth=False) == set_counts(ids, truth=True)
+
+
+# --- The truth about what the incremental section touched (``bench.incremental``) -------------
+
+
+#: Valid detections of capture ``s``: one index probe (see :func:`images_exact`).
+_VALID_OF_S = (
+    "(SELECT count(*) FROM monitoring_detection d"
+    " WHERE d.source_image_id = s.id AND d.bbox IS NOT NULL)"
+)
+_IMAGES_WRONG = f"""
+WITH img AS (SELECT id, event_id, deployment_id FROM monitoring_sourceimage WHERE id = ANY(%s))
+SELECT (SELECT count(*) FROM monitoring_sourceimage s
+        WHERE s.id IN (SELECT id FROM img) AND s.detections_count <> {_VALID_OF_S})
+     + (SELECT count(*) FROM monitoring_event e
+        WHERE e.id IN (SELECT event_id FROM img) AND e.detections_count <> coalesce(
+          (SELECT sum({_VALID_OF_S}) FROM monitoring_sourceimage s WHERE s.event_id = e.id), 0))
+     + (SELECT count(*) FROM monitoring_deployment p
+        WHERE p.id IN (SELECT deployment_id FROM img) AND p.detections_count <> coalesce(
+          (SELECT sum({_VALID_OF_S}) FROM monitoring_sourceimage s WHERE s.deployment_id = p.id),
+          0))
+"""
+
+
+def images_exact(image_ids: list[int]) -> bool:
+    """Stored ``detections_count`` of the captures, of their nights and of their stations
+    equal counts of valid detections made here.
+
+    Counted capture by capture, one index probe each: a station holds a few percent of all
+    captures, and the hash join the planner would pick instead reads every detection.
+    """
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL jit = off")  # compiling costs more than these probes
+        cursor.execute(_IMAGES_WRONG, [image_ids])
+        return cursor.fetchone()[0] == 0
+
+
+def threshold_exact(project_id: int) -> bool:
+    """The project's stations' ``occurrences_count`` and ``taxa_count`` and its nights'
+    ``occurrences_count`` equal counts made here against the threshold as it now stands."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL jit = off")
+        cursor.execute(
+            """
+            WITH counted AS (
+              SELECT o.deployment_id, o.event_id, o.determination_id
+              FROM monitoring_occurrence o
+              JOIN monitoring_deployment p ON p.id = o.deployment_id
+              JOIN monitoring_project pr ON pr.id = p.project_id
+              WHERE pr.id = %s AND o.determination_score >= pr.default_filters_score_threshold),
+            st AS (SELECT deployment_id AS id, count(*) AS o,
+                          count(DISTINCT determination_id) AS t
+                   FROM counted GROUP BY 1),
+            nt AS (SELECT event_id AS id, count(*) AS o FROM counted GROUP BY 1)
+            SELECT (SELECT count(*) FROM monitoring_deployment p LEFT JOIN st ON st.id = p.id
+                    WHERE p.project_id = %s AND (p.occurrences_count <> coalesce(st.o, 0)
+                                                 OR p.taxa_count <> coalesce(st.t, 0)))
+                 + (SELECT count(*) FROM monitoring_event e
+                    JOIN monitoring_deployment p ON p.id = e.deployment_id
+                    LEFT JOIN nt ON nt.id = e.id
+                    WHERE p.project_id = %s AND e.occurrences_count <> coalesce(nt.o, 0))
+            """,
+            [project_id] * 3,
+        )
+        return cursor.fetchone()[0] == 0

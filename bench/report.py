@@ -4,7 +4,9 @@ One table on purpose: every figure of a run is measured on the same machine, dat
 and reading them side by side (what the cached counts buy next to what they cost) is the point
 of the bench. Each row is "A against B" with the ratio that matters and, where the issue set
 one, the goal and whether this run met it. The JSON holds the same figures plus every sample,
-so two runs can be compared; the plot shows list latency against collection size.
+so two runs can be compared; the plot shows list latency against collection size, and
+:func:`plot_scaling` the incremental drain's cost per changed row against the dataset's size,
+from the JSON of several runs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ def _fmt_x(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:,.0f}x" if value >= 20 else f"{value:.2f}x"
+
+
+def _fmt_fine(value: float | None) -> str:
+    """Milliseconds with three significant digits, for per-row figures well below 1 ms."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.3g} ms"
 
 
 def _size(n: int) -> str:
@@ -163,12 +172,76 @@ def _reconcile_rows(re: dict) -> list[tuple[str, ...]]:
     ]
 
 
+def _incremental_rows(inc: dict) -> list[tuple[str, ...]]:
+    """Time to exact counts after each small write (the issue's goals), the threshold change's
+    writer and drain, and the drain's cost per changed row."""
+    out = []
+    cases = inc["cases"]
+
+    def note(case: dict) -> str:
+        return "" if case["exact"] else " (NOT EXACT)"
+
+    for key in ("add_members", "bulk_detections", "one_detection", "single_creates"):
+        if key not in cases:
+            continue
+        c = cases[key]
+        out.append(
+            (
+                "incremental",
+                f"{c['label']}: drain (A), write (B)" + note(c),
+                _fmt_ms(c["drain_ms"]),
+                _fmt_ms(c["write_ms"]),
+                "",
+                f"≤ {c['goal_ms']:g} ms",
+                _verdict(c["met"] and c["exact"]),
+            )
+        )
+    if "threshold" in cases:
+        c = cases["threshold"]
+        out += [
+            (
+                "incremental",
+                f"{c['label']}: writer's UPDATE + commit (A)",
+                _fmt_ms(c["write_ms"]),
+                "",
+                "",
+                f"≤ {c['writer_goal_ms']:g} ms",
+                _verdict(c["write_ms"] <= c["writer_goal_ms"]),
+            ),
+            (
+                "incremental",
+                f"… its drain (A), per flip (B): {c['flips']:,} occurrences scored in"
+                f" [{c['from']:g}, {c['to']:g})" + note(c),
+                _fmt_ms(c["drain_ms"]),
+                _fmt_fine(c["drain_ms_per_row"]),
+                "",
+                "",
+                _verdict(None if c["exact"] else False),
+            ),
+        ]
+    for r in inc["per_row"]:
+        c = cases[f"per_row_{r['k']}"]
+        out.append(
+            (
+                "incremental",
+                f"{c['label']}: drain (A), per row (B)" + note(c),
+                _fmt_ms(c["drain_ms"]),
+                _fmt_fine(c["drain_ms_per_row"]),
+                "",
+                "flat in scale",
+                _verdict(None if c["exact"] else False),
+            )
+        )
+    return out
+
+
 #: The table's sections in order: a key of the results and the function making its rows.
 _SECTIONS = (
     ("list", _list_rows),
     ("write", _write_rows),
     ("recompute", _recompute_rows),
     ("burst", _burst_rows),
+    ("incremental", _incremental_rows),
     ("reconcile", _reconcile_rows),
 )
 
@@ -197,7 +270,13 @@ def table(results: dict) -> str:
         f" autovacuum {pg['autovacuum']}), Django {meta['django']}, Python {meta['python']}",
         f"dataset: {ds['captures']:,} captures, {ds['detections']:,} detections,"
         f" {ds['capture_sets']:,} capture sets ({seeded});"
-        f" medians of {meta['repeats']} repeats; wall {meta['wall_seconds']:.0f} s",
+        f" medians of {meta['repeats']} repeats"
+        + (
+            f" ({results['incremental']['repeats']} for incremental)"
+            if results.get("incremental")
+            else ""
+        )
+        + f"; wall {meta['wall_seconds']:.0f} s",
     ]
     rule = "─" * max(len(line(r)) for r in body)
     return "\n".join([*head, rule, line(HEADER), rule, *(line(r) for r in body[1:]), rule])
@@ -232,6 +311,58 @@ def plot(path: str, results: dict) -> None:
     ax.set_title(
         f"/api/v2/captures/collections/ — {meta['dataset']['captures']:,} captures,"
         f" {meta['cores']} cores",
+        fontsize=10,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _scaling_points(runs: list[dict]) -> dict[int, list[tuple[int, float]]]:
+    """``{k: [(captures, drain ms per changed row), ...]}`` over runs, by dataset size."""
+    points: dict[int, list[tuple[int, float]]] = {}
+    for run in runs:
+        captures = run["incremental"]["captures"]
+        for r in run["incremental"]["per_row"]:
+            points.setdefault(r["k"], []).append((captures, r["drain_ms_per_row"]))
+    return {k: sorted(v) for k, v in sorted(points.items())}
+
+
+def scaling_table(runs: list[dict]) -> str:
+    """Drain ms per changed row: one line per run (by dataset size), one column per k."""
+    points = _scaling_points(runs)
+    sizes = sorted({c for v in points.values() for c, _ in v})
+    head = ["captures", *(f"k={k:,}" for k in points)]
+    body = [
+        [f"{size:,}", *(_fmt_fine(dict(v).get(size)) for v in points.values())] for size in sizes
+    ]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [head, *body]]
+    return "drain ms per changed row (median), by dataset size\n" + "\n".join(lines)
+
+
+def plot_scaling(path: str, runs: list[dict]) -> None:
+    """Drain ms per changed row (log) against captures in the dataset (log), one line per k:
+    flat lines mean the drain follows the change, not the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, pts in _scaling_points(runs).items():
+        ax.plot([c for c, _ in pts], [y for _, y in pts], "o-", label=f"{k:,} detections per write")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("captures in the dataset")
+    ax.set_ylabel("median drain time per changed row (ms)")
+    cores = sorted({run["meta"]["cores"] for run in runs})
+    ax.set_title(
+        f"drain to exact counts after bulk_create on random captures — {len(runs)} run(s),"
+        f" {'/'.join(map(str, cores))} cores",
         fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)

@@ -4,7 +4,9 @@ The figures themselves are machine-dependent and not asserted; what is asserted 
 them worth reading: each comparison actually ran both sides (positive times and ratios), the
 triggers really were off on the "off" side (no mark written), every recompute path and the
 burst's worker reached exact counts, the three list approaches agreed with an independent count,
-and the bench left the database as it found it (no bench objects, no marks pending). Real
+every incremental drain left the counts it touched exact, and the bench left the database as it
+found it (no bench objects, no extra detections or members, thresholds restored, no marks
+pending). Real
 PostgreSQL, real Redis, a real in-process worker; committed data, hence ``transaction=True``.
 """
 
@@ -15,14 +17,17 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
 
+from bench import dataset, incremental
 from bench.dataset import PREFIX
 from counts.models import DirtyMark
-from project.monitoring.models import Project, SourceImageCollection
+from project.monitoring.models import Detection, Project, SourceImage, SourceImageCollection
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
-SECTIONS = ("meta", "list", "write", "recompute", "burst", "reconcile")
+SECTIONS = ("meta", "list", "write", "recompute", "burst", "incremental", "reconcile")
+INCREMENTAL = ("add_members", "bulk_detections", "one_detection", "single_creates", "threshold")
 
 
 def positive(*values) -> bool:
@@ -44,6 +49,9 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
         burst_writes=200,
         burst_sets=5,
         burst_repeats=1,
+        incr_repeats=2,
+        incr_singles=30,
+        incr_rows="5,20",
         json_path=str(figures),
         plot=str(plot),
         stdout=out,
@@ -80,6 +88,23 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
     assert burst["messages_max"] >= 1 and positive(burst["exact_after_p50_s"] + 1e-9)
     assert burst["exact_after_p99_s"] >= burst["exact_after_p50_s"]
 
+    inc = data["incremental"]
+    assert inc["exact"], "an incremental drain left the counts it touched wrong"
+    assert inc["captures"] == 2000 and inc["repeats"] == 2
+    biggest = SourceImageCollection.objects.order_by("-source_images_count").first()
+    assert inc["largest_set"]["id"] == biggest.pk
+    for key in (*INCREMENTAL, "per_row_5", "per_row_20"):
+        case = inc["cases"][key]
+        assert len(case["samples_ms"]["drain"]) == 2, key
+        assert positive(case["write_ms"], case["drain_ms"], case["marks"]), key
+    assert inc["cases"]["single_creates"]["changed_rows"] == 30
+    threshold = inc["cases"]["threshold"]
+    low, high = threshold["from"], threshold["to"]
+    assert high == pytest.approx(low + 0.05)
+    assert threshold["flips"] == incremental.flips(threshold["project"], low, high) > 0
+    assert [r["k"] for r in inc["per_row"]] == [5, 20]
+    assert all(positive(r["drain_ms_per_row"]) for r in inc["per_row"])
+
     reconcile = data["reconcile"]
     assert reconcile["drifted_rows"] == 0
     assert positive(reconcile["checked"], reconcile["per_second"])
@@ -87,12 +112,94 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
     table = out.getvalue()
     for section in ("list 100", "list 1k", "write", "recompute", "burst", "reconcile"):
         assert section in table
+    incremental_lines = [line for line in table.splitlines() if line.startswith("incremental")]
+    assert len(incremental_lines) == 4 + 2 + 2, incremental_lines
+    assert any("≤ 5 ms" in line and "one Detection create()" in line for line in table.splitlines())
     assert "cores" in table.splitlines()[0]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert not Project.objects.filter(name__startswith=PREFIX).exists()
     assert SourceImageCollection.objects.count() == meta["dataset"]["capture_sets"]
     assert not DirtyMark.objects.exists(), "the bench left marks pending"
+    assert Detection.objects.count() == meta["dataset"]["detections"]
+    assert biggest.images.count() == inc["largest_set"]["images"]
+    assert Project.objects.get(pk=threshold["project"]).default_filters_score_threshold == low
+
+    # Runs at other scales are compared from their JSON files, without measuring anything.
+    bigger = json.loads(figures.read_text())
+    bigger["incremental"]["captures"] = 20_000
+    other, scaling = tmp_path / "bigger.json", tmp_path / "scaling.png"
+    other.write_text(json.dumps(bigger))
+    out = StringIO()
+    call_command(
+        "bench",
+        plot_scaling=[str(figures), str(other)],
+        scaling_plot=str(scaling),
+        stdout=out,
+        stderr=StringIO(),
+    )
+    lines = out.getvalue().splitlines()
+    assert lines[1].split() == ["captures", "k=5", "k=20"]
+    assert [line.split()[0] for line in lines[2:]] == ["2,000", "20,000"]
+    assert scaling.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _corrupt(sql: str, params: list) -> None:
+    """A write the count triggers never see (as a restore or a replica would make)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET session_replication_role = replica")
+        try:
+            cursor.execute(sql, params)
+        finally:
+            cursor.execute("SET session_replication_role = DEFAULT")
+
+
+def test_incremental_checks_see_counts_a_drain_left_wrong():
+    """The section's exactness checks are what make its timings worth reading: a drain that
+    returned quickly without fixing the counts must show as NOT EXACT."""
+    call_command("seed_demo", scale=500, stdout=StringIO(), stderr=StringIO())
+    image = SourceImage.objects.filter(detections_count__gt=0).order_by("id").first()
+    project = image.deployment.project
+    assert dataset.images_exact([image.pk]) and dataset.threshold_exact(project.pk)
+
+    _corrupt("UPDATE monitoring_sourceimage SET detections_count = 99 WHERE id = %s", [image.pk])
+    assert not dataset.images_exact([image.pk])
+    other = SourceImage.objects.exclude(pk=image.pk).order_by("id").first()
+    assert dataset.images_exact([other.pk]), "only the corrupted capture is wrong"
+
+    low = project.default_filters_score_threshold
+    assert incremental.flips(project.pk, low, low + 0.2) > 0
+    set_threshold = (
+        "UPDATE monitoring_project SET default_filters_score_threshold = %s WHERE id = %s"
+    )
+    _corrupt(set_threshold, [low + 0.2, project.pk])
+    assert not dataset.threshold_exact(project.pk)
+    _corrupt(set_threshold, [low, project.pk])
+    assert dataset.threshold_exact(project.pk)
+
+
+def test_an_interrupted_sample_still_undoes_its_write_and_drains():
+    """The section writes into the dataset itself: a sample that fails half-way (here, its
+    check) must still leave no detection, member or mark behind."""
+    call_command("seed_demo", scale=500, stdout=StringIO(), stderr=StringIO())
+    detections = Detection.objects.count()
+    big = incremental.largest_set()
+    pool = incremental.non_members(big.pk, 10, salt=1)
+
+    def broken_check(images):
+        raise RuntimeError("check failed")
+
+    case = incremental._bulk("bulk", "bulk", 20, pool, 5, broken_check)
+    with pytest.raises(RuntimeError, match="check failed"):
+        incremental.sample(case, 0)
+    assert Detection.objects.count() == detections
+    assert not DirtyMark.objects.exists()
+
+    Detection.objects.bulk_create(
+        Detection(source_image_id=i, score=incremental.SENTINEL) for i in pool[:3]
+    )
+    assert dataset.remove_bench_detections() == 3
+    assert Detection.objects.count() == detections and not DirtyMark.objects.exists()
 
 
 def test_report_labels_say_what_the_flatness_and_tail_figures_compute():
@@ -123,3 +230,36 @@ def test_report_labels_say_what_the_flatness_and_tail_figures_compute():
     (tail,) = [row for figure, row in by_figure.items() if "p99 (B) of 3 bursts" in figure]
     assert "median (A)" in tail[1] and "≈ the worst seen" in tail[1]
     assert tail[2:4] == ("0.25 s", "0.40 s")
+
+
+def test_incremental_rows_judge_the_drain_against_its_goal_and_flag_inexact_counts():
+    from bench.report import rows
+
+    def case(label, drain_ms, goal_ms, exact=True, **extra):
+        met = None if goal_ms is None else drain_ms <= goal_ms
+        return {"label": label, "drain_ms": drain_ms, "write_ms": 2.0, "goal_ms": goal_ms,
+                "met": met, "exact": exact, "drain_ms_per_row": drain_ms / 10, **extra}  # fmt: skip
+
+    results = {
+        "incremental": {
+            "repeats": 3,
+            "cases": {
+                "add_members": case("add", 12.0, 20),
+                "bulk_detections": case("bulk", 250.0, 20),
+                "one_detection": case("one", 1.0, 5, exact=False),
+                "threshold": case(
+                    "thr", 40.0, None, writer_goal_ms=10, flips=10, **{"from": 0.5, "to": 0.55}
+                ),
+                "per_row_10": case("k10", 30.0, None),
+            },
+            "per_row": [{"k": 10, "drain_ms": 30.0, "drain_ms_per_row": 3.0}],
+        }
+    }
+    got = {row[1].split(":")[0]: row for row in rows(results)}
+    assert got["add"][2:] == ("12.0 ms", "2.0 ms", "", "≤ 20 ms", "ok")
+    assert got["bulk"][-1] == "MISSED"
+    assert "(NOT EXACT)" in got["one"][1] and got["one"][-1] == "MISSED", "fast but wrong"
+    assert got["thr"][2] == "2.0 ms" and got["thr"][-2:] == ("≤ 10 ms", "ok"), "writer time"
+    (flip,) = [row for row in rows(results) if "per flip (B)" in row[1]]
+    assert flip[2:4] == ("40.0 ms", "4 ms") and "10 occurrences scored in [0.5, 0.55)" in flip[1]
+    assert got["k10"][2:4] == ("30.0 ms", "3 ms")

@@ -6,11 +6,16 @@ Five sections, each "A against B" on the same data in the same run (details in e
 2. ``bench.writes`` — bulk_create, single-row saves, M2M add: count triggers on vs. off;
 3. ``bench.recompute`` — 1,000 dirty sets: grouped drain vs. one recompute per set;
 4. ``bench.burst`` — 10,000 single-row writes with a real worker: messages, time to exact counts;
-5. ``bench.reconcile`` — full reconcile throughput over the dataset.
+5. ``bench.reconcile`` — full reconcile throughput over the dataset;
+6. ``bench.incremental`` — drain time after small writes to the dataset itself (issue #11), and
+   drain time per changed row, to compare across dataset sizes.
 
 It prints one table (medians over repeats, the machine's core count in the header), progress on
 stderr, and with ``--json PATH`` every figure and sample; a PNG plot of list latency against
 collection size goes to ``--plot`` (default ``bench/out/list_latency.png``).
+``--plot-scaling A.json B.json …`` measures nothing: it plots drain time per changed row against
+dataset size from the JSON of runs at different ``--scale`` (``--scaling-plot``, default
+``bench/out/drain_per_row.png``).
 
 **Which database.** Whatever ``DATABASE_URL`` names; use a dedicated one, e.g.
 ``DATABASE_URL=postgres://postgres@127.0.0.1:5432/countdown_bench``. A database with at least
@@ -24,13 +29,17 @@ so no sample pays for another's dead rows, whether autovacuum runs or not. Secti
 messages through ``REDIS_URL`` and runs a worker in this process; stop other workers on the same
 database and namespace while it runs.
 
-Defaults (``--scale 200000``) take about three minutes on two cores (plus ~20 s to seed the first
-time); ``--scale 1000000`` adds the 500k-image set and takes about eight (90 s of it seeding).
+Defaults (``--scale 200000``) take about five minutes on two cores (plus ~30 s to seed the first
+time), two of them the incremental section, nearly all of that today's drains (which recount
+whole sets) and the exactness checks; ``--scale 1000000`` adds the 500k-image set and took
+about eight minutes before the incremental section, which should add about six more there
+(estimated from today's drain times, not measured). Leave a section out with ``--sections``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import time
@@ -42,10 +51,11 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 from django.test import override_settings
 
-from bench import burst, dataset, listing, recompute, reconcile, report, writes
+from bench import burst, dataset, incremental, listing, recompute, reconcile, report, writes
 
-SECTIONS = ("list", "write", "recompute", "burst", "reconcile")
+SECTIONS = ("list", "write", "recompute", "burst", "incremental", "reconcile")
 DEFAULT_PLOT = Path(settings.BASE_DIR) / "bench" / "out" / "list_latency.png"
+DEFAULT_SCALING_PLOT = Path(settings.BASE_DIR) / "bench" / "out" / "drain_per_row.png"
 
 
 def _ints(raw: str) -> list[int]:
@@ -78,19 +88,32 @@ class Command(BaseCommand):
         add("--burst-sets", type=int, default=50, help="Capture sets the burst writes to")
         add("--burst-repeats", type=int, default=3, help="Bursts (p50/p99 over these)")
         add("--reconcile-repeats", type=int, default=1, help="Full reconcile passes")
+        add("--incr-repeats", type=int, default=5, help="Repeats of each incremental case")
+        add("--incr-singles", type=int, default=1_000, help="Single creates before one drain")
+        add("--incr-rows", default="10,100,1000", help="Detections per bulk_create, per-row case")
         add("--sections", default=",".join(SECTIONS), help="Subset of: " + ", ".join(SECTIONS))
         add("--json", dest="json_path", help="Write every figure and sample as JSON here")
         add("--plot", default=str(DEFAULT_PLOT), help="PNG of list latency ('' for none)")
+        add(
+            "--plot-scaling",
+            nargs="+",
+            metavar="JSON",
+            help="Measure nothing: plot drain ms per changed row against dataset size from"
+            " these runs' --json files",
+        )
+        add("--scaling-plot", default=str(DEFAULT_SCALING_PLOT), help="PNG of --plot-scaling")
 
     def log(self, message: str) -> None:
         self.stderr.write(f"[bench] {message}")
 
     def handle(self, *args, **o):
+        if o["plot_scaling"]:
+            return self.plot_scaling(o["plot_scaling"], o["scaling_plot"])
         sections = [s.strip() for s in o["sections"].split(",") if s.strip()]
         unknown = set(sections) - set(SECTIONS)
         if unknown:
             raise CommandError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-        if min(o["repeats"], o["burst_repeats"], o["reconcile_repeats"]) < 1:
+        if min(o["repeats"], o["burst_repeats"], o["reconcile_repeats"], o["incr_repeats"]) < 1:
             raise CommandError("repeats must be at least 1")
         started = time.perf_counter()
         # Query logging (DEBUG) would weigh on every statement measured; the numbers should be
@@ -148,11 +171,35 @@ class Command(BaseCommand):
                     sets, images, o["burst_writes"], o["burst_repeats"], self.log
                 )
                 self.tidy()
+            if "incremental" in sections:
+                results["incremental"] = incremental.measure(
+                    incremental.largest_set(),
+                    captures,
+                    o["incr_repeats"],
+                    o["incr_singles"],
+                    _ints(o["incr_rows"]),
+                    self.log,
+                )
         finally:
             self.tidy()
         if "reconcile" in sections:
             results["reconcile"] = reconcile.measure(o["reconcile_repeats"], self.log)
         return results
+
+    def plot_scaling(self, paths: list[str], out: str) -> None:
+        """Per-row drain figures of several runs, as a table and a PNG."""
+        runs = []
+        for path in paths:
+            try:
+                runs.append(json.loads(Path(path).read_text()))
+            except (OSError, ValueError) as exc:
+                raise CommandError(f"cannot read {path}: {exc}") from exc
+        missing = [p for p, r in zip(paths, runs, strict=True) if not r.get("incremental")]
+        if missing:
+            raise CommandError(f"no incremental section in {', '.join(missing)}")
+        self.stdout.write(report.scaling_table(runs))
+        report.plot_scaling(out, runs)
+        self.log(f"plot written to {out}")
 
     def tidy(self) -> None:
         """Remove the section's objects and their dead rows: each section measures the dataset
