@@ -9,6 +9,11 @@ the aggregate can never disagree with what the declaration says.
 Callers lock the target rows (``SELECT ... FOR NO KEY UPDATE`` in id order) in the same
 transaction before running it: the statement then reads a snapshot taken after the lock, so of
 two workers recomputing one row, the later writer always computed from the later snapshot.
+
+For counts kept incrementally (``counts.modes``) the value written is not the truth but
+``truth - pending - adjustment`` (:func:`_formula`): what keeps "stored + queued amounts =
+what the ledgers credited" true, so a recount, reconcile or "Recompute now" never consumes a
+mark, never waits for a drain, and never makes one count twice.
 """
 
 from __future__ import annotations

@@ -1,22 +1,31 @@
-"""Draining dirty marks: plan from marks, then lock, recompute and write in one transaction.
+"""Draining dirty marks: plan from marks, then lock, credit or recount, and write, in one
+transaction.
 
-The shape follows Django's deletion collector — record the work first, perform it after:
+The shape follows Django's deletion collector (record the work first, perform it after):
 
-1. take up to ``batch_size`` marks that are due with ``FOR UPDATE SKIP LOCKED`` (other
-   drainers take others), keep a prefix of them worth at most ``max_ids`` target ids, and
-   delete those;
-2. plan: ``{label: {ids}}``, expanding "every row" marks into chunked marks for later batches;
-3. for each target model in label order, lock the rows nobody else holds (``SKIP LOCKED``, in
-   id order), recompute and write them; a row someone holds gets a new mark, due a little
-   later (``not_before``), instead of holding up the rest of the batch.
+1. **take** up to ``batch_size`` marks that are due, ``FOR UPDATE SKIP LOCKED`` (other drainers
+   take others), keep a prefix worth at most ``max_ids`` ids, and delete it;
+2. **plan**: delta marks add up into credits per (model, column, row); recount marks (and
+   marks of counts kept in full, resolved to rows here, ``counts.routes``) become rows to
+   recount; item marks become items to recompute; "every row" marks expand into chunked marks
+   for later batches;
+3. **items**, per kind: lock each item without waiting, read its truth in a later statement,
+   credit the difference from its ledger and write the ledger (``counts.items``, where the
+   correctness argument is); items someone holds are marked again, due a little later;
+4. **targets**, per model in label order: lock the rows nobody else holds (``FOR NO KEY UPDATE
+   SKIP LOCKED``, id order); recount the rows marked for it with the formula
+   ``truth - pending - adjustment`` (``counts.aggregate``: it absorbs this batch's credits to
+   them, which are not added on top); add the credits to the others in one statement
+   (``counts.applying``); queue both again, due a little later, for rows someone holds.
 
-All of it commits together. A crash before commit rolls the deletes back, so no mark is lost;
-a mark is consumed only by a committed recompute whose snapshot is newer than the mark, or
-replaced by a deferred mark for the same row in the same transaction. A drain never waits on
-a row lock, so one busy row cannot stall its model and a drain cannot deadlock with a writer.
+All of it commits together. A crash before commit rolls the deletes back, so no mark is lost.
+Every amount is, in every snapshot, either in the queue or in its row, never both: the
+transaction that deletes a delta mark adds it to the row or queues it again. A drain never
+waits on a row lock, so one busy row cannot stall its model and a drain cannot deadlock with a
+writer or another drain; the order of acquisition is marks, items, targets (by label, by id).
 
-Every recompute runs in :func:`engine_transaction`, under the engine's setting: the only
-writes to cached columns the guard triggers let through.
+Every write runs in :func:`engine_transaction`, under the engine's setting: the only writes to
+cached columns the guard triggers let through.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ EXPAND_CHUNK = 2000
 BATCH_SIZE = 500
 #: Target ids one drain transaction recomputes, by default (a single larger mark is taken whole).
 MAX_IDS = 5000
+#: How soon items another drain holds are tried again (it finishes within a batch's time).
+BUSY_RETRY_MS = 200
 #: Milliseconds a drain waits for a lock ``SKIP LOCKED`` cannot skip (a table lock), by default.
 LOCK_TIMEOUT_MS = 10_000
 
@@ -207,7 +218,8 @@ def drain(
             result.targets[kind] = done.locked
             result.changed[kind] = done.changed
             if done.held:
-                defer(cursor, kind, done.held)
+                # Another drain has these items: it finishes within a batch's time.
+                defer(cursor, kind, done.held, retry_ms=BUSY_RETRY_MS)
                 result.deferred[kind] = len(done.held)
         _write_targets(cursor, plan, result, using)
     result.ms = (time.perf_counter() - started) * 1000

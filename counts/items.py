@@ -371,17 +371,30 @@ def targets_of(cursor, kind: ItemKind, ids: list[int]) -> dict[str, set[int]]:
     return out
 
 
-def fill_ledgers(kind: ItemKind, keys: list[str], using: str = "default", chunk: int = 1000) -> int:
+def fill_ledgers(
+    kind: ItemKind,
+    keys: list[str],
+    using: str = "default",
+    chunk: int = 1000,
+    dry_run: bool = False,
+    progress=None,
+) -> tuple[int, int]:
     """Set the ledger entries ``keys`` of every item of ``kind`` to the items' truth, without
-    crediting anything: what a count's backfill does before recounting its targets (which then
-    store the truth, so invariant I holds for the new count from the start).
+    crediting anything. Returns (items checked, items whose ledger differed).
+
+    A backfill does it before recounting its targets, so the new count's ledgers and stored
+    values agree from the start; reconcile does it (the *ledger audit*) before auditing
+    targets, which repairs ledgers that writes the triggers could not see left behind: had the
+    targets been repaired first, the next change to such an item would credit the old drift
+    again. Either way the targets are recounted afterwards, by the formula, which is what
+    makes writing a ledger without a credit consistent again.
 
     Chunk by chunk, each chunk in its own transaction under the items' locks (taken waiting,
-    in id order: drains never wait on these locks, so no deadlock). Returns items written.
+    in id order: drains never wait on these locks, so no deadlock).
     """
     from django.db import connections, transaction
 
-    written, last = 0, 0
+    checked, differed, last = 0, 0, 0
     keys_sql = "ARRAY[" + ", ".join(literal(k) for k in keys) + "]::text[]"
     kind_sql = literal(kind.mark_target)
     t = kind.table
@@ -394,29 +407,40 @@ def fill_ledgers(kind: ItemKind, keys: list[str], using: str = "default", chunk:
             )
             ids = [row[0] for row in cursor.fetchall()]
             if not ids:
-                return written
-            cursor.execute(
-                "SELECT count(pg_advisory_xact_lock("
-                f"{kind.lock_class}, (mod(id, 4294967296) - 2147483648)::int))"
-                " FROM unnest(%s::bigint[]) id",
-                [ids],
-            )
+                return checked, differed
+            if not dry_run:
+                cursor.execute(
+                    "SELECT count(pg_advisory_xact_lock("
+                    f"{kind.lock_class}, (mod(id, 4294967296) - 2147483648)::int))"
+                    " FROM unnest(%s::bigint[]) id",
+                    [ids],
+                )
             truth = truth_sql(kind, "(SELECT unnest(%s::bigint[]) AS id)")
-            cursor.execute(
+            fresh = (
                 f"WITH truth AS ({truth}),"
-                f" fresh AS (SELECT t.id, coalesce(l.state - {keys_sql}, '{{}}')"
+                f" fresh AS (SELECT t.id, l.state AS old, coalesce(l.state - {keys_sql}, '{{}}')"
                 f"  || (SELECT coalesce(jsonb_object_agg(k, v), '{{}}') FROM jsonb_each(t.state)"
                 f"  kv(k, v) WHERE k = ANY({keys_sql})) AS state FROM truth t"
                 f"  LEFT JOIN {LEDGER_TABLE} l ON l.kind = {kind_sql} AND l.item_id = t.id),"
-                f" kept AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
-                f"  SELECT {kind_sql}, id, state FROM fresh WHERE state <> '{{}}'"
-                f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state RETURNING 1)"
-                f" DELETE FROM {LEDGER_TABLE} l USING fresh f WHERE l.kind = {kind_sql}"
-                f" AND l.item_id = f.id AND f.state = '{{}}'",
-                [ids],
+                f" changed AS (SELECT * FROM fresh WHERE coalesce(old, '{{}}') <> state)"
             )
-            written += len(ids)
+            if dry_run:
+                cursor.execute(f"{fresh} SELECT count(*) FROM changed", [ids])
+            else:
+                cursor.execute(
+                    f"{fresh}, kept AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
+                    f"  SELECT {kind_sql}, id, state FROM changed WHERE state <> '{{}}'"
+                    f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state),"
+                    f" gone AS (DELETE FROM {LEDGER_TABLE} l USING changed c"
+                    f"  WHERE l.kind = {kind_sql} AND l.item_id = c.id AND c.state = '{{}}')"
+                    " SELECT count(*) FROM changed",
+                    [ids],
+                )
+            differed += cursor.fetchone()[0]
+            checked += len(ids)
             last = ids[-1]
+            if progress:
+                progress(kind.mark_target, checked)
 
 
 def preview(cursor, kind: ItemKind, ids: list[int], credits) -> None:

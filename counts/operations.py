@@ -146,7 +146,7 @@ class BackfillCounts(Operation):
         """Data only."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        from counts.items import fill_ledgers, kinds_feeding, mark_every_item
+        from counts.items import kinds_feeding, mark_every_item
         from counts.marks import mark_all
         from counts.reconciling import reconcile
 
@@ -160,11 +160,8 @@ class BackfillCounts(Operation):
             if label not in graph().targets:
                 continue  # the count was removed later: nothing to fill
             if computable(label, to_state):
-                # Item counts: ledgers first, so the recount that follows stores the truth
-                # and what the ledgers say was credited agree from the start.
-                for kind in kinds_feeding(graph(), label):
-                    keys = [p.key for p in kind.parts_for(label)]
-                    fill_ledgers(kind, keys, using=alias, chunk=self.chunk)
+                # Item counts: reconcile fills their ledgers from the truth first, so the
+                # recount that follows and what the ledgers say was credited agree.
                 reconcile(model=label, chunk=self.chunk, using=alias)
             else:
                 mark_all(label, using=alias)

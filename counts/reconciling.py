@@ -98,10 +98,30 @@ def reconcile(
     """
     started = time.perf_counter()
     report = ReconcileReport(dry_run=dry_run)
-    for label in _labels(model):
+    labels = _labels(model)
+    # Ledgers first: a target repaired while an item's ledger still drifts would drift again
+    # at the item's next change.
+    for kind, keys in _ledger_keys(labels).items():
+        ledger = ModelReport(kind.mark_target)
+        ledger.checked, ledger.drifted_rows = fill_ledgers(
+            kind, keys, using=using, chunk=chunk, dry_run=dry_run, progress=progress
+        )
+        if ledger.drifted_rows:
+            ledger.drift["ledger"] = ledger.drifted_rows
+        report.models[kind.mark_target] = ledger
+    for label in labels:
         report.models[label] = _reconcile_model(label, dry_run, chunk, progress, using)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _ledger_keys(labels: list[str]) -> dict:
+    """``{item kind: ledger keys}`` of the item counts on ``labels``."""
+    found: dict = {}
+    for label in labels:
+        for kind in kinds_feeding(graph(), label):
+            found.setdefault(kind, []).extend(p.key for p in kind.parts_for(label))
+    return found
 
 
 def _reconcile_model(label: str, dry_run: bool, chunk: int, progress, using: str) -> ModelReport:
@@ -164,17 +184,13 @@ def rebuild(
     # Item kinds whose every count is rebuilt here: their ledgers are refilled from the truth,
     # so their item marks are covered too. (A kind feeding other models as well keeps its
     # marks; the recount's formula accounts for them.)
-    kinds = {}
-    for label in labels:
-        for kind in kinds_feeding(graph(), label):
-            kinds[kind.mark_target] = kind
-    whole = [k for k, kind in kinds.items() if {p.label for p in kind.parts} <= set(labels)]
+    kinds = _ledger_keys(labels)
+    whole = [k.mark_target for k in kinds if {p.label for p in k.parts} <= set(labels)]
     with connections[using].cursor() as cursor:
         cursor.execute(f"SELECT id FROM {MARK_TABLE} WHERE target = ANY(%s)", [labels + whole])
         covered = [row[0] for row in cursor.fetchall()]
     started = time.perf_counter()
-    for kind in kinds.values():
-        keys = [p.key for p in kind.parts if p.label in labels]
+    for kind, keys in kinds.items():
         fill_ledgers(kind, keys, using=using, chunk=chunk)
     # Amounts still queued for these rows are part of the truth the recount reads: drop them
     # first, or the recount would subtract them as pending and nothing would add them back.

@@ -23,7 +23,7 @@ import counts
 from counts.apps import graph
 from counts.draining import drain
 from counts.items import item_kinds
-from counts.marks import pending_summary
+from counts.marks import LOCKED_RETRY_MS, pending_summary
 from counts.signals import reconciled
 from workers import debounce, metrics
 from workers.encoding import DEAD_LETTER_ACTOR
@@ -53,6 +53,10 @@ class _dead_letter_on_malformed:
         if exc_type is not None and issubclass(exc_type, MalformedMessage):
             logger.error("dead-lettering malformed message: %s", exc)
         return False
+
+
+#: When to come back for deferred work: just after the longest a deferred mark waits.
+DEFERRED_RETRY_MS = LOCKED_RETRY_MS + 100
 
 
 def _known_label(label) -> str:
@@ -87,11 +91,17 @@ def _redis_quietly(action, *args, **kwargs) -> None:
 
 
 def _drain(label: str):
-    return drain(
+    result = drain(
         batch_size=settings.COUNTS_DRAIN_BATCH,
         targets=[label],
         lock_timeout_ms=settings.COUNTS_LOCK_TIMEOUT_MS,
     )
+    # Work put back for later (an item another drain holds, amounts for a row someone
+    # holds) may be for other labels than this one: ask for a drain once it is due, or it
+    # would wait for the sweep.
+    for other, _rows in sorted(result.deferred.items()):
+        _redis_quietly(debounce.request, [other], delay_ms=DEFERRED_RETRY_MS, force=True)
+    return result
 
 
 def drain_label(label: str, *, fan_out: bool) -> int:
