@@ -117,8 +117,10 @@ def test_update_triggers_compare_only_columns_a_count_reads():
 def test_write_watcher_notices_writes_to_watched_tables_only():
     watcher = WriteWatcher.for_graph(graph())
     book, shelf, tag = f"{APP}.book", f"{APP}.shelf", f"{APP}.tag"
-    assert watcher.targets_of('INSERT INTO "counts_testapp_review" ...') == {book, tag}
-    assert watcher.targets_of(f'DELETE FROM "{THROUGH}" WHERE ...') == {book, tag}
+    # A review: its book's own count, and its book as an item (the tags' rated books).
+    books = f"item:{APP}.book"
+    assert watcher.targets_of('INSERT INTO "counts_testapp_review" ...') == {book, books}
+    assert watcher.targets_of(f'DELETE FROM "{THROUGH}" WHERE ...') == {book, tag, books}
     assert watcher.targets_of('SELECT * FROM "counts_testapp_review"') == frozenset()
     assert watcher.targets_of('UPDATE "counts_testapp_author" SET name = 1') == frozenset()
     assert watcher.targets_of("WITH x AS (SELECT 1) UPDATE counts_testapp_library SET a = 1") == {

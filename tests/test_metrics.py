@@ -74,7 +74,7 @@ def test_metrics_report_drains_messages_pending_marks_and_drift(client, marks):
     assert value(drained, "countdown_dead_letters", queue="counts") == 0
     assert total(drained, "countdown_pending_marks") == 0
 
-    Detection.objects.create(source_image=world.i3, bbox=None)  # no worker running now
+    Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])  # no worker running now
     waiting = scrape(client)
     assert value(waiting, "countdown_pending_marks", model=S) == 1
     assert value(waiting, "countdown_pending_oldest_seconds", model=S) >= 0

@@ -135,12 +135,16 @@ def test_one_statement_writes_one_mark_per_count_and_per_item_kind(compiled):
         assert body.count(f"INSERT INTO {MARK_TABLE}") <= 3, t.name
 
 
-def test_full_counts_still_climb_to_their_targets(compiled):
+def test_full_counts_mark_link_values_the_drain_resolves(compiled):
     """Occurrence counts (a threshold reached by F(), distinct taxa) are recounted: a changed
-    occurrence marks its station and night directly from its own columns."""
+    occurrence marks its station and night directly from its own columns; a threshold change
+    marks only the project, with the route the drain walks to its stations and nights."""
     sql = by_key(compiled)[("monitoring_occurrence", "insert")]
-    assert 'array_agg(DISTINCT src."deployment_id")' in sql
-    assert 'array_agg(DISTINCT src."event_id")' in sql
+    assert "'monitoring.deployment' AS target, NULL::text AS field, src.\"deployment_id\"" in sql
+    assert "'monitoring.event' AS target, NULL::text AS field, src.\"event_id\"" in sql
+    project = by_key(compiled)[("monitoring_project", "update")].split("$counts$")[1]
+    assert re.findall(r"'via:[0-9a-f]{12}'", project)
+    assert 'monitoring_deployment"' not in project and 'monitoring_occurrence"' not in project
 
 
 def test_compilation_is_pure_and_deterministic(compiled):
