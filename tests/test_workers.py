@@ -275,6 +275,7 @@ def test_worker_killed_mid_batch_loses_no_mark_and_counts_converge_after_restart
         worker = wh.start_rundramatiq(env, tmp_path / "worker2.log")
         with override_settings(COUNTS_DRAINING_TTL_MS=1000):
             wh.wait_until(lambda: sweep() or not DirtyMark.objects.exists(), timeout=30)
+
         # The killed worker's messages stay unacknowledged until the broker's heartbeat timeout
         # hands them to a live worker; the counts must not wait for that. The scheduler sweeps
         # every few seconds: each model (or item kind) left waiting gets a message of its own.
