@@ -331,7 +331,8 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
         f" jsonb_each(l.state) kv, jsonb_array_elements_text(kv.value - 0) t"
     )
     sums = ", ".join(
-        f"sum(e.v) FILTER (WHERE e.key = {literal(p.key)}) AS a{n}_{i}" for i, p in enumerate(parts)
+        f"(sum(e.v) FILTER (WHERE e.key = {literal(p.key)}))::bigint AS a{n}_{i}"
+        for i, p in enumerate(parts)
     )
     sql = f"SELECT e.t AS pk, {sums} FROM ({entries}) e WHERE e.t = ANY(%s::bigint[]) GROUP BY e.t"
     # The candidate list appears twice (truth and ledger), each binding the ids per link.

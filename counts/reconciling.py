@@ -45,6 +45,8 @@ class ModelReport:
 class ReconcileReport:
     dry_run: bool
     models: dict[str, ModelReport] = field(default_factory=dict)
+    #: The ledger audit, per item kind: items whose ledger differed from their truth.
+    ledgers: dict[str, ModelReport] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -62,6 +64,7 @@ class ReconcileReport:
             "drifted_rows": self.drifted_rows,
             "seconds": round(self.seconds, 3),
             "models": {k: v.as_dict() for k, v in self.models.items()},
+            "ledgers": {k: v.as_dict() for k, v in self.ledgers.items()},
         }
 
 
@@ -104,11 +107,11 @@ def reconcile(
     for kind, keys in _ledger_keys(labels).items():
         ledger = ModelReport(kind.mark_target)
         ledger.checked, ledger.drifted_rows = fill_ledgers(
-            kind, keys, using=using, chunk=chunk, dry_run=dry_run, progress=progress
+            kind, keys, using=using, chunk=chunk, dry_run=dry_run
         )
         if ledger.drifted_rows:
             ledger.drift["ledger"] = ledger.drifted_rows
-        report.models[kind.mark_target] = ledger
+        report.ledgers[kind.mark_target] = ledger
     for label in labels:
         report.models[label] = _reconcile_model(label, dry_run, chunk, progress, using)
     report.seconds = time.perf_counter() - started

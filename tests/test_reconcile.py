@@ -19,7 +19,7 @@ from django.db import connection
 import counts
 from counts.errors import UnknownTargetError
 from project.monitoring.models import Detection, SourceImage
-from tests.truth import assert_all_counts_exact, cached, mismatches, triggers_off
+from tests.truth import assert_all_counts_exact, cached, drain_all, mismatches, triggers_off
 
 D, E, S, C = (
     "monitoring.deployment",
@@ -115,6 +115,27 @@ def test_reconcile_repairs_by_default_and_then_finds_nothing(drifted):
     assert_all_counts_exact()
     again = counts.reconcile()
     assert again.drifted_rows == 0 and again.checked == report.checked
+
+
+def test_ledger_drift_is_found_and_repaired_before_the_targets(world, marks):
+    """A detection written with the triggers off: the capture's ledger no longer matches it.
+    Reconcile repairs the ledger first, so the next ordinary change to that capture credits
+    only itself, and the counts stay exact after it."""
+    with triggers_off() as cursor:
+        cursor.execute(
+            "INSERT INTO monitoring_detection (source_image_id, bbox, created_at, updated_at)"
+            " VALUES (%s, '[1, 2, 3, 4]', now(), now())",
+            [world.i3.pk],
+        )
+    dry = counts.reconcile(dry_run=True)
+    assert dry.ledgers["item:monitoring.sourceimage"].drifted_rows == 1
+    report = counts.reconcile()
+    assert report.ledgers["item:monitoring.sourceimage"].drifted_rows == 1
+    assert_all_counts_exact()
+    Detection.objects.create(source_image=world.i3, bbox=[5, 6, 7, 8])
+    drain_all()
+    assert_all_counts_exact()
+    assert counts.reconcile(dry_run=True).ledgers["item:monitoring.sourceimage"].drifted_rows == 0
 
 
 def test_a_hand_corrupted_cached_column_is_repaired(world, marks):

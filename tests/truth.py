@@ -138,12 +138,13 @@ def assert_all_counts_exact(conn=connection, truths=None, labels=None) -> None:
     assert not wrong, f"{len(wrong)} cached counts differ from the truth:\n" + "\n".join(wrong)
 
 
-def drain_all(limit: int = 1000, **kwargs) -> list:
+def drain_all(limit: int = 1000, patience: float = 5.0, **kwargs) -> list:
     """Call ``counts.drain()`` until it finds no mark; returns every non-empty result.
 
-    ``limit`` guards against a drain that never empties the queue (which is itself a bug).
+    Marks put back for later (an item or row someone held) are waited for, up to ``patience``
+    seconds. ``limit`` guards against a drain that never empties the queue (itself a bug).
     """
-    results, patience = [], time.monotonic() + 5
+    results, patience = [], time.monotonic() + patience
     for _ in range(limit):
         result = counts.drain(**kwargs)
         if result.empty:
