@@ -11,8 +11,9 @@ means nothing was credited, so captures outside every set with no detections cos
 
 To recompute items, a drain (:func:`recompute`):
 
-1. takes a transaction-scoped advisory lock per item, without waiting (``pg_try_…``); items
-   another drain holds get a new item mark, due a little later;
+1. locks each item's ledger row (``FOR UPDATE SKIP LOCKED``; an empty row is inserted first
+   for a new item, so there is one to lock); items another drain holds get a new item mark,
+   due a little later;
 2. in one *later* statement — a fresh READ COMMITTED snapshot, which sees every write whose
    item mark it took, and the ledger the previous holder of the lock committed — reads each
    item's truth from the base tables, compares it with the ledger, and writes the new ledger;
@@ -28,8 +29,9 @@ Why this is exact under concurrency (the correctness argument, in full):
   ``stored(T) + pending deltas(T) = Σ_i contribution_T(ledger_i)``. A writer changes neither
   side. A drain writes a ledger and, in the same transaction, the credit for the difference
   (applied to T under T's row lock, or queued as a delta mark). Two drains never write one
-  ledger at once (the item lock), and the second reads the first's committed ledger, because
-  its statement starts after it got the lock, which the first released only after committing.
+  ledger at once (the ledger row lock), and the second reads the first's committed ledger:
+  ``FOR UPDATE`` returns the newest committed version, and its truth-reading statement starts
+  after it got the lock, which the first released only by committing.
 - *Invariant J.* An item with no item mark visible in state S has ``ledger_i = truth_i(S)``:
   the last change to it is visible with its mark; a mark disappears only when a drain that
   held the item's lock read the truth in a snapshot taken after the mark (and so after the
@@ -49,7 +51,6 @@ The full recount (``counts.aggregate``) keeps I true without consuming marks; se
 from __future__ import annotations
 
 import json
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -84,11 +85,6 @@ class ItemKind:
     @property
     def mark_target(self) -> str:
         return ITEM_PREFIX + self.table.label
-
-    @property
-    def lock_class(self) -> int:
-        """The advisory-lock class of this kind's items (a stable signed 32-bit number)."""
-        return zlib.crc32(self.mark_target.encode()) - 2**31
 
     def parts_for(self, label: str) -> tuple[Part, ...]:
         return tuple(p for p in self.parts if p.label == label)
@@ -203,20 +199,35 @@ def recompute_sql(kind: ItemKind) -> str:
         f" kept AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
         f"  SELECT {kind_sql}, id, new FROM changed WHERE new <> '{{}}'"
         f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state),"
-        f" dropped AS (DELETE FROM {LEDGER_TABLE} l USING changed c"
-        f"  WHERE l.kind = {kind_sql} AND l.item_id = c.id AND c.new = '{{}}'"
+        f" dropped AS (DELETE FROM {LEDGER_TABLE} l USING truth t"
+        f"  WHERE l.kind = {kind_sql} AND l.item_id = t.id AND t.state = '{{}}'"
         f"  AND l.item_id = ANY(%s::bigint[]))"
         f" SELECT id, old, new FROM changed"
     )
 
 
-def _lock_sql(kind: ItemKind) -> str:
-    # Two 32-bit keys: the kind, and the id folded into 32 bits. Ids that fold together share
-    # a lock, which costs a retry, never exactness.
-    return (
-        "SELECT id FROM unnest(%s::bigint[]) id WHERE pg_try_advisory_xact_lock("
-        f"{kind.lock_class}, (mod(id, 4294967296) - 2147483648)::int)"
+def lock_items(cursor, kind: ItemKind, ids: list[int], wait: bool = False) -> list[int]:
+    """Lock the ledger rows of ``ids`` (creating empty ones for new items); returns the ids
+    locked, in order. Without ``wait``, rows another drain holds are left out.
+
+    Row locks live in the rows, not in the shared lock table, so a batch may lock thousands of
+    items. An empty row for a new item is inserted first so that there is a row to lock: two
+    drains inserting the same new item meet on its key, and the second waits until the first
+    ends (bounded by a batch; ids go in order, so two drains cannot wait on each other).
+    """
+    kind_sql = literal(kind.mark_target)
+    cursor.execute(
+        f"INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
+        f" SELECT {kind_sql}, id, '{{}}' FROM unnest(%s::bigint[]) id ORDER BY id"
+        " ON CONFLICT (kind, item_id) DO NOTHING",
+        [ids],
     )
+    cursor.execute(
+        f"SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {kind_sql} AND item_id = ANY(%s)"
+        f" ORDER BY item_id FOR UPDATE{'' if wait else ' SKIP LOCKED'}",
+        [ids],
+    )
+    return [row[0] for row in cursor.fetchall()]
 
 
 @dataclass
@@ -233,8 +244,7 @@ def recompute(cursor, kind: ItemKind, ids: list[int], credits) -> ItemResult:
     again). Must run inside the drain's transaction.
     """
     ids = sorted(set(ids))
-    cursor.execute(_lock_sql(kind), [ids])
-    locked = sorted(row[0] for row in cursor.fetchall())
+    locked = lock_items(cursor, kind, ids)
     held = sorted(set(ids) - set(locked))
     result = ItemResult(locked=len(locked), held=held)
     if not locked:
@@ -410,12 +420,7 @@ def fill_ledgers(
             if not ids:
                 return checked, differed
             if not dry_run:
-                cursor.execute(
-                    "SELECT count(pg_advisory_xact_lock("
-                    f"{kind.lock_class}, (mod(id, 4294967296) - 2147483648)::int))"
-                    " FROM unnest(%s::bigint[]) id",
-                    [ids],
-                )
+                lock_items(cursor, kind, ids, wait=True)
             truth = truth_sql(kind, "(SELECT unnest(%s::bigint[]) AS id)")
             fresh = (
                 f"WITH truth AS ({truth}),"
@@ -432,8 +437,8 @@ def fill_ledgers(
                     f"{fresh}, kept AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
                     f"  SELECT {kind_sql}, id, state FROM changed WHERE state <> '{{}}'"
                     f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state),"
-                    f" gone AS (DELETE FROM {LEDGER_TABLE} l USING changed c"
-                    f"  WHERE l.kind = {kind_sql} AND l.item_id = c.id AND c.state = '{{}}')"
+                    f" gone AS (DELETE FROM {LEDGER_TABLE} l USING fresh f"
+                    f"  WHERE l.kind = {kind_sql} AND l.item_id = f.id AND f.state = '{{}}')"
                     " SELECT count(*) FROM changed",
                     [ids],
                 )

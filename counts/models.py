@@ -48,7 +48,7 @@ class Ledger(models.Model):
     """What each item's contribution was credited as, per count (``counts.items``).
 
     ``state`` is ``{"<ledger key>": [amount, target id, ...]}``; no row means nothing was
-    credited. Written only by drains, under the item's advisory lock.
+    credited. Written only by drains (and reconcile's ledger audit), under the row's lock.
     """
 
     pk = models.CompositePrimaryKey("kind", "item_id")
