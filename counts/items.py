@@ -186,13 +186,13 @@ def truth_sql(kind: ItemKind, items: str) -> str:
 
 def recompute_sql(kind: ItemKind) -> str:
     """Read the locked items' truth, write their ledgers, return ``(id, old, new)`` of those
-    whose ledger changed. Parameters: the ids, three times."""
+    whose ledger changed. Parameters: the ids, twice."""
     truth = truth_sql(kind, "(SELECT DISTINCT unnest(%s::bigint[]) AS id)")
     kind_sql = literal(kind.mark_target)
     return (
         f"WITH truth AS ({truth}),"
-        f" old AS (SELECT item_id, state FROM {LEDGER_TABLE}"
-        f"  WHERE kind = {kind_sql} AND item_id = ANY(%s::bigint[])),"
+        f" old AS (SELECT l.item_id, l.state FROM unnest(%s::bigint[]) i(id)"
+        f"  JOIN {LEDGER_TABLE} l ON l.kind = {kind_sql} AND l.item_id = i.id),"
         f" changed AS (SELECT t.id, o.state AS old, t.state AS new FROM truth t"
         f"  LEFT JOIN old o ON o.item_id = t.id"
         f"  WHERE coalesce(o.state, '{{}}') IS DISTINCT FROM t.state),"
@@ -200,8 +200,7 @@ def recompute_sql(kind: ItemKind) -> str:
         f"  SELECT {kind_sql}, id, new FROM changed WHERE new <> '{{}}'"
         f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state),"
         f" dropped AS (DELETE FROM {LEDGER_TABLE} l USING truth t"
-        f"  WHERE l.kind = {kind_sql} AND l.item_id = t.id AND t.state = '{{}}'"
-        f"  AND l.item_id = ANY(%s::bigint[]))"
+        f"  WHERE l.kind = {kind_sql} AND l.item_id = t.id AND t.state = '{{}}')"
         f" SELECT id, old, new FROM changed"
     )
 
@@ -223,8 +222,9 @@ def lock_items(cursor, kind: ItemKind, ids: list[int], wait: bool = False) -> li
         [ids],
     )
     cursor.execute(
-        f"SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {kind_sql} AND item_id = ANY(%s)"
-        f" ORDER BY item_id FOR UPDATE{'' if wait else ' SKIP LOCKED'}",
+        f"SELECT l.item_id FROM unnest(%s::bigint[]) i(id) JOIN {LEDGER_TABLE} l"
+        f" ON l.kind = {kind_sql} AND l.item_id = i.id"
+        f" ORDER BY l.item_id FOR UPDATE OF l{'' if wait else ' SKIP LOCKED'}",
         [ids],
     )
     return [row[0] for row in cursor.fetchall()]
@@ -249,7 +249,7 @@ def recompute(cursor, kind: ItemKind, ids: list[int], credits) -> ItemResult:
     result = ItemResult(locked=len(locked), held=held)
     if not locked:
         return result
-    cursor.execute(recompute_sql(kind), [locked, locked, locked])
+    cursor.execute(recompute_sql(kind), [locked, locked])
     by_key = {p.key: p for p in kind.parts}
     for _item, old, new in cursor.fetchall():
         result.changed += 1
@@ -356,10 +356,10 @@ def targets_of(cursor, kind: ItemKind, ids: list[int]) -> dict[str, set[int]]:
     if not ids:
         return out
     cursor.execute(
-        f"SELECT kv.key, t::bigint FROM {LEDGER_TABLE} l, jsonb_each(l.state) kv,"
-        f" jsonb_array_elements_text(kv.value - 0) t"
-        f" WHERE l.kind = %s AND l.item_id = ANY(%s)",
-        [kind.mark_target, ids],
+        f"SELECT kv.key, t::bigint FROM unnest(%s::bigint[]) i(id) JOIN {LEDGER_TABLE} l"
+        " ON l.kind = %s AND l.item_id = i.id, jsonb_each(l.state) kv,"
+        " jsonb_array_elements_text(kv.value - 0) t",
+        [ids, kind.mark_target],
     )
     by_key = {p.key: p for p in kind.parts}
     for key, target in cursor.fetchall():
@@ -418,6 +418,8 @@ def fill_ledgers(
             )
             ids = [row[0] for row in cursor.fetchall()]
             if not ids:
+                if not dry_run and differed:
+                    cursor.execute(f"ANALYZE {LEDGER_TABLE}")  # a new table's first statistics
                 return checked, differed
             if not dry_run:
                 lock_items(cursor, kind, ids, wait=True)
