@@ -56,3 +56,28 @@ def defer_credits(
             " VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))",
             [label, column, ids, [per_id[i] for i in ids], retry_ms / 1000],
         )
+
+
+def lock_and_apply(cursor, statement, amounts: dict[tuple[str, int], int]) -> set[int]:
+    """Lock the free rows among ``amounts``' (``FOR NO KEY UPDATE SKIP LOCKED``, id order) and
+    add their amounts, in one statement; returns the ids written. A drain that only adds
+    amounts to a model (the common case) thus costs one round trip for it."""
+    columns = _by_column(amounts)
+    if not columns:
+        return set()
+    ids = sorted({target_id for per_column in columns.values() for target_id in per_column})
+    names = sorted(columns)
+    arrays = [[columns[c].get(target_id, 0) for target_id in ids] for c in names]
+    sets = ", ".join(f"{q(c)} = t.{q(c)} + d.{q(c)}" for c in names)
+    unnest = ", ".join(["%s::bigint[]"] + ["%s::int[]"] * len(names))
+    aliases = ", ".join(["id"] + [q(c) for c in names])
+    pk, table = q(statement.pk), q(statement.table)
+    cursor.execute(
+        f"WITH locked AS (SELECT {pk} AS pk FROM {table} WHERE {pk} = ANY(%s::bigint[])"
+        f" ORDER BY {pk} FOR NO KEY UPDATE SKIP LOCKED)"
+        f" UPDATE {table} t SET {sets}, {q(FRESHNESS_FIELD)} = statement_timestamp()"
+        f" FROM unnest({unnest}) AS d({aliases}) JOIN locked ON locked.pk = d.id"
+        f" WHERE t.{pk} = d.id RETURNING t.{pk}",
+        [ids, ids, *arrays],
+    )
+    return {row[0] for row in cursor.fetchall()}

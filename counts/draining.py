@@ -91,7 +91,9 @@ class DrainResult:
 
 
 @contextlib.contextmanager
-def engine_transaction(using: str = "default", lock_timeout_ms: int | None = None):
+def engine_transaction(
+    using: str = "default", lock_timeout_ms: int | None = None, lazy: bool = False
+):
     """One recompute transaction (or savepoint): yields a cursor with the engine's settings.
 
     The engine's setting lets this block, and nothing else, write cached columns (the guard
@@ -105,17 +107,30 @@ def engine_transaction(using: str = "default", lock_timeout_ms: int | None = Non
     (about 135 ms for 500 capture sets) costs more than running it. The lock timeout, when
     given, bounds the wait for a lock that ``SKIP LOCKED`` cannot skip (a table lock taken by a
     migration or a ``LOCK TABLE``).
+
+    ``lazy``: the settings are applied by ``cursor.engine_on()``, once there is something to
+    write; a drain that finds no mark then costs one query and a commit.
     """
     timeout = "0" if lock_timeout_ms is None else f"{lock_timeout_ms}ms"
     with transaction.atomic(using=using), quiet(using):
         cursor = connections[using].cursor()
-        cursor.execute(
-            "SELECT set_config(%s, 'on', true), set_config('jit', 'off', true),"
-            " set_config('lock_timeout', %s, true)",
-            [ENGINE_SETTING, timeout],
-        )
+        on = []
+
+        def engine_on() -> None:
+            if not on:
+                cursor.execute(
+                    "SELECT set_config(%s, 'on', true), set_config('jit', 'off', true),"
+                    " set_config('lock_timeout', %s, true)",
+                    [ENGINE_SETTING, timeout],
+                )
+                on.append(True)
+
+        cursor.engine_on = engine_on
+        if not lazy:
+            engine_on()
         yield cursor
-        cursor.execute("SELECT set_config(%s, 'off', true)", [ENGINE_SETTING])
+        if on:
+            cursor.execute("SELECT set_config(%s, 'off', true)", [ENGINE_SETTING])
 
 
 def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
@@ -209,9 +224,11 @@ def drain(
     started = time.perf_counter()
     result = DrainResult()
     kinds = item_kinds(graph())
-    with engine_transaction(using, lock_timeout_ms) as cursor:
+    with engine_transaction(using, lock_timeout_ms, lazy=True) as cursor:
         taken = _take(cursor, batch_size, max_ids, targets)
         result.marks = len(taken)
+        if taken:
+            cursor.engine_on()
         plan = _plan(cursor, taken, result)
         for kind in sorted(plan.items):
             done = items.recompute(cursor, kinds[kind], sorted(plan.items[kind]), plan.credits)
@@ -238,6 +255,21 @@ def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None
         statement = aggregate.compile_recompute(label, using)
         credits = by_label.get(label, {})
         recount = plan.recount.get(label, set())
+        if not recount:
+            # Only amounts to add: lock and add in one statement; the rows it left out are
+            # held by someone (or gone), and their amounts go back to the queue.
+            applied = applying.lock_and_apply(cursor, statement, credits)
+            wanted = {target_id for _column, target_id in credits}
+            result.targets[label] = result.changed[label] = len(applied)
+            if len(applied) < len(wanted):
+                missing = sorted(wanted - applied)
+                held = set(aggregate.held_elsewhere(cursor, statement, missing, []))
+                applying.defer_credits(
+                    cursor, label, {k: v for k, v in credits.items() if k[1] in held}
+                )
+                if held:
+                    result.deferred[label] = len(held)
+            continue
         ids = sorted(recount | {target_id for _column, target_id in credits})
         locked = aggregate.lock(cursor, statement, ids)
         held = aggregate.held_elsewhere(cursor, statement, ids, locked)

@@ -211,13 +211,18 @@ def lock_items(cursor, kind: ItemKind, ids: list[int], wait: bool = False) -> li
 
     Row locks live in the rows, not in the shared lock table, so a batch may lock thousands of
     items. An empty row for a new item is inserted first so that there is a row to lock: two
-    drains inserting the same new item meet on its key, and the second waits until the first
-    ends (bounded by a batch; ids go in order, so two drains cannot wait on each other).
+    drains inserting the same *new* item meet on its key, and the second waits until the first
+    ends. That is the one wait a drain can meet (bounded by a batch; ids go in order, so two
+    drains cannot wait on each other); an item that has a row is skipped when held.
     """
     kind_sql = literal(kind.mark_target)
+    # Only items with no row yet: ON CONFLICT waits for the transaction that last wrote a
+    # conflicting row, so offering it a row another drain holds would make this drain wait.
     cursor.execute(
         f"INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
-        f" SELECT {kind_sql}, id, '{{}}' FROM unnest(%s::bigint[]) id ORDER BY id"
+        f" SELECT {kind_sql}, id, '{{}}' FROM unnest(%s::bigint[]) id"
+        f" WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} l"
+        f" WHERE l.kind = {kind_sql} AND l.item_id = id) ORDER BY id"
         " ON CONFLICT (kind, item_id) DO NOTHING",
         [ids],
     )

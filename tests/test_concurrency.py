@@ -208,7 +208,7 @@ def test_a_drain_skips_a_row_another_drain_holds_and_recounts_it_later(make_worl
     assert a_done.wait(10)
     # A newer change that needs none of A's locks commits while A still holds them.
     Detection.objects.filter(pk=marker.pk).update(bbox=BOX)  # truth 4
-    b = Worker(drain_all)
+    b = Worker(lambda: drain_all(patience=0))
     b.start()
     b.finish(timeout=10)  # B never queues behind A
     release_a.set()  # A commits its older value: 3

@@ -13,7 +13,7 @@ import pytest
 from django.db import connection
 
 import counts
-from counts import aggregate, draining
+from counts import aggregate, applying, draining
 from counts import marks as marks_module
 from counts.errors import UnknownTargetError
 from project.monitoring.models import Detection, Event, SourceImage
@@ -115,6 +115,7 @@ def test_a_crash_inside_the_drain_loses_no_mark(world, marks, monkeypatch):
         raise RuntimeError("worker died mid-recompute")
 
     monkeypatch.setattr(aggregate, "run", crash)
+    monkeypatch.setattr(applying, "lock_and_apply", crash)
     with pytest.raises(RuntimeError):
         counts.drain()
     assert marks.rows() == before
