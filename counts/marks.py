@@ -92,6 +92,18 @@ def pending_summary(using: str = "default") -> list[PendingSummary]:
         ]
 
 
+def next_due_seconds(label: str, using: str = "default") -> float | None:
+    """Seconds until the next mark of ``label`` put back for later is due (None: none is)."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"SELECT extract(epoch FROM min(not_before) - clock_timestamp()) FROM {MARK_TABLE}"
+            " WHERE target = %s AND not_before > clock_timestamp()",
+            [label],
+        )
+        due = cursor.fetchone()[0]
+    return None if due is None else max(0.0, float(due))
+
+
 def has_pending(labels: list[str] | None = None, using: str = "default") -> bool:
     with connections[using].cursor() as cursor:
         if labels:

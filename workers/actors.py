@@ -23,7 +23,7 @@ import counts
 from counts.apps import graph
 from counts.draining import drain
 from counts.items import item_kinds
-from counts.marks import LOCKED_RETRY_MS, pending_summary
+from counts.marks import LOCKED_RETRY_MS, next_due_seconds, pending_summary
 from counts.signals import reconciled
 from workers import debounce, metrics
 from workers.encoding import DEAD_LETTER_ACTOR
@@ -114,7 +114,7 @@ def drain_label(label: str, *, fan_out: bool) -> int:
     deadline = time.monotonic() + settings.COUNTS_DRAIN_BUDGET_S
     linger = settings.COUNTS_DEBOUNCE_MS / 1000 if fan_out else 0
     poll = min(0.2, linger / 5) if linger else 0
-    batches, fanned, quiet_until = 0, not fan_out, None
+    batches, fanned, quiet_until, waits_left = 0, not fan_out, None, 3
     while True:
         _redis_quietly(debounce.hold_draining, label)
         result = _drain(label)
@@ -130,6 +130,20 @@ def drain_label(label: str, *, fan_out: bool) -> int:
             _redis_quietly(debounce.drop_draining, label)
             result = _drain(label)
             if result.idle:
+                # Work put back a moment ago (an item or row another drain held) is due
+                # within a second: wait for it a few times rather than leave it to the sweep.
+                # A row held for longer (an admin form left open) is the sweep's.
+                due = next_due_seconds(label)
+                if (
+                    due is not None
+                    and waits_left
+                    and time.monotonic() + due < deadline
+                    and due <= DEFERRED_RETRY_MS / 1000
+                ):
+                    waits_left -= 1
+                    time.sleep(due + 0.01)
+                    quiet_until = None
+                    continue
                 return batches
         quiet_until = None
         batches += 1
