@@ -134,24 +134,21 @@ def engine_transaction(
 
 
 def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
-    where = "WHERE (not_before IS NULL OR not_before <= now())"
+    """Lock up to ``batch_size`` due marks nobody else holds, delete the prefix worth at most
+    ``max_ids`` ids (the first mark whatever its size), and return it: one statement."""
+    where = "(not_before IS NULL OR not_before <= now())"
     where += " AND target = ANY(%s)" if labels else ""
     params: list = [labels] if labels else []
     cursor.execute(
-        f"SELECT id, target, ids, field, deltas FROM {MARK_TABLE} {where} ORDER BY id LIMIT %s"
-        " FOR UPDATE SKIP LOCKED",
-        [*params, batch_size],
+        f"WITH locked AS (SELECT id, coalesce(cardinality(ids), 1) AS size FROM {MARK_TABLE}"
+        f" WHERE {where} ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED),"
+        " picked AS (SELECT id FROM (SELECT id, sum(size) OVER (ORDER BY id) AS run,"
+        " row_number() OVER (ORDER BY id) AS n FROM locked) x WHERE n = 1 OR run <= %s)"
+        f" DELETE FROM {MARK_TABLE} m USING picked WHERE m.id = picked.id"
+        " RETURNING m.id, m.target, m.ids, m.field, m.deltas",
+        [*params, batch_size, max_ids],
     )
-    taken, budget = [], max_ids
-    for mark in cursor.fetchall():
-        ids = mark[2]
-        if taken and ids is not None and len(ids) > budget:
-            break
-        taken.append(mark)
-        budget -= 1 if ids is None else len(ids)
-    if taken:
-        cursor.execute(f"DELETE FROM {MARK_TABLE} WHERE id = ANY(%s)", [[m[0] for m in taken]])
-    return taken
+    return sorted(cursor.fetchall())
 
 
 def _expand(cursor, label: str) -> int:

@@ -218,19 +218,18 @@ def lock_items(cursor, kind: ItemKind, ids: list[int], wait: bool = False) -> li
     kind_sql = literal(kind.mark_target)
     # Only items with no row yet: ON CONFLICT waits for the transaction that last wrote a
     # conflicting row, so offering it a row another drain holds would make this drain wait.
+    # A row this statement inserts is invisible to others until commit: it is ours.
     cursor.execute(
-        f"INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
+        f"WITH made AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
         f" SELECT {kind_sql}, id, '{{}}' FROM unnest(%s::bigint[]) id"
         f" WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} l"
         f" WHERE l.kind = {kind_sql} AND l.item_id = id) ORDER BY id"
-        " ON CONFLICT (kind, item_id) DO NOTHING",
-        [ids],
-    )
-    cursor.execute(
-        f"SELECT l.item_id FROM unnest(%s::bigint[]) i(id) JOIN {LEDGER_TABLE} l"
+        " ON CONFLICT (kind, item_id) DO NOTHING RETURNING item_id),"
+        f" held AS (SELECT l.item_id FROM unnest(%s::bigint[]) i(id) JOIN {LEDGER_TABLE} l"
         f" ON l.kind = {kind_sql} AND l.item_id = i.id"
-        f" ORDER BY l.item_id FOR UPDATE OF l{'' if wait else ' SKIP LOCKED'}",
-        [ids],
+        f" ORDER BY l.item_id FOR UPDATE OF l{'' if wait else ' SKIP LOCKED'})"
+        " SELECT item_id FROM made UNION SELECT item_id FROM held ORDER BY 1",
+        [ids, ids],
     )
     return [row[0] for row in cursor.fetchall()]
 
