@@ -105,6 +105,19 @@ def _write_rows(wr: dict) -> list[tuple[str, ...]]:
                 _verdict(r["ratio"] <= 1.2 if bulk else None),
             )
         )
+    if "full_path" in wr:
+        r = wr["full_path"]
+        out.append(
+            (
+                "write",
+                f"{r['label']}: on vs off",
+                _fmt_ms(r["on_ms"]),
+                _fmt_ms(r["off_ms"]),
+                _fmt_x(r["ratio"]),
+                "≤ 1.3x",
+                _verdict(r["ratio"] <= 1.3),
+            )
+        )
     return out
 
 

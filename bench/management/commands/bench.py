@@ -51,7 +51,17 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 from django.test import override_settings
 
-from bench import burst, dataset, incremental, listing, recompute, reconcile, report, writes
+from bench import (
+    burst,
+    dataset,
+    fullpath,
+    incremental,
+    listing,
+    recompute,
+    reconcile,
+    report,
+    writes,
+)
 
 SECTIONS = ("list", "write", "recompute", "burst", "incremental", "reconcile")
 DEFAULT_PLOT = Path(settings.BASE_DIR) / "bench" / "out" / "list_latency.png"
@@ -159,6 +169,9 @@ class Command(BaseCommand):
                         o["saves"],
                         min(o["m2m"], captures),
                         self.log,
+                    )
+                    results["write"]["full_path"] = fullpath.measure(
+                        dataset.sample_images(200, salt=7), o["repeats"], self.log
                     )
                 self.tidy()
             if "recompute" in sections:
