@@ -25,26 +25,6 @@ def _by_column(amounts: dict[tuple[str, int], int]) -> dict[str, dict[int, int]]
     return columns
 
 
-def apply(cursor, statement, amounts: dict[tuple[str, int], int]) -> int:
-    """Add ``amounts[(column, id)]`` to the locked rows of ``statement``'s model; returns the
-    number of rows written. Stamps freshness like a recount that changed something."""
-    columns = _by_column(amounts)
-    if not columns:
-        return 0
-    ids = sorted({target_id for per_column in columns.values() for target_id in per_column})
-    names = sorted(columns)
-    arrays = [[columns[c].get(target_id, 0) for target_id in ids] for c in names]
-    sets = ", ".join(f"{q(c)} = t.{q(c)} + d.{q(c)}" for c in names)
-    unnest = ", ".join(["%s::bigint[]"] + ["%s::int[]"] * len(names))
-    aliases = ", ".join(["id"] + [q(c) for c in names])
-    cursor.execute(
-        f"UPDATE {q(statement.table)} t SET {sets}, {q(FRESHNESS_FIELD)} = statement_timestamp()"
-        f" FROM unnest({unnest}) AS d({aliases}) WHERE t.{q(statement.pk)} = d.id",
-        [ids, *arrays],
-    )
-    return cursor.rowcount
-
-
 def defer_credits(
     cursor, label: str, amounts: dict[tuple[str, int], int], retry_ms: int = LOCKED_RETRY_MS
 ) -> None:
@@ -61,7 +41,8 @@ def defer_credits(
 def lock_and_apply(cursor, statement, amounts: dict[tuple[str, int], int]) -> set[int]:
     """Lock the free rows among ``amounts``' (``FOR NO KEY UPDATE SKIP LOCKED``, id order) and
     add their amounts, in one statement; returns the ids written. A drain that only adds
-    amounts to a model (the common case) thus costs one round trip for it."""
+    amounts to a model (the common case) thus costs one round trip for it; rows this
+    transaction already holds (being recounted beside) are simply written."""
     columns = _by_column(amounts)
     if not columns:
         return set()

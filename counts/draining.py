@@ -274,7 +274,7 @@ def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None
         to_recount = sorted(recount & locked_set)
         changes = aggregate.run(cursor, statement, to_recount, write=True)
         applied = {k: v for k, v in credits.items() if k[1] in locked_set and k[1] not in recount}
-        changed = applying.apply(cursor, statement, applied)
+        changed = len(applying.lock_and_apply(cursor, statement, applied))
         result.targets[label] = len(locked)
         result.changed[label] = len(changes) + changed
         if held:

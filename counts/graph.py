@@ -136,7 +136,7 @@ class Graph:
                 )
                 own_link = mode.kind.db_table == db_table and mode.link.through is None
                 if feeds or (own_link and operation != "insert"):
-                    labels.add("item:" + mode.kind.label)
+                    labels.add(mode.mark_target)
         return frozenset(labels)
 
 

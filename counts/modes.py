@@ -37,6 +37,8 @@ from django.db.models import Q
 from counts.spec import FORWARD, REVERSE, Table
 
 OWN_ROW, ITEM, FULL = "own-row", "item", "full"
+#: What item marks' ``target`` starts with.
+ITEM_PREFIX = "item:"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,13 @@ class Link:
     item_column: str
     target_column: str
 
+    def rows(self, kind: Table) -> tuple[Table, str, str]:
+        """``(table, column holding item ids, column holding target ids)`` of the rows that
+        link items of ``kind`` to targets: the item rows themselves, or the through rows."""
+        if self.through is None:
+            return kind, kind.pk, self.target_column
+        return self.through, self.item_column, self.target_column
+
 
 @dataclass(frozen=True)
 class Measure:
@@ -93,6 +102,11 @@ class ItemCount:
     measure: Measure
 
     mode = ITEM
+
+    @property
+    def mark_target(self) -> str:
+        """What its item marks name: ``item:<label>`` of the junction."""
+        return ITEM_PREFIX + self.kind.label
 
 
 @dataclass(frozen=True)

@@ -116,29 +116,23 @@ class Probe:
     where: str
 
 
-def climb(route: Route, source: str) -> tuple[str, list[Probe]]:
-    """How to reach target ids from rows of ``source``: a first query, then probes.
-
-    ``source`` is a relation of rows of ``route.table`` (a transition table or a subquery of
-    one); the first query reads it and yields an id array, and each probe moves the array one
-    hop up, by index, until it holds target ids. An empty array (NULL) stays empty.
-    """
+def first_hop(route: Route) -> tuple[str, list[Probe]]:
+    """The column of the changed rows a route starts from, and the probes that move its
+    values one hop up at a time, by index, until they are target ids (none when the values
+    are target ids already)."""
     probes: list[Probe] = []
     chain = route.chain
     if route.reached_by == ROOT:
+        column = route.target.pk
         held_table, held_column = route.target, route.target.pk
-        first = f"SELECT array_agg(DISTINCT src.{q(held_column)}) FROM {source} src"
     else:
         last = chain[-1]
         if last.kind == REVERSE:
+            column = last.column
             held_table, held_column = last.parent, last.parent.pk
-            first = (
-                f"SELECT array_agg(DISTINCT src.{q(last.column)}) FROM {source} src"
-                f" WHERE src.{q(last.column)} IS NOT NULL"
-            )
         else:
+            column = last.child.pk
             held_table, held_column = last.parent, last.column
-            first = f"SELECT array_agg(DISTINCT src.{q(last.child.pk)}) FROM {source} src"
         for hop in reversed(chain[:-1]):
             # We hold values of ``held_column`` on rows of hop.child; step to hop.parent.
             child = hop.child
@@ -151,19 +145,7 @@ def climb(route: Route, source: str) -> tuple[str, list[Probe]]:
                 held_table, held_column = hop.parent, hop.column
     if held_column != held_table.pk:
         probes.append(Probe(held_table, held_table.pk, held_column))
-    return first, probes
-
-
-def first_hop(route: Route) -> tuple[str, list[Probe]]:
-    """The column of the changed rows a route starts from, and the probes from its values
-    up to target ids (empty when the values are target ids already)."""
-    if route.reached_by == ROOT:
-        column = route.target.pk
-    elif route.chain[-1].kind == REVERSE:
-        column = route.chain[-1].column
-    else:
-        column = route.chain[-1].child.pk
-    return column, climb(route, "src")[1]
+    return column, probes
 
 
 def via_key(route: Route) -> str:
@@ -226,7 +208,7 @@ def item_rows(graph: Graph, table: Table, operation: str) -> list[str]:
         mode = spec.mode
         if not isinstance(mode, ItemCount):
             continue
-        kind = "item:" + mode.kind.label
+        kind = mode.mark_target
         link, measure = mode.link, mode.measure
         if measure.child == table:
             sources.setdefault((kind, measure.fk), set()).update(measure.columns)
@@ -284,7 +266,7 @@ def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -
             (mode.kind == table and mode.link.through is None)
             or table in (mode.measure.child, mode.link.through)
         ):
-            kinds.add("item:" + mode.kind.label)
+            kinds.add(mode.mark_target)
     lines = [
         f"INSERT INTO {MARK_TABLE} (target, ids) VALUES ({literal(label)}, NULL);"
         for label in sorted(labels)
