@@ -27,6 +27,7 @@ from django.db import connections
 from django.db.models import Count, Exists, OuterRef, Q
 from django.db.models.expressions import RawSQL
 
+from counts import multiplicity
 from counts.apps import graph
 from counts.fields import FRESHNESS_FIELD
 from counts.items import adjustment_sql, kinds_feeding
@@ -57,11 +58,12 @@ class RecomputeStatement:
     pk: str
     fields: tuple[str, ...]  # attnames, in the order of the returned old/new values
     sql: str  # computes, compares and writes; RETURNING pk, olds..., news...
-    dry_sql: str  # the same without writing
+    dry_sql: str  # the same without writing (distinct counts read from the base tables)
     params: tuple
+    dry_params: tuple
 
-    def bind(self, ids: list[int]) -> list:
-        return [ids if p is _IDS else p for p in self.params]
+    def bind(self, ids: list[int], dry: bool = False) -> list:
+        return [ids if p is _IDS else p for p in (self.dry_params if dry else self.params)]
 
 
 def _relative(q: Q, prefix: str) -> Q:
@@ -141,7 +143,11 @@ def compile_recompute(label: str, using: str = "default") -> RecomputeStatement:
     specs = graph().specs_for(label)
     table, pk = model._meta.db_table, model._meta.pk.column
     fresh, columns, params = _fresh_sql(model, specs, connections[using])
-    write, dry = _compare_and_write_sql(table, pk, columns, fresh)
+    write, _ = _compare_and_write_sql(table, pk, columns, fresh)
+    # A dry run reports drift from the truth: it reads distinct counts from the base tables,
+    # where a write takes them from the multiplicities (which a reconcile audits first).
+    fresh, dry_columns, dry_params = _fresh_sql(model, specs, connections[using], dry=True)
+    _, dry = _compare_and_write_sql(table, pk, dry_columns, fresh)
     return RecomputeStatement(
         label=label,
         table=table,
@@ -150,10 +156,11 @@ def compile_recompute(label: str, using: str = "default") -> RecomputeStatement:
         sql=write,
         dry_sql=dry,
         params=tuple(params),
+        dry_params=tuple(dry_params),
     )
 
 
-def _fresh_sql(model, specs, connection) -> tuple[str, list[str], list]:
+def _fresh_sql(model, specs, connection, dry: bool = False) -> tuple[str, list[str], list]:
     """``SELECT pk, <every count>`` for the rows whose ids are bound at execution: one grouped
     subquery per join signature, LEFT JOINed to the target table.
 
@@ -162,7 +169,11 @@ def _fresh_sql(model, specs, connection) -> tuple[str, list[str], list]:
     """
     pk = model._meta.pk.column
     joins, selects, params = [], [], []
-    for g, group in enumerate(_groups(specs)):
+    # A distinct count kept through multiplicities is read from them (``_formula``), never
+    # recounted from the base tables here.
+    counted = [s for s in specs if dry or not getattr(s.mode, "distinct", None)]
+    selects += [(s.column, "0") for s in specs if s not in counted]
+    for g, group in enumerate(_groups(tuple(counted))):
         joined = frozenset().union(*(s.join_signature for s in group))
         annotations = {f"c{i}": _count_expression(s, joined) for i, s in enumerate(group)}
         qs = (
@@ -176,6 +187,8 @@ def _fresh_sql(model, specs, connection) -> tuple[str, list[str], list]:
         params.extend(sub_params)
         for i, spec in enumerate(group):
             selects.append((spec.column, f"COALESCE(g{g}.c{i}, 0)"))
+    order = [s.column for s in specs]
+    selects.sort(key=lambda select: order.index(select[0]))
     truth = (
         f"SELECT t.{q(pk)} AS pk, "
         + ", ".join(f"{expr} AS {q(col)}" for col, expr in selects)
@@ -184,11 +197,12 @@ def _fresh_sql(model, specs, connection) -> tuple[str, list[str], list]:
         + f" WHERE t.{q(pk)} = ANY(%s::bigint[])"
     )
     params.append(_IDS)
-    fresh, more = _formula(model._meta.label_lower, truth, [c for c, _ in selects])
-    return fresh, [c for c, _ in selects], params + more
+    columns = [c for c, _ in selects]
+    fresh, more = _formula(model._meta.label_lower, truth, columns, dry)
+    return fresh, columns, params + more
 
 
-def _formula(label: str, truth: str, columns: list[str]) -> tuple[str, list]:
+def _formula(label: str, truth: str, columns: list[str], dry: bool = False) -> tuple[str, list]:
     """``truth - pending - adjustment`` for the columns kept incrementally, in one statement.
 
     Invariant I (``counts.items``) says stored + pending = what the ledgers credited. So the
@@ -211,15 +225,23 @@ def _formula(label: str, truth: str, columns: list[str]) -> tuple[str, list]:
     ]
     params += [_IDS, _IDS]
     minus: dict[str, list[str]] = {c: [f"coalesce(p.{q(c)}, 0)"] for c in wanted}
+    base = {c: f"f.{q(c)}" for c in columns}
     for n, kind in enumerate(kinds_feeding(graph(), label)):
+        for part in kind.parts_for(label):
+            if part.distinct and part.column in minus and not dry:
+                # Pairs counted by the multiplicities (invariant M): no distinct scan again.
+                base[part.column] = multiplicity.count_sql(part.key, "f")
+        summed = kind.summed_parts(label)
+        if not summed:
+            continue
         sql, binds = adjustment_sql(kind, label, n)
         joins.append(f"LEFT JOIN ({sql}) a{n} ON a{n}.pk = f.pk")
         params += [_IDS] * binds
-        for i, part in enumerate(kind.parts_for(label)):
+        for i, part in enumerate(summed):
             if part.column in minus:
                 minus[part.column].append(f"coalesce(a{n}.a{n}_{i}, 0)")
     selects = ", ".join(
-        f"f.{q(c)} - " + " - ".join(minus[c]) + f" AS {q(c)}" if c in minus else f"f.{q(c)}"
+        f"{base[c]} - " + " - ".join(minus[c]) + f" AS {q(c)}" if c in minus else base[c]
         for c in columns
     )
     return f"SELECT f.pk, {selects} FROM ({truth}) f {' '.join(joins)}", params
@@ -311,7 +333,8 @@ def run(cursor, statement: RecomputeStatement, ids: list[int], *, write: bool) -
     n = len(statement.fields)
     for start in range(0, len(ids), STATEMENT_IDS):
         chunk = ids[start : start + STATEMENT_IDS]
-        cursor.execute(statement.sql if write else statement.dry_sql, statement.bind(chunk))
+        sql = statement.sql if write else statement.dry_sql
+        cursor.execute(sql, statement.bind(chunk, dry=not write))
         for row in cursor.fetchall():
             changes.append(
                 Change(

@@ -7,7 +7,8 @@ The shape follows Django's deletion collector (record the work first, perform it
    take others), keep a prefix worth at most ``max_ids`` ids, and delete it;
 2. **plan**: delta marks add up into credits per (model, column, row); recount marks (and
    marks of counts kept in full, resolved to rows here, ``counts.routes``) become rows to
-   recount; item marks become items to recompute; "every row" marks expand into chunked marks
+   recount; item marks become items to recompute; job marks (a setting changed) are expanded
+   into the items they can flip (``counts.jobs``); "every row" marks expand into chunked marks
    for later batches;
 3. **items**, per kind: lock each item without waiting, read its truth in a later statement,
    credit the difference from its ledger and write the ledger (``counts.items``, where the
@@ -31,6 +32,7 @@ cached columns the guard triggers let through.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from counts.apps import graph
 from counts.errors import UnknownTargetError
 from counts.guards import ENGINE_SETTING
 from counts.items import item_kinds, mark_every_item
+from counts.jobs import JOB_PREFIX, expand, jobs_by_key
 from counts.marks import defer
 from counts.modes import incremental_columns
 from counts.notice import quiet
@@ -145,7 +148,7 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
         " picked AS (SELECT id FROM (SELECT id, sum(size) OVER (ORDER BY id) AS run,"
         " row_number() OVER (ORDER BY id) AS n FROM locked) x WHERE n = 1 OR run <= %s)"
         f" DELETE FROM {MARK_TABLE} m USING picked WHERE m.id = picked.id"
-        " RETURNING m.id, m.target, m.ids, m.field, m.deltas",
+        " RETURNING m.id, m.target, m.ids, m.field, m.deltas, m.payload",
         [*params, batch_size, max_ids],
     )
     return sorted(cursor.fetchall())
@@ -164,6 +167,16 @@ def _expand(cursor, label: str) -> int:
     return cursor.rowcount
 
 
+def _mark_chunks(cursor, target: str, ids: list[int]) -> None:
+    chunks = [ids[i : i + EXPAND_CHUNK] for i in range(0, len(ids), EXPAND_CHUNK)]
+    cursor.execute(
+        f"INSERT INTO {MARK_TABLE} (target, ids)"
+        " SELECT %s, ARRAY(SELECT jsonb_array_elements_text(c)::bigint)"
+        " FROM jsonb_array_elements(%s::jsonb) c",
+        [target, json.dumps(chunks)],
+    )
+
+
 @dataclass
 class _Plan:
     """What one batch's marks ask for: credits to add, rows to recount, items to recompute."""
@@ -178,8 +191,18 @@ def _plan(cursor, taken, result: DrainResult) -> _Plan:
     kinds = item_kinds(graph())
     incremental = incremental_columns()
     plan = _Plan()
-    for _mark_id, target, ids, column, deltas in taken:
-        if target in kinds:
+    for _mark_id, target, ids, column, deltas, payload in taken:
+        if target in kinds and column and column.startswith(JOB_PREFIX):
+            job = jobs_by_key(graph()).get(column)
+            if job is not None:  # else the count that started it is gone
+                found = expand(cursor, job, list(ids), payload)
+                if len(found) <= EXPAND_CHUNK:
+                    plan.items[target].update(found)
+                else:
+                    # A big job is recomputed by later batches, a chunk each.
+                    _mark_chunks(cursor, target, found)
+                    result.expanded[target] = result.expanded.get(target, 0) + 1
+        elif target in kinds:
             if ids is None:
                 mark_every_item(cursor, kinds[target])
                 result.expanded[target] = result.expanded.get(target, 0) + 1

@@ -137,6 +137,10 @@ class Graph:
                 own_link = mode.kind.db_table == db_table and mode.link.through is None
                 if feeds or (own_link and operation != "insert"):
                     labels.add(mode.mark_target)
+        if operation in ("update", "truncate"):
+            from counts.jobs import jobs
+
+            labels.update(job.kind for job in jobs(self) if job.table.db_table == db_table)
         return frozenset(labels)
 
 

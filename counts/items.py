@@ -54,6 +54,8 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 
+from counts import multiplicity
+from counts.jobs import jobs
 from counts.modes import ITEM_PREFIX, ItemCount, Link, Measure, ledger_key
 from counts.spec import Table
 from counts.triggers import MARK_TABLE, literal, q
@@ -72,6 +74,9 @@ class Part:
     column: str  # cached column
     link: Link
     measure: Measure
+    #: For a distinct count: the item column whose values are counted. Its ledger entries are
+    #: ``[1, target, value]`` and credit a multiplicity (``counts.multiplicity``), not a target.
+    distinct: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class ItemKind:
 
     table: Table
     parts: tuple[Part, ...]
+    #: Changes to settings its items read, or to links on the way (``counts.jobs``).
+    jobs: tuple = ()
 
     @property
     def mark_target(self) -> str:
@@ -87,6 +94,10 @@ class ItemKind:
 
     def parts_for(self, label: str) -> tuple[Part, ...]:
         return tuple(p for p in self.parts if p.label == label)
+
+    def summed_parts(self, label: str) -> tuple[Part, ...]:
+        """The counts of ``label`` that are sums of credits (all but distinct counts)."""
+        return tuple(p for p in self.parts_for(label) if not p.distinct)
 
 
 _KINDS: dict[int, dict[str, ItemKind]] = {}
@@ -102,11 +113,20 @@ def item_kinds(graph) -> dict[str, ItemKind]:
         if isinstance(spec.mode, ItemCount):
             m = spec.mode
             parts[m.kind].append(
-                Part(ledger_key(spec.key), spec.target.label, spec.column, m.link, m.measure)
+                Part(
+                    ledger_key(spec.key),
+                    spec.target.label,
+                    spec.column,
+                    m.link,
+                    m.measure,
+                    m.distinct,
+                )
             )
-    kinds = {
-        ITEM_PREFIX + table.label: ItemKind(table, tuple(ps)) for table, ps in sorted(parts.items())
-    }
+    all_jobs = jobs(graph)
+    kinds = {}
+    for table, ps in sorted(parts.items()):
+        target = ITEM_PREFIX + table.label
+        kinds[target] = ItemKind(table, tuple(ps), tuple(j for j in all_jobs if j.kind == target))
     _KINDS[id(graph)] = kinds
     return kinds
 
@@ -173,9 +193,12 @@ def truth_sql(kind: ItemKind, items: str) -> str:
         m = p.measure
         value = measures[(m.child.db_table, m.fk, m.predicate, m.exists)]
         targets = links[p.link]
+        tail = f"to_jsonb({targets})"
+        if p.distinct:
+            tail = f"jsonb_build_array(({targets})[1], j.{q(p.distinct)})"
         entries.append(
             f"{literal(p.key)}, CASE WHEN {value} > 0 AND cardinality({targets}) > 0"
-            f" THEN jsonb_build_array({value}) || to_jsonb({targets}) END"
+            f" THEN jsonb_build_array({value}) || {tail} END"
         )
     return (
         f"SELECT i.id, jsonb_strip_nulls(jsonb_build_object({', '.join(entries)})) AS state"
@@ -253,18 +276,31 @@ def recompute(cursor, kind: ItemKind, ids: list[int], credits) -> ItemResult:
     if not locked:
         return result
     cursor.execute(recompute_sql(kind), [locked, locked])
+    rows = [(old, new) for _item, old, new in cursor.fetchall()]
+    result.changed = len(rows)
+    pairs = credit(kind, rows, credits)
+    multiplicity.add(cursor, pairs, {p.key: p for p in kind.parts}, credits)
+    return result
+
+
+def credit(kind: ItemKind, rows, credits) -> dict[tuple[str, int, int], int]:
+    """Add to ``credits`` what ledgers going from ``old`` to ``new`` (``rows``) credit to
+    targets; returns the multiplicity changes of the kind's distinct counts."""
     by_key = {p.key: p for p in kind.parts}
-    for _item, old, new in cursor.fetchall():
-        result.changed += 1
+    pairs: dict[tuple[str, int, int], int] = defaultdict(int)
+    for old, new in rows:
         for state, sign in ((_state(old), -1), (_state(new), 1)):
             for key, entry in state.items():
                 part = by_key.get(key)
                 if part is None:  # a count that no longer exists
                     continue
                 amount, *targets = entry
+                if part.distinct:
+                    pairs[(key, targets[0], targets[1])] += sign * amount
+                    continue
                 for target in targets:
                     credits[(part.label, part.column, target)] += sign * amount
-    return result
+    return pairs
 
 
 def _state(value) -> dict:
@@ -299,10 +335,24 @@ def mark_every_item(cursor, kind: ItemKind) -> None:
 
 
 def stale_sql(kind: ItemKind) -> str:
-    """Distinct item ids with an item mark visible to the statement."""
-    return (
+    """Distinct item ids with an item mark visible to the statement, or reached by a job mark
+    visible to it (``counts.jobs``)."""
+    selects = [
         f"SELECT DISTINCT x AS id FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
-        f" WHERE m.target = {literal(kind.mark_target)}"
+        f" WHERE m.target = {literal(kind.mark_target)} AND m.field IS NULL"
+    ]
+    selects += [job.pending_items_sql() for job in kind.jobs]
+    return " UNION ".join(selects)
+
+
+def _targets_of(entry: str, kind: ItemKind) -> str:
+    """The target ids of a ledger entry ``entry`` (``jsonb_each`` row) as a jsonb array."""
+    distinct = [literal(p.key) for p in kind.parts if p.distinct]
+    if not distinct:
+        return f"{entry}.value - 0"
+    return (
+        f"CASE WHEN {entry}.key IN ({', '.join(distinct)})"
+        f" THEN jsonb_build_array({entry}.value->1) ELSE {entry}.value - 0 END"
     )
 
 
@@ -316,7 +366,7 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
     their current links or by their ledger — are read. ``n`` numbers the CTE aliases. Returns
     the SQL and how many times it binds the target ids.
     """
-    parts = kind.parts_for(label)
+    parts = kind.summed_parts(label)
     related, binds = [], 0
     for link in sorted({p.link for p in parts}, key=repr):
         table, item_col, target_col = link.rows(kind.table)
@@ -403,10 +453,15 @@ def fill_ledgers(
                     f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state),"
                     f" gone AS (DELETE FROM {LEDGER_TABLE} l USING fresh f"
                     f"  WHERE l.kind = {kind_sql} AND l.item_id = f.id AND f.state = '{{}}')"
-                    " SELECT count(*) FROM changed",
+                    " SELECT old, state FROM changed",
                     [ids],
                 )
-            differed += cursor.fetchone()[0]
+                rows = cursor.fetchall()
+                # Distinct counts' multiplicities follow their ledgers (invariant M); no
+                # target is credited: the caller recounts the targets afterwards.
+                pairs = credit(kind, rows, defaultdict(int))
+                multiplicity.add(cursor, pairs, {}, defaultdict(int))
+            differed += cursor.fetchone()[0] if dry_run else len(rows)
             checked += len(ids)
             last = ids[-1]
             if not dry_run and checked >= next_analyze:
@@ -428,15 +483,8 @@ def preview(cursor, kind: ItemKind, ids: list[int], credits) -> None:
         " ON l.kind = %s AND l.item_id = t.id",
         [sorted(set(ids)), kind.mark_target],
     )
-    by_key = {p.key: p for p in kind.parts}
-    for old, new in cursor.fetchall():
-        for state, sign in ((_state(old), -1), (_state(new), 1)):
-            for key, entry in state.items():
-                part = by_key.get(key)
-                if part is not None:
-                    amount, *targets = entry
-                    for target in targets:
-                        credits[(part.label, part.column, target)] += sign * amount
+    pairs = credit(kind, cursor.fetchall(), credits)
+    multiplicity.preview(cursor, pairs, {p.key: p for p in kind.parts}, credits)
 
 
 def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
@@ -454,7 +502,8 @@ def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
     keys = ", ".join(literal(p.key) for p in kind.parts_for(label))
     selects.append(
         f"SELECT t::bigint FROM {LEDGER_TABLE} l, jsonb_each(l.state) kv,"
-        f" jsonb_array_elements_text(kv.value - 0) t WHERE l.kind = {literal(kind.mark_target)}"
+        f" jsonb_array_elements_text({_targets_of('kv', kind)}) t"
+        f" WHERE l.kind = {literal(kind.mark_target)}"
         f" AND l.item_id IN {stale} AND kv.key IN ({keys}) AND t::bigint = ANY(%s::bigint[])"
     )
     return " UNION ".join(selects), len(selects)

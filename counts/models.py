@@ -20,7 +20,9 @@ class DirtyMark(models.Model):
     - a *delta* mark: add ``deltas[k]`` to column ``field`` of row ``ids[k]`` (own-row counts,
       and credits for rows a drain could not lock);
     - an *item* mark (``target`` ``item:<label>``): these items may contribute differently now
-      (``counts.items``).
+      (``counts.items``);
+    - a *job* mark (an item kind's ``target``, ``field`` ``job:<hash>``): these rows' setting
+      or link changed; a drain expands it into the items it can affect (``counts.jobs``).
 
     ``not_before`` is set on a mark a drain wrote again for rows another transaction held:
     drains leave it alone until then, so a busy row is retried, not spun on.
@@ -31,6 +33,8 @@ class DirtyMark(models.Model):
     ids = ArrayField(models.BigIntegerField(), null=True, blank=True)
     field = models.CharField(max_length=100, null=True, blank=True)  # noqa: DJ001 (NULL: no delta)
     deltas = ArrayField(models.IntegerField(), null=True, blank=True)
+    #: A job mark's ``[old, new]`` per id (``counts.jobs``).
+    payload = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     not_before = models.DateTimeField(null=True, blank=True)
 
@@ -61,3 +65,21 @@ class Ledger(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} #{self.item_id}"
+
+
+class Multiplicity(models.Model):
+    """How many counted items carry ``value`` for ``target_id``, per distinct count (``key``,
+    its ledger key): the count is the number of its pairs with ``n > 0``
+    (``counts.multiplicity``). Written only by drains and reconcile, under the row's lock."""
+
+    pk = models.CompositePrimaryKey("key", "target_id", "value")
+    key = models.CharField(max_length=16)
+    target_id = models.BigIntegerField()
+    value = models.BigIntegerField()
+    n = models.IntegerField()
+
+    class Meta:
+        db_table = "counts_multiplicity"
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.target_id}/{self.value}: {self.n}"

@@ -16,9 +16,16 @@ A declaration's shape decides how cheaply the engine can keep it exact after a c
   children pass the filter, or whether any does). Writers record only "item i may have changed"
   (*item marks*); a drain recomputes the item from the base tables and credits the difference
   from what its **ledger** says was credited before (``counts.items``).
-- **full** (:class:`Full`): anything else (``distinct``, a filter comparing with a setting
-  reached by ``F()``, filters mixing branches). Writers mark target rows, and the drain
-  recounts them with today's aggregate. ``counts status`` names these counts.
+  The item may also be the counted row itself, measured by its own filter — including a
+  comparison with a **setting** reached from it by forward foreign keys (``F("project__
+  default_filters_score_threshold")``): a change to the setting, or to a link on the way to
+  it, writes one *job* mark that a drain expands into the items it can flip (``counts.jobs``).
+  A **distinct** count over the counted rows' foreign key (distinct taxa of a station) is an
+  item count too: items credit a per-(target, value) multiplicity, and the count moves when a
+  multiplicity crosses zero.
+- **full** (:class:`Full`): anything else (filters mixing branches, paths of three relations
+  or more). Writers mark target rows, and the drain recounts them with today's aggregate.
+  ``counts status`` names these counts and says why.
 
 Everything here is decided once, from model metadata, when the specs are built; the result is
 plain frozen data that the trigger and drain compilers read.
@@ -34,7 +41,7 @@ from dataclasses import dataclass
 from django.db import connections
 from django.db.models import Q
 
-from counts.spec import FORWARD, REVERSE, Table
+from counts.spec import FORWARD, REVERSE, Hop, Table
 
 OWN_ROW, ITEM, FULL = "own-row", "item", "full"
 #: What item marks' ``target`` starts with.
@@ -94,12 +101,46 @@ class Measure:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """A value an item's filter compares with, reached from the item by forward foreign keys
+    (an occurrence's project's threshold: occurrence → deployment → project).
+
+    ``compared`` is the item column compared with it by ``=``, ``<``, ``<=``, ``>``, ``>=``
+    (None for any other comparison); a change of the setting from a to b can then flip only
+    items whose ``compared`` lies between a and b, which is what keeps a threshold change's
+    drain proportional to the flips. ``cast`` is that column's SQL type.
+    """
+
+    hops: tuple[Hop, ...]
+    column: str
+    compared: str | None
+    cast: str | None
+
+    def value_sql(self, alias: str = "r") -> str:
+        """The setting of the item row ``alias``, as a scalar subquery (index probes)."""
+        first = self.hops[0]
+        sql = f"SELECT h{len(self.hops)}.{_q(self.column)} FROM {_q(first.child.db_table)} h1"
+        for n, hop in enumerate(self.hops[1:], start=2):
+            sql += (
+                f" JOIN {_q(hop.child.db_table)} h{n}"
+                f" ON h{n}.{_q(hop.child.pk)} = h{n - 1}.{_q(hop.column)}"
+            )
+        return f"({sql} WHERE h1.{_q(first.child.pk)} = {alias}.{_q(first.column)})"
+
+
+@dataclass(frozen=True)
 class ItemCount:
-    """A count kept through the ledgers of items of ``kind`` (the junction table)."""
+    """A count kept through the ledgers of items of ``kind`` (the junction table).
+
+    ``setting``: the measure compares with a value reached by ``F()`` (changes to it become
+    jobs). ``distinct``: the item column whose distinct values are counted per target.
+    """
 
     kind: Table
     link: Link
     measure: Measure
+    setting: Setting | None = None
+    distinct: str | None = None
 
     mode = ITEM
 
@@ -124,6 +165,10 @@ Mode = OwnRow | ItemCount | Full
 def ledger_key(count_key: str) -> str:
     """The short, stable key an item's ledger files a count's credit under."""
     return hashlib.sha1(count_key.encode()).hexdigest()[:8]
+
+
+def _q(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _literal(value) -> str:
@@ -295,12 +340,83 @@ def _item_two_hops(spec) -> Mode:
     return ItemCount(kind, link, Measure(second.child, second.column, predicate, exists=False))
 
 
+_COMPARISONS = {"exact": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def _setting(spec, item_model, prefix: str, lookup: str, ref: str) -> Setting | str:
+    """The setting ``F(ref)`` compared by ``lookup`` (relative to the item), or why not."""
+    from counts.spec import walk
+
+    if ref.startswith(prefix):
+        hops, column = walk(item_model, ref[len(prefix) :])
+    else:
+        # Relative to the target, which the item reaches through its own link column.
+        hops, column = walk(_model(spec.target), ref)
+        link = spec.counted[0]
+        hops = (Hop(FORWARD, link.child, link.parent, link.column), *hops)
+    if column is None or not hops or any(h.kind != FORWARD or h.m2m for h in hops):
+        return "its F() is not a column reached by forward foreign keys"
+    name, _, op = lookup.partition("__")
+    field = item_model._meta.get_field(name)
+    if field.is_relation or (op and op not in _COMPARISONS) or "__" in op:
+        return "its F() comparison is not =, <, <=, > or >= on one of the counted rows' columns"
+    cast = field.db_type(connections["default"])
+    return Setting(tuple(hops), column, field.column, cast)
+
+
+def _item_self(spec) -> Mode:
+    """The counted rows are the items, measured by their own filter (which may compare with a
+    setting reached by ``F()``); for a distinct count, their foreign key's values are counted."""
+    chain = spec.counted[:1] if spec.distinct else spec.counted
+    if len(chain) != 1 or chain[0].kind != REVERSE:
+        return Full("the counted rows are more than one relation away")
+    kind = chain[0].child
+    item_model = _model(kind)
+    prefix = spec.path.split("__", 1)[0] + "__"
+    distinct = None
+    if spec.distinct:
+        if len(spec.path_chain) != 2 or spec.path_chain[1].kind != FORWARD:
+            return Full("a distinct count of something other than a foreign key's values")
+        distinct = spec.path_chain[1].column
+    plain, setting = [], None
+    if spec.filter is not None:
+        flat = not spec.filter.negated and spec.filter.connector == Q.AND
+        if not flat or any(isinstance(c, Q) for c in spec.filter.children):
+            return Full("its filter is not a plain AND of conditions")
+        for lookup, value in spec.filter.children:
+            if not lookup.startswith(prefix):
+                return Full("its filter reads more than the counted rows")
+            refs = [v.name for v in [value] if hasattr(v, "name") and _has_f(v)]
+            if _has_f(value) and (not refs or setting is not None):
+                return Full("its filter compares with more than one value reached by F()")
+            if refs:
+                found = _setting(spec, item_model, prefix, lookup[len(prefix) :], refs[0])
+                if isinstance(found, str):
+                    return Full(found)
+                setting = found
+                op = _COMPARISONS[lookup[len(prefix) :].partition("__")[2] or "exact"]
+                compare = f"r.{_q(setting.compared)} {op} {setting.value_sql()}"
+            else:
+                plain.append((lookup[len(prefix) :], value))
+    try:
+        predicate = row_predicate(item_model, Q(*plain)) if plain else None
+    except ValueError as exc:
+        return Full(str(exc))
+    if setting is not None:
+        predicate = compare if predicate is None else f"({predicate}) AND {compare}"
+    if distinct is not None:
+        present = f"r.{_q(distinct)} IS NOT NULL"
+        predicate = present if predicate is None else f"({predicate}) AND {present}"
+    link = Link(None, kind.pk, chain[0].column)
+    measure = Measure(kind, kind.pk, predicate, exists=False)
+    return ItemCount(kind, link, measure, setting, distinct)
+
+
 def classify(spec) -> Mode:
     """The cheapest exact way to keep ``spec`` (a ``CountSpec``) up to date."""
-    if spec.distinct:
-        return Full("a distinct count")
-    if spec.filter is not None and any(_has_f(v) for _, v in _lookups(spec.filter)):
-        return Full("its filter compares with a value reached by F()")
+    has_f = spec.filter is not None and any(_has_f(v) for _, v in _lookups(spec.filter))
+    if spec.distinct or has_f:
+        return _item_self(spec)
     if spec.counted != spec.path_chain:
         return Full("its path ends in a foreign key")
     chain = spec.counted

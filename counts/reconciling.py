@@ -15,9 +15,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from django.db import connections
+from django.db import connections, transaction
 
-from counts import aggregate
+from counts import aggregate, multiplicity
 from counts.apps import graph
 from counts.draining import claim, engine_transaction
 from counts.errors import UnknownTargetError
@@ -111,6 +111,13 @@ def reconcile(
         )
         if ledger.drifted_rows:
             ledger.drift["ledger"] = ledger.drifted_rows
+        # Then the multiplicities of its distinct counts, which the ledgers add up to.
+        for part in kind.parts:
+            if part.distinct and part.key in keys:
+                with transaction.atomic(using=using), connections[using].cursor() as cursor:
+                    pairs = multiplicity.audit(cursor, part.key, kind.mark_target, dry_run)
+                if pairs:
+                    ledger.drift[f"{part.label}.{part.column} pairs"] = pairs
         report.ledgers[kind.mark_target] = ledger
     for label in labels:
         report.models[label] = _reconcile_model(label, dry_run, chunk, progress, using)

@@ -237,6 +237,12 @@ def _incremental_statements(graph: Graph, table: Table, operation: str) -> list[
             " SELECT s.target, s.field, array_agg(s.id ORDER BY s.id), array_agg(s.d ORDER BY s.id)"
             f" FROM ({' UNION ALL '.join(deltas)}) s GROUP BY s.target, s.field;"
         )
+    if operation == "update":
+        from counts.jobs import jobs_on
+
+        # A setting, or a link on the way to it, changed: one job mark per job, expanded into
+        # items by the drain (``counts.jobs``).
+        lines += [job.trigger_sql() for job in jobs_on(graph, table)]
     items = item_rows(graph, table, operation)
     if items:
         lines.append(
@@ -252,10 +258,12 @@ def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -
     item kinds the table feeds is recomputed (an item with no ledger row had nothing to lose).
     """
     from counts.items import item_kinds, mark_ledgered_sql
+    from counts.jobs import jobs_on
     from counts.modes import ItemCount, OwnRow
 
     labels = {r.target.label for r in full_routes}
     kinds = set()
+    every = sorted({job.kind for job in jobs_on(graph, table)})
     for spec in graph.specs:
         mode = spec.mode
         if isinstance(mode, OwnRow) and mode.table == table:
@@ -272,7 +280,11 @@ def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -
         for label in sorted(labels)
     ]
     all_kinds = item_kinds(graph)
-    lines += [mark_ledgered_sql(all_kinds[kind]) + ";" for kind in sorted(kinds)]
+    lines += [mark_ledgered_sql(all_kinds[kind]) + ";" for kind in sorted(set(kinds) - set(every))]
+    # Rows on the way to a setting are gone: every item of the kind may read another now.
+    lines += [
+        f"INSERT INTO {MARK_TABLE} (target, ids) VALUES ({literal(kind)}, NULL);" for kind in every
+    ]
     return lines
 
 
@@ -348,9 +360,12 @@ def compile_trigger(graph: Graph, table: Table, routes: tuple[Route, ...], opera
 
 def watched_tables(graph: Graph) -> dict[str, Table]:
     """Every table whose writes can change a count: full routes, own rows, items' inputs."""
+    from counts.jobs import jobs
     from counts.modes import ItemCount, OwnRow
 
     tables = {routes[0].table.db_table: routes[0].table for routes in graph.routes.values()}
+    for job in jobs(graph):
+        tables.setdefault(job.table.db_table, job.table)
     for spec in graph.specs:
         mode = spec.mode
         found = []

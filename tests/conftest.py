@@ -46,6 +46,7 @@ class Marks:
 
         from counts.apps import graph
         from counts.items import item_kinds, preview
+        from counts.jobs import expand, jobs_by_key
         from counts.routes import resolve
 
         kinds = item_kinds(graph())
@@ -59,9 +60,14 @@ class Marks:
                 merged.setdefault(target, set()).update(ids)
 
         with self.conn.cursor() as cursor:
-            cursor.execute("SELECT target, ids, field, deltas FROM counts_dirtymark ORDER BY id")
-            for target, ids, column, deltas in cursor.fetchall():
-                if target in kinds and ids is not None:
+            cursor.execute(
+                "SELECT target, ids, field, deltas, payload FROM counts_dirtymark ORDER BY id"
+            )
+            for target, ids, column, deltas, payload in cursor.fetchall():
+                if target in kinds and column and column.startswith("job:"):
+                    job = jobs_by_key(graph())[column]
+                    preview(cursor, kinds[target], expand(cursor, job, list(ids), payload), amounts)
+                elif target in kinds and ids is not None:
                     preview(cursor, kinds[target], list(ids), amounts)
                 elif column and column.startswith("via:"):
                     add(target, resolve(cursor, graph(), column, list(ids)) or [])

@@ -37,6 +37,8 @@ D, E, S, C = (
 )
 EVERY = {D, E, S, C}
 ITEM = "item:monitoring.sourceimage"
+#: What a project's threshold change announces: a job over its occurrences (``counts.jobs``).
+OCC = "item:monitoring.occurrence"
 #: What a write to detections announces: the captures' own count and the captures as items.
 DETECTIONS = {S, ITEM}
 #: Stands for every target of every installed app.
@@ -116,7 +118,7 @@ RAW = [
         " UPDATE monitoring_project SET default_filters_score_threshold = 0.1"
         " WHERE id IN (SELECT n FROM t)",
         ops(PROJ, "update"),
-        {D, E},
+        {OCC},
     ),
     (
         "several CTEs",
@@ -165,7 +167,7 @@ RAW = [
         "MERGE INTO monitoring_project p USING (SELECT 1 AS id) s ON p.id = s.id"
         " WHEN MATCHED THEN DELETE",
         ops(PROJ, "insert", "update", "delete"),
-        {D, E},
+        {OCC},
     ),
     ("copy from", "COPY monitoring_detection (bbox) FROM STDIN", ops(DET, "insert"), DETECTIONS),
     (
@@ -173,14 +175,14 @@ RAW = [
         "INSERT INTO monitoring_project (id, name) VALUES (%s, %s)"
         " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
         ops(PROJ, "insert", "update"),
-        {D, E},
+        {OCC},
     ),
     (
         "upsert after a megabyte of VALUES",
         f"INSERT INTO monitoring_project (id, name, created_at) VALUES {ROWS}"
         " ON CONFLICT (id) DO UPDATE SET default_filters_score_threshold = 0.2",
         ops(PROJ, "insert", "update"),
-        {D, E},
+        {OCC},
     ),
     (
         "second statement",
@@ -339,7 +341,7 @@ DJANGO = [
         "threshold change",
         lambda w: _set(w.p1, default_filters_score_threshold=0.7),
         ops(PROJ, "update"),
-        {D, E},
+        {OCC},
     ),
     (
         "project upsert",
@@ -350,7 +352,7 @@ DJANGO = [
             update_fields=["default_filters_score_threshold"],
         ),
         ops(PROJ, "insert", "update"),
-        {D, E},
+        {OCC},
     ),
     (
         "unwatched upsert",

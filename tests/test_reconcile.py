@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from collections import Counter
 from io import StringIO
 
@@ -220,16 +221,19 @@ def test_command_status_shows_pending_marks_and_trigger_health(world, marks):
     modes = {row["count"]: row for row in report["modes"]}
     assert modes[f"{S}.detections_count"]["mode"] == "own-row"
     assert modes[f"{C}.source_images_with_detections_count"]["items"] == S
+    # Distinct taxa among occurrences over a threshold reached by F(): occurrences are items.
     assert modes[f"{D}.taxa_count"] == {
         "count": f"{D}.taxa_count",
-        "mode": "full",
-        "why": "a distinct count",
+        "mode": "item",
+        "items": "monitoring.occurrence",
     }
     assert {row["state"] for row in report["triggers"]} == {"INSTALLED"}
     text = StringIO()
     call_command("counts", "status", stdout=text)
     assert "INSTALLED" in text.getvalue() and "monitoring.sourceimage" in text.getvalue()
-    assert "full: a distinct count" in text.getvalue()
+    assert re.search(
+        r"monitoring\.deployment\.taxa_count +item \(monitoring\.occurrence\)", text.getvalue()
+    )
 
 
 def test_command_drain_until_empty(world, marks):

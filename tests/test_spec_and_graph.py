@@ -230,9 +230,8 @@ def test_the_notice_names_exactly_what_each_trigger_can_mark():
             marked = {label for label in [*labels, *kinds] if f"'{label}'" in sql}
             assert graph().targets_of_operation(table, op) == marked, (table, op)
     assert graph().targets_of_operation("monitoring_project", "insert") == frozenset()
-    assert graph().targets_of_operation("monitoring_project", "update") >= {
-        "monitoring.deployment",
-        "monitoring.event",
+    assert graph().targets_of_operation("monitoring_project", "update") == {
+        "item:monitoring.occurrence"
     }
 
 

@@ -135,16 +135,21 @@ def test_one_statement_writes_one_mark_per_count_and_per_item_kind(compiled):
         assert body.count(f"INSERT INTO {MARK_TABLE}") <= 3, t.name
 
 
-def test_full_counts_mark_link_values_the_drain_resolves(compiled):
-    """Occurrence counts (a threshold reached by F(), distinct taxa) are recounted: a changed
-    occurrence marks its station and night directly from its own columns; a threshold change
-    marks only the project, with the route the drain walks to its stations and nights."""
+def test_occurrence_counts_mark_items_and_a_threshold_change_writes_one_job(compiled):
+    """Occurrence counts (a threshold reached by F(), distinct taxa) are kept through the
+    occurrences' ledgers: a written occurrence marks itself from its own columns; a threshold
+    change writes one job mark naming only the project, with old and new values, and reads no
+    other table (the drain expands it into the occurrences it can flip)."""
     sql = by_key(compiled)[("monitoring_occurrence", "insert")]
-    assert "'monitoring.deployment' AS target, NULL::text AS field, src.\"deployment_id\"" in sql
-    assert "'monitoring.event' AS target, NULL::text AS field, src.\"event_id\"" in sql
+    assert "'item:monitoring.occurrence' AS target, r.\"id\" AS id FROM new_rows r" in sql
+    assert "'monitoring.deployment'" not in sql and "'monitoring.event'" not in sql
     project = by_key(compiled)[("monitoring_project", "update")].split("$counts$")[1]
-    assert re.findall(r"'via:[0-9a-f]{12}'", project)
+    assert len(re.findall(r"'job:[0-9a-f]{12}'", project)) == 1
+    assert 'jsonb_build_array(o."default_filters_score_threshold"' in project
     assert 'monitoring_deployment"' not in project and 'monitoring_occurrence"' not in project
+    station = by_key(compiled)[("monitoring_deployment", "update")].split("$counts$")[1]
+    assert len(re.findall(r"'job:[0-9a-f]{12}'", station)) == 1  # its occurrences, all of them
+    assert 'o."project_id" IS DISTINCT FROM n."project_id"' in station
 
 
 def test_compilation_is_pure_and_deterministic(compiled):

@@ -248,11 +248,13 @@ def test_moved_occurrence_dirties_both_stations_and_nights(world, marks):
     settle()
 
 
-def test_project_threshold_change_dirties_all_its_stations_and_nights(world, marks):
+def test_project_threshold_change_dirties_the_stations_and_nights_it_can_flip(world, marks):
     world.p1.default_filters_score_threshold = 0.3
     world.p1.save()
-    # e2 holds no occurrence: its count cannot change, so it is not marked.
-    expect(marks, D=[world.d1, world.d2], E=[world.e1, world.e3])
+    # One job mark, however many occurrences the project holds; it can flip only o2 (0.4):
+    # o3 has no score, and o1 (0.9) counts at either threshold.
+    assert marks.count() == 1
+    expect(marks, D=[world.d1], E=[world.e1])
     settle()
     assert (count(world.d1, "occurrences_count"), count(world.e1, "occurrences_count")) == (2, 2)
 

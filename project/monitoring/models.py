@@ -149,6 +149,13 @@ class Occurrence(TimestampedModel):
 
     class Meta:
         ordering = ["id"]
+        indexes = [
+            # A threshold change is expanded into the occurrences it can flip by a range scan
+            # per station (``counts.jobs``): work in proportion to the flips.
+            models.Index(
+                fields=["deployment", "determination_score"], name="occurrence_station_score"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"Occurrence #{self.pk}"

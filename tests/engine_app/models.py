@@ -57,6 +57,9 @@ class Book(models.Model):
     good_reviews_count = CachedCountField("reviews", filter=Q(reviews__stars__gte=4))
     tags_count = CachedCountField("tags")
 
+    class Meta:
+        indexes = [models.Index(fields=["shelf", "pages"], name="book_shelf_pages")]
+
 
 class Review(models.Model):
     book = models.ForeignKey(Book, on_delete=models.CASCADE, related_name="reviews")
