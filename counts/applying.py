@@ -40,25 +40,42 @@ def defer_credits(
 
 def lock_and_apply(cursor, statement, amounts: dict[tuple[str, int], int]) -> set[int]:
     """Lock the free rows among ``amounts``' (``FOR NO KEY UPDATE SKIP LOCKED``, id order) and
-    add their amounts, in one statement; returns the ids written. A drain that only adds
-    amounts to a model (the common case) thus costs one round trip for it; rows this
-    transaction already holds (being recounted beside) are simply written."""
-    columns = _by_column(amounts)
-    if not columns:
-        return set()
-    ids = sorted({target_id for per_column in columns.values() for target_id in per_column})
-    names = sorted(columns)
-    arrays = [[columns[c].get(target_id, 0) for target_id in ids] for c in names]
-    sets = ", ".join(f"{q(c)} = t.{q(c)} + d.{q(c)}" for c in names)
-    unnest = ", ".join(["%s::bigint[]"] + ["%s::int[]"] * len(names))
-    aliases = ", ".join(["id"] + [q(c) for c in names])
-    pk, table = q(statement.pk), q(statement.table)
-    cursor.execute(
-        f"WITH locked AS (SELECT {pk} AS pk FROM {table} WHERE {pk} = ANY(%s::bigint[])"
-        f" ORDER BY {pk} FOR NO KEY UPDATE SKIP LOCKED)"
-        f" UPDATE {table} t SET {sets}, {q(FRESHNESS_FIELD)} = statement_timestamp()"
-        f" FROM unnest({unnest}) AS d({aliases}) JOIN locked ON locked.pk = d.id"
-        f" WHERE t.{pk} = d.id RETURNING t.{pk}",
-        [ids, ids, *arrays],
-    )
-    return {row[0] for row in cursor.fetchall()}
+    add their amounts, in one statement; returns the ids written. Rows this transaction
+    already holds (being recounted beside) are simply written."""
+    return lock_and_apply_all(cursor, [(statement, amounts)]).get(statement.label, set())
+
+
+def lock_and_apply_all(cursor, batches) -> dict[str, set[int]]:
+    """:func:`lock_and_apply` for several models (``[(statement, amounts), ...]``) in **one**
+    statement, a pair of CTEs per model: a drain that only adds amounts (the common case)
+    writes all its models in one round trip. Each model is still written by one statement's
+    single UPDATE of its table; no lock is waited for, so the order of the CTEs is free."""
+    parts, params, selects = [], [], []
+    for n, (statement, amounts) in enumerate(batches):
+        columns = _by_column(amounts)
+        if not columns:
+            continue
+        ids = sorted({target_id for per_column in columns.values() for target_id in per_column})
+        names = sorted(columns)
+        arrays = [[columns[c].get(target_id, 0) for target_id in ids] for c in names]
+        sets = ", ".join(f"{q(c)} = t.{q(c)} + d.{q(c)}" for c in names)
+        unnest = ", ".join(["%s::bigint[]"] + ["%s::int[]"] * len(names))
+        aliases = ", ".join(["id"] + [q(c) for c in names])
+        pk, table = q(statement.pk), q(statement.table)
+        parts.append(
+            f"locked{n} AS (SELECT {pk} AS pk FROM {table} WHERE {pk} = ANY(%s::bigint[])"
+            f" ORDER BY {pk} FOR NO KEY UPDATE SKIP LOCKED),"
+            f" written{n} AS (UPDATE {table} t SET {sets},"
+            f" {q(FRESHNESS_FIELD)} = statement_timestamp()"
+            f" FROM unnest({unnest}) AS d({aliases}) JOIN locked{n} ON locked{n}.pk = d.id"
+            f" WHERE t.{pk} = d.id RETURNING t.{pk} AS pk)"
+        )
+        params += [ids, ids, *arrays]
+        selects.append(f"SELECT {n} AS k, pk FROM written{n}")
+    if not parts:
+        return {}
+    cursor.execute(f"WITH {', '.join(parts)} {' UNION ALL '.join(selects)}", params)
+    written: dict[str, set[int]] = {statement.label: set() for statement, _ in batches}
+    for k, pk in cursor.fetchall():
+        written[batches[k][0].label].add(pk)
+    return written

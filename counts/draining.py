@@ -13,8 +13,9 @@ The shape follows Django's deletion collector (record the work first, perform it
 3. **items**, per kind: lock each item without waiting, read its truth in a later statement,
    credit the difference from its ledger and write the ledger (``counts.items``, where the
    correctness argument is); items someone holds are marked again, due a little later;
-4. **targets**, per model in label order: lock the rows nobody else holds (``FOR NO KEY UPDATE
-   SKIP LOCKED``, id order); recount the rows marked for it with the formula
+4. **targets**: models that only get amounts are written together, in one statement
+   (``counts.applying``); then, per model in label order, lock the rows nobody else holds
+   (``FOR NO KEY UPDATE SKIP LOCKED``, id order); recount the rows marked for it with the formula
    ``truth - pending - adjustment`` (``counts.aggregate``: it absorbs this batch's credits to
    them, which are not added on top); add the credits to the others in one statement
    (``counts.applying``); queue both again, due a little later, for rows someone holds.
@@ -115,30 +116,45 @@ def engine_transaction(
     write; a drain that finds no mark then costs one query and a commit.
     """
     timeout = "0" if lock_timeout_ms is None else f"{lock_timeout_ms}ms"
+    # The outermost transaction takes the settings away with its commit or rollback; a
+    # savepoint hands them on to the caller's transaction, so only then are they switched off.
+    nested = connections[using].in_atomic_block
     with transaction.atomic(using=using), quiet(using):
         cursor = connections[using].cursor()
         on = []
 
-        def engine_on() -> None:
-            if not on:
-                cursor.execute(
-                    "SELECT set_config(%s, 'on', true), set_config('jit', 'off', true),"
-                    " set_config('lock_timeout', %s, true)",
-                    [ENGINE_SETTING, timeout],
-                )
-                on.append(True)
+        def engine_on(already: bool = False) -> None:
+            """Apply the settings (``already``: a statement of the caller's applied them)."""
+            if not on and not already:
+                cursor.execute(f"SELECT {settings_sql()}", settings_params(timeout))
+            on.append(True)
 
         cursor.engine_on = engine_on
+        cursor.engine_timeout = timeout
         if not lazy:
             engine_on()
         yield cursor
-        if on:
+        if on and nested:
             cursor.execute("SELECT set_config(%s, 'off', true)", [ENGINE_SETTING])
+
+
+def settings_sql() -> str:
+    """The engine's transaction settings as one expression (two parameters)."""
+    return (
+        "concat(set_config(%s, 'on', true), set_config('jit', 'off', true),"
+        " set_config('lock_timeout', %s, true))"
+    )
+
+
+def settings_params(timeout: str) -> list:
+    return [ENGINE_SETTING, timeout]
 
 
 def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
     """Lock up to ``batch_size`` due marks nobody else holds, delete the prefix worth at most
-    ``max_ids`` ids (the first mark whatever its size), and return it: one statement."""
+    ``max_ids`` ids (the first mark whatever its size), and return it: one statement, which
+    also applies the engine's settings when it took anything (a drain that finds nothing
+    leaves the transaction as it found it)."""
     where = "(not_before IS NULL OR not_before <= now())"
     where += " AND target = ANY(%s)" if labels else ""
     params: list = [labels] if labels else []
@@ -146,12 +162,14 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
         f"WITH locked AS (SELECT id, coalesce(cardinality(ids), 1) AS size FROM {MARK_TABLE}"
         f" WHERE {where} ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED),"
         " picked AS (SELECT id FROM (SELECT id, sum(size) OVER (ORDER BY id) AS run,"
-        " row_number() OVER (ORDER BY id) AS n FROM locked) x WHERE n = 1 OR run <= %s)"
-        f" DELETE FROM {MARK_TABLE} m USING picked WHERE m.id = picked.id"
-        " RETURNING m.id, m.target, m.ids, m.field, m.deltas, m.payload",
-        [*params, batch_size, max_ids],
+        " row_number() OVER (ORDER BY id) AS n FROM locked) x WHERE n = 1 OR run <= %s),"
+        f" taken AS (DELETE FROM {MARK_TABLE} m USING picked WHERE m.id = picked.id"
+        " RETURNING m.id, m.target, m.ids, m.field, m.deltas, m.payload)"
+        # An InitPlan: evaluated once, and only when a row is returned.
+        f" SELECT taken.*, (SELECT {settings_sql()}) IS NOT NULL FROM taken",
+        [*params, batch_size, max_ids, *settings_params(cursor.engine_timeout)],
     )
-    return sorted(cursor.fetchall())
+    return sorted(row[:6] for row in cursor.fetchall())
 
 
 def _expand(cursor, label: str) -> int:
@@ -248,7 +266,7 @@ def drain(
         taken = _take(cursor, batch_size, max_ids, targets)
         result.marks = len(taken)
         if taken:
-            cursor.engine_on()
+            cursor.engine_on(already=True)
         plan = _plan(cursor, taken, result)
         for kind in sorted(plan.items):
             done = items.recompute(cursor, kinds[kind], sorted(plan.items[kind]), plan.credits)
@@ -264,32 +282,37 @@ def drain(
 
 
 def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None:
-    """Per target model, in label order: lock what is free; recount the rows marked for it
-    (the formula absorbs this batch's credits to them), add the credits to the others, and
-    queue both again for rows someone else holds."""
+    """Add the amounts of every model that only gets amounts, in one statement; then, per
+    model with rows to recount, in label order: lock what is free, recount the rows marked
+    for it (the formula absorbs this batch's credits to them), add the credits to the others.
+    Amounts and recounts for rows someone else holds are queued again."""
     by_label: dict[str, dict[tuple[str, int], int]] = defaultdict(dict)
     for (label, column, target_id), amount in plan.credits.items():
         if amount:
             by_label[label][(column, target_id)] = amount
-    for label in sorted(set(by_label) | set(plan.recount)):
+    # Models that only need amounts added: every one of them in one statement; the rows it
+    # left out are held by someone (or gone), and their amounts go back to the queue.
+    only_credits = sorted(label for label in by_label if not plan.recount.get(label))
+    batches = [
+        (aggregate.compile_recompute(label, using), by_label[label]) for label in only_credits
+    ]
+    written = applying.lock_and_apply_all(cursor, batches)
+    for statement, credits in batches:
+        label, applied = statement.label, written.get(statement.label, set())
+        wanted = {target_id for _column, target_id in credits}
+        result.targets[label] = result.changed[label] = len(applied)
+        if len(applied) < len(wanted):
+            missing = sorted(wanted - applied)
+            held = set(aggregate.held_elsewhere(cursor, statement, missing, []))
+            applying.defer_credits(
+                cursor, label, {k: v for k, v in credits.items() if k[1] in held}
+            )
+            if held:
+                result.deferred[label] = len(held)
+    for label in sorted(label for label in plan.recount if plan.recount[label]):
         statement = aggregate.compile_recompute(label, using)
         credits = by_label.get(label, {})
-        recount = plan.recount.get(label, set())
-        if not recount:
-            # Only amounts to add: lock and add in one statement; the rows it left out are
-            # held by someone (or gone), and their amounts go back to the queue.
-            applied = applying.lock_and_apply(cursor, statement, credits)
-            wanted = {target_id for _column, target_id in credits}
-            result.targets[label] = result.changed[label] = len(applied)
-            if len(applied) < len(wanted):
-                missing = sorted(wanted - applied)
-                held = set(aggregate.held_elsewhere(cursor, statement, missing, []))
-                applying.defer_credits(
-                    cursor, label, {k: v for k, v in credits.items() if k[1] in held}
-                )
-                if held:
-                    result.deferred[label] = len(held)
-            continue
+        recount = plan.recount[label]
         ids = sorted(recount | {target_id for _column, target_id in credits})
         locked = aggregate.lock(cursor, statement, ids)
         held = aggregate.held_elsewhere(cursor, statement, ids, locked)

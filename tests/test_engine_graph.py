@@ -39,10 +39,11 @@ def app_specs():
     return [s for s in graph().specs if s.target.label.startswith(f"{APP}.")]
 
 
-def test_the_test_app_declares_seven_counts_on_three_models():
+def test_the_test_app_declares_eight_counts_on_four_models():
     assert [s.key for s in app_specs()] == [
         f"{APP}.book.good_reviews_count",
         f"{APP}.book.tags_count",
+        f"{APP}.library.reviews_count",
         f"{APP}.shelf.books_count",
         f"{APP}.shelf.long_books_count",
         f"{APP}.shelf.authors_count",
@@ -117,13 +118,19 @@ def test_update_triggers_compare_only_columns_a_count_reads():
 
 def test_write_watcher_notices_writes_to_watched_tables_only():
     watcher = WriteWatcher.for_graph(graph())
-    book, shelf, tag = f"{APP}.book", f"{APP}.shelf", f"{APP}.tag"
-    # A review: its book's own count, and its book as an item (the tags' rated books).
-    books = f"item:{APP}.book"
-    assert watcher.targets_of('INSERT INTO "counts_testapp_review" ...') == {book, books}
+    book, tag = f"{APP}.book", f"{APP}.tag"
+    # A review: its book's own count, its book as an item (the tags' rated books), and its
+    # library's reviews, kept in full.
+    books, library = f"item:{APP}.book", f"{APP}.library"
+    assert watcher.targets_of('INSERT INTO "counts_testapp_review" ...') == {book, books, library}
     assert watcher.targets_of(f'DELETE FROM "{THROUGH}" WHERE ...') == {book, tag, books}
     assert watcher.targets_of('SELECT * FROM "counts_testapp_review"') == frozenset()
     assert watcher.targets_of('UPDATE "counts_testapp_author" SET name = 1') == frozenset()
+    # A shelf moving libraries: a job over its books (their threshold), and both libraries.
+    assert watcher.targets_of("UPDATE counts_testapp_shelf SET library_id = 1") == {
+        books,
+        library,
+    }
     # A library's setting: one job over the books it can flip (``counts.jobs``).
     assert watcher.targets_of("WITH x AS (SELECT 1) UPDATE counts_testapp_library SET a = 1") == {
         books
@@ -141,7 +148,8 @@ def test_each_table_is_watched_for_the_operations_that_change_a_count():
         | {(THROUGH, op) for op in changing_rows}
         # A parent holding a setting, and the target row holding the link to it: updates only.
         | {("counts_testapp_library", "update"), ("counts_testapp_library", "truncate")}
-        | {("counts_testapp_shelf", "update"), ("counts_testapp_shelf", "truncate")}
+        # Shelves: the books' target row for their counts, and on the library's reviews path.
+        | {("counts_testapp_shelf", op) for op in changing_rows}
     )
     root = [r for r in graph().routes["counts_testapp_shelf"] if r.reached_by == ROOT]
     assert [r.columns for r in root] == [frozenset({"library_id"})]

@@ -18,7 +18,12 @@ from tests.engine_app.models import Author, Book, Library, Review, Shelf, Tag
 from tests.engine_app.truth import assert_engine_counts_exact
 from tests.truth import drain_all
 
-LABELS = {"SH": "counts_testapp.shelf", "BK": "counts_testapp.book", "TG": "counts_testapp.tag"}
+LABELS = {
+    "LB": "counts_testapp.library",
+    "SH": "counts_testapp.shelf",
+    "BK": "counts_testapp.book",
+    "TG": "counts_testapp.tag",
+}
 
 pytestmark = pytest.mark.django_db
 
@@ -40,7 +45,8 @@ def value(obj, field: str) -> int:
 
 def test_a_saved_book_dirties_only_its_shelf(library, marks):
     Book(shelf=library.fiction, author=library.darwin, title="Voyage", pages=500).save()
-    expect(marks, SH=[library.fiction])
+    # The library's reviews count is kept in full: its marks name rows to recount.
+    expect(marks, SH=[library.fiction], LB=[library.city])
     settle()
     assert value(library.fiction, "authors_count") == 2
     assert value(library.fiction, "long_books_count") == 2
@@ -49,7 +55,7 @@ def test_a_saved_book_dirties_only_its_shelf(library, marks):
 def test_a_deleted_book_takes_its_reviews_and_memberships_with_it(library, marks):
     emma = Book.objects.get(pk=library.emma.pk)
     emma.delete()  # sets emma.pk to None; library.emma keeps it
-    expect(marks, SH=[library.fiction], BK=[library.emma], TG=[library.classics])
+    expect(marks, SH=[library.fiction], BK=[library.emma], TG=[library.classics], LB=[library.city])
     settle()
     assert value(library.classics, "rated_books_count") == 1  # Origin is still rated
 
@@ -61,14 +67,14 @@ def test_bulk_create_marks_every_shelf_it_touched(library, marks):
             Book(shelf=library.science, author=None, title="Atlas", pages=150),
         ]
     )
-    expect(marks, SH=[library.poetry, library.science])
+    expect(marks, SH=[library.poetry, library.science], LB=[library.city, library.school])
     settle()
     assert value(library.science, "long_books_count") == 2  # Origin, Atlas; not Beagle
 
 
 def test_queryset_update_of_a_read_column_dirties_old_and_new_shelves(library, marks):
     Book.objects.filter(shelf=library.fiction).update(shelf=library.poetry)
-    expect(marks, SH=[library.fiction, library.poetry])
+    expect(marks, SH=[library.fiction, library.poetry], LB=[library.city])
     settle()
     assert value(library.fiction, "books_count") == 0
 
@@ -81,7 +87,12 @@ def test_queryset_update_of_an_unread_column_marks_nothing(library, marks):
 
 def test_queryset_delete_of_rated_reviews_dirties_books_and_their_tags(library, marks):
     Review.objects.filter(stars__isnull=False).delete()
-    expect(marks, BK=[library.emma, library.origin], TG=[library.classics, library.nature])
+    expect(
+        marks,
+        BK=[library.emma, library.origin],
+        TG=[library.classics, library.nature],
+        LB=[library.city, library.school],
+    )
     settle()
     assert value(library.nature, "rated_books_count") == 0
 
@@ -147,7 +158,7 @@ def test_a_parent_setting_changed_by_raw_sql_dirties_the_shelves_below_it(librar
 def test_a_shelf_moved_to_another_library_is_recounted_under_its_threshold(library, marks):
     library.fiction.library = library.school
     library.fiction.save()
-    expect(marks, SH=[library.fiction])
+    expect(marks, SH=[library.fiction], LB=[library.city, library.school])
     settle()
     assert value(library.fiction, "long_books_count") == 2
 
@@ -161,7 +172,7 @@ def test_a_book_losing_its_author_leaves_the_distinct_count(library, marks):
 
 def test_a_deleted_library_cascades_and_its_counts_stay_exact(library, marks):
     Library.objects.filter(pk=library.school.pk).delete()
-    assert set(marks.by_target()) == {LABELS["SH"], LABELS["BK"], LABELS["TG"]}
+    assert set(marks.by_target()) == {LABELS["LB"], LABELS["SH"], LABELS["BK"], LABELS["TG"]}
     settle()
     assert not Shelf.objects.filter(library_id=library.school.pk).exists()
     assert value(library.nature, "books_count") == 0

@@ -15,6 +15,7 @@ Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
 | ``Book.tags_count`` | count through an M2M, from its reverse side |
 | ``Tag.books_count`` | count through an M2M, from its declaring side |
 | ``Tag.rated_books_count`` | M2M members with at least one valid child (EXISTS below) |
+| ``Library.reviews_count`` | a path of three relations: the one shape kept by a full recount |
 
 ``Author`` has no counts and nothing reads its columns: the model no trigger watches.
 """
@@ -29,6 +30,8 @@ class Library(models.Model):
     name = models.CharField(max_length=100)
     #: Pages from which a book counts as long on this library's shelves.
     long_book_pages = models.IntegerField(default=300)
+
+    reviews_count = CachedCountField("shelves__books__reviews")
 
 
 class Author(models.Model):

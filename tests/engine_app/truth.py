@@ -13,6 +13,13 @@ from tests import truth as domain_truth
 
 #: Per table: ``{cached column: truth expression}``, each a subquery correlated with ``t``.
 TRUTH: dict[str, dict[str, str]] = {
+    "counts_testapp_library": {
+        "reviews_count": (
+            "SELECT count(*) FROM counts_testapp_review r JOIN counts_testapp_book b"
+            " ON b.id = r.book_id JOIN counts_testapp_shelf s ON s.id = b.shelf_id"
+            " WHERE s.library_id = t.id"
+        ),
+    },
     "counts_testapp_shelf": {
         "books_count": "SELECT count(*) FROM counts_testapp_book b WHERE b.shelf_id = t.id",
         "long_books_count": (
@@ -42,6 +49,7 @@ TRUTH: dict[str, dict[str, str]] = {
 
 #: Model label of each table, for readable reports.
 LABELS = {
+    "counts_testapp_library": "counts_testapp.library",
     "counts_testapp_shelf": "counts_testapp.shelf",
     "counts_testapp_book": "counts_testapp.book",
     "counts_testapp_tag": "counts_testapp.tag",
