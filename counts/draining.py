@@ -146,6 +146,13 @@ def settings_sql() -> str:
     )
 
 
+#: A drain commits without waiting for its WAL to reach disk. Safe: a crash can lose only a
+#: whole drain transaction (asynchronous commit keeps the WAL's order), and with it the
+#: deletion of its marks, so the marks are back and drained again. Writers' commits, and
+#: "Recompute now", keep the server's setting.
+ASYNC_COMMIT_SQL = "set_config('synchronous_commit', 'off', true)"
+
+
 def settings_params(timeout: str) -> list:
     return [ENGINE_SETTING, timeout]
 
@@ -166,7 +173,8 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
         f" taken AS (DELETE FROM {MARK_TABLE} m USING picked WHERE m.id = picked.id"
         " RETURNING m.id, m.target, m.ids, m.field, m.deltas, m.payload)"
         # An InitPlan: evaluated once, and only when a row is returned.
-        f" SELECT taken.*, (SELECT {settings_sql()}) IS NOT NULL FROM taken",
+        f" SELECT taken.*, (SELECT concat({settings_sql()}, {ASYNC_COMMIT_SQL})) IS NOT NULL"
+        " FROM taken",
         [*params, batch_size, max_ids, *settings_params(cursor.engine_timeout)],
     )
     return sorted(row[:6] for row in cursor.fetchall())

@@ -10,6 +10,15 @@ in ORM terms, what it counts::
 Everything else — which tables can change it, the triggers that mark it dirty, the aggregate
 that recomputes it — is derived from these declarations in ``counts.spec`` and ``counts.graph``.
 
+How cheaply a count is kept follows from its shape (``counts.modes``; ``manage.py counts
+status`` prints each count's mode): **own-row** when every input is a column of the counted
+rows (plain and filtered reverse-FK counts, M2M counts); **item** when the counted rows' worth
+depends on rows joined to one *item* row — their children (detections of a station's captures,
+"captures with a valid detection" of a set), a setting reached by ``F()`` through forward
+foreign keys (a project's threshold), or a distinct foreign key (taxa); **full** otherwise
+(paths of three relations or more, filters mixing relations with OR): those are recounted
+from their target rows after every change, at a cost that follows the target's size.
+
 The first cached count on a model also gives it a ``counts_updated_at`` column: the time its
 counts last changed value. Freshness is part of what users see, so every counted model has it.
 

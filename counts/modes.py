@@ -431,6 +431,34 @@ def classify(spec) -> Mode:
     return Full("its path crosses more than two relations")
 
 
+def fold_into_items(specs: list) -> list:
+    """Own-row counts of a row that is an item anyway, over children an item count of its
+    kind already measures (a capture's own valid detections, beside the detections its
+    station's count reads through it), become item counts with the item as their own target.
+
+    The writer then records one mark per statement instead of two (the children's item mark
+    already names the item), and the drain, which recomputes the item anyway, credits the
+    item's own count from the same probe. Decided from all the declarations at once, so the
+    result does not depend on their order.
+    """
+    from dataclasses import replace
+
+    measured = {
+        (m.mode.kind, m.mode.measure.child, m.mode.measure.fk)
+        for m in specs
+        if isinstance(m.mode, ItemCount)
+    }
+    folded = []
+    for spec in specs:
+        mode = spec.mode
+        if isinstance(mode, OwnRow) and (spec.target, mode.table, mode.fk) in measured:
+            pk = spec.target.pk
+            measure = Measure(mode.table, mode.fk, mode.predicate, exists=False)
+            spec = replace(spec, mode=ItemCount(spec.target, Link(None, pk, pk), measure))
+        folded.append(spec)
+    return folded
+
+
 def incremental_columns(graph=None) -> dict[str, frozenset[str]]:
     """``{label: cached columns}`` kept by deltas and credits rather than recounts."""
     if graph is None:

@@ -265,4 +265,6 @@ def resolve_all(models) -> list[CountSpec]:
     for model in sorted(models, key=lambda m: m._meta.label_lower):
         for f in cached_count_fields(model):
             specs.append(resolve(model, f))
-    return specs
+    from counts.modes import fold_into_items
+
+    return fold_into_items(specs)

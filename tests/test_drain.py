@@ -115,7 +115,7 @@ def test_a_crash_inside_the_drain_loses_no_mark(world, marks, monkeypatch):
         raise RuntimeError("worker died mid-recompute")
 
     monkeypatch.setattr(aggregate, "run", crash)
-    monkeypatch.setattr(applying, "lock_and_apply", crash)
+    monkeypatch.setattr(applying, "lock_and_apply_all", crash)
     with pytest.raises(RuntimeError):
         counts.drain()
     assert marks.rows() == before

@@ -215,11 +215,17 @@ def test_command_status_shows_pending_marks_and_trigger_health(world, marks):
     call_command("counts", "status", "--json", stdout=out)
     report = json.loads(out.getvalue())
     pending = {row["label"]: row for row in report["pending"]}
-    # The capture's own count gets its +1; the capture, as an item, is recomputed for the rest.
-    assert set(pending) == {S, "item:monitoring.sourceimage"}
-    assert pending[S]["marks"] == 1 and pending[S]["ids"] == 1
+    # One item mark: the capture is recomputed, its own count included.
+    assert set(pending) == {"item:monitoring.sourceimage"}
+    assert pending["item:monitoring.sourceimage"]["marks"] == 1
+    assert pending["item:monitoring.sourceimage"]["ids"] == 1
     modes = {row["count"]: row for row in report["modes"]}
-    assert modes[f"{S}.detections_count"]["mode"] == "own-row"
+    assert modes[f"{S}.detections_count"] == {
+        "count": f"{S}.detections_count",
+        "mode": "item",
+        "items": S,
+    }
+    assert modes[f"{D}.captures_count"]["mode"] == "own-row"
     assert modes[f"{C}.source_images_with_detections_count"]["items"] == S
     # Distinct taxa among occurrences over a threshold reached by F(): occurrences are items.
     assert modes[f"{D}.taxa_count"] == {
@@ -240,7 +246,7 @@ def test_command_drain_until_empty(world, marks):
     Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
     out = StringIO()
     call_command("counts", "drain", "--until-empty", stdout=out)
-    assert "Drained 2 marks" in out.getvalue()
+    assert "Drained 1 marks" in out.getvalue()
     assert marks.rows() == []
     assert_all_counts_exact()
 

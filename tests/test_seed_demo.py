@@ -253,7 +253,7 @@ def test_a_write_during_the_counting_pass_keeps_its_mark(monkeypatch):
     seed("--scale", "500")
     pending = fetch(
         "SELECT count(*) FROM counts_dirtymark"
-        " WHERE target = 'monitoring.sourceimage' AND %s = ANY(ids)",
+        " WHERE target = 'item:monitoring.sourceimage' AND %s = ANY(ids)",
         [written["image"]],
     )
     assert pending == [(1,)]

@@ -91,8 +91,8 @@ def test_only_tables_a_domain_count_reads_are_watched(compiled):
 
 
 def test_truncate_recounts_own_row_targets_and_recomputes_every_credited_item(compiled):
-    sql = by_key(compiled)[("monitoring_detection", "truncate")]
-    assert "VALUES ('monitoring.sourceimage', NULL)" in sql
+    sql = by_key(compiled)[("monitoring_sourceimagecollection_images", "truncate")]
+    assert "VALUES ('monitoring.sourceimagecollection', NULL)" in sql
     assert "FROM counts_ledger WHERE kind = 'item:monitoring.sourceimage'" in sql
     # The stations', nights' and sets' detection counts follow from their captures' ledgers.
     assert "'monitoring.deployment'" not in sql
@@ -117,13 +117,16 @@ def test_incremental_triggers_read_only_their_own_rows(compiled):
 
 
 def test_deltas_are_exact_amounts_and_item_marks_are_ids(compiled):
-    sql = by_key(compiled)[("monitoring_detection", "update")]
-    # A detection's own-row count: +1 for new versions passing the filter, -1 for old ones.
-    assert "'monitoring.sourceimage' AS target, 'detections_count' AS field" in sql
-    assert 'r."bbox" IS NOT NULL' in sql and "-1 AS d" in sql
-    assert "HAVING sum(x.d) <> 0" in sql
-    # The capture, as an item, from the detection's old and new source_image_id.
-    assert "'item:monitoring.sourceimage' AS target, r.\"source_image_id\" AS id" in sql
+    sql = by_key(compiled)[("monitoring_sourceimage", "update")]
+    # A capture's own-row counts: +1 at its new station, -1 at its old one.
+    assert "'monitoring.deployment' AS target, 'captures_count' AS field" in sql
+    assert "-1 AS d" in sql and "HAVING sum(x.d) <> 0" in sql
+    # The capture, as an item, from its own id when its links change.
+    assert "'item:monitoring.sourceimage' AS target, r.\"id\" AS id" in sql
+    detection = by_key(compiled)[("monitoring_detection", "update")]
+    # A detection: its capture as an item, from its old and new source_image_id, and no delta.
+    assert "'item:monitoring.sourceimage' AS target, r.\"source_image_id\" AS id" in detection
+    assert "deltas" not in detection
 
 
 def test_one_statement_writes_one_mark_per_count_and_per_item_kind(compiled):
@@ -192,17 +195,13 @@ def test_a_10000_row_statement_writes_one_mark_per_target_model(world, marks):
         )
         assert cursor.rowcount == 10000
     rows = marks.rows()
-    # One delta mark (the captures' own count) and one item mark, for 10,000 rows.
-    assert sorted(target for target, _ in rows) == [
-        "item:monitoring.sourceimage",
-        "monitoring.sourceimage",
-    ]
-    assert dict(rows)["monitoring.sourceimage"] == sorted(images)
+    # One item mark for 10,000 rows (the captures' own count is credited from it too).
+    assert [target for target, _ in rows] == ["item:monitoring.sourceimage"]
     assert dict(rows)["item:monitoring.sourceimage"] == sorted(images)
     drain_all()
     with connection.cursor() as cursor:
         cursor.execute("UPDATE monitoring_detection SET bbox = NULL WHERE id > %s", [world.det5.pk])
-    assert len(marks.rows()) == 2
+    assert len(marks.rows()) == 1
     drain_all()
     assert_all_counts_exact()
     assert cached("monitoring_sourceimage")[world.i1.pk]["detections_count"] == 2
