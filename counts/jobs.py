@@ -71,17 +71,21 @@ class Job:
         return f"{'h' + str(len(self.joins)) if self.joins else 'r'}.{q(self.anchor)}"
 
     def expand_sql(self, ranged: bool) -> str:
-        """Item ids reached from the bound anchor ids (``%s::bigint[]``); ``ranged``: only
-        those whose compared column lies between the bound bounds (two ``%s::text[]``)."""
+        """Item ids reached from the bound anchor ids (``%s::bigint[]``); ``ranged``: from one
+        bound anchor id, only those whose compared column lies between the two bound values.
+
+        One anchor per ranged query, its bounds bound as values: the planner then sees them
+        and walks the ``(link, compared column)`` index per station; bounds read from an
+        array in the same statement planned as a scan of every item (measured: 356 ms for a
+        project's 36k candidates among 1.2M occurrences, against an index walk).
+        """
         pk = f"r.{q(self.item.pk)}"
         if not ranged:
             return f"SELECT {pk} FROM {self._from()} WHERE {self._anchor()} = ANY(%s::bigint[])"
         col, cast = f"r.{q(self.compared)}", self.cast
         return (
-            f"SELECT {pk} FROM unnest(%s::bigint[], %s::text[], %s::text[]) a(id, lo, hi)"
-            f" JOIN LATERAL (SELECT {pk} FROM {self._from()} WHERE {self._anchor()} = a.id"
-            f" AND {col} BETWEEN least(a.lo::{cast}, a.hi::{cast})"
-            f" AND greatest(a.lo::{cast}, a.hi::{cast})) r ON true"
+            f"SELECT {pk} FROM {self._from()} WHERE {self._anchor()} = %s"
+            f" AND {col} BETWEEN least(%s::{cast}, %s::{cast}) AND greatest(%s::{cast}, %s::{cast})"
         )
 
     def pending_items_sql(self) -> str:
@@ -180,8 +184,7 @@ def expand(cursor, job: Job, ids: list[int], payload) -> list[int]:
     if plain:
         cursor.execute(job.expand_sql(ranged=False), [plain])
         found.update(row[0] for row in cursor.fetchall())
-    if ranged:
-        anchors, lows, highs = (list(col) for col in zip(*ranged, strict=True))
-        cursor.execute(job.expand_sql(ranged=True), [anchors, lows, highs])
+    for anchor, old, new in ranged:
+        cursor.execute(job.expand_sql(ranged=True), [anchor, old, new, old, new])
         found.update(row[0] for row in cursor.fetchall())
     return sorted(found)
