@@ -27,6 +27,10 @@ A declaration's shape decides how cheaply the engine can keep it exact after a c
   or more). Writers mark target rows, and the drain recounts them with today's aggregate.
   ``counts status`` names these counts and says why.
 
+One decision looks at all declarations at once (:func:`fold_into_items`): an own-row count of
+a row that is an item anyway, over children its kind already measures, is kept through that
+item kind, so the children's writes record one mark rather than two.
+
 Everything here is decided once, from model metadata, when the specs are built; the result is
 plain frozen data that the trigger and drain compilers read.
 """
