@@ -33,7 +33,6 @@ cached columns the guard triggers let through.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from counts import aggregate, applying, items, routes
 from counts.apps import graph
 from counts.errors import UnknownTargetError
 from counts.guards import ENGINE_SETTING
-from counts.items import item_kinds, mark_every_item
+from counts.items import item_kinds, mark_every_item, mark_items_sql
 from counts.jobs import JOB_PREFIX, expand, jobs_by_key
 from counts.marks import defer
 from counts.modes import incremental_columns
@@ -126,7 +125,7 @@ def engine_transaction(
         def engine_on(already: bool = False) -> None:
             """Apply the settings (``already``: a statement of the caller's applied them)."""
             if not on and not already:
-                cursor.execute(f"SELECT {settings_sql()}", settings_params(timeout))
+                cursor.execute(f"SELECT {SETTINGS_SQL}", [ENGINE_SETTING, timeout])
             on.append(True)
 
         cursor.engine_on = engine_on
@@ -138,23 +137,17 @@ def engine_transaction(
             cursor.execute("SELECT set_config(%s, 'off', true)", [ENGINE_SETTING])
 
 
-def settings_sql() -> str:
-    """The engine's transaction settings as one expression (two parameters)."""
-    return (
-        "concat(set_config(%s, 'on', true), set_config('jit', 'off', true),"
-        " set_config('lock_timeout', %s, true))"
-    )
-
-
+#: The engine's transaction settings as one expression (parameters: the engine setting's
+#: name, the lock timeout).
+SETTINGS_SQL = (
+    "concat(set_config(%s, 'on', true), set_config('jit', 'off', true),"
+    " set_config('lock_timeout', %s, true))"
+)
 #: A drain commits without waiting for its WAL to reach disk. Safe: a crash can lose only a
 #: whole drain transaction (asynchronous commit keeps the WAL's order), and with it the
 #: deletion of its marks, so the marks are back and drained again. Writers' commits, and
 #: "Recompute now", keep the server's setting.
 ASYNC_COMMIT_SQL = "set_config('synchronous_commit', 'off', true)"
-
-
-def settings_params(timeout: str) -> list:
-    return [ENGINE_SETTING, timeout]
 
 
 def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
@@ -173,9 +166,9 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
         f" taken AS (DELETE FROM {MARK_TABLE} m USING picked WHERE m.id = picked.id"
         " RETURNING m.id, m.target, m.ids, m.field, m.deltas, m.payload)"
         # An InitPlan: evaluated once, and only when a row is returned.
-        f" SELECT taken.*, (SELECT concat({settings_sql()}, {ASYNC_COMMIT_SQL})) IS NOT NULL"
+        f" SELECT taken.*, (SELECT concat({SETTINGS_SQL}, {ASYNC_COMMIT_SQL})) IS NOT NULL"
         " FROM taken",
-        [*params, batch_size, max_ids, *settings_params(cursor.engine_timeout)],
+        [*params, batch_size, max_ids, ENGINE_SETTING, cursor.engine_timeout],
     )
     return sorted(row[:6] for row in cursor.fetchall())
 
@@ -191,16 +184,6 @@ def _expand(cursor, label: str) -> int:
         [label, EXPAND_CHUNK],
     )
     return cursor.rowcount
-
-
-def _mark_chunks(cursor, target: str, ids: list[int]) -> None:
-    chunks = [ids[i : i + EXPAND_CHUNK] for i in range(0, len(ids), EXPAND_CHUNK)]
-    cursor.execute(
-        f"INSERT INTO {MARK_TABLE} (target, ids)"
-        " SELECT %s, ARRAY(SELECT jsonb_array_elements_text(c)::bigint)"
-        " FROM jsonb_array_elements(%s::jsonb) c",
-        [target, json.dumps(chunks)],
-    )
 
 
 @dataclass
@@ -222,11 +205,12 @@ def _plan(cursor, taken, result: DrainResult) -> _Plan:
             job = jobs_by_key(graph()).get(column)
             if job is not None:  # else the count that started it is gone
                 found = expand(cursor, job, list(ids), payload)
-                if len(found) <= EXPAND_CHUNK:
+                if len(found) <= items.CHUNK:
                     plan.items[target].update(found)
                 else:
                     # A big job is recomputed by later batches, a chunk each.
-                    _mark_chunks(cursor, target, found)
+                    source = "(SELECT unnest(%s::bigint[]) AS id)"
+                    cursor.execute(mark_items_sql(kinds[target], source, "id"), [found])
                     result.expanded[target] = result.expanded.get(target, 0) + 1
         elif target in kinds:
             if ids is None:

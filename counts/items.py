@@ -95,6 +95,11 @@ class ItemKind:
     def parts_for(self, label: str) -> tuple[Part, ...]:
         return tuple(p for p in self.parts if p.label == label)
 
+    @property
+    def parts_by_key(self) -> dict[str, Part]:
+        """Its counts by ledger key: how a ledger entry is read back."""
+        return {p.key: p for p in self.parts}
+
     def summed_parts(self, label: str) -> tuple[Part, ...]:
         """The counts of ``label`` that are sums of credits (all but distinct counts)."""
         return tuple(p for p in self.parts_for(label) if not p.distinct)
@@ -279,14 +284,14 @@ def recompute(cursor, kind: ItemKind, ids: list[int], credits) -> ItemResult:
     rows = [(old, new) for _item, old, new in cursor.fetchall()]
     result.changed = len(rows)
     pairs = credit(kind, rows, credits)
-    multiplicity.add(cursor, pairs, {p.key: p for p in kind.parts}, credits)
+    multiplicity.add(cursor, pairs, kind.parts_by_key, credits)
     return result
 
 
 def credit(kind: ItemKind, rows, credits) -> dict[tuple[str, int, int], int]:
     """Add to ``credits`` what ledgers going from ``old`` to ``new`` (``rows``) credit to
     targets; returns the multiplicity changes of the kind's distinct counts."""
-    by_key = {p.key: p for p in kind.parts}
+    by_key = kind.parts_by_key
     pairs: dict[tuple[str, int, int], int] = defaultdict(int)
     for old, new in rows:
         for state, sign in ((_state(old), -1), (_state(new), 1)):
@@ -484,7 +489,7 @@ def preview(cursor, kind: ItemKind, ids: list[int], credits) -> None:
         [sorted(set(ids)), kind.mark_target],
     )
     pairs = credit(kind, cursor.fetchall(), credits)
-    multiplicity.preview(cursor, pairs, {p.key: p for p in kind.parts}, credits)
+    multiplicity.preview(cursor, pairs, kind.parts_by_key, credits)
 
 
 def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:

@@ -82,23 +82,26 @@ class Job:
         pk = f"r.{q(self.item.pk)}"
         if not ranged:
             return f"SELECT {pk} FROM {self._from()} WHERE {self._anchor()} = ANY(%s::bigint[])"
-        col, cast = f"r.{q(self.compared)}", self.cast
         return (
             f"SELECT {pk} FROM {self._from()} WHERE {self._anchor()} = %s"
-            f" AND {col} BETWEEN least(%s::{cast}, %s::{cast}) AND greatest(%s::{cast}, %s::{cast})"
+            f" AND {self._between('%s', '%s')}"
         )
+
+    def _between(self, old: str, new: str) -> str:
+        """The compared column lies between the settings ``old`` and ``new`` (SQL text; each
+        appears twice), whichever is larger."""
+        lo, hi = (f"{v}::{self.cast}" for v in (old, new))
+        return f"r.{q(self.compared)} BETWEEN least({lo}, {hi}) AND greatest({lo}, {hi})"
 
     def pending_items_sql(self) -> str:
         """Item ids the job marks visible to the statement expand to (stale items)."""
         where = f"m.target = {literal(self.kind)} AND m.field = {literal(self.key)}"
         match = f"{self._anchor()} = a.id"
         if self.compared:
-            lo, hi = "(m.payload->(a.n::int - 1)->>0)", "(m.payload->(a.n::int - 1)->>1)"
-            cast, col = self.cast, f"r.{q(self.compared)}"
+            old, new = "(m.payload->(a.n::int - 1)->>0)", "(m.payload->(a.n::int - 1)->>1)"
             match += (
-                f" AND (m.payload IS NULL OR {lo} IS NULL OR {hi} IS NULL OR {col}"
-                f" BETWEEN least({lo}::{cast}, {hi}::{cast}) AND greatest({lo}::{cast},"
-                f" {hi}::{cast}))"
+                f" AND (m.payload IS NULL OR {old} IS NULL OR {new} IS NULL"
+                f" OR {self._between(old, new)})"
             )
         return (
             f"SELECT r.{q(self.item.pk)} AS id FROM {MARK_TABLE} m"

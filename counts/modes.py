@@ -43,7 +43,7 @@ import hashlib
 from dataclasses import dataclass
 
 from django.db import connections
-from django.db.models import Q
+from django.db.models import F, Q
 
 from counts.spec import FORWARD, REVERSE, Hop, Table
 
@@ -239,8 +239,6 @@ def _relative(q: Q, prefix: str) -> Q | None:
 
 
 def _has_f(value) -> bool:
-    from django.db.models import F
-
     if isinstance(value, F):
         return True
     return any(_has_f(s) for s in getattr(value, "get_source_expressions", lambda: [])())
@@ -390,18 +388,18 @@ def _item_self(spec) -> Mode:
         for lookup, value in spec.filter.children:
             if not lookup.startswith(prefix):
                 return Full("its filter reads more than the counted rows")
-            refs = [v.name for v in [value] if hasattr(v, "name") and _has_f(v)]
-            if _has_f(value) and (not refs or setting is not None):
+            relative = lookup[len(prefix) :]
+            if not _has_f(value):
+                plain.append((relative, value))
+                continue
+            if not isinstance(value, F) or setting is not None:
                 return Full("its filter compares with more than one value reached by F()")
-            if refs:
-                found = _setting(spec, item_model, prefix, lookup[len(prefix) :], refs[0])
-                if isinstance(found, str):
-                    return Full(found)
-                setting = found
-                op = _COMPARISONS[lookup[len(prefix) :].partition("__")[2] or "exact"]
-                compare = f"r.{_q(setting.compared)} {op} {setting.value_sql()}"
-            else:
-                plain.append((lookup[len(prefix) :], value))
+            found = _setting(spec, item_model, prefix, relative, value.name)
+            if isinstance(found, str):
+                return Full(found)
+            setting = found
+            op = _COMPARISONS[relative.partition("__")[2] or "exact"]
+            compare = f"r.{_q(setting.compared)} {op} {setting.value_sql()}"
     try:
         predicate = row_predicate(item_model, Q(*plain)) if plain else None
     except ValueError as exc:

@@ -34,20 +34,26 @@ from counts.triggers import literal
 TABLE = "counts_multiplicity"
 
 
+def _columns(deltas: dict[tuple[str, int, int], int]) -> list[list] | None:
+    """``[keys, targets, values, amounts]`` of the non-zero changes, in key order (the order
+    multiplicity rows are locked in), or None when there are none."""
+    rows = sorted((k, t, v, d) for (k, t, v), d in deltas.items() if d)
+    return [list(col) for col in zip(*rows, strict=True)] if rows else None
+
+
 def add(cursor, deltas: dict[tuple[str, int, int], int], parts: dict, credits) -> None:
     """Add ``deltas[(key, target, value)]`` to the multiplicities and credit each pair that
     crosses zero to ``credits[(label, column, target)]`` (``parts``: ledger key → ``Part``)."""
-    rows = sorted((k, t, v, d) for (k, t, v), d in deltas.items() if d)
-    if not rows:
+    columns = _columns(deltas)
+    if columns is None:
         return
-    keys, targets, values, amounts = (list(col) for col in zip(*rows, strict=True))
     cursor.execute(
         f"INSERT INTO {TABLE} AS m (key, target_id, value, n)"
         " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::int[])"
         " ORDER BY 1, 2, 3"
         " ON CONFLICT (key, target_id, value) DO UPDATE SET n = m.n + EXCLUDED.n"
         " RETURNING m.key, m.target_id, m.value, m.n",
-        [keys, targets, values, amounts],
+        columns,
     )
     emptied = []
     for key, target, value, n in cursor.fetchall():
@@ -70,17 +76,16 @@ def add(cursor, deltas: dict[tuple[str, int, int], int], parts: dict, credits) -
 
 def preview(cursor, deltas: dict[tuple[str, int, int], int], parts: dict, credits) -> None:
     """What :func:`add` would credit, writing nothing."""
-    rows = sorted((k, t, v, d) for (k, t, v), d in deltas.items() if d)
-    if not rows:
+    columns = _columns(deltas)
+    if columns is None:
         return
-    keys, targets, values, amounts = (list(col) for col in zip(*rows, strict=True))
     cursor.execute(
         f"SELECT d.key, d.target_id, coalesce(m.n, 0), d.n"
         " FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::int[])"
         " AS d(key, target_id, value, n)"
         f" LEFT JOIN {TABLE} m ON m.key = d.key AND m.target_id = d.target_id"
         " AND m.value = d.value",
-        [keys, targets, values, amounts],
+        columns,
     )
     for key, target, now, delta in cursor.fetchall():
         part = parts.get(key)
