@@ -116,7 +116,10 @@ def drain_label(label: str, *, fan_out: bool) -> int:
     poll = min(0.2, linger / 5) if linger else 0
     batches, fanned, quiet_until, waits_left = 0, not fan_out, None, 3
     while True:
-        _redis_quietly(debounce.hold_draining, label)
+        # Promise writers a window, or what is left of the linger: they need not ask Redis
+        # while this drainer is sure to look again.
+        left = linger if quiet_until is None else max(0.0, quiet_until - time.monotonic())
+        _redis_quietly(debounce.hold_draining, label, promise_ms=int(left * 1000))
         result = _drain(label)
         # Idle: no marks, or only rows someone else holds (marked again, due a little later:
         # the sweep sends for them then; spinning on them here would help nobody).
@@ -174,7 +177,7 @@ def recompute_pending(*args, **kwargs) -> None:
     close_old_connections()
     # Raise the draining flag, then free the key: a write committing from here on either sees
     # the flag (and this drainer will find its marks) or sets the key and gets a message.
-    _redis_quietly(debounce.hold_draining, label)
+    _redis_quietly(debounce.hold_draining, label, promise_ms=settings.COUNTS_DEBOUNCE_MS)
     _redis_quietly(debounce.release, key, token)
     try:
         drain_label(label, fan_out=True)

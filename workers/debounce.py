@@ -8,20 +8,30 @@ message. The drainer holds a short-lived *draining* flag while it works and drai
 marks are left; it drops the flag and then looks once more, so a writer that skipped sending
 because of the flag committed its marks before that last look (no write is ever left behind).
 
-A process also remembers the messages it sent itself (:data:`_sent_until`): for a label it sent
-a debounced message for less than :data:`TRUSTED_SHARE` of a window ago, the next writers of
-that process make no Redis call at all. No write is lost by that: the message was sent with
-``delay=window``, so no worker takes it, frees the key or starts its drain earlier than one
-window after it was sent; a write that skips Redis before the remembered deadline (the window's
-first :data:`TRUSTED_SHARE`) has committed its marks by then, so the drain that message starts,
-whose snapshot is younger than its start, sees them. The share left over absorbs clock skew
-between the sender's host (which sets the message's eta) and the worker's (which honours it).
-A message lost with a dead worker is the sweep's, as for any other writer.
+A writer that finds a message already on its way, or a drainer at work, remembers until when
+that one will still find its marks (:data:`_covered_until`), and its next writes to that label
+make no Redis call at all until then. The values in Redis say how long that is:
+
+- a debounce key holds ``<uuid>.<due>``, ``due`` being the wall-clock millisecond before which
+  no worker takes the message: the sender computes it *before* setting the key and sends the
+  message with ``delay=window`` after, so the message's eta is no earlier. A write committed
+  before ``due`` is seen by the drain the message starts, whose snapshot is younger than that.
+- the draining flag holds the wall-clock millisecond before which its drainer promised not to
+  make its last look (:func:`hold_draining`; :func:`drop_draining` waits the promise out before
+  dropping the flag, and the last look comes after that), so a write committed before the
+  promise is seen by that look or an earlier batch.
+
+A writer trusts either only until :data:`SKEW_SHARE` of a window before it, which absorbs
+clock skew between hosts (the same skew the message's eta already depends on). A key written by
+a failed drain's retry (``reclaim``) holds a due time in the past and buys no trust. A message
+lost with a dead worker, a sender that set the key and failed to send, a Redis restart: each
+leaves the marks to the redelivery or the sweep, as for any writer.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -32,10 +42,15 @@ from workers.redis_client import client, key
 
 logger = logging.getLogger(__name__)
 
+#: Returns 1 when it set the key (the caller sends), else the value that stopped it: the draining
+#: flag's promise (not when forced) or the debounce key's token.
 _REQUEST = """
-if ARGV[3] == '0' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if ARGV[3] == '0' then
+  local promise = redis.call('GET', KEYS[2])
+  if promise then return 'd' .. promise end
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
+return 'k' .. (redis.call('GET', KEYS[1]) or '')
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -45,28 +60,50 @@ return 0
 DEBOUNCE = "debounce"
 DRAINING = "draining"
 
-#: Share of the debounce window during which a process trusts a message it sent itself.
-TRUSTED_SHARE = 0.8
-
-#: label -> time.monotonic() until which a message this process sent will still find its marks.
-_sent_until: dict[str, float] = {}
+#: Share of the debounce window a writer keeps off the due time of a message or a drainer's
+#: promise before trusting it (clock skew between hosts).
+SKEW_SHARE = 0.2
+#: label -> time.monotonic() until which a message or drainer already there finds this
+#: process's marks.
+_covered_until: dict[str, float] = {}
+#: (label, thread) -> wall-clock ms that thread's drainer promised not to look for the last time
+#: before (per thread: a second drainer of the label in this process keeps its own promises).
+_promised: dict[tuple[str, int], int] = {}
 
 
 def forget() -> None:
-    """Drop what this process remembers of its own messages (tests; a fork)."""
-    _sent_until.clear()
+    """Drop what this process remembers of messages and promises (tests; a fork)."""
+    _covered_until.clear()
+    _promised.clear()
 
 
-def _remember(labels: list[str], delay_ms: int) -> None:
-    until = time.monotonic() + delay_ms * TRUSTED_SHARE / 1000
-    for label in labels:
-        _sent_until[label] = until
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
-def _unannounced(labels: list[str]) -> list[str]:
-    """The labels with no message of this process's own still to come within its window."""
+def _cover(label: str, until_ms: int, window_ms: int) -> None:
+    """Remember that writes to ``label`` committed before wall-clock ``until_ms`` are covered."""
+    left_ms = until_ms - window_ms * SKEW_SHARE - _now_ms()
+    if left_ms > 0:
+        _covered_until[label] = max(
+            _covered_until.get(label, 0.0), time.monotonic() + left_ms / 1000
+        )
+
+
+def _uncovered(labels: list[str]) -> list[str]:
+    """The labels with no message or drainer known to be coming for this process's marks."""
     now = time.monotonic()
-    return [label for label in labels if _sent_until.get(label, 0.0) <= now]
+    return [label for label in labels if _covered_until.get(label, 0.0) <= now]
+
+
+def _covering_ms(reply: bytes | str) -> int | None:
+    """The wall-clock ms until which what stopped a request (``_REQUEST``'s reply) covers
+    writes: a drainer's promise, or the due time in a debounce key's token."""
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    kind, value = text[:1], text[1:]
+    if kind == "k":
+        value = value.rpartition(".")[2]
+    return int(value) if value.isdigit() else None
 
 
 def debounce_key(label: str) -> str:
@@ -102,19 +139,23 @@ def request(
 
     labels = sorted(set(labels))
     if not force:
-        labels = _unannounced(labels)
+        labels = _uncovered(labels)
     if not labels:
         return []
     window = settings.COUNTS_DEBOUNCE_MS if delay_ms is None else delay_ms
     ttl = window + settings.COUNTS_DEBOUNCE_MARGIN_MS
-    token = uuid.uuid4().hex
+    # Due time first, then the key, then the message: its eta is no earlier than the due time.
+    token = f"{uuid.uuid4().hex}.{_now_ms() + window}"
     # EVAL, not a registered script: a pipeline checks SCRIPT EXISTS first, a second round trip.
     pipe = client().pipeline(transaction=False)
     for label in labels:
         pipe.eval(_REQUEST, 2, debounce_key(label), draining_key(label), token, ttl, int(force))
     sent = []
-    for label, was_set in zip(labels, pipe.execute(), strict=True):
-        if not was_set:
+    for label, reply in zip(labels, pipe.execute(), strict=True):
+        if reply != 1:
+            covered = None if force else _covering_ms(reply)
+            if covered is not None:
+                _cover(label, covered, settings.COUNTS_DEBOUNCE_MS)
             continue
         try:
             recompute_pending.send_with_options(args=(debounce_key(label), token), delay=window)
@@ -124,7 +165,8 @@ def request(
             raise
         sent.append(label)
     if not force:
-        _remember(sent, window)
+        for label in sent:
+            _cover(label, int(token.rpartition(".")[2]), window)
     if sent:
         logger.debug("sent recompute_pending for %s (force=%s)", ", ".join(sent), force)
     return sent
@@ -140,11 +182,23 @@ def reclaim(debounce_key_: str, token: str, ttl_ms: int) -> bool:
     return bool(client().set(debounce_key_, token, nx=True, px=ttl_ms))
 
 
-def hold_draining(label: str) -> None:
-    client().set(draining_key(label), "1", px=settings.COUNTS_DRAINING_TTL_MS)
+def hold_draining(label: str, promise_ms: int = 0) -> None:
+    """Raise (or renew) the draining flag, promising writers not to make the last look within
+    ``promise_ms`` from now (remembered first, so a failed call over-waits rather than breaks
+    the promise). A drainer that will not linger promises nothing."""
+    until = 0
+    if promise_ms > 0:
+        until = _now_ms() + promise_ms
+        mine = (label, threading.get_ident())
+        _promised[mine] = max(_promised.get(mine, 0), until)
+    client().set(draining_key(label), str(until), px=settings.COUNTS_DRAINING_TTL_MS)
 
 
 def drop_draining(label: str) -> None:
+    """Drop the flag once this process's promise is due; the caller's last look comes after."""
+    wait_ms = _promised.pop((label, threading.get_ident()), 0) - _now_ms()
+    if wait_ms > 0:
+        time.sleep(wait_ms / 1000)
     client().delete(draining_key(label))
 
 

@@ -1,0 +1,116 @@
+"""The write path's Redis calls: a writer pays one only when no message or drainer is known to
+be coming for its marks, and no write is ever left for the sweep by trusting one.
+
+Real Redis (its own command statistics count the calls), real broker, real workers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.test import override_settings
+
+from counts.models import DirtyMark
+from tests import worker_harness as wh
+from tests.test_workers import COLLECTION, ITEMS, Through, make_sets
+from tests.truth import assert_all_counts_exact, mismatches
+from workers import debounce
+from workers.redis_client import client
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+WINDOW_MS = 400
+#: Labels a membership insert announces (the capture set and the capture as an item): one
+#: EVAL each when a writer asks.
+ANNOUNCED = [COLLECTION, ITEMS]
+LABELS = len(ANNOUNCED)
+
+
+@pytest.fixture(autouse=True)
+def clean_slate():
+    wh.reset_redis()
+    DirtyMark.objects.all().delete()
+    yield
+    wh.reset_redis()
+
+
+def evals() -> int:
+    """EVAL commands Redis has answered so far: one per writer that asked for a message."""
+    stats = client().info("commandstats")
+    return stats.get("cmdstat_eval", {}).get("calls", 0)
+
+
+def add_members(sets, images, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        Through.objects.create(
+            sourceimagecollection_id=sets[i % len(sets)].pk,
+            sourceimage_id=images[i // len(sets)].pk,
+        )
+
+
+@override_settings(COUNTS_DEBOUNCE_MS=WINDOW_MS)
+def test_a_writer_rides_on_a_message_another_process_sent():
+    images, sets = make_sets(n_sets=5, n_images=40)
+    assert debounce.request(ANNOUNCED) == sorted(ANNOUNCED)
+    debounce.forget()  # from here on, this process did not send it
+    before = evals()
+    add_members(sets, images, 20)
+    assert evals() - before == LABELS, "the first writer learns when the message is due; no more"
+    assert wh.queued_messages() == LABELS, "no second message"
+    time.sleep(WINDOW_MS / 1000)  # past the due time: the message may be taken any moment
+    before = evals()
+    add_members(sets, images, 3, start=20)
+    assert evals() - before == 3 * LABELS, "an overdue message buys no trust: each writer asks"
+
+
+@override_settings(COUNTS_DEBOUNCE_MS=WINDOW_MS)
+def test_a_writer_rides_on_a_drainer_until_its_promise_and_the_drainer_keeps_it():
+    images, sets = make_sets(n_sets=5, n_images=40)
+    for label in ANNOUNCED:
+        debounce.hold_draining(label, promise_ms=WINDOW_MS)  # a drainer (this thread plays it)
+    promised = time.time() + WINDOW_MS / 1000
+    before = evals()
+    add_members(sets, images, 20)
+    assert evals() - before == LABELS, "the first writer reads the drainer's promise; no more"
+    assert wh.queued_messages() == 0, "the drainer is there: no message"
+    for label in ANNOUNCED:
+        debounce.drop_draining(label)
+    assert time.time() >= promised, "the flag stays until the promise is due"
+    assert not debounce.is_draining(COLLECTION)
+
+
+@override_settings(COUNTS_DEBOUNCE_MS=WINDOW_MS)
+def test_a_drainer_that_does_not_linger_promises_nothing():
+    images, sets = make_sets(n_sets=5, n_images=40)
+    for label in ANNOUNCED:
+        debounce.hold_draining(label)
+    before = evals()
+    add_members(sets, images, 5)
+    assert evals() - before == 5 * LABELS
+    started = time.monotonic()
+    debounce.drop_draining(COLLECTION)
+    assert time.monotonic() - started < 0.05
+
+
+@override_settings(COUNTS_DEBOUNCE_MS=WINDOW_MS)
+def test_a_trickle_across_many_windows_converges_without_the_sweep_and_few_calls():
+    """Writes every 20 ms for 4 s, while a worker drains, lingers and hands over: each window
+    boundary (a message due, a drainer's promise ending) is crossed many times. No scheduler
+    runs, so a write left behind by misplaced trust would never be drained."""
+    images, sets = make_sets(n_sets=10, n_images=200)
+    before = evals()
+    writes = 0
+    with wh.running_worker(threads=2):
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            add_members(sets, images, 1, start=writes)
+            writes += 1
+            time.sleep(0.02)
+        wh.wait_until(lambda: not DirtyMark.objects.exists() and not mismatches(), timeout=30)
+    calls = evals() - before
+    print(f"\n[trickle] {writes} writes, {calls} write-path Redis calls")
+    asks = calls / LABELS  # a few EVALs are the worker releasing keys: counted against us
+    assert asks < writes / 4, f"{calls} calls for {writes} writes"
+    assert sum(s.images.count() for s in sets) == writes
+    assert_all_counts_exact()
