@@ -59,6 +59,14 @@ class Job:
         shape = (self.kind, self.table.db_table, self.column, self.joins, self.anchor)
         return JOB_PREFIX + hashlib.sha1(repr(shape).encode()).hexdigest()[:12]
 
+    @property
+    def range_index(self) -> tuple[str, str] | None:
+        """The leading columns of the item-table index a ranged expansion walks: the item's
+        link to the first row on the way, then the compared column (None: not ranged)."""
+        if not self.compared:
+            return None
+        return (self.joins[0][2] if self.joins else self.anchor, self.compared)
+
     def _from(self) -> str:
         sql = f"{q(self.item.db_table)} r"
         prev = "r"

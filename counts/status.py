@@ -6,6 +6,7 @@ from django.db import InterfaceError, OperationalError, connection
 
 from counts.apps import graph
 from counts.errors import first_line
+from counts.jobs import jobs
 from counts.marks import pending_summary
 from counts.signals import status_extras
 from counts.triggers import compile_triggers
@@ -56,6 +57,38 @@ def count_modes() -> list[dict]:
     return rows
 
 
+def job_indexes() -> list[dict]:
+    """For each job ranged over a setting, the index its expansion walks: ``INDEXED`` (with
+    its name) or ``MISSING``. Without one, a threshold change reads every item of each station
+    instead of those between the old and new settings: still exact, no longer cheap."""
+    rows = []
+    with connection.cursor() as cursor:
+        for job in jobs(graph()):
+            if job.range_index is None:
+                continue
+            cursor.execute(
+                "SELECT i.indexrelid::regclass::text FROM pg_index i"
+                " WHERE i.indrelid = %s::regclass AND i.indisvalid AND i.indnkeyatts >= 2"
+                " AND i.indkey[0] = (SELECT attnum FROM pg_attribute"
+                "  WHERE attrelid = i.indrelid AND attname = %s)"
+                " AND i.indkey[1] = (SELECT attnum FROM pg_attribute"
+                "  WHERE attrelid = i.indrelid AND attname = %s)"
+                " ORDER BY 1 LIMIT 1",
+                [job.item.db_table, *job.range_index],
+            )
+            found = cursor.fetchone()
+            rows.append(
+                {
+                    "job": job.key,
+                    "table": job.item.db_table,
+                    "columns": list(job.range_index),
+                    "state": "INDEXED" if found else "MISSING",
+                    "index": found[0] if found else None,
+                }
+            )
+    return rows
+
+
 def database_unreachable(exc: Exception) -> str:
     """One line naming the database that did not answer, and why."""
     db = connection.settings_dict
@@ -76,6 +109,7 @@ def status() -> dict:
     report: dict = {
         "pending": None,
         "triggers": None,
+        "job_indexes": None,
         "queues": None,
         "unreachable": {},
         "modes": count_modes(),
@@ -83,6 +117,7 @@ def status() -> dict:
     try:
         report["pending"] = [p.__dict__ for p in pending_summary()]
         report["triggers"] = trigger_states()
+        report["job_indexes"] = job_indexes()
     except (OperationalError, InterfaceError) as exc:
         report["unreachable"]["PostgreSQL"] = database_unreachable(exc)
     for _receiver, extra in status_extras.send(sender=None):

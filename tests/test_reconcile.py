@@ -242,6 +242,23 @@ def test_command_status_shows_pending_marks_and_trigger_health(world, marks):
     )
 
 
+def test_command_status_names_the_index_a_threshold_change_walks_or_its_absence(world):
+    out = StringIO()
+    call_command("counts", "status", "--json", stdout=out)
+    rows = json.loads(out.getvalue())["job_indexes"]
+    walks = [row for row in rows if row["table"].startswith("monitoring_")]
+    assert [(r["table"], r["columns"], r["state"]) for r in walks] == [
+        ("monitoring_occurrence", ["deployment_id", "determination_score"], "INDEXED")
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP INDEX {walks[0]['index']}")  # rolled back with the test
+    text = StringIO()
+    call_command("counts", "status", stdout=text)
+    assert re.search(
+        r"MISSING +monitoring_occurrence \(deployment_id, determination_score\)", text.getvalue()
+    )
+
+
 def test_command_drain_until_empty(world, marks):
     Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
     out = StringIO()

@@ -106,6 +106,12 @@ class Command(BaseCommand):
             self.stdout.write("Triggers:")
             for row in report["triggers"]:
                 self.stdout.write(f"  {row['state']:<10} {row['table']}.{row['name']}")
+        if report.get("job_indexes"):
+            self.stdout.write("Setting changes (jobs) walk:")
+            for row in report["job_indexes"]:
+                columns = ", ".join(row["columns"])
+                where = row["index"] or "no index: each change reads every item of a link"
+                self.stdout.write(f"  {row['state']:<10} {row['table']} ({columns}): {where}")
 
     def _run_reconcile(self, model, chunk, dry_run, as_json, rebuild=False):
         import counts
