@@ -23,9 +23,13 @@ make no Redis call at all until then. The values in Redis say how long that is:
 
 A writer trusts either only until :data:`SKEW_SHARE` of a window before it, which absorbs
 clock skew between hosts (the same skew the message's eta already depends on). A key written by
-a failed drain's retry (``reclaim``) holds a due time in the past and buys no trust. A message
-lost with a dead worker, a sender that set the key and failed to send, a Redis restart: each
-leaves the marks to the redelivery or the sweep, as for any writer.
+a failed drain's retry (``reclaim``) holds a due time in the past and buys no trust. A drainer
+that stops without its last look keeps its promises all the same: a failed one's retry, and a
+drainer past its time budget's fresh message, start after its last hold and linger a window
+before their own last look, so that look comes after every promise (at most a window from a
+hold) the first one made. A message lost with a dead worker, a sender that set the key and
+failed to send, a Redis restart: each leaves the marks to the redelivery or the sweep, as for
+any writer.
 """
 
 from __future__ import annotations
