@@ -13,7 +13,13 @@ from django.test import override_settings
 
 from counts.models import DirtyMark
 from tests import worker_harness as wh
-from tests.test_workers import COLLECTION, ITEMS, Through, make_sets
+from tests.test_workers import (  # noqa: F401  (clean_slate: the same autouse reset)
+    COLLECTION,
+    ITEMS,
+    Through,
+    clean_slate,
+    make_sets,
+)
 from tests.truth import assert_all_counts_exact, mismatches
 from workers import debounce
 from workers.redis_client import client
@@ -25,14 +31,6 @@ WINDOW_MS = 400
 #: EVAL each when a writer asks.
 ANNOUNCED = [COLLECTION, ITEMS]
 LABELS = len(ANNOUNCED)
-
-
-@pytest.fixture(autouse=True)
-def clean_slate():
-    wh.reset_redis()
-    DirtyMark.objects.all().delete()
-    yield
-    wh.reset_redis()
 
 
 def evals() -> int:
