@@ -318,10 +318,11 @@ def credit(kind: ItemKind, rows, credits) -> tuple[dict[tuple[str, int, int], in
     for key, target, value, amount in rows:
         if key is None:
             changed = amount
-        elif by_key[key].distinct:
+            continue
+        part = by_key[key]
+        if part.distinct:
             pairs[(key, target, value)] = amount
         else:
-            part = by_key[key]
             credits[(part.label, part.column, target)] += amount
     return pairs, changed
 

@@ -149,7 +149,8 @@ def request(
     window = settings.COUNTS_DEBOUNCE_MS if delay_ms is None else delay_ms
     ttl = window + settings.COUNTS_DEBOUNCE_MARGIN_MS
     # Due time first, then the key, then the message: its eta is no earlier than the due time.
-    token = f"{uuid.uuid4().hex}.{_now_ms() + window}"
+    due = _now_ms() + window
+    token = f"{uuid.uuid4().hex}.{due}"
     # EVAL, not a registered script: a pipeline checks SCRIPT EXISTS first, a second round trip.
     pipe = client().pipeline(transaction=False)
     for label in labels:
@@ -170,7 +171,7 @@ def request(
         sent.append(label)
     if not force:
         for label in sent:
-            _cover(label, int(token.rpartition(".")[2]), window)
+            _cover(label, due, window)
     if sent:
         logger.debug("sent recompute_pending for %s (force=%s)", ", ".join(sent), force)
     return sent
