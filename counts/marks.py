@@ -14,7 +14,7 @@ from django.db import connections
 
 from counts.apps import graph
 from counts.errors import UnknownTargetError
-from counts.triggers import MARK_TABLE
+from counts.triggers import MARK_TABLE, q
 
 #: How long a row someone else holds waits before a drain tries it again.
 LOCKED_RETRY_MS = 1000
@@ -34,6 +34,14 @@ def pending_ids(label: str, ids: list[int], using: str = "default") -> set[int]:
     all), or an item mark for an item that counts towards them, now or in its ledger."""
     if not ids:
         return set()
+    sql, params = _pending_sql(label, ids)
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, params)
+        return {row[0] for row in cursor.fetchall()}
+
+
+def _pending_sql(label: str, ids: list[int]) -> tuple[str, list]:
+    """``SELECT x``: the ids of :func:`pending_ids`, and the statement's parameters."""
     from counts.items import kinds_feeding, pending_targets_sql
 
     sql = (
@@ -50,21 +58,41 @@ def pending_ids(label: str, ids: list[int], using: str = "default") -> set[int]:
         more, binds = pending_targets_sql(kind, label)
         sql += f" UNION {more}"
         params += [ids] * binds
-    with connections[using].cursor() as cursor:
-        cursor.execute(sql, params)
-        return {row[0] for row in cursor.fetchall()}
+    return sql, params
 
 
 def flag_pending(rows: list, using: str = "default") -> None:
-    """Set ``counts_pending`` on each row (all of one model) with one query for the lot.
+    """Set ``counts_pending`` on each row (all of one model) with one query for the lot, and
+    take the row's counts from that same query.
 
-    What list views show as freshness: a page of 25 rows costs one query, not 25.
+    What list views show as freshness: a page of 25 rows costs one query, not 25. Flags and
+    counts come from one snapshot, so a row is never shown as up to date beside numbers older
+    than that: a drain committing between the page's own query and the flags' would otherwise
+    leave "updated" next to the counts from before it.
     """
     if not rows:
         return
-    pending = pending_ids(rows[0]._meta.label_lower, [row.pk for row in rows], using)
+    from counts.fields import FRESHNESS_FIELD, cached_count_fields
+
+    model = type(rows[0])
+    meta = model._meta
+    ids = [row.pk for row in rows]
+    pending, params = _pending_sql(meta.label_lower, ids)
+    fields = [*cached_count_fields(model), meta.get_field(FRESHNESS_FIELD)]
+    columns = ", ".join(f"t.{q(f.column)}" for f in fields)
+    pk = q(meta.pk.column)
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"SELECT t.{pk}, t.{pk} IN ({pending}), {columns}"
+            f" FROM {q(meta.db_table)} t WHERE t.{pk} = ANY(%s)",
+            [*params, ids],
+        )
+        now = {found[0]: found[1:] for found in cursor.fetchall()}
     for row in rows:
-        row.counts_pending = row.pk in pending
+        flagged, *values = now.get(row.pk, (False,))
+        row.counts_pending = flagged
+        for f, value in zip(fields, values, strict=False):  # none: the row is gone
+            setattr(row, f.attname, value)
 
 
 @dataclass(frozen=True)

@@ -386,3 +386,18 @@ def test_pending_page_needs_a_permission(client, catalogue):
     client.force_login(staff("nobody"))
 
     assert client.get(PENDING_URL).status_code == 403
+
+
+def test_a_row_flagged_fresh_shows_the_counts_of_that_moment(catalogue):
+    """A drain committing between a list's query and its freshness flags must not leave
+    "updated" beside the numbers from before it (seen in the browser test under load)."""
+    from counts.marks import flag_pending
+
+    bravo = catalogue.sets["Bravo"]
+    bravo.images.add(SourceImage.objects.create(deployment=catalogue.north, timestamp=T0, path="x"))
+    rows = list(SourceImageCollection.objects.filter(pk=bravo.pk))  # the page's query
+    assert rows[0].source_images_count == 2
+    drain_all()  # a worker commits now
+    flag_pending(rows)
+    assert rows[0].counts_pending is False
+    assert rows[0].source_images_count == 3
