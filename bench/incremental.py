@@ -59,17 +59,19 @@ BBOX = [10, 10, 120, 140]
 
 
 def drain_to_empty() -> tuple[int, int]:
-    """``counts.drain()`` with the workers' batch size until a batch finds no mark.
+    """``counts.drain()`` with the workers' batch size until a batch says no due mark is left
+    (``DrainResult.more``), as a worker's drainer knows it.
 
-    Returns (batches that found marks, marks consumed). The last, empty batch is not counted
-    but is timed by the caller: a worker pays for it too before it knows it is done.
+    Returns (batches that found marks, marks consumed). A batch that finds nothing (the write
+    left no mark, or the last batch was exactly full) is not counted but is timed by the
+    caller, as a worker pays for it too.
     """
     marks = 0
     for batches in range(MAX_BATCHES):
         result = counts.drain(batch_size=settings.COUNTS_DRAIN_BATCH)
-        if result.empty:
-            return batches, marks
         marks += result.marks
+        if not result.more:
+            return batches + (not result.empty), marks
     raise CommandError(f"marks still pending after {MAX_BATCHES:,} drain batches")
 
 

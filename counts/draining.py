@@ -71,6 +71,10 @@ class DrainResult:
     changed: dict[str, int] = field(default_factory=dict)  # label -> rows written
     expanded: dict[str, int] = field(default_factory=dict)  # label -> chunk marks created
     deferred: dict[str, int] = field(default_factory=dict)  # label -> held rows marked again
+    #: Whether marks due now may be left: the batch was full, or cut short by ``max_ids``, or
+    #: expanded marks for later batches. False means the take saw no other free due mark, so a
+    #: caller draining to empty knows it is done without one more (empty) batch to prove it.
+    more: bool = False
     ms: float = 0.0
 
     @property
@@ -154,7 +158,12 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
     """Lock up to ``batch_size`` due marks nobody else holds, delete the prefix worth at most
     ``max_ids`` ids (the first mark whatever its size), and return it: one statement, which
     also applies the engine's settings when it took anything (a drain that finds nothing
-    leaves the transaction as it found it)."""
+    leaves the transaction as it found it).
+
+    Returns (marks taken, whether free due marks were left: the lock filled the batch, or
+    ``max_ids`` cut it). Marks other drains hold are theirs; marks committed after this
+    statement's snapshot are as invisible to it as to a confirming look a moment earlier, and
+    their writers ask for a drain of their own."""
     where = "(not_before IS NULL OR not_before <= now())"
     where += " AND target = ANY(%s)" if labels else ""
     params: list = [labels] if labels else []
@@ -166,11 +175,13 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
         f" taken AS (DELETE FROM {MARK_TABLE} m USING picked WHERE m.id = picked.id"
         " RETURNING m.id, m.target, m.ids, m.field, m.deltas, m.payload)"
         # An InitPlan: evaluated once, and only when a row is returned.
-        f" SELECT taken.*, (SELECT concat({SETTINGS_SQL}, {ASYNC_COMMIT_SQL})) IS NOT NULL"
-        " FROM taken",
-        [*params, batch_size, max_ids, ENGINE_SETTING, cursor.engine_timeout],
+        f" SELECT taken.*, (SELECT concat({SETTINGS_SQL}, {ASYNC_COMMIT_SQL})) IS NOT NULL,"
+        " (SELECT count(*) FROM locked) = %s OR (SELECT count(*) FROM locked)"
+        " > (SELECT count(*) FROM picked) FROM taken",
+        [*params, batch_size, max_ids, ENGINE_SETTING, cursor.engine_timeout, batch_size],
     )
-    return sorted(row[:6] for row in cursor.fetchall())
+    rows = cursor.fetchall()
+    return sorted(row[:6] for row in rows), bool(rows) and rows[0][7]
 
 
 def _expand(cursor, label: str) -> int:
@@ -255,7 +266,7 @@ def drain(
     result = DrainResult()
     kinds = item_kinds(graph())
     with engine_transaction(using, lock_timeout_ms, lazy=True) as cursor:
-        taken = _take(cursor, batch_size, max_ids, targets)
+        taken, result.more = _take(cursor, batch_size, max_ids, targets)
         result.marks = len(taken)
         if taken:
             cursor.engine_on(already=True)
@@ -269,6 +280,7 @@ def drain(
                 defer(cursor, kind, done.held, retry_ms=BUSY_RETRY_MS)
                 result.deferred[kind] = len(done.held)
         _write_targets(cursor, plan, result, using)
+    result.more = result.more or bool(result.expanded)
     result.ms = (time.perf_counter() - started) * 1000
     return result
 

@@ -52,7 +52,7 @@ def test_drain_groups_marks_per_target_and_reports_what_it_did(world, marks):
     add_mark(E, [world.e1.pk])
     result = counts.drain()
     assert (result.marks, result.targets, result.changed) == (3, {S: 3, E: 1}, {S: 1, E: 0})
-    assert result.expanded == {} and result.ms > 0 and not result.empty
+    assert result.expanded == {} and result.ms > 0 and not result.empty and not result.more
     assert result.as_log()["by_model"] == {S: [3, 1], E: [1, 0]}
     assert marks.rows() == []  # consumed, and the engine's own writes marked nothing
     assert_all_counts_exact()
@@ -82,7 +82,9 @@ def test_max_ids_bounds_one_batch(world, marks):
         add_mark(S, images)
     first = counts.drain(max_ids=5)
     assert first.marks == 1  # a second mark of 3 ids would exceed the budget of 5
-    assert counts.drain(max_ids=6).marks == 2
+    assert first.more  # and the drain knows it left them
+    second = counts.drain(max_ids=6)
+    assert (second.marks, second.more) == (2, False)
     assert counts.drain(max_ids=6).empty
 
 
@@ -95,8 +97,12 @@ def test_a_mark_larger_than_max_ids_is_still_taken_whole(world, marks):
 def test_batch_size_bounds_marks_taken(world, marks):
     for image in (world.i1, world.i2, world.i3):
         add_mark(S, [image.pk])
-    assert counts.drain(batch_size=2).marks == 2
+    full = counts.drain(batch_size=2)
+    assert (full.marks, full.more) == (2, True)
     assert marks.count() == 1
+    last = counts.drain(batch_size=2)
+    assert (last.marks, last.more) == (1, False)  # it took every due mark: no need to look again
+    assert marks.count() == 0
 
 
 def test_drain_can_be_limited_to_some_targets(world, marks):
@@ -140,6 +146,7 @@ def test_every_row_mark_expands_into_chunks(world, marks, monkeypatch):
     assert marks.rows() == [(S, None)]
     first = counts.drain()
     assert (first.marks, first.expanded, first.targets) == (1, {S: 3}, {})
+    assert first.more  # the chunks it made are due now
     ids = sorted(SourceImage.objects.values_list("pk", flat=True))
     assert [row[1] for row in marks.rows()] == [ids[0:2], ids[2:4], ids[4:]]
     drain_all()

@@ -166,6 +166,11 @@ def drain_label(label: str, *, fan_out: bool) -> int:
             # Hand over to a fresh message so one long backlog never pins a worker thread.
             _redis_quietly(debounce.request, [label], delay_ms=0, force=True)
             return batches
+        if not result.more:
+            # The batch saw no other due mark: the quiet window starts now, not after one more
+            # batch that would find nothing.
+            quiet_until = time.monotonic() + linger
+            time.sleep(poll)
 
 
 @dramatiq.actor(queue_name=QUEUE, throws=(MalformedMessage,), **_RETRIES)

@@ -155,7 +155,7 @@ class Command(BaseCommand):
             total += result.marks
             if result.marks:
                 self.stdout.write(_dumps(result.as_log()))
-            if result.empty or not until_empty:
+            if not result.more or not until_empty:
                 break
         self.stdout.write(f"Drained {total} marks")
 
