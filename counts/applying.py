@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from counts import prepared
 from counts.fields import FRESHNESS_FIELD
 from counts.marks import LOCKED_RETRY_MS
 from counts.triggers import MARK_TABLE, q
@@ -74,8 +75,9 @@ def lock_and_apply_all(cursor, batches) -> dict[str, set[int]]:
         selects.append(f"SELECT {n} AS k, pk FROM written{n}")
     if not parts:
         return {}
-    cursor.execute(f"WITH {', '.join(parts)} {' UNION ALL '.join(selects)}", params)
+    hot = prepared.of(cursor)
+    hot.execute(f"WITH {', '.join(parts)} {' UNION ALL '.join(selects)}", params)
     written: dict[str, set[int]] = {statement.label: set() for statement, _ in batches}
-    for k, pk in cursor.fetchall():
+    for k, pk in hot.fetchall():
         written[batches[k][0].label].add(pk)
     return written

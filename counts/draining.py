@@ -4,7 +4,9 @@ transaction.
 The shape follows Django's deletion collector (record the work first, perform it after):
 
 1. **take** up to ``batch_size`` marks that are due, ``FOR UPDATE SKIP LOCKED`` (other drainers
-   take others), keep a prefix worth at most ``max_ids`` ids, and delete it;
+   take others), keep a prefix worth at most ``max_ids`` ids, and delete it; the same statement
+   locks the items its item marks name (step 3's locks, taken early), unless it took a job
+   mark;
 2. **plan**: delta marks add up into credits per (model, column, row); recount marks (and
    marks of counts kept in full, resolved to rows here, ``counts.routes``) become rows to
    recount; item marks become items to recompute; job marks (a setting changed) are expanded
@@ -24,7 +26,9 @@ All of it commits together. A crash before commit rolls the deletes back, so no 
 Every amount is, in every snapshot, either in the queue or in its row, never both: the
 transaction that deletes a delta mark adds it to the row or queues it again. A drain never
 waits on a row lock, so one busy row cannot stall its model and a drain cannot deadlock with a
-writer or another drain; the order of acquisition is marks, items, targets (by label, by id).
+writer or another drain; the order of acquisition is marks, items (every item of the batch,
+by kind and id, before any is recomputed: the only waits among them, for a new item's ledger
+row, come in one order), multiplicity rows (by key), targets (by label, by id).
 
 Every write runs in :func:`engine_transaction`, under the engine's setting: the only writes to
 cached columns the guard triggers let through.
@@ -33,13 +37,14 @@ cached columns the guard triggers let through.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from django.db import connections, transaction
 
-from counts import aggregate, applying, items, routes
+from counts import aggregate, applying, items, prepared, routes
 from counts.apps import graph
 from counts.errors import UnknownTargetError
 from counts.guards import ENGINE_SETTING
@@ -113,7 +118,8 @@ def engine_transaction(
     JIT off: a batch's aggregate is estimated expensive enough to be compiled, and compiling it
     (about 135 ms for 500 capture sets) costs more than running it. The lock timeout, when
     given, bounds the wait for a lock that ``SKIP LOCKED`` cannot skip (a table lock taken by a
-    migration or a ``LOCK TABLE``).
+    migration or a ``LOCK TABLE``). Generic plans, when ``counts.prepared`` may force them: the
+    hot statements then run on ``cursor.prepared``, planned once per connection.
 
     ``lazy``: the settings are applied by ``cursor.engine_on()``, once there is something to
     write; a drain that finds no mark then costs one query and a commit.
@@ -125,28 +131,42 @@ def engine_transaction(
     with transaction.atomic(using=using), quiet(using):
         cursor = connections[using].cursor()
         on = []
+        plans = GENERIC if prepared.generic_plans(using) else None
 
         def engine_on(already: bool = False) -> None:
             """Apply the settings (``already``: a statement of the caller's applied them)."""
             if not on and not already:
-                cursor.execute(f"SELECT {SETTINGS_SQL}", [ENGINE_SETTING, timeout])
+                cursor.execute(f"SELECT {SETTINGS_SQL}", cursor.engine_params)
             on.append(True)
 
         cursor.engine_on = engine_on
-        cursor.engine_timeout = timeout
+        cursor.engine_params = [ENGINE_SETTING, timeout, plans]
+        # The hot statements' cursor: same connection, same transaction (``counts.prepared``).
+        cursor.prepared = prepared.cursor(using)
         if not lazy:
             engine_on()
         yield cursor
         if on and nested:
-            cursor.execute("SELECT set_config(%s, 'off', true)", [ENGINE_SETTING])
+            # The plan cache mode goes back to the session's reset value (a plain ``SET``
+            # earlier in the session is not known here: such a session keeps its parameters
+            # client-bound anyway, see ``counts.prepared``).
+            cursor.execute(
+                "SELECT set_config(%s, 'off', true), set_config('plan_cache_mode',"
+                " (SELECT reset_val FROM pg_settings WHERE name = 'plan_cache_mode'), true)",
+                [ENGINE_SETTING],
+            )
 
 
 #: The engine's transaction settings as one expression (parameters: the engine setting's
-#: name, the lock timeout).
+#: name, the lock timeout, the plan cache mode or NULL to keep the session's).
 SETTINGS_SQL = (
     "concat(set_config(%s, 'on', true), set_config('jit', 'off', true),"
-    " set_config('lock_timeout', %s, true))"
+    " set_config('lock_timeout', %s, true),"
+    " set_config('plan_cache_mode', coalesce(%s, current_setting('plan_cache_mode')), true))"
 )
+#: The plan cache mode of an engine transaction whose hot statements are prepared
+#: (``counts.prepared``): one plan per connection, never one per batch.
+GENERIC = "force_generic_plan"
 #: A drain commits without waiting for its WAL to reach disk. Safe: a crash can lose only a
 #: whole drain transaction (asynchronous commit keeps the WAL's order), and with it the
 #: deletion of its marks, so the marks are back and drained again. Writers' commits, and
@@ -154,34 +174,48 @@ SETTINGS_SQL = (
 ASYNC_COMMIT_SQL = "set_config('synchronous_commit', 'off', true)"
 
 
-def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None):
+def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None, kinds):
     """Lock up to ``batch_size`` due marks nobody else holds, delete the prefix worth at most
     ``max_ids`` ids (the first mark whatever its size), and return it: one statement, which
     also applies the engine's settings when it took anything (a drain that finds nothing
     leaves the transaction as it found it).
 
+    The same statement locks the items its item marks name (``items.lock_marked_sql``), unless
+    it took a job mark.
+
     Returns (marks taken, whether free due marks were left: the lock filled the batch, or
-    ``max_ids`` cut it). Marks other drains hold are theirs; marks committed after this
-    statement's snapshot are as invisible to it as to a confirming look a moment earlier, and
-    their writers ask for a drain of their own."""
+    ``max_ids`` cut it, ``{item kind: ids locked}`` or None when the items are still to be
+    locked). Marks other drains hold are theirs; marks committed after this statement's
+    snapshot are as invisible to it as to a confirming look a moment earlier, and their
+    writers ask for a drain of their own."""
     where = "(not_before IS NULL OR not_before <= now())"
     where += " AND target = ANY(%s)" if labels else ""
     params: list = [labels] if labels else []
-    cursor.execute(
+    lock_ctes, locked_items = items.lock_marked_sql("taken")
+    hot = prepared.of(cursor)
+    hot.execute(
         f"WITH locked AS (SELECT id, coalesce(cardinality(ids), 1) AS size FROM {MARK_TABLE}"
         f" WHERE {where} ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED),"
         " picked AS (SELECT id FROM (SELECT id, sum(size) OVER (ORDER BY id) AS run,"
         " row_number() OVER (ORDER BY id) AS n FROM locked) x WHERE n = 1 OR run <= %s),"
         f" taken AS (DELETE FROM {MARK_TABLE} m USING picked WHERE m.id = picked.id"
-        " RETURNING m.id, m.target, m.ids, m.field, m.deltas, m.payload)"
-        # An InitPlan: evaluated once, and only when a row is returned.
+        f" RETURNING m.id, m.target, m.ids, m.field, m.deltas, m.payload), {lock_ctes}"
+        # InitPlans: evaluated once, and only when a row is returned, left to right: the
+        # settings (the lock timeout among them) come before the item locks.
         f" SELECT taken.*, (SELECT concat({SETTINGS_SQL}, {ASYNC_COMMIT_SQL})) IS NOT NULL,"
         " (SELECT count(*) FROM locked) = %s OR (SELECT count(*) FROM locked)"
-        " > (SELECT count(*) FROM picked) FROM taken",
-        [*params, batch_size, max_ids, ENGINE_SETTING, cursor.engine_timeout, batch_size],
+        f" > (SELECT count(*) FROM picked), ({locked_items})::text FROM taken",
+        [*params, batch_size, max_ids, sorted(kinds), *cursor.engine_params, batch_size],
     )
-    rows = cursor.fetchall()
-    return sorted(row[:6] for row in rows), bool(rows) and rows[0][7]
+    rows = hot.fetchall()
+    if not rows:
+        return [], False, {}
+    locked = rows[0][8]  # as text: Django's connections leave jsonb undecoded
+    return (
+        sorted(row[:6] for row in rows),
+        rows[0][7],
+        None if locked is None else json.loads(locked),
+    )
 
 
 def _expand(cursor, label: str) -> int:
@@ -266,13 +300,22 @@ def drain(
     result = DrainResult()
     kinds = item_kinds(graph())
     with engine_transaction(using, lock_timeout_ms, lazy=True) as cursor:
-        taken, result.more = _take(cursor, batch_size, max_ids, targets)
+        taken, result.more, locked = _take(cursor, batch_size, max_ids, targets, kinds)
         result.marks = len(taken)
         if taken:
             cursor.engine_on(already=True)
         plan = _plan(cursor, taken, result)
+        if locked is None:
+            # A job mark was taken: its items are known now. Every item of the batch is
+            # locked before any is recomputed, as the take does (see ``_take``).
+            locked = {
+                kind: items.lock_items(cursor, kinds[kind], sorted(plan.items[kind]))
+                for kind in sorted(plan.items)
+            }
         for kind in sorted(plan.items):
-            done = items.recompute(cursor, kinds[kind], sorted(plan.items[kind]), plan.credits)
+            done = items.recompute(
+                cursor, kinds[kind], sorted(plan.items[kind]), plan.credits, locked.get(kind, [])
+            )
             result.targets[kind] = done.locked
             result.changed[kind] = done.changed
             if done.held:
@@ -283,6 +326,20 @@ def drain(
     result.more = result.more or bool(result.expanded)
     result.ms = (time.perf_counter() - started) * 1000
     return result
+
+
+def _settle(cursor, statement, credits: dict, applied: set[int], result: DrainResult) -> None:
+    """Report the rows of one model that got ``credits`` (``{(column, id): amount}``);
+    queue again the amounts of rows someone holds (a row that is gone needs none)."""
+    label = statement.label
+    wanted = {target_id for _column, target_id in credits}
+    result.targets[label] = result.changed[label] = len(applied)
+    if len(applied) < len(wanted):
+        missing = sorted(wanted - applied)
+        held = set(aggregate.held_elsewhere(cursor, statement, missing, []))
+        applying.defer_credits(cursor, label, {k: v for k, v in credits.items() if k[1] in held})
+        if held:
+            result.deferred[label] = len(held)
 
 
 def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None:
@@ -302,17 +359,7 @@ def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None
     ]
     written = applying.lock_and_apply_all(cursor, batches)
     for statement, credits in batches:
-        label, applied = statement.label, written.get(statement.label, set())
-        wanted = {target_id for _column, target_id in credits}
-        result.targets[label] = result.changed[label] = len(applied)
-        if len(applied) < len(wanted):
-            missing = sorted(wanted - applied)
-            held = set(aggregate.held_elsewhere(cursor, statement, missing, []))
-            applying.defer_credits(
-                cursor, label, {k: v for k, v in credits.items() if k[1] in held}
-            )
-            if held:
-                result.deferred[label] = len(held)
+        _settle(cursor, statement, credits, written.get(statement.label, set()), result)
     for label in sorted(label for label in plan.recount if plan.recount[label]):
         statement = aggregate.compile_recompute(label, using)
         credits = by_label.get(label, {})

@@ -12,8 +12,10 @@ means nothing was credited, so captures outside every set with no detections cos
 To recompute items, a drain (:func:`recompute`):
 
 1. locks each item's ledger row (``FOR UPDATE SKIP LOCKED``; an empty row is inserted first
-   for a new item, so there is one to lock); items another drain holds get a new item mark,
-   due a little later;
+   for a new item, so there is one to lock), every item of the batch in ``(kind, id)`` order:
+   in the statement that takes their marks (:func:`lock_marked_sql`), or, when the batch holds
+   a job, once the job is expanded (:func:`lock_items`); items another drain holds get a new
+   item mark, due a little later;
 2. in one *later* statement — a fresh READ COMMITTED snapshot, which sees every write whose
    item mark it took, and the ledger the previous holder of the lock committed — reads each
    item's truth from the base tables, compares it with the ledger, and writes the new ledger;
@@ -53,8 +55,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from counts import multiplicity
-from counts.jobs import jobs
+from counts import multiplicity, prepared
+from counts.jobs import JOB_PREFIX, jobs
 from counts.modes import ITEM_PREFIX, ItemCount, Link, Measure, ledger_key
 from counts.spec import Table
 from counts.triggers import MARK_TABLE, literal, q
@@ -242,10 +244,11 @@ def lock_items(cursor, kind: ItemKind, ids: list[int], wait: bool = False) -> li
     drains cannot wait on each other); an item that has a row is skipped when held.
     """
     kind_sql = literal(kind.mark_target)
+    hot = prepared.of(cursor)
     # Only items with no row yet: ON CONFLICT waits for the transaction that last wrote a
     # conflicting row, so offering it a row another drain holds would make this drain wait.
     # A row this statement inserts is invisible to others until commit: it is ours.
-    cursor.execute(
+    hot.execute(
         f"WITH made AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
         f" SELECT {kind_sql}, id, '{{}}' FROM unnest(%s::bigint[]) id"
         f" WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} l"
@@ -257,7 +260,43 @@ def lock_items(cursor, kind: ItemKind, ids: list[int], wait: bool = False) -> li
         " SELECT item_id FROM made UNION SELECT item_id FROM held ORDER BY 1",
         [ids, ids],
     )
-    return [row[0] for row in cursor.fetchall()]
+    return [row[0] for row in hot.fetchall()]
+
+
+def lock_marked_sql(marks: str) -> tuple[str, str]:
+    """:func:`lock_items` for the items named by the item marks in the relation ``marks``
+    (columns ``target``, ``field``, ``ids``), inside the statement that takes those marks: a
+    drain's item locks cost no round trip of their own.
+
+    Returns CTEs (one parameter: the item kinds' mark targets, as ``text[]``) and an expression
+    giving ``{kind: [ids locked, in order]}``, or NULL when ``marks`` holds a job mark: a job's
+    items are only known once it is expanded, and they must be locked in the same ordered pass
+    as these (two ordered passes, each in order, could meet another drain's in a cycle), so
+    then every item is left to :func:`lock_items`. Locks are taken in ``(kind, id)`` order,
+    the order in which :func:`recompute` is called kind by kind.
+    """
+    is_job = f"starts_with(field, {literal(JOB_PREFIX)})"
+    ctes = (
+        f"item_marks AS (SELECT target, field, ids FROM {marks} WHERE target = ANY(%s::text[])),"
+        " wanted AS (SELECT DISTINCT m.target AS kind, x AS item_id FROM item_marks m"
+        " CROSS JOIN LATERAL unnest(m.ids) x"
+        f" WHERE NOT EXISTS (SELECT 1 FROM item_marks WHERE {is_job})),"
+        f" made AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
+        " SELECT w.kind, w.item_id, '{}' FROM wanted w"
+        f" WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} l"
+        ' WHERE l.kind = w.kind AND l.item_id = w.item_id) ORDER BY w.kind COLLATE "C", w.item_id'
+        " ON CONFLICT (kind, item_id) DO NOTHING RETURNING kind, item_id),"
+        f" held AS (SELECT l.kind, l.item_id FROM wanted w JOIN {LEDGER_TABLE} l"
+        " ON l.kind = w.kind AND l.item_id = w.item_id"
+        ' ORDER BY l.kind COLLATE "C", l.item_id FOR UPDATE OF l SKIP LOCKED)'
+    )
+    locked = (
+        f"CASE WHEN NOT EXISTS (SELECT 1 FROM item_marks WHERE {is_job}) THEN"
+        " (SELECT coalesce(jsonb_object_agg(kind, ids), '{}') FROM (SELECT kind,"
+        " array_agg(item_id ORDER BY item_id) AS ids FROM (SELECT kind, item_id FROM made"
+        " UNION SELECT kind, item_id FROM held) u GROUP BY kind) g) END"
+    )
+    return ctes, locked
 
 
 @dataclass
@@ -267,20 +306,22 @@ class ItemResult:
     changed: int = 0
 
 
-def recompute(cursor, kind: ItemKind, ids: list[int], credits) -> ItemResult:
+def recompute(cursor, kind: ItemKind, ids: list[int], credits, locked: list[int]) -> ItemResult:
     """Recompute ``ids`` of ``kind`` and add their credits to ``credits[(label, column, id)]``.
 
-    Items another drain holds are left out and returned in ``held`` (the caller marks them
-    again). Must run inside the drain's transaction.
+    ``locked``: the ids whose ledger rows the caller locked (:func:`lock_marked_sql` or
+    :func:`lock_items`), in a statement before this one; the rest of ``ids`` another drain
+    holds: they are returned in ``held`` (the caller marks them again). Must run inside the
+    drain's transaction.
     """
     ids = sorted(set(ids))
-    locked = lock_items(cursor, kind, ids)
     held = sorted(set(ids) - set(locked))
     result = ItemResult(locked=len(locked), held=held)
     if not locked:
         return result
-    cursor.execute(recompute_sql(kind), [locked, locked])
-    pairs, result.changed = credit(kind, cursor.fetchall(), credits)
+    hot = prepared.of(cursor)
+    hot.execute(recompute_sql(kind), [locked, locked])
+    pairs, result.changed = credit(kind, hot.fetchall(), credits)
     multiplicity.add(cursor, pairs, kind.parts_by_key, credits)
     return result
 

@@ -210,6 +210,9 @@ COUNTS_DRAINING_TTL_MS = env_int("COUNTS_DRAINING_TTL_MS", 30_000)
 COUNTS_LOCK_TIMEOUT_MS = env_int("COUNTS_LOCK_TIMEOUT_MS", 10_000)
 #: Most extra drain messages one recompute sends when it finds a large backlog.
 COUNTS_FANOUT = env_int("COUNTS_FANOUT", 4)
+#: Drains prepare their hot statements once per connection (``counts.prepared``). Off behind
+#: a pooler that cannot keep prepared statements (PgBouncer in transaction mode before 1.21).
+COUNTS_PREPARED_STATEMENTS = env_bool("COUNTS_PREPARED_STATEMENTS", True)
 #: Seconds between scheduler sweeps for marks that have no message (raw SQL, lost messages).
 COUNTS_SWEEP_INTERVAL_S = env_int("COUNTS_SWEEP_INTERVAL_S", 5)
 #: Seconds between heartbeats of a worker process (the scheduler beats every sweep).
