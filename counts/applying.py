@@ -75,7 +75,7 @@ def lock_and_apply_all(cursor, batches) -> dict[str, set[int]]:
         selects.append(f"SELECT {n} AS k, pk FROM written{n}")
     if not parts:
         return {}
-    hot = prepared.of(cursor)
+    hot = prepared.of(cursor, max(len(p) for p in params))
     hot.execute(f"WITH {', '.join(parts)} {' UNION ALL '.join(selects)}", params)
     written: dict[str, set[int]] = {statement.label: set() for statement, _ in batches}
     for k, pk in hot.fetchall():

@@ -244,7 +244,7 @@ def lock_items(cursor, kind: ItemKind, ids: list[int], wait: bool = False) -> li
     drains cannot wait on each other); an item that has a row is skipped when held.
     """
     kind_sql = literal(kind.mark_target)
-    hot = prepared.of(cursor)
+    hot = prepared.of(cursor, len(ids))
     # Only items with no row yet: ON CONFLICT waits for the transaction that last wrote a
     # conflicting row, so offering it a row another drain holds would make this drain wait.
     # A row this statement inserts is invisible to others until commit: it is ours.
@@ -319,7 +319,7 @@ def recompute(cursor, kind: ItemKind, ids: list[int], credits, locked: list[int]
     result = ItemResult(locked=len(locked), held=held)
     if not locked:
         return result
-    hot = prepared.of(cursor)
+    hot = prepared.of(cursor, len(locked))
     hot.execute(recompute_sql(kind), [locked, locked])
     pairs, result.changed = credit(kind, hot.fetchall(), credits)
     multiplicity.add(cursor, pairs, kind.parts_by_key, credits)

@@ -9,11 +9,15 @@ ids travel as arrays), so a plan made once per connection serves every batch. Me
 side on one statement (the item recompute): 1.2 ms as sent by Django, 0.45 ms prepared with
 a generic plan.
 
-Why a *generic* plan is right for these statements, and forced: their plans are index probes
-per id whatever the number of ids (``= ANY(array)`` on a primary key, ``unnest(array)``
-joined to indexes), which is the plan a generic estimate picks. Left to itself, PostgreSQL
-compares the generic plan's cost, estimated for an array of unknown length, with the custom
-plans' cost for the one-element arrays of small drains, and keeps planning custom plans.
+Why a *generic* plan, and forced: for a small batch the plan is index probes per id
+(``= ANY(array)`` on a primary key, ``unnest(array)`` joined to indexes), which is what a
+generic estimate picks. Left to itself, PostgreSQL compares the generic plan's cost, estimated
+for an array of unknown length, with the custom plans' cost for the one-element arrays of
+small drains, and keeps planning custom plans. A batch of more than :data:`GENERIC_MAX_IDS`
+ids is planned for its own ids, as before: there the generic guess can be far off, and the
+planning is a small part of the batch's cost. The take statement, whose size is not known
+before it runs, is prepared without forcing (it runs before the engine's settings), and
+PostgreSQL's own choice between its plans stands.
 
 What it takes, and what it leaves alone:
 
@@ -88,7 +92,16 @@ def cursor(using: str = "default"):
     return connection._prepare_cursor(_PreparingCursor(raw))
 
 
-def of(cursor_):
-    """The cursor to run a hot statement on: the engine transaction's prepared cursor when it
-    has one (``engine_transaction`` attaches it), else ``cursor_`` itself."""
-    return getattr(cursor_, "prepared", None) or cursor_
+#: Most ids a statement binds to run on the prepared cursor. A generic plan is made for an
+#: array of unknown length (PostgreSQL guesses 10 to 100 elements); for a large batch it can be
+#: far off (a threshold change's 2,000-item chunks ran 4x slower at 10⁵ captures), and a large
+#: batch's own planning is a small part of its cost anyway, so it is planned for its ids.
+GENERIC_MAX_IDS = 100
+
+
+def of(cursor_, ids: int = 0):
+    """The cursor to run a hot statement binding ``ids`` ids on: the engine transaction's
+    prepared cursor when it has one (``engine_transaction`` attaches it) and the batch is
+    small, else ``cursor_`` itself."""
+    hot = getattr(cursor_, "prepared", None)
+    return hot if hot is not None and ids <= GENERIC_MAX_IDS else cursor_
