@@ -41,6 +41,7 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
         "bench",
         scale=2000,
         repeats=1,
+        fullpath_repeats=1,
         sizes="100,1000,5000",
         bulk=200,
         saves=20,
