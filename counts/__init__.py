@@ -42,7 +42,7 @@ def recompute(rows) -> tuple[int, int]:
     Returns:
         (rows recomputed, rows whose stored counts changed)
     """
-    from counts.draining import recompute_rows
+    from counts.recomputing import recompute_rows
 
     ids: dict[str, list[int]] = defaultdict(list)
     if hasattr(rows, "model") and hasattr(rows, "values_list"):

@@ -30,9 +30,10 @@ from django.db.models.expressions import RawSQL
 from counts import multiplicity
 from counts.apps import graph
 from counts.fields import FRESHNESS_FIELD
-from counts.items import adjustment_sql, kinds_feeding
+from counts.items import kinds_feeding
 from counts.modes import incremental_columns
 from counts.spec import Chain, CountSpec
+from counts.stale_items import adjustment_sql
 from counts.triggers import MARK_TABLE, literal, q
 
 #: Largest batch one statement recomputes; bigger batches are split.

@@ -36,23 +36,19 @@ cached columns the guard triggers let through.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from django.db import connections, transaction
-
-from counts import aggregate, applying, items, prepared, routes
+from counts import aggregate, applying, item_backfill, item_locks, items, prepared, routes
 from counts.apps import graph
-from counts.errors import UnknownTargetError
-from counts.guards import ENGINE_SETTING
-from counts.items import item_kinds, mark_every_item, mark_items_sql
+from counts.engine_transaction import SETTINGS_SQL, engine_transaction
+from counts.item_backfill import mark_every_item, mark_items_sql
+from counts.items import item_kinds
 from counts.jobs import JOB_PREFIX, expand, jobs_by_key
 from counts.marks import defer
 from counts.modes import incremental_columns
-from counts.notice import quiet
 from counts.triggers import MARK_TABLE, q
 
 #: Target ids in one expanded chunk of an "every row" mark.
@@ -102,71 +98,6 @@ class DrainResult:
         }
 
 
-@contextlib.contextmanager
-def engine_transaction(
-    using: str = "default", lock_timeout_ms: int | None = None, lazy: bool = False
-):
-    """One recompute transaction (or savepoint): yields a cursor with the engine's settings.
-
-    The engine's setting lets this block, and nothing else, write cached columns (the guard
-    triggers keep them otherwise). ``set_config(..., true)`` lasts until the end of the
-    *outermost* transaction, and a savepoint's release hands it on to the caller's
-    transaction; so it is switched off again before the block ends, or a caller's stale
-    ``save()`` later in the same request would slip past the guards. (A rollback undoes it by
-    itself.)
-
-    JIT off: a batch's aggregate is estimated expensive enough to be compiled, and compiling it
-    (about 135 ms for 500 capture sets) costs more than running it. The lock timeout, when
-    given, bounds the wait for a lock that ``SKIP LOCKED`` cannot skip (a table lock taken by a
-    migration or a ``LOCK TABLE``). Generic plans, when ``counts.prepared`` may force them: the
-    hot statements then run on ``cursor.prepared``, planned once per connection.
-
-    ``lazy``: the settings are applied by ``cursor.engine_on()``, once there is something to
-    write; a drain that finds no mark then costs one query and a commit.
-    """
-    timeout = "0" if lock_timeout_ms is None else f"{lock_timeout_ms}ms"
-    # The outermost transaction takes the settings away with its commit or rollback; a
-    # savepoint hands them on to the caller's transaction, so only then are they switched off.
-    nested = connections[using].in_atomic_block
-    with transaction.atomic(using=using), quiet(using):
-        cursor = connections[using].cursor()
-        on = []
-        plans = GENERIC if prepared.generic_plans(using) else None
-
-        def engine_on(already: bool = False) -> None:
-            """Apply the settings (``already``: a statement of the caller's applied them)."""
-            if not on and not already:
-                cursor.execute(f"SELECT {SETTINGS_SQL}", cursor.engine_params)
-            on.append(True)
-
-        cursor.engine_on = engine_on
-        cursor.engine_params = [ENGINE_SETTING, timeout, plans]
-        # The hot statements' cursor: same connection, same transaction (``counts.prepared``).
-        cursor.prepared = prepared.cursor(using)
-        if not lazy:
-            engine_on()
-        yield cursor
-        if on and nested:
-            # The plan cache mode goes back to the session's reset value (a plain ``SET``
-            # earlier in the session is not known here: such a session keeps its parameters
-            # client-bound anyway, see ``counts.prepared``).
-            cursor.execute(
-                "SELECT set_config(%s, 'off', true), set_config('plan_cache_mode',"
-                " (SELECT reset_val FROM pg_settings WHERE name = 'plan_cache_mode'), true)",
-                [ENGINE_SETTING],
-            )
-
-
-#: The engine's transaction settings as one expression (parameters: the engine setting's
-#: name, the lock timeout, the plan cache mode or NULL to keep the session's).
-SETTINGS_SQL = (
-    "concat(set_config(%s, 'on', true), set_config('jit', 'off', true),"
-    " set_config('lock_timeout', %s, true),"
-    " set_config('plan_cache_mode', coalesce(%s, current_setting('plan_cache_mode')), true))"
-)
-#: The plan cache mode of an engine transaction whose hot statements are prepared
-#: (``counts.prepared``): one plan per connection, never one per batch.
-GENERIC = "force_generic_plan"
 #: A drain commits without waiting for its WAL to reach disk. Safe: a crash can lose only a
 #: whole drain transaction (asynchronous commit keeps the WAL's order), and with it the
 #: deletion of its marks, so the marks are back and drained again. Writers' commits, and
@@ -180,7 +111,7 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None, kinds
     also applies the engine's settings when it took anything (a drain that finds nothing
     leaves the transaction as it found it).
 
-    The same statement locks the items its item marks name (``items.lock_marked_sql``), unless
+    The same statement locks the items its item marks name (``counts.item_locks``), unless
     it took a job mark.
 
     Returns (marks taken, whether free due marks were left: the lock filled the batch, or
@@ -191,7 +122,7 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None, kinds
     where = "(not_before IS NULL OR not_before <= now())"
     where += " AND target = ANY(%s)" if labels else ""
     params: list = [labels] if labels else []
-    lock_ctes, locked_items = items.lock_marked_sql("taken")
+    lock_ctes, locked_items = item_locks.lock_marked_sql("taken")
     hot = prepared.of(cursor)
     hot.execute(
         f"WITH locked AS (SELECT id, coalesce(cardinality(ids), 1) AS size FROM {MARK_TABLE}"
@@ -203,8 +134,8 @@ def _take(cursor, batch_size: int, max_ids: int, labels: list[str] | None, kinds
         # InitPlans: evaluated once, and only when a row is returned, left to right: the
         # settings (the lock timeout among them) come before the item locks.
         f" SELECT taken.*, (SELECT concat({SETTINGS_SQL}, {ASYNC_COMMIT_SQL})) IS NOT NULL,"
-        " (SELECT count(*) FROM locked) = %s OR (SELECT count(*) FROM locked)"
-        f" > (SELECT count(*) FROM picked), ({locked_items})::text FROM taken",
+        " (SELECT count(*) = %s OR count(*) > (SELECT count(*) FROM picked) FROM locked),"
+        f" ({locked_items})::text FROM taken",
         [*params, batch_size, max_ids, sorted(kinds), *cursor.engine_params, batch_size],
     )
     rows = hot.fetchall()
@@ -250,7 +181,7 @@ def _plan(cursor, taken, result: DrainResult) -> _Plan:
             job = jobs_by_key(graph()).get(column)
             if job is not None:  # else the count that started it is gone
                 found = expand(cursor, job, list(ids), payload)
-                if len(found) <= items.CHUNK:
+                if len(found) <= item_backfill.CHUNK:
                     plan.items[target].update(found)
                 else:
                     # A big job is recomputed by later batches, a chunk each.
@@ -309,7 +240,7 @@ def drain(
             # A job mark was taken: its items are known now. Every item of the batch is
             # locked before any is recomputed, as the take does (see ``_take``).
             locked = {
-                kind: items.lock_items(cursor, kinds[kind], sorted(plan.items[kind]))
+                kind: item_locks.lock_items(cursor, kinds[kind], sorted(plan.items[kind]))
                 for kind in sorted(plan.items)
             }
         for kind in sorted(plan.items):
@@ -326,20 +257,6 @@ def drain(
     result.more = result.more or bool(result.expanded)
     result.ms = (time.perf_counter() - started) * 1000
     return result
-
-
-def _settle(cursor, statement, credits: dict, applied: set[int], result: DrainResult) -> None:
-    """Report the rows of one model that got ``credits`` (``{(column, id): amount}``);
-    queue again the amounts of rows someone holds (a row that is gone needs none)."""
-    label = statement.label
-    wanted = {target_id for _column, target_id in credits}
-    result.targets[label] = result.changed[label] = len(applied)
-    if len(applied) < len(wanted):
-        missing = sorted(wanted - applied)
-        held = set(aggregate.held_elsewhere(cursor, statement, missing, []))
-        applying.defer_credits(cursor, label, {k: v for k, v in credits.items() if k[1] in held})
-        if held:
-            result.deferred[label] = len(held)
 
 
 def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None:
@@ -359,7 +276,16 @@ def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None
     ]
     written = applying.lock_and_apply_all(cursor, batches)
     for statement, credits in batches:
-        _settle(cursor, statement, credits, written.get(statement.label, set()), result)
+        label, applied = statement.label, written.get(statement.label, set())
+        result.targets[label] = result.changed[label] = len(applied)
+        missing = sorted({target_id for _column, target_id in credits} - applied)
+        if missing:
+            # Held by someone (their amounts go back to the queue) or gone (they need none).
+            held = set(aggregate.held_elsewhere(cursor, statement, missing, []))
+            if held:
+                deferred = {k: v for k, v in credits.items() if k[1] in held}
+                applying.defer_credits(cursor, label, deferred)
+                result.deferred[label] = len(held)
     for label in sorted(label for label in plan.recount if plan.recount[label]):
         statement = aggregate.compile_recompute(label, using)
         credits = by_label.get(label, {})
@@ -382,50 +308,3 @@ def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None
                 cursor, label, {k: v for k, v in credits.items() if k[1] in held_set}
             )
             result.deferred[label] = len(held)
-
-
-def _recompute(cursor, label: str, ids: list[int], using: str) -> tuple[int, int, int]:
-    """Lock what can be locked, recompute and write it, mark the rest again for later.
-
-    Returns:
-        (rows recomputed, rows whose counts changed, rows deferred because someone holds them)
-    """
-    statement = aggregate.compile_recompute(label, using)
-    locked, held = claim(cursor, statement, label, ids)
-    changes = aggregate.run(cursor, statement, locked, write=True)
-    return len(locked), len(changes), held
-
-
-def claim(cursor, statement, label: str, ids: list[int]) -> tuple[list[int], int]:
-    """Lock the rows of ``ids`` nobody else holds; mark the held ones again, due a little later.
-
-    Drains, "Recompute now" and reconcile all claim rows this way, so none of them ever waits
-    on a row lock. Returns (ids locked, rows deferred).
-    """
-    locked = aggregate.lock(cursor, statement, ids)
-    held = aggregate.held_elsewhere(cursor, statement, ids, locked)
-    if held:
-        defer(cursor, label, held)
-    return locked, len(held)
-
-
-def recompute_rows(ids_by_label: dict[str, list[int]], using: str = "default") -> tuple[int, int]:
-    """Recompute the given rows now, under the same locks as a drain.
-
-    A row another transaction holds is marked instead, for the workers to recompute once it is
-    free: "Recompute now" never hangs on an admin form left open.
-
-    Returns:
-        (rows recomputed, rows whose stored counts changed)
-    """
-    recomputed = changed = 0
-    with engine_transaction(using) as cursor:
-        for label in sorted(ids_by_label):
-            if label not in graph().targets:
-                raise UnknownTargetError(label)
-            done, written, _deferred = _recompute(
-                cursor, label, sorted(set(ids_by_label[label])), using
-            )
-            recomputed += done
-            changed += written
-    return recomputed, changed

@@ -12,7 +12,7 @@ Two triggers per target table close every path, in the database where no client 
   changes a cached column or ``counts_updated_at``; unless the transaction-local setting
   :data:`ENGINE_SETTING` is on, it keeps the old values. The rest of the update (the rename)
   goes through. Only the engine's recompute transactions turn the setting on
-  (``counts.draining.engine_transaction``).
+  (``counts.engine_transaction``).
 - ``counts_made_<table>``: ``AFTER INSERT FOR EACH ROW``, fired only for a row inserted with
   made-up counts (any cached column non-zero, or a freshness time); it marks the row, so a
   drain recounts it. Rows inserted the ordinary way (defaults of 0) cost nothing.

@@ -12,10 +12,10 @@ means nothing was credited, so captures outside every set with no detections cos
 To recompute items, a drain (:func:`recompute`):
 
 1. locks each item's ledger row (``FOR UPDATE SKIP LOCKED``; an empty row is inserted first
-   for a new item, so there is one to lock), every item of the batch in ``(kind, id)`` order:
-   in the statement that takes their marks (:func:`lock_marked_sql`), or, when the batch holds
-   a job, once the job is expanded (:func:`lock_items`); items another drain holds get a new
-   item mark, due a little later;
+   for a new item, so there is one to lock), every item of the batch in ``(kind, id)`` order
+   (``counts.item_locks``): in the statement that takes their marks, or, when the batch holds
+   a job, once the job is expanded; items another drain holds get a new item mark, due a
+   little later;
 2. in one *later* statement — a fresh READ COMMITTED snapshot, which sees every write whose
    item mark it took, and the ledger the previous holder of the lock committed — reads each
    item's truth from the base tables, compares it with the ledger, and writes the new ledger;
@@ -47,7 +47,8 @@ moves, two first detections on one capture, a detection racing a membership, and
 each holding one of an item's marks (the second finds the first's credit in the ledger).
 
 The full recount (``counts.aggregate``) keeps I true without consuming marks; see
-:func:`adjustment_sql`.
+``counts.stale_items``. Whole-kind work (every item marked after a TRUNCATE or for a new count,
+ledgers filled from the truth by a backfill or reconcile's audit) is ``counts.item_backfill``.
 """
 
 from __future__ import annotations
@@ -56,14 +57,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from counts import multiplicity, prepared
-from counts.jobs import JOB_PREFIX, jobs
+from counts.jobs import jobs
 from counts.modes import ITEM_PREFIX, ItemCount, Link, Measure, ledger_key
 from counts.spec import Table
-from counts.triggers import MARK_TABLE, literal, q
+from counts.triggers import literal, q
 
 LEDGER_TABLE = "counts_ledger"
-#: Item ids per mark when every item of a kind is marked (TRUNCATE, a new count's backfill).
-CHUNK = 2000
 
 
 @dataclass(frozen=True)
@@ -233,72 +232,6 @@ def recompute_sql(kind: ItemKind) -> str:
     )
 
 
-def lock_items(cursor, kind: ItemKind, ids: list[int], wait: bool = False) -> list[int]:
-    """Lock the ledger rows of ``ids`` (creating empty ones for new items); returns the ids
-    locked, in order. Without ``wait``, rows another drain holds are left out.
-
-    Row locks live in the rows, not in the shared lock table, so a batch may lock thousands of
-    items. An empty row for a new item is inserted first so that there is a row to lock: two
-    drains inserting the same *new* item meet on its key, and the second waits until the first
-    ends. That is the one wait a drain can meet (bounded by a batch; ids go in order, so two
-    drains cannot wait on each other); an item that has a row is skipped when held.
-    """
-    kind_sql = literal(kind.mark_target)
-    hot = prepared.of(cursor, len(ids))
-    # Only items with no row yet: ON CONFLICT waits for the transaction that last wrote a
-    # conflicting row, so offering it a row another drain holds would make this drain wait.
-    # A row this statement inserts is invisible to others until commit: it is ours.
-    hot.execute(
-        f"WITH made AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
-        f" SELECT {kind_sql}, id, '{{}}' FROM unnest(%s::bigint[]) id"
-        f" WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} l"
-        f" WHERE l.kind = {kind_sql} AND l.item_id = id) ORDER BY id"
-        " ON CONFLICT (kind, item_id) DO NOTHING RETURNING item_id),"
-        f" held AS (SELECT l.item_id FROM unnest(%s::bigint[]) i(id) JOIN {LEDGER_TABLE} l"
-        f" ON l.kind = {kind_sql} AND l.item_id = i.id"
-        f" ORDER BY l.item_id FOR UPDATE OF l{'' if wait else ' SKIP LOCKED'})"
-        " SELECT item_id FROM made UNION SELECT item_id FROM held ORDER BY 1",
-        [ids, ids],
-    )
-    return [row[0] for row in hot.fetchall()]
-
-
-def lock_marked_sql(marks: str) -> tuple[str, str]:
-    """:func:`lock_items` for the items named by the item marks in the relation ``marks``
-    (columns ``target``, ``field``, ``ids``), inside the statement that takes those marks: a
-    drain's item locks cost no round trip of their own.
-
-    Returns CTEs (one parameter: the item kinds' mark targets, as ``text[]``) and an expression
-    giving ``{kind: [ids locked, in order]}``, or NULL when ``marks`` holds a job mark: a job's
-    items are only known once it is expanded, and they must be locked in the same ordered pass
-    as these (two ordered passes, each in order, could meet another drain's in a cycle), so
-    then every item is left to :func:`lock_items`. Locks are taken in ``(kind, id)`` order,
-    the order in which :func:`recompute` is called kind by kind.
-    """
-    is_job = f"starts_with(field, {literal(JOB_PREFIX)})"
-    ctes = (
-        f"item_marks AS (SELECT target, field, ids FROM {marks} WHERE target = ANY(%s::text[])),"
-        " wanted AS (SELECT DISTINCT m.target AS kind, x AS item_id FROM item_marks m"
-        " CROSS JOIN LATERAL unnest(m.ids) x"
-        f" WHERE NOT EXISTS (SELECT 1 FROM item_marks WHERE {is_job})),"
-        f" made AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
-        " SELECT w.kind, w.item_id, '{}' FROM wanted w"
-        f" WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} l"
-        ' WHERE l.kind = w.kind AND l.item_id = w.item_id) ORDER BY w.kind COLLATE "C", w.item_id'
-        " ON CONFLICT (kind, item_id) DO NOTHING RETURNING kind, item_id),"
-        f" held AS (SELECT l.kind, l.item_id FROM wanted w JOIN {LEDGER_TABLE} l"
-        " ON l.kind = w.kind AND l.item_id = w.item_id"
-        ' ORDER BY l.kind COLLATE "C", l.item_id FOR UPDATE OF l SKIP LOCKED)'
-    )
-    locked = (
-        f"CASE WHEN NOT EXISTS (SELECT 1 FROM item_marks WHERE {is_job}) THEN"
-        " (SELECT coalesce(jsonb_object_agg(kind, ids), '{}') FROM (SELECT kind,"
-        " array_agg(item_id ORDER BY item_id) AS ids FROM (SELECT kind, item_id FROM made"
-        " UNION SELECT kind, item_id FROM held) u GROUP BY kind) g) END"
-    )
-    return ctes, locked
-
-
 @dataclass
 class ItemResult:
     locked: int = 0
@@ -309,10 +242,9 @@ class ItemResult:
 def recompute(cursor, kind: ItemKind, ids: list[int], credits, locked: list[int]) -> ItemResult:
     """Recompute ``ids`` of ``kind`` and add their credits to ``credits[(label, column, id)]``.
 
-    ``locked``: the ids whose ledger rows the caller locked (:func:`lock_marked_sql` or
-    :func:`lock_items`), in a statement before this one; the rest of ``ids`` another drain
-    holds: they are returned in ``held`` (the caller marks them again). Must run inside the
-    drain's transaction.
+    ``locked``: the ids whose ledger rows the caller locked (``counts.item_locks``), in a
+    statement before this one; the rest of ``ids`` another drain holds: they are returned in
+    ``held`` (the caller marks them again). Must run inside the drain's transaction.
     """
     ids = sorted(set(ids))
     held = sorted(set(ids) - set(locked))
@@ -344,7 +276,7 @@ def credits_sql(kind: ItemKind, changed: str) -> str:
         " sum(s.sign * (e.value->>0)::bigint)::bigint"
         f" FROM {changed} c CROSS JOIN LATERAL (VALUES (c.old, -1), (c.new, 1)) s(state, sign)"
         " CROSS JOIN LATERAL jsonb_each(coalesce(s.state, '{}'::jsonb)) e"
-        f" CROSS JOIN LATERAL jsonb_array_elements_text({_targets_of('e', kind)}) t"
+        f" CROSS JOIN LATERAL jsonb_array_elements_text({entry_targets_sql('e', kind)}) t"
         f" WHERE e.key IN ({keys}) GROUP BY 1, 2, 3 HAVING sum(s.sign * (e.value->>0)::bigint) <> 0"
         f" UNION ALL SELECT NULL, NULL, NULL, count(*) FROM {changed} n"
     )
@@ -368,43 +300,7 @@ def credit(kind: ItemKind, rows, credits) -> tuple[dict[tuple[str, int, int], in
     return pairs, changed
 
 
-def mark_items_sql(kind: ItemKind, source: str, column: str) -> str:
-    """Item marks for every id in ``column`` of ``source``, ``CHUNK`` ids per mark."""
-    return (
-        f"INSERT INTO {MARK_TABLE} (target, ids) SELECT {literal(kind.mark_target)},"
-        f" array_agg(id ORDER BY id) FROM (SELECT s.{q(column)} AS id,"
-        f" (row_number() OVER (ORDER BY s.{q(column)}) - 1) / {CHUNK} AS chunk"
-        f" FROM {source} s) c GROUP BY chunk"
-    )
-
-
-def mark_ledgered_sql(kind: ItemKind) -> str:
-    """Item marks for every item with a ledger row (what a TRUNCATE may have changed)."""
-    source = f"(SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {literal(kind.mark_target)})"
-    return mark_items_sql(kind, source, "item_id")
-
-
-def mark_every_item(cursor, kind: ItemKind) -> None:
-    """Mark every item of ``kind``, with or without a ledger (a new count's backfill)."""
-    cursor.execute(mark_items_sql(kind, q(kind.table.db_table), kind.table.pk))
-    cursor.execute(mark_ledgered_sql(kind))
-
-
-# --- what the stale items mean for targets --------------------------------------------------
-
-
-def stale_sql(kind: ItemKind) -> str:
-    """Distinct item ids with an item mark visible to the statement, or reached by a job mark
-    visible to it (``counts.jobs``)."""
-    selects = [
-        f"SELECT DISTINCT x AS id FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
-        f" WHERE m.target = {literal(kind.mark_target)} AND m.field IS NULL"
-    ]
-    selects += [job.pending_items_sql() for job in kind.jobs]
-    return " UNION ".join(selects)
-
-
-def _targets_of(entry: str, kind: ItemKind) -> str:
+def entry_targets_sql(entry: str, kind: ItemKind) -> str:
     """The target ids of a ledger entry ``entry`` (``jsonb_each`` row) as a jsonb array."""
     distinct = [literal(p.key) for p in kind.parts if p.distinct]
     if not distinct:
@@ -413,121 +309,6 @@ def _targets_of(entry: str, kind: ItemKind) -> str:
         f"CASE WHEN {entry}.key IN ({', '.join(distinct)})"
         f" THEN jsonb_build_array({entry}.value->1) ELSE {entry}.value - 0 END"
     )
-
-
-def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
-    """``SELECT pk, a0, a1, …``: per target of ``label`` among the bound ids, what the stale
-    items of ``kind`` would change in each of its counts of this kind if credited now.
-
-    The recount writes ``truth - pending - adjustment``: for an item whose change is not yet
-    credited (its mark is visible), the truth already contains the change but the ledgers do
-    not, and invariant I is about the ledgers. Only stale items related to the targets — by
-    their current links or by their ledger — are read. ``n`` numbers the CTE aliases. Returns
-    the SQL and how many times it binds the target ids.
-    """
-    parts = kind.summed_parts(label)
-    related, binds = [], 0
-    for link in sorted({p.link for p in parts}, key=repr):
-        table, item_col, target_col = link.rows(kind.table)
-        related.append(
-            f"EXISTS (SELECT 1 FROM {q(table.db_table)} x WHERE x.{q(item_col)} = s.id"
-            f" AND x.{q(target_col)} = ANY(%s::bigint[]))"
-        )
-        binds += 1
-    kind_sql = literal(kind.mark_target)
-    related.append(
-        f"EXISTS (SELECT 1 FROM {LEDGER_TABLE} l WHERE l.kind = {kind_sql} AND l.item_id = s.id)"
-    )
-    cand = f"(SELECT s.id FROM ({stale_sql(kind)}) s WHERE {' OR '.join(related)})"
-    truth = truth_sql(kind, cand)
-    entries = (
-        f"SELECT kv.key, (kv.value->>0)::bigint AS v, t::bigint AS t"
-        f" FROM ({truth}) tr, jsonb_each(tr.state) kv, jsonb_array_elements_text(kv.value - 0) t"
-        f" UNION ALL SELECT kv.key, -(kv.value->>0)::bigint, t::bigint"
-        f" FROM {LEDGER_TABLE} l JOIN {cand} c ON l.item_id = c.id AND l.kind = {kind_sql},"
-        f" jsonb_each(l.state) kv, jsonb_array_elements_text(kv.value - 0) t"
-    )
-    sums = ", ".join(
-        f"(sum(e.v) FILTER (WHERE e.key = {literal(p.key)}))::bigint AS a{n}_{i}"
-        for i, p in enumerate(parts)
-    )
-    sql = f"SELECT e.t AS pk, {sums} FROM ({entries}) e WHERE e.t = ANY(%s::bigint[]) GROUP BY e.t"
-    # The candidate list appears twice (truth and ledger), each binding the ids per link.
-    return sql, binds * 2 + 1
-
-
-def fill_ledgers(
-    kind: ItemKind,
-    keys: list[str],
-    using: str = "default",
-    chunk: int = 1000,
-    dry_run: bool = False,
-) -> tuple[int, int]:
-    """Set the ledger entries ``keys`` of every item of ``kind`` to the items' truth, without
-    crediting anything. Returns (items checked, items whose ledger differed).
-
-    A backfill does it before recounting its targets, so the new count's ledgers and stored
-    values agree from the start; reconcile does it (the *ledger audit*) before auditing
-    targets, which repairs ledgers that writes the triggers could not see left behind: had the
-    targets been repaired first, the next change to such an item would credit the old drift
-    again. Either way the targets are recounted afterwards, by the formula, which is what
-    makes writing a ledger without a credit consistent again.
-
-    Chunk by chunk, each chunk in its own transaction under the items' locks (taken waiting,
-    in id order: drains never wait on these locks, so no deadlock).
-    """
-    from django.db import connections, transaction
-
-    checked, differed, last, next_analyze = 0, 0, 0, 10 * chunk
-    keys_sql = "ARRAY[" + ", ".join(literal(k) for k in keys) + "]::text[]"
-    kind_sql = literal(kind.mark_target)
-    t = kind.table
-    while True:
-        with transaction.atomic(using=using), connections[using].cursor() as cursor:
-            cursor.execute(
-                f"SELECT {q(t.pk)} FROM {q(t.db_table)} WHERE {q(t.pk)} > %s"
-                f" ORDER BY {q(t.pk)} LIMIT %s",
-                [last, chunk],
-            )
-            ids = [row[0] for row in cursor.fetchall()]
-            if not ids:
-                return checked, differed
-            if not dry_run:
-                lock_items(cursor, kind, ids, wait=True)
-            truth = truth_sql(kind, "(SELECT unnest(%s::bigint[]) AS id)")
-            fresh = (
-                f"WITH truth AS ({truth}),"
-                f" fresh AS (SELECT t.id, l.state AS old, coalesce(l.state - {keys_sql}, '{{}}')"
-                f"  || (SELECT coalesce(jsonb_object_agg(k, v), '{{}}') FROM jsonb_each(t.state)"
-                f"  kv(k, v) WHERE k = ANY({keys_sql})) AS state FROM truth t"
-                f"  LEFT JOIN {LEDGER_TABLE} l ON l.kind = {kind_sql} AND l.item_id = t.id),"
-                f" changed AS (SELECT * FROM fresh WHERE coalesce(old, '{{}}') <> state)"
-            )
-            if dry_run:
-                cursor.execute(f"{fresh} SELECT count(*) FROM changed", [ids])
-            else:
-                cursor.execute(
-                    f"{fresh}, kept AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
-                    f"  SELECT {kind_sql}, id, state FROM changed WHERE state <> '{{}}'"
-                    f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state),"
-                    f" gone AS (DELETE FROM {LEDGER_TABLE} l USING fresh f"
-                    f"  WHERE l.kind = {kind_sql} AND l.item_id = f.id AND f.state = '{{}}')"
-                    f" {credits_sql(kind, '(SELECT old, state AS new FROM changed)')}",
-                    [ids],
-                )
-                # Distinct counts' multiplicities follow their ledgers (invariant M); no
-                # target is credited: the caller recounts the targets afterwards.
-                pairs, changed = credit(kind, cursor.fetchall(), defaultdict(int))
-                multiplicity.add(cursor, pairs, {}, defaultdict(int))
-            differed += cursor.fetchone()[0] if dry_run else changed
-            checked += len(ids)
-            last = ids[-1]
-            if not dry_run and checked >= next_analyze:
-                # A ledger filled from empty has no statistics: without them its joins plan as
-                # scans of the whole table, and a fill of 10⁷ items slows to a crawl as it grows
-                # (measured: 1.8k items/s before, 20k after). Each doubling gets fresh ones.
-                cursor.execute(f"ANALYZE {LEDGER_TABLE}")
-                next_analyze = 2 * checked
 
 
 def preview(cursor, kind: ItemKind, ids: list[int], credits) -> None:
@@ -544,25 +325,3 @@ def preview(cursor, kind: ItemKind, ids: list[int], credits) -> None:
     )
     pairs, _changed = credit(kind, cursor.fetchall(), credits)
     multiplicity.preview(cursor, pairs, kind.parts_by_key, credits)
-
-
-def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
-    """``SELECT id`` of the targets of ``label`` among the bound ids that an item mark of
-    ``kind`` may change: stale items' current links and ledger entries. Returns the SQL and
-    how many times it binds the ids."""
-    stale = f"({stale_sql(kind)})"
-    selects = []
-    for link in sorted({p.link for p in kind.parts_for(label)}, key=repr):
-        table, where, col = link.rows(kind.table)
-        selects.append(
-            f"SELECT x.{q(col)} FROM {q(table.db_table)} x WHERE x.{q(where)} IN {stale}"
-            f" AND x.{q(col)} = ANY(%s::bigint[])"
-        )
-    keys = ", ".join(literal(p.key) for p in kind.parts_for(label))
-    selects.append(
-        f"SELECT t::bigint FROM {LEDGER_TABLE} l, jsonb_each(l.state) kv,"
-        f" jsonb_array_elements_text({_targets_of('kv', kind)}) t"
-        f" WHERE l.kind = {literal(kind.mark_target)}"
-        f" AND l.item_id IN {stale} AND kv.key IN ({keys}) AND t::bigint = ANY(%s::bigint[])"
-    )
-    return " UNION ".join(selects), len(selects)

@@ -42,7 +42,8 @@ def pending_ids(label: str, ids: list[int], using: str = "default") -> set[int]:
 
 def _pending_sql(label: str, ids: list[int]) -> tuple[str, list]:
     """``SELECT x``: the ids of :func:`pending_ids`, and the statement's parameters."""
-    from counts.items import kinds_feeding, pending_targets_sql
+    from counts.items import kinds_feeding
+    from counts.stale_items import pending_targets_sql
 
     sql = (
         f"SELECT x FROM {MARK_TABLE} m CROSS JOIN LATERAL"

@@ -146,7 +146,8 @@ class BackfillCounts(Operation):
         """Data only."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        from counts.items import kinds_feeding, mark_every_item
+        from counts.item_backfill import mark_every_item
+        from counts.items import kinds_feeding
         from counts.marks import mark_all
         from counts.reconciling import reconcile
 

@@ -27,7 +27,7 @@ What it takes, and what it leaves alone:
   Django's behaviour. Behind a pooler that cannot keep prepared statements (PgBouncer in
   transaction mode before 1.21), set ``COUNTS_PREPARED_STATEMENTS = False``.
 - ``plan_cache_mode = force_generic_plan`` is set for the engine's transaction only
-  (``counts.draining.engine_transaction``), and only when Django binds parameters on the client
+  (``counts.engine_transaction``), and only when Django binds parameters on the client
   (its default): then no other statement of that transaction sends parameters to the server,
   so the setting reaches these statements and nothing else. With ``server_side_binding`` the
   statements are still prepared (no parse), and PostgreSQL chooses their plans as usual.
@@ -99,9 +99,28 @@ def cursor(using: str = "default"):
 GENERIC_MAX_IDS = 100
 
 
+class Hot:
+    """The prepared cursor of one engine transaction, made when its first hot statement runs:
+    a transaction that runs none (a recount, "Recompute now" of a model with no item count)
+    makes none."""
+
+    __slots__ = ("using", "_cursor", "_made")
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self._cursor = None
+        self._made = False
+
+    def get(self):
+        if not self._made:
+            self._cursor, self._made = cursor(self.using), True
+        return self._cursor
+
+
 def of(cursor_, ids: int = 0):
     """The cursor to run a hot statement binding ``ids`` ids on: the engine transaction's
-    prepared cursor when it has one (``engine_transaction`` attaches it) and the batch is
-    small, else ``cursor_`` itself."""
+    prepared cursor when it has one (``engine_transaction`` attaches a :class:`Hot`) and the
+    batch is small, else ``cursor_`` itself."""
     hot = getattr(cursor_, "prepared", None)
-    return hot if hot is not None and ids <= GENERIC_MAX_IDS else cursor_
+    made = hot.get() if hot is not None and ids <= GENERIC_MAX_IDS else None
+    return made if made is not None else cursor_

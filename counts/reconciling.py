@@ -19,9 +19,11 @@ from django.db import connections, transaction
 
 from counts import aggregate, multiplicity
 from counts.apps import graph
-from counts.draining import claim, engine_transaction
+from counts.engine_transaction import engine_transaction
 from counts.errors import UnknownTargetError
-from counts.items import fill_ledgers, kinds_feeding
+from counts.item_backfill import fill_ledgers
+from counts.items import kinds_feeding
+from counts.recomputing import claim
 from counts.triggers import MARK_TABLE, q
 
 

@@ -257,7 +257,8 @@ def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -
     """Every row of the own-row and full targets is recounted; every credited item of the
     item kinds the table feeds is recomputed (an item with no ledger row had nothing to lose).
     """
-    from counts.items import item_kinds, mark_ledgered_sql
+    from counts.item_backfill import mark_ledgered_sql
+    from counts.items import item_kinds
     from counts.jobs import jobs_on
     from counts.modes import ItemCount, OwnRow
 

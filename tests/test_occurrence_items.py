@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 
 import counts
-from counts.draining import recompute_rows
+from counts.recomputing import recompute_rows
 from project.monitoring.models import Deployment, Detection, Event, Occurrence, Project
 from tests.interleave import Harness, drain_to_empty
 from tests.truth import assert_all_counts_exact, drain_all
