@@ -19,45 +19,24 @@ quietly and drains in-process, so every repeat starts from 50 empty sets and an 
 
 from __future__ import annotations
 
-import logging
 import math
-import time
-from contextlib import contextmanager
 
 from django.conf import settings
 
 from bench import dataset
-from bench.inprocess import counting_messages, queued_messages, running_worker
+from bench.inprocess import (
+    counting_messages,
+    queued_messages,
+    quiet_logs,
+    running_worker,
+    wait_until,
+)
 from bench.timing import median, percentile, stopwatch
 from counts.notice import quiet
 from project.monitoring.models import SourceImageCollection
 
 Through = SourceImageCollection.images.through
 ACTORS = ("recompute_pending", "drain_backlog")
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.02) -> float | None:
-    """Seconds until ``predicate()`` holds, or None after ``timeout``."""
-    started = time.perf_counter()
-    while not predicate():
-        if time.perf_counter() - started > timeout:
-            return None
-        time.sleep(interval)
-    return time.perf_counter() - started
-
-
-@contextmanager
-def quiet_logs(level: int = logging.WARNING):
-    """Keep the worker's per-batch INFO lines out of the bench's output; errors still show."""
-    loggers = [logging.getLogger(name) for name in ("dramatiq", "workers")]
-    previous = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(level)
-    try:
-        yield
-    finally:
-        for lg, lvl in zip(loggers, previous, strict=True):
-            lg.setLevel(lvl)
 
 
 def setup(n_sets: int, writes: int) -> tuple[list[int], list[int]]:

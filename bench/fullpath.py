@@ -25,8 +25,7 @@ from __future__ import annotations
 from django.db import connection
 
 import counts
-from bench.burst import quiet_logs, wait_until
-from bench.inprocess import queued_messages, running_worker
+from bench.inprocess import queued_messages, quiet_logs, running_worker, wait_until
 from bench.timing import median, ms, ratio, stopwatch
 from bench.writes import count_triggers
 from counts.notice import quiet

@@ -8,6 +8,8 @@ used on the production path.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections import Counter
 
 import dramatiq
@@ -87,3 +89,27 @@ def dead_letters() -> int:
     """Messages of the counts queue in the dead-letter set."""
     booted_broker()
     return queue_sizes()["dead"]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> float | None:
+    """Seconds until ``predicate()`` holds, or None after ``timeout``."""
+    started = time.perf_counter()
+    while not predicate():
+        if time.perf_counter() - started > timeout:
+            return None
+        time.sleep(interval)
+    return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def quiet_logs(level: int = logging.WARNING):
+    """Keep the worker's per-batch INFO lines out of the bench's output; errors still show."""
+    loggers = [logging.getLogger(name) for name in ("dramatiq", "workers")]
+    previous = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, previous, strict=True):
+            lg.setLevel(lvl)

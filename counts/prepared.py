@@ -104,7 +104,7 @@ class Hot:
     a transaction that runs none (a recount, "Recompute now" of a model with no item count)
     makes none."""
 
-    __slots__ = ("using", "_cursor", "_made")
+    __slots__ = ("_cursor", "_made", "using")
 
     def __init__(self, using: str) -> None:
         self.using = using
