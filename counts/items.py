@@ -152,26 +152,27 @@ def truth_sql(kind: ItemKind, items: str) -> str:
     """
     t = kind.table
     joins: list[str] = []
-    measures: dict[tuple, str] = {}  # (child, fk, predicate) -> expression of n
-    children: dict[tuple, list[tuple[str | None, str]]] = {}
+    measures: dict[tuple, str] = {}  # (child, fk, predicate, exists) -> expression
+    # One count per (child table, predicate): "how many" and "any" of the same children share it.
+    children: dict[tuple, list[str | None]] = {}
     for p in kind.parts:
         m = p.measure
-        children.setdefault((m.child.db_table, m.fk), [])
-        slot = children[(m.child.db_table, m.fk)]
-        if (m.predicate, m.exists) not in [(pred, ex) for pred, ex in slot]:
-            slot.append((m.predicate, m.exists))
+        slot = children.setdefault((m.child.db_table, m.fk), [])
+        if m.predicate not in slot:
+            slot.append(m.predicate)
     for c, ((table, fk), preds) in enumerate(sorted(children.items())):
         counts = ", ".join(
             f"count(*) FILTER (WHERE {pred}) AS n{n}" if pred else f"count(*) AS n{n}"
-            for n, (pred, _exists) in enumerate(preds)
+            for n, pred in enumerate(preds)
         )
         joins.append(
             f"LEFT JOIN LATERAL (SELECT {counts} FROM {q(table)} r WHERE r.{q(fk)} = i.id)"
             f" c{c} ON true"
         )
-        for n, (pred, exists) in enumerate(preds):
+        for n, pred in enumerate(preds):
             value = f"coalesce(c{c}.n{n}, 0)"
-            measures[(table, fk, pred, exists)] = f"({value} > 0)::int" if exists else value
+            measures[(table, fk, pred, True)] = f"({value} > 0)::int"
+            measures[(table, fk, pred, False)] = value
     links: dict[Link, str] = {}
     own_row = False
     for p in kind.parts:
