@@ -103,21 +103,32 @@ class PendingSummary:
     ids: int | None  # None when an "every row" mark is waiting
     oldest_seconds: float
     due: int = 0  # marks a drain may take now (the rest wait for a row someone holds)
+    #: How long the oldest due mark has been due: since it was written, or since the time a
+    #: mark written again for a held row became due. What the scheduler judges a model by.
+    oldest_due_seconds: float = 0.0
+
+
+#: A mark is due once its ``not_before`` (if any) has passed; it has been due since then.
+_DUE = "(not_before IS NULL OR not_before <= now())"
 
 
 def pending_summary(using: str = "default") -> list[PendingSummary]:
-    """Marks waiting per target model, with the age of the oldest."""
+    """Marks waiting per target model, with the age of the oldest and of the oldest due."""
     with connections[using].cursor() as cursor:
         cursor.execute(
             f"SELECT target, count(*), CASE WHEN bool_or(ids IS NULL) THEN NULL"
             f" ELSE sum(cardinality(ids)) END,"
             f" extract(epoch FROM now() - min(created_at)),"
-            f" count(*) FILTER (WHERE not_before IS NULL OR not_before <= now())"
+            f" count(*) FILTER (WHERE {_DUE}),"
+            f" extract(epoch FROM now() - min(greatest(created_at, not_before))"
+            f" FILTER (WHERE {_DUE}))"
             f" FROM {MARK_TABLE} GROUP BY target ORDER BY target"
         )
         return [
-            PendingSummary(label, marks, None if n is None else int(n), float(age or 0), due)
-            for label, marks, n, age, due in cursor.fetchall()
+            PendingSummary(
+                label, marks, None if n is None else int(n), float(age or 0), due, float(d or 0)
+            )
+            for label, marks, n, age, due, d in cursor.fetchall()
         ]
 
 

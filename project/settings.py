@@ -214,7 +214,13 @@ COUNTS_FANOUT = env_int("COUNTS_FANOUT", 4)
 #: a pooler that cannot keep prepared statements (PgBouncer in transaction mode before 1.21).
 COUNTS_PREPARED_STATEMENTS = env_bool("COUNTS_PREPARED_STATEMENTS", True)
 #: Seconds between scheduler sweeps for marks that have no message (raw SQL, lost messages).
-COUNTS_SWEEP_INTERVAL_S = env_int("COUNTS_SWEEP_INTERVAL_S", 5)
+COUNTS_SWEEP_INTERVAL_S = env_int("COUNTS_SWEEP_INTERVAL_S", 2)
+#: Seconds a due mark may wait with no drainer of its model at work before the sweep sends a
+#: drain whatever the broker says is queued, fetched or retrying (``workers.schedule``).
+COUNTS_RESCUE_AFTER_S = env_int("COUNTS_RESCUE_AFTER_S", 3)
+#: ``counts status`` exits non-zero (and ``/metrics`` shows it) once a model's oldest due mark
+#: has waited this long: an alert, not a page that says "pending" forever.
+COUNTS_STALE_ALERT_S = env_int("COUNTS_STALE_ALERT_S", 60)
 #: Seconds between heartbeats of a worker process (the scheduler beats every sweep).
 COUNTS_HEARTBEAT_INTERVAL_S = env_int("COUNTS_HEARTBEAT_INTERVAL_S", 10)
 #: /readyz fails when the scheduler was last seen longer ago than this.

@@ -76,9 +76,26 @@ def worker_subprocess_env(**extra: str) -> dict[str, str]:
     }
 
 
-def start_rundramatiq(env: dict[str, str], log: Path) -> subprocess.Popen:
+def start_rundramatiq(
+    env: dict[str, str], log: Path, processes: int = 1, threads: int = 1
+) -> subprocess.Popen:
+    return start_command(
+        env, log, "rundramatiq", "--processes", str(processes), "--threads", str(threads)
+    )
+
+
+def start_scheduler(env: dict[str, str], log: Path) -> subprocess.Popen:
+    return start_command(env, log, "run_scheduler")
+
+
+def start_command(env: dict[str, str], log: Path, *argv: str) -> subprocess.Popen:
+    """``manage.py <argv>`` in a process group of its own (so :func:`kill_group` takes all)."""
+    return start_python(env, log, "manage.py", *argv)
+
+
+def start_python(env: dict[str, str], log: Path, *argv: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "manage.py", "rundramatiq", "--processes", "1", "--threads", "1"],
+        [sys.executable, *argv],
         cwd=ROOT,
         env=env,
         stdout=log.open("w"),

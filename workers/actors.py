@@ -22,6 +22,7 @@ from dramatiq.middleware import CurrentMessage
 import counts
 from counts.apps import graph
 from counts.draining import drain
+from counts.errors import first_line
 from counts.items import item_kinds
 from counts.marks import LOCKED_RETRY_MS, next_due_seconds, pending_summary
 from counts.signals import reconciled
@@ -210,6 +211,37 @@ def drain_backlog(*args, **kwargs) -> None:
         _known_label(label)
     close_old_connections()
     drain_label(label, fan_out=False)
+
+
+#: Labels whose rescue drains are failing, so each failure is logged once, not every sweep.
+_rescues_failing: set[str] = set()
+
+
+@dramatiq.actor(queue_name=QUEUE, throws=(MalformedMessage,), max_retries=0)
+def rescue_drain(*args, **kwargs) -> None:
+    """The scheduler's drain for a model whose due marks wait with no drainer at work.
+
+    Never retried: if it fails, the next sweep sends another while the marks still wait, so a
+    failing drain costs one message per sweep, not a growing pile of retries, and the first
+    sweep after the cause is gone drains. A failure is logged once until a rescue succeeds
+    (not dead-lettered: nothing is wrong with the message).
+    """
+    with _dead_letter_on_malformed():
+        (label,) = _args(args, kwargs, ("label",))
+        _known_label(label)
+    close_old_connections()
+    try:
+        drain_label(label, fan_out=True)
+    except Exception as exc:
+        if label not in _rescues_failing:
+            _rescues_failing.add(label)
+            logger.warning(
+                "rescue drain of %s failed (%s); the next sweep tries again", label, first_line(exc)
+            )
+        return
+    if label in _rescues_failing:
+        _rescues_failing.discard(label)
+        logger.warning("rescue drain of %s succeeded again", label)
 
 
 @dramatiq.actor(

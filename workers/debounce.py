@@ -63,6 +63,10 @@ return 0
 
 DEBOUNCE = "debounce"
 DRAINING = "draining"
+#: Set by a drainer at every look, for ``COUNTS_RESCUE_AFTER_S``: a drainer of the model is at
+#: work. The scheduler's evidence of progress (``workers.schedule``), written by the process
+#: doing the work, not by the broker's bookkeeping of messages.
+WORKING = "working"
 
 #: Share of the debounce window a writer keeps off the due time of a message or a drainer's
 #: promise before trusting it (clock skew between hosts).
@@ -190,13 +194,17 @@ def reclaim(debounce_key_: str, token: str, ttl_ms: int) -> bool:
 def hold_draining(label: str, promise_ms: int = 0) -> None:
     """Raise (or renew) the draining flag, promising writers not to make the last look within
     ``promise_ms`` from now (remembered first, so a failed call over-waits rather than breaks
-    the promise). A drainer that will not linger promises nothing."""
+    the promise). A drainer that will not linger promises nothing. The same round trip says
+    the model has a drainer at work (:func:`working`)."""
     until = 0
     if promise_ms > 0:
         until = _now_ms() + promise_ms
         mine = (label, threading.get_ident())
         _promised[mine] = max(_promised.get(mine, 0), until)
-    client().set(draining_key(label), str(until), px=settings.COUNTS_DRAINING_TTL_MS)
+    pipe = client().pipeline(transaction=False)
+    pipe.set(draining_key(label), str(until), px=settings.COUNTS_DRAINING_TTL_MS)
+    pipe.set(key(WORKING, label), "1", px=settings.COUNTS_RESCUE_AFTER_S * 1000)
+    pipe.execute()
 
 
 def drop_draining(label: str) -> None:
@@ -213,3 +221,11 @@ def is_scheduled(label: str) -> bool:
 
 def is_draining(label: str) -> bool:
     return bool(client().exists(draining_key(label)))
+
+
+def working(labels: list[str]) -> set[str]:
+    """Which of ``labels`` a drainer looked at within the last ``COUNTS_RESCUE_AFTER_S``."""
+    if not labels:
+        return set()
+    found = client().mget([key(WORKING, label) for label in labels])
+    return {label for label, value in zip(labels, found, strict=True) if value is not None}

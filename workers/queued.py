@@ -1,20 +1,20 @@
-"""Which target models have a drain message coming, read from the Redis broker's own keys.
+"""Which drain messages the Redis broker holds, and where, read from its own keys.
 
-The sweep must not send for a model that already has a message queued, delayed or waiting to
-be retried: with drains failing, every sweep used to add one more message per model (the actor
-frees its debounce key before it drains, so a failing drain leaves no key behind), and they all
-ran, uselessly, once the database was back.
+The sweep reads them for one purpose only: not to add a message for fresh marks while one is
+already queued, delayed or waiting for a retry (with drains failing, every sweep used to add
+one more message per model, and they all ran, uselessly, once the database was back). They are
+not trusted for more than that. A message the broker says a live worker fetched may never run:
+a fetch sent just before Redis froze is executed by Redis after it thaws, after the client gave
+up on the reply, and the message sits in that worker's ack set for as long as the worker lives.
+So whether a model's counts are stale is judged in PostgreSQL (``workers.schedule``), and
+:class:`Held` says who holds what so that the sweep can name a worker that lost messages.
 
-Why the broker's keys rather than an "in flight" key of our own: they are the truth about what
-will run. A key of ours would have to follow every path a message takes (sent, delayed, fetched,
-retried with backoff, dead-lettered, lost with a killed worker) and would lie the moment one
-path forgot it; the broker's keys change only with the message itself. What we read:
+What we read:
 
 - ``<ns>:<queue>.msgs`` and ``<ns>:<queue>.DQ.msgs``: every message enqueued, fetched or
   delayed (a retry is a delayed message), until it is acknowledged or dead-lettered;
-- ``<ns>:__heartbeats__`` and ``<ns>:__acks__.<worker>.<queue>``: the messages a worker fetched.
-  A worker that has not been heard of for ``COUNTS_WORKER_LOST_MS`` is taken for dead; its
-  messages count as lost (the broker hands them back only after minutes), so the sweep sends.
+- ``<ns>:__heartbeats__`` and ``<ns>:__acks__.<worker>.<queue>``: the messages each worker
+  fetched. A worker not heard of for ``COUNTS_WORKER_LOST_MS`` is taken for dead (``lost``).
 
 Both hashes are read in one MULTI, so a message moving from the delay queue to the queue, or
 into the delay queue as a retry, is seen in one of them, never in neither.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import dramatiq
 from django.conf import settings
@@ -31,36 +32,60 @@ from dramatiq.common import dq_name
 
 from workers import debounce
 
+
+def _plain(label) -> str | None:
+    return label if isinstance(label, str) else None
+
+
 #: Actor name -> the argument that names the target model, and how to read a label from it.
 _LABEL_ARGUMENT = {
     "recompute_pending": ("key", debounce.label_of),
-    "drain_backlog": ("label", lambda label: label if isinstance(label, str) else None),
+    "drain_backlog": ("label", _plain),
+    "rescue_drain": ("label", _plain),
 }
 
 
-def labels_with_messages() -> set[str]:
-    """Labels of the models a live worker, or the queue, still holds a drain message for."""
+@dataclass(frozen=True)
+class Held:
+    """A drain message the broker holds: waiting in a queue, or fetched by a worker."""
+
+    label: str
+    message_id: str
+    actor: str
+    #: The broker id of the worker that fetched it; None while it waits in the queue.
+    worker: str | None
+    #: That worker has not been heard of for ``COUNTS_WORKER_LOST_MS``.
+    lost: bool = False
+    #: Wall-clock ms before which a delayed message (a debounce, a retry's backoff) is not run.
+    eta_ms: int = 0
+
+
+def held_messages() -> list[Held]:
+    """Every drain message the broker holds, with the worker (if any) that fetched it."""
     from workers.actors import QUEUE
 
     broker = dramatiq.get_broker()
     r, ns = broker.client, broker.namespace
     queues = (QUEUE, dq_name(QUEUE))
     pipe = r.pipeline(transaction=True)
-    pipe.zrangebyscore(f"{ns}:__heartbeats__", 0, _lost_before_ms())
+    pipe.zrangebyscore(f"{ns}:__heartbeats__", "-inf", "+inf", withscores=True)
     for queue in queues:
         pipe.hgetall(f"{ns}:{queue}.msgs")
-    lost_workers, *messages = pipe.execute()
-    labels = set()
-    for queue, by_id in zip(queues, messages, strict=True):
-        lost = set()
-        for worker in lost_workers:
-            lost |= r.smembers(f"{ns}:__acks__.{worker.decode()}.{queue}")
-        labels.update(
-            label
-            for message_id, payload in by_id.items()
-            if message_id not in lost and (label := label_of_message(payload))
-        )
-    return labels
+    workers, *messages = pipe.execute()
+    lost_before = _lost_before_ms()
+    fetched: dict[bytes, tuple[str, bool]] = {}
+    for worker, seen_ms in workers:
+        for queue in queues:
+            for message_id in r.smembers(f"{ns}:__acks__.{worker.decode()}.{queue}"):
+                fetched[message_id] = (worker.decode(), seen_ms < lost_before)
+    held = []
+    for by_id in messages:
+        for message_id, payload in by_id.items():
+            actor, label, eta_ms = _decode(payload)
+            if label:
+                worker, lost = fetched.get(message_id, (None, False))
+                held.append(Held(label, message_id.decode(), actor, worker, lost, eta_ms))
+    return held
 
 
 def _lost_before_ms() -> int:
@@ -70,10 +95,17 @@ def _lost_before_ms() -> int:
 
 def label_of_message(payload: bytes) -> str | None:
     """The target model a drain message is for; None for any other message or garbage."""
+    return _decode(payload)[1]
+
+
+def _decode(payload: bytes) -> tuple[str, str | None, int]:
+    """(actor name, target model, eta ms or 0) of a drain message; ("", None, 0) otherwise."""
     try:
         message = json.loads(payload)
-        name, read = _LABEL_ARGUMENT[message["actor_name"]]
+        actor = message["actor_name"]
+        name, read = _LABEL_ARGUMENT[actor]
         args, kwargs = message.get("args") or [], message.get("kwargs") or {}
-        return read(args[0] if args else kwargs.get(name))
+        eta = (message.get("options") or {}).get("eta") or 0
+        return actor, read(args[0] if args else kwargs.get(name)), int(eta)
     except (ValueError, TypeError, KeyError, AttributeError):
-        return None
+        return "", None, 0
