@@ -81,10 +81,10 @@ def held_messages() -> list[Held]:
     held = []
     for by_id in messages:
         for message_id, payload in by_id.items():
-            actor, label, eta_ms = _decode(payload)
+            actor, label, eta_ms, dramatiq_id = _decode(payload)
             if label:
                 worker, lost = fetched.get(message_id, (None, False))
-                held.append(Held(label, message_id.decode(), actor, worker, lost, eta_ms))
+                held.append(Held(label, dramatiq_id, actor, worker, lost, eta_ms))
     return held
 
 
@@ -98,14 +98,17 @@ def label_of_message(payload: bytes) -> str | None:
     return _decode(payload)[1]
 
 
-def _decode(payload: bytes) -> tuple[str, str | None, int]:
-    """(actor name, target model, eta ms or 0) of a drain message; ("", None, 0) otherwise."""
+def _decode(payload: bytes) -> tuple[str, str | None, int, str]:
+    """(actor name, target model, eta ms or 0, message id) of a drain message; ("", None, 0,
+    "") for anything else. The id is Dramatiq's, the one workers log (the broker keys its
+    hashes by an id of its own)."""
     try:
         message = json.loads(payload)
         actor = message["actor_name"]
         name, read = _LABEL_ARGUMENT[actor]
         args, kwargs = message.get("args") or [], message.get("kwargs") or {}
         eta = (message.get("options") or {}).get("eta") or 0
-        return actor, read(args[0] if args else kwargs.get(name)), int(eta)
+        label = read(args[0] if args else kwargs.get(name))
+        return actor, label, int(eta), str(message.get("message_id", ""))
     except (ValueError, TypeError, KeyError, AttributeError):
-        return "", None, 0
+        return "", None, 0, ""
