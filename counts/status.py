@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
 from counts.apps import graph
@@ -100,6 +101,17 @@ def database_unreachable(exc: Exception) -> str:
     )
 
 
+def stale_models(pending: list[dict]) -> dict[str, float]:
+    """``{label: seconds}`` of the models whose oldest due mark has waited longer than
+    ``COUNTS_STALE_ALERT_S``: drains are not keeping up, or not running at all."""
+    limit = getattr(settings, "COUNTS_STALE_ALERT_S", 60)
+    return {
+        row["label"]: row["oldest_due_seconds"]
+        for row in pending
+        if row["due"] and row["oldest_due_seconds"] >= limit
+    }
+
+
 def status() -> dict:
     """Backlog and triggers, plus the sections ``status_extras`` receivers add.
 
@@ -112,10 +124,12 @@ def status() -> dict:
         "job_indexes": None,
         "queues": None,
         "unreachable": {},
+        "stale": {},
         "modes": count_modes(),
     }
     try:
         report["pending"] = [p.__dict__ for p in pending_summary()]
+        report["stale"] = stale_models(report["pending"])
         report["triggers"] = trigger_states()
         report["job_indexes"] = job_indexes()
     except (OperationalError, InterfaceError) as exc:

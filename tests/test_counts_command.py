@@ -90,3 +90,30 @@ def test_reconcile_shows_a_progress_bar_with_total_and_eta_only_on_a_terminal(wo
     assert "%|" not in piped.stderr + piped.stdout and "\r" not in piped.stderr
     assert "monitoring.sourceimage: 5 checked, 0 would repair (no drift)" in piped.stdout
     assert_all_counts_exact()
+
+
+@pytest.mark.django_db
+def test_status_exits_2_and_names_a_model_whose_due_marks_wait_too_long(capsys):
+    """An alert can page someone instead of a status that says "pending" forever."""
+    from datetime import timedelta
+
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from counts.models import DirtyMark
+
+    label = "monitoring.event"
+    DirtyMark.objects.all().delete()  # transactional tests' TRUNCATEs leave "every row" marks
+    long_ago = timezone.now() - timedelta(minutes=10)
+    # Written long ago but put back for a held row, due in an hour: waiting, not stale.
+    DirtyMark.objects.create(target=label, ids=[1], not_before=timezone.now() + timedelta(hours=1))
+    DirtyMark.objects.update(created_at=long_ago)
+    call_command("counts", "status")
+    assert "oldest due 0.0s" in capsys.readouterr().out
+    DirtyMark.objects.create(target=label, ids=[2])
+    DirtyMark.objects.filter(not_before=None).update(created_at=long_ago)
+    with pytest.raises(SystemExit) as exited:
+        call_command("counts", "status")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert label in err and "COUNTS_STALE_ALERT_S" in err

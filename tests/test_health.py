@@ -207,3 +207,20 @@ def test_api_answers_503_with_a_json_detail_when_postgresql_is_down():
     assert "Traceback" not in result.stderr
     assert "database unavailable for GET /api/v2/captures/collections/" in result.stderr
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.django_db
+def test_readyz_stays_200_with_a_stale_backlog_that_is_the_workers_business(client, own_redis):
+    """A backlog the workers are not draining pages through ``counts status`` and /metrics;
+    it must not take the web tier, which can serve perfectly well, out of rotation."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from counts.models import DirtyMark
+
+    DirtyMark.objects.create(target="monitoring.event", ids=[1])
+    DirtyMark.objects.update(created_at=timezone.now() - timedelta(hours=1))
+    heartbeat.beat(heartbeat.SCHEDULER)
+    status, body = readyz(client)
+    assert status == 200, body

@@ -115,3 +115,25 @@ def test_metrics_still_answer_when_redis_does_not(client, settings):
     finally:
         workers_redis.reset()
     assert value(samples, "countdown_source_up", source="redis") == 0
+
+
+@pytest.mark.django_db
+def test_the_oldest_due_gauge_leaves_out_marks_that_wait_for_a_held_row(client):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from counts.models import DirtyMark
+
+    label = "monitoring.event"
+    DirtyMark.objects.all().delete()  # transactional tests' TRUNCATEs leave "every row" marks
+    DirtyMark.objects.create(target=label, ids=[1], not_before=timezone.now() + timedelta(hours=1))
+    DirtyMark.objects.update(created_at=timezone.now() - timedelta(minutes=10))
+    waiting = scrape(client)
+    assert value(waiting, "countdown_pending_oldest_seconds", model=label) >= 590
+    assert value(waiting, "countdown_pending_oldest_due_seconds", model=label) == 0
+    DirtyMark.objects.create(
+        target=label, ids=[2], created_at=timezone.now() - timedelta(seconds=90)
+    )
+    due = scrape(client)
+    assert 85 <= value(due, "countdown_pending_oldest_due_seconds", model=label) < 600

@@ -163,10 +163,17 @@ class CountsCollector(Collector):
             "Age of the oldest waiting mark, per target model.",
             labels=["model"],
         )
+        due = GaugeMetricFamily(
+            "countdown_pending_oldest_due_seconds",
+            "How long the oldest due mark has waited, per target model: what staleness alerts"
+            " should watch (marks put back for a held row are not due until their retry time).",
+            labels=["model"],
+        )
         for row in pending_summary():
             marks.add_metric([row.label], row.marks)
             oldest.add_metric([row.label], row.oldest_seconds)
-        yield from (marks, oldest)
+            due.add_metric([row.label], row.oldest_due_seconds)
+        yield from (marks, oldest, due)
 
     def _redis(self):
         from workers import heartbeat

@@ -1,7 +1,9 @@
 """``manage.py counts status|reconcile|rebuild|drain|makemigrations``: the operator's handle.
 
-- ``status``: pending marks per target model (with the age of the oldest) and whether every
-  count trigger is INSTALLED, OUTDATED or MISSING;
+- ``status``: pending marks per target model (with the age of the oldest, and of the oldest
+  due) and whether every count trigger is INSTALLED, OUTDATED or MISSING; exit 1 when
+  PostgreSQL or Redis does not answer, 2 when a model's oldest due mark has waited longer than
+  ``COUNTS_STALE_ALERT_S`` (for an alert);
 - ``reconcile [--dry-run] [--model LABEL] [--chunk N] [--json]``: find drift, repair it;
 - ``rebuild [--model LABEL]``: recompute every row (``counts.rebuild``: a reconcile that prints
   less and drops the marks it made redundant);
@@ -12,6 +14,7 @@
 import json
 import sys
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
@@ -79,8 +82,16 @@ class Command(BaseCommand):
             self._print_status(report)
         for line in unreachable.values():
             self.stderr.write(line)
+        limit = getattr(settings, "COUNTS_STALE_ALERT_S", 60)
+        for label, seconds in sorted(report["stale"].items()):
+            self.stderr.write(
+                f"{label}: its oldest due mark has waited {seconds:.0f} s, over"
+                f" COUNTS_STALE_ALERT_S ({limit} s): are workers and the scheduler running?"
+            )
         if unreachable:
             sys.exit(1)
+        if report["stale"]:
+            sys.exit(2)
 
     def _print_status(self, report: dict) -> None:
         self.stdout.write("Counts:")
@@ -96,6 +107,7 @@ class Command(BaseCommand):
                 self.stdout.write(
                     f"  {row['label']:<40} {row['marks']:>7} marks  {ids:>12}"
                     f"  oldest {row['oldest_seconds']:.1f}s"
+                    f"  oldest due {row['oldest_due_seconds']:.1f}s"
                 )
         for section, title in (("queues", "Queues"), ("processes", "Processes")):
             if report.get(section) is not None:
