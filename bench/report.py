@@ -181,6 +181,24 @@ def _reconcile_rows(re: dict) -> list[tuple[str, ...]]:
     ]
 
 
+def _drainers_rows(dr: dict) -> list[tuple[str, ...]]:
+    """Time to empty a backlog on hot targets with 2 and 4 drainers (B) against 1 (A)."""
+    one = dr["median_s"]["1"]
+    return [
+        (
+            "drainers",
+            f"{dr['writes']:,} single-row writes on the largest set: empty with 1 (A) vs {n} (B)"
+            f" drainers, medians of {dr['repeats']}",
+            f"{one:.2f} s",
+            f"{dr['median_s'][n]:.2f} s",
+            _fmt_x(dr["ratio_to_one"][n]),
+            "≤ 1.1x, exact",
+            _verdict(dr["ratio_to_one"][n] <= 1.1 and dr["exact"]),
+        )
+        for n in ("2", "4")
+    ]
+
+
 def _incremental_rows(inc: dict) -> list[tuple[str, ...]]:
     """Time to exact counts after each small write (the issue's goals), the threshold change's
     writer and drain, and the drain's cost per changed row."""
@@ -251,6 +269,7 @@ _SECTIONS = (
     ("recompute", _recompute_rows),
     ("burst", _burst_rows),
     ("incremental", _incremental_rows),
+    ("drainers", _drainers_rows),
     ("reconcile", _reconcile_rows),
 )
 

@@ -303,9 +303,9 @@ def lock(cursor, statement: RecomputeStatement, ids: list[int]) -> list[int]:
 
     ``SKIP LOCKED``: a row held by someone else (an admin transaction left open, another
     drainer, a ``bulk_update`` locking rows in its own order) is left out instead of waited
-    for. A recompute therefore never waits on a row lock, so it can neither stall every other
-    target of its batch behind one busy row nor deadlock with a writer. Callers decide what
-    happens to the rows left out (see :func:`held_elsewhere`).
+    for here, so one busy row cannot stall every other target of its batch. Callers decide
+    what happens to the rows left out (see :func:`held_elsewhere`; a drain then locks its
+    targets again in one order with a short wait, ``counts.target_locks``).
     """
     cursor.execute(
         f"SELECT {q(statement.pk)} FROM {q(statement.table)} WHERE {q(statement.pk)} = ANY(%s)"

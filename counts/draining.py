@@ -24,11 +24,14 @@ The shape follows Django's deletion collector (record the work first, perform it
 
 All of it commits together. A crash before commit rolls the deletes back, so no mark is lost.
 Every amount is, in every snapshot, either in the queue or in its row, never both: the
-transaction that deletes a delta mark adds it to the row or queues it again. A drain never
-waits on a row lock, so one busy row cannot stall its model and a drain cannot deadlock with a
-writer or another drain; the order of acquisition is marks, items (every item of the batch,
-by kind and id, before any is recomputed: the only waits among them, for a new item's ledger
-row, come in one order), multiplicity rows (by key), targets (by label, by id).
+transaction that deletes a delta mark adds it to the row or queues it again. A drain takes
+marks and items without waiting, and target rows first without waiting; a held target row
+makes it start its targets again in one global order, waiting briefly for each row
+(``counts.target_locks``), so one busy row cannot stall its model, drains cannot wait in a
+circle, and no wait outlasts a short timeout. The order of acquisition is marks, items (every
+item of the batch, by kind and id, before any is recomputed: the only waits among them, for a
+new item's ledger row, come in one order), multiplicity rows (by key), targets (by label, by
+id).
 
 Every write runs in :func:`engine_transaction`, under the engine's setting: the only writes to
 cached columns the guard triggers let through.
@@ -41,7 +44,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from counts import aggregate, applying, item_backfill, item_locks, items, prepared, routes
+from counts import (
+    aggregate,
+    applying,
+    item_backfill,
+    item_locks,
+    items,
+    prepared,
+    routes,
+    target_locks,
+)
 from counts.apps import graph
 from counts.engine_transaction import SETTINGS_SQL, engine_transaction
 from counts.item_backfill import mark_every_item, mark_items_sql
@@ -259,15 +271,52 @@ def drain(
     return result
 
 
+class _Contended(Exception):
+    """A target row is held by another transaction: start the targets again, in order."""
+
+
 def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None:
-    """Add the amounts of every model that only gets amounts, in one statement; then, per
-    model with rows to recount, in label order: lock what is free, recount the rows marked
-    for it (the formula absorbs this batch's credits to them), add the credits to the others.
-    Amounts and recounts for rows someone else holds are queued again."""
+    """Write every target of the batch: first taking only the rows nobody holds; if one is
+    held, that attempt is rolled back (to a savepoint: the items' work stays) and every target
+    row of the batch is locked in (label, id) order, waiting briefly for each
+    (``counts.target_locks``), before the writes run again. Rows still held after the wait get
+    their work put back in the queue, due a little later."""
     by_label: dict[str, dict[tuple[str, int], int]] = defaultdict(dict)
     for (label, column, target_id), amount in plan.credits.items():
         if amount:
             by_label[label][(column, target_id)] = amount
+    before = (dict(result.targets), dict(result.changed), dict(result.deferred))
+    cursor.execute("SAVEPOINT counts_targets")
+    try:
+        _write(cursor, plan, by_label, result, using, first=True)
+        return
+    except _Contended:
+        cursor.execute("ROLLBACK TO SAVEPOINT counts_targets")
+    result.targets, result.changed, result.deferred = (dict(d) for d in before)
+    wanted = [
+        (statement.table, statement.pk, ids)
+        for label, ids in sorted(_target_ids(plan, by_label).items())
+        for statement in [aggregate.compile_recompute(label, using)]
+    ]
+    target_locks.lock_in_order(cursor, wanted)
+    _write(cursor, plan, by_label, result, using, first=False)
+
+
+def _target_ids(plan: _Plan, by_label: dict) -> dict[str, list[int]]:
+    ids: dict[str, set[int]] = defaultdict(set)
+    for label, credits in by_label.items():
+        ids[label].update(target_id for _column, target_id in credits)
+    for label, recount in plan.recount.items():
+        ids[label].update(recount)
+    return {label: sorted(found) for label, found in ids.items() if found}
+
+
+def _write(cursor, plan: _Plan, by_label: dict, result: DrainResult, using: str, first: bool):
+    """Add the amounts of every model that only gets amounts, in one statement; then, per
+    model with rows to recount, in label order: lock what is free, recount the rows marked
+    for it (the formula absorbs this batch's credits to them), add the credits to the others.
+    Amounts and recounts for rows someone else holds are queued again; on the ``first``
+    attempt, a held row raises :class:`_Contended` instead."""
     # Models that only need amounts added: every one of them in one statement; the rows it
     # left out are held by someone (or gone), and their amounts go back to the queue.
     only_credits = sorted(label for label in by_label if not plan.recount.get(label))
@@ -282,6 +331,8 @@ def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None
         if missing:
             # Held by someone (their amounts go back to the queue) or gone (they need none).
             held = set(aggregate.held_elsewhere(cursor, statement, missing, []))
+            if held and first:
+                raise _Contended
             if held:
                 deferred = {k: v for k, v in credits.items() if k[1] in held}
                 applying.defer_credits(cursor, label, deferred)
@@ -293,6 +344,8 @@ def _write_targets(cursor, plan: _Plan, result: DrainResult, using: str) -> None
         ids = sorted(recount | {target_id for _column, target_id in credits})
         locked = aggregate.lock(cursor, statement, ids)
         held = aggregate.held_elsewhere(cursor, statement, ids, locked)
+        if held and first:
+            raise _Contended
         locked_set = set(locked)
         to_recount = sorted(recount & locked_set)
         changes = aggregate.run(cursor, statement, to_recount, write=True)

@@ -1,6 +1,6 @@
 """``manage.py bench``: what the cached counts buy and what they cost, side by side, in one run.
 
-Five sections, each "A against B" on the same data in the same run (details in each module):
+Seven sections, each "A against B" on the same data in the same run (details in each module):
 
 1. ``bench.listing`` — capture-set list page: cached columns vs. two per-request countings;
 2. ``bench.writes`` — bulk_create, single-row saves, M2M add: count triggers on vs. off;
@@ -8,7 +8,9 @@ Five sections, each "A against B" on the same data in the same run (details in e
 4. ``bench.burst`` — 10,000 single-row writes with a real worker: messages, time to exact counts;
 5. ``bench.reconcile`` — full reconcile throughput over the dataset;
 6. ``bench.incremental`` — drain time after small writes to the dataset itself (issue #11), and
-   drain time per changed row, to compare across dataset sizes.
+   drain time per changed row, to compare across dataset sizes;
+7. ``bench.drainers`` — time to empty a backlog of single-row writes on the largest set with
+   1, 2 and 4 drainers (issue #27: more drainers must not make it slower).
 
 It prints one table (medians over repeats, the machine's core count in the header), progress on
 stderr, and with ``--json PATH`` every figure and sample; a PNG plot of list latency against
@@ -54,6 +56,7 @@ from django.test import override_settings
 from bench import (
     burst,
     dataset,
+    drainers,
     fullpath,
     incremental,
     listing,
@@ -63,7 +66,7 @@ from bench import (
     writes,
 )
 
-SECTIONS = ("list", "write", "recompute", "burst", "incremental", "reconcile")
+SECTIONS = ("list", "write", "recompute", "burst", "incremental", "drainers", "reconcile")
 DEFAULT_PLOT = Path(settings.BASE_DIR) / "bench" / "out" / "list_latency.png"
 DEFAULT_SCALING_PLOT = Path(settings.BASE_DIR) / "bench" / "out" / "drain_per_row.png"
 
@@ -107,6 +110,8 @@ class Command(BaseCommand):
         add("--incr-repeats", type=int, default=5, help="Repeats of each incremental case")
         add("--incr-singles", type=int, default=1_000, help="Single creates before one drain")
         add("--incr-rows", default="10,100,1000", help="Detections per bulk_create, per-row case")
+        add("--drainers-writes", type=int, default=5_000, help="Backlog for the drainers section")
+        add("--drainers-repeats", type=int, default=5, help="Repeats of each drainer count")
         add("--sections", default=",".join(SECTIONS), help="Subset of: " + ", ".join(SECTIONS))
         add("--json", dest="json_path", help="Write every figure and sample as JSON here")
         add("--plot", default=str(DEFAULT_PLOT), help="PNG of list latency ('' for none)")
@@ -198,6 +203,13 @@ class Command(BaseCommand):
                     o["incr_repeats"],
                     o["incr_singles"],
                     _ints(o["incr_rows"]),
+                    self.log,
+                )
+            if "drainers" in sections:
+                results["drainers"] = drainers.measure(
+                    incremental.largest_set().pk,
+                    o["drainers_writes"],
+                    o["drainers_repeats"],
                     self.log,
                 )
         finally:
