@@ -20,6 +20,7 @@ Three pieces:
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 
 from django import forms
@@ -79,8 +80,14 @@ def short_headers(names: list[str]) -> dict[str, str]:
     return headers
 
 
+@functools.cache
 def _count_column(name: str, header: str):
-    """A list column showing ``name`` as "12,345", sorted by its column."""
+    """A list column showing ``name`` as "12,345", sorted by its column.
+
+    One callable per (name, header), made once: Django's changelist makes a header sortable
+    only if its column is in ``get_sortable_by()``, which is ``get_list_display()`` called
+    again, and a fresh callable there would never equal the one being displayed.
+    """
 
     def column(obj) -> str:
         return f"{getattr(obj, name):,}"

@@ -102,6 +102,22 @@ def test_operator_recomputes_a_drifted_capture_set_from_the_admin(live_server):
             expect(page.locator("ul.messagelist")).to_contain_text("2 recomputed, 2 changed")
             expect(row("Alpha").locator("td.field-source_images_count")).to_have_text("6")
             expect(row("Bravo").locator("td.field-source_images_processed_count")).to_have_text("2")
+
+            # The operator sorts the sets by their image count: a click on the header, then
+            # another to turn the order round.
+            header = page.locator("th.column-source_images_count")
+            expect(header).to_have_class(re.compile(r"\bsortable\b"))
+            cells = page.locator("td.field-source_images_count")
+
+            def shown() -> list[int]:
+                return [int(text.replace(",", "")) for text in cells.all_inner_texts()]
+
+            header.locator("div.text a").click()
+            expect(header).to_have_class(re.compile(r"\bascending\b"))
+            assert shown() == sorted(shown()) and len(set(shown())) > 1
+            header.locator("div.text a").click()
+            expect(header).to_have_class(re.compile(r"\bdescending\b"))
+            assert shown() == sorted(shown(), reverse=True)
         finally:
             browser.close()
 
