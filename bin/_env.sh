@@ -10,7 +10,9 @@ mkdir -p var
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/countdown}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 if [ -z "${SECRET_KEY:-}" ]; then
-  [ -s var/secret_key ] || python3 -c 'import secrets; print(secrets.token_urlsafe(50))' > var/secret_key
+  # Readable by its owner only (a key written 0644 by an earlier version is tightened too).
+  [ -s var/secret_key ] || (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(50))' > var/secret_key)
+  chmod 600 var/secret_key
   SECRET_KEY="$(cat var/secret_key)"
   export SECRET_KEY
 fi

@@ -224,3 +224,14 @@ def test_bin_run_serves_the_url_it_prints_and_leaves_nothing_running():
     assert left == [], f"left running after bin/run stopped: {left}"
     assert not listening(web_port) and not listening(redis_port)
     assert "stopping the Redis started" in "".join(lines)
+
+
+def test_env_keeps_the_generated_secret_key_readable_by_its_owner_only():
+    key = ROOT / "var" / "secret_key"
+    if not key.exists():
+        pytest.skip("no generated key here: SECRET_KEY came from the environment")
+    key.chmod(0o644)  # as an earlier version wrote it
+    env = {k: v for k, v in env_for(uuid.uuid4().hex).items() if k != "SECRET_KEY"}
+    result = run_env_sh(env, "stat -c %a var/secret_key")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "600"
