@@ -201,3 +201,17 @@ def own_redis(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def live_processes():
+    """Heartbeats of a scheduler and a worker, as if both ran: ``counts status`` then has no
+    process to complain about (it exits 2 when either is stale)."""
+    from tests import worker_harness as wh
+    from workers import heartbeat
+
+    wh.reset_redis()
+    heartbeat.beat(heartbeat.SCHEDULER)
+    heartbeat.beat(heartbeat.WORKER, "test-host:1")
+    yield
+    wh.reset_redis()

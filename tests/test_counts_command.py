@@ -93,7 +93,7 @@ def test_reconcile_shows_a_progress_bar_with_total_and_eta_only_on_a_terminal(wo
 
 
 @pytest.mark.django_db
-def test_status_exits_2_and_names_a_model_whose_due_marks_wait_too_long(capsys):
+def test_status_exits_2_and_names_a_model_whose_due_marks_wait_too_long(capsys, live_processes):
     """An alert can page someone instead of a status that says "pending" forever."""
     from datetime import timedelta
 
@@ -117,3 +117,26 @@ def test_status_exits_2_and_names_a_model_whose_due_marks_wait_too_long(capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert label in err and "COUNTS_STALE_ALERT_S" in err
+
+
+@pytest.mark.django_db
+def test_status_exits_2_when_no_worker_has_been_seen_lately(capsys, live_processes):
+    from django.core.management import call_command
+
+    from counts.models import DirtyMark
+    from workers import heartbeat
+    from workers.redis_client import key
+
+    DirtyMark.objects.all().delete()
+    call_command("counts", "status")
+    capsys.readouterr()
+    heartbeat.forget(heartbeat.WORKER, "test-host:1")
+    heartbeat.beat(heartbeat.WORKER, "test-host:2")
+    seen = key("heartbeat", heartbeat.WORKER, "test-host:2")
+    wh.client().set(seen, int(wh.client().time()[0]) - 40)  # two heartbeats missed
+    with pytest.raises(SystemExit) as exited:
+        call_command("counts", "status")
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert "worker:test-host:2" in out and "STALE" in out
+    assert "worker: no live worker process seen" in err

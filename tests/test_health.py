@@ -166,6 +166,7 @@ def test_counts_status_says_one_line_per_unreachable_service():
 @pytest.mark.django_db(transaction=True)
 def test_counts_status_with_postgresql_down_still_reports_redis_side(clean_redis):
     heartbeat.beat(heartbeat.SCHEDULER)
+    heartbeat.beat(heartbeat.WORKER, "test-host:1")
     result = run_manage(dead_services_env(), "counts", "status")
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "PostgreSQL at" in result.stderr

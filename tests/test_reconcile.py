@@ -209,7 +209,7 @@ def test_command_rejects_an_unknown_model(world):
         call_command("counts", "reconcile", "--model", "counts_testapp.author", stdout=StringIO())
 
 
-def test_command_status_shows_pending_marks_and_trigger_health(world, marks):
+def test_command_status_shows_pending_marks_and_trigger_health(world, marks, live_processes):
     Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
     out = StringIO()
     call_command("counts", "status", "--json", stdout=out)
@@ -242,7 +242,9 @@ def test_command_status_shows_pending_marks_and_trigger_health(world, marks):
     )
 
 
-def test_command_status_names_the_index_a_threshold_change_walks_or_its_absence(world):
+def test_command_status_names_the_index_a_threshold_change_walks_or_its_absence(
+    world, live_processes
+):
     out = StringIO()
     call_command("counts", "status", "--json", stdout=out)
     rows = json.loads(out.getvalue())["job_indexes"]

@@ -86,23 +86,48 @@ def ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
-def describe() -> dict[str, str]:
-    """``{process: "last seen 3 s ago"}``, the scheduler first, always listed.
+def worker_stale_after_s() -> float:
+    """A worker not seen for this long is flagged: two heartbeats missed, at least 15 s."""
+    return max(15.0, 2.0 * settings.COUNTS_HEARTBEAT_INTERVAL_S)
+
+
+def stale(ages: dict[str, float]) -> list[str]:
+    """What an operator must look at: the scheduler not seen within
+    ``COUNTS_SCHEDULER_STALE_S``, or no worker seen within :func:`worker_stale_after_s`
+    (one dead worker among live ones is flagged in :func:`describe`, not here)."""
+    problems = []
+    scheduler = ages.get(SCHEDULER)
+    if scheduler is None or scheduler > settings.COUNTS_SCHEDULER_STALE_S:
+        problems.append(SCHEDULER)
+    workers = [age for name, age in ages.items() if name.startswith(WORKER)]
+    if not workers or min(workers) > worker_stale_after_s():
+        problems.append(WORKER)
+    return problems
+
+
+def describe(ages: dict[str, float] | None = None) -> dict[str, str]:
+    """``{process: "last seen 3 s ago"}``, the scheduler first, always listed; a process not
+    seen for longer than its role allows says "STALE".
 
     Raises:
         redis.RedisError: Redis does not answer.
     """
-    ages = last_seen()
+    ages = dict(last_seen() if ages is None else ages)
     scheduler = ages.pop(SCHEDULER, None)
     rows = {
         SCHEDULER: "not seen in the last hour (is `manage.py run_scheduler` running?)"
         if scheduler is None
-        else f"last seen {ago(scheduler)}"
+        else _seen(scheduler, settings.COUNTS_SCHEDULER_STALE_S)
     }
     if not any(name.startswith(WORKER) for name in ages):
         rows[WORKER] = "no worker seen in the last hour (is `manage.py rundramatiq` running?)"
-    rows.update({name: f"last seen {ago(age)}" for name, age in sorted(ages.items())})
+    rows.update({name: _seen(age, worker_stale_after_s()) for name, age in sorted(ages.items())})
     return rows
+
+
+def _seen(age: float, stale_after: float) -> str:
+    flag = f" STALE (over {stale_after:.0f} s)" if age > stale_after else ""
+    return f"last seen {ago(age)}{flag}"
 
 
 def redis_address() -> str:
@@ -113,7 +138,8 @@ def redis_address() -> str:
 def status_section(sender, **kwargs) -> dict:
     """``counts status``: when each process was last seen, or Redis as unreachable."""
     try:
-        return {"processes": describe()}
+        ages = last_seen()
+        return {"processes": describe(ages), "stale_processes": stale(ages)}
     except redis.RedisError as exc:
         return {"unreachable": {"Redis": f"Redis at {redis_address()} does not answer: {exc}"}}
 

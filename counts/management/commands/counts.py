@@ -3,7 +3,8 @@
 - ``status``: pending marks per target model (with the age of the oldest, and of the oldest
   due) and whether every count trigger is INSTALLED, OUTDATED or MISSING; exit 1 when
   PostgreSQL or Redis does not answer, 2 when a model's oldest due mark has waited longer than
-  ``COUNTS_STALE_ALERT_S`` (for an alert);
+  ``COUNTS_STALE_ALERT_S``, the scheduler was not seen within ``COUNTS_SCHEDULER_STALE_S`` or
+  no worker within two heartbeats (for an alert);
 - ``reconcile [--dry-run] [--model LABEL] [--chunk N] [--json]``: find drift, repair it;
 - ``rebuild [--model LABEL]``: recompute every row (``counts.rebuild``: a reconcile that prints
   less and drops the marks it made redundant);
@@ -88,9 +89,11 @@ class Command(BaseCommand):
                 f"{label}: its oldest due mark has waited {seconds:.0f} s, over"
                 f" COUNTS_STALE_ALERT_S ({limit} s): are workers and the scheduler running?"
             )
+        for role in report.get("stale_processes", []):
+            self.stderr.write(f"{role}: no live {role} process seen (see Processes above)")
         if unreachable:
             sys.exit(1)
-        if report["stale"]:
+        if report["stale"] or report.get("stale_processes"):
             sys.exit(2)
 
     def _print_status(self, report: dict) -> None:
