@@ -26,8 +26,6 @@ from __future__ import annotations
 
 from django.db import OperationalError
 
-from counts.triggers import q
-
 #: Milliseconds a drain waits for one held target row before putting its work back.
 WAIT_MS = 200
 #: A batch with more target rows than this is not locked row by row (it puts work back).
@@ -50,6 +48,7 @@ def lock_in_order(cursor, wanted: list[tuple[str, str, list[int]]]) -> bool:
         [f"{WAIT_MS}ms"],
     )
     before = cursor.fetchone()[0]
+    q = cursor.db.ops.quote_name  # (not counts.triggers.q: this module imports no engine module)
     try:
         for table, pk, ids in wanted:
             cursor.execute(
