@@ -247,7 +247,7 @@ REST_FRAMEWORK = {
     # that a refusal is a 401 carrying ``WWW-Authenticate: Token``) and the session for the
     # browsable API. Views that serve public projects to anonymous clients say so themselves.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "project.monitoring.api.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

@@ -191,3 +191,21 @@ def test_membership_and_publicity_are_set_in_the_project_admin(client, catalogue
     assert client.post(url, {**form, "is_public": "on"}).status_code == 302  # ana removed
     client.logout()
     assert names(client.get(DEPLOYMENTS)) == ["Canal"]
+
+
+def test_a_bearer_token_is_read_as_a_token_not_as_an_anonymous_read(client, catalogue):
+    key = token_header(catalogue.bo)["HTTP_AUTHORIZATION"].split()[1]
+
+    response = client.get(DEPLOYMENTS, HTTP_AUTHORIZATION=f"Bearer {key}")
+
+    assert names(response) == ["Canal"]
+
+
+def test_another_scheme_is_a_401_naming_the_one_to_use(client, catalogue):
+    Project.objects.filter(pk=catalogue.panama.pk).update(is_public=True)
+
+    response = client.get(DEPLOYMENTS, HTTP_AUTHORIZATION="Basic Ym86cGFzc3dvcmQ=")
+
+    assert response.status_code == 401
+    assert "Authorization: Token <key>" in response.json()["detail"]
+    assert response["WWW-Authenticate"] == "Token"
