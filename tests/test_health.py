@@ -225,3 +225,12 @@ def test_readyz_stays_200_with_a_stale_backlog_that_is_the_workers_business(clie
     heartbeat.beat(heartbeat.SCHEDULER)
     status, body = readyz(client)
     assert status == 200, body
+
+
+@pytest.mark.parametrize("action", ["reconcile", "rebuild", "drain"])
+def test_counts_commands_say_one_line_when_postgresql_does_not_answer(action):
+    result = run_manage(dead_services_env(), "counts", action)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "PostgreSQL at 127.0.0.1:" in line and "does not answer" in line

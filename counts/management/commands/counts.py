@@ -17,6 +17,7 @@ import sys
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.db import InterfaceError, OperationalError, connection
 from tqdm import tqdm
 
 from counts.draining import BATCH_SIZE
@@ -65,10 +66,18 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, action, **options):
+        from counts.status import database_unreachable
+
         try:
             getattr(self, f"do_{action}")(**options)
         except CountsError as exc:
             raise CommandError(str(exc)) from exc
+        except (OperationalError, InterfaceError) as exc:
+            if connection.is_usable():
+                raise  # the database answers: a real error, with its traceback
+            # One line naming the database, not 80 lines of traceback ("status" reports it
+            # itself, beside what Redis says).
+            raise CommandError(database_unreachable(exc)) from exc
 
     def do_status(self, json=False, **_):
         from counts.status import status
