@@ -13,9 +13,12 @@ Three pieces:
 - :func:`augment`, run by ``CountsConfig.ready()``: every registered ``ModelAdmin`` whose model
   has cached counts but does not use the mixin gets it, so a count declared on a model with a
   plain admin shows up (column, freshness, "Recompute now") without touching its admin.
-- :class:`DirtyMarkAdmin`, a read-only page for operators: the backlog per target model (marks,
-  rows, age of the oldest) above the waiting marks themselves (template:
-  ``counts/templates/admin/counts/dirtymark/change_list.html``).
+  Totals on its list read like its counts ("9,931 results (20,000 total)"), and a row's
+  change page shows the counts, freshness and "Recompute now" too (``counts.admin_change``).
+- :class:`DirtyMarkAdmin`, a read-only page for operators titled "Pending recomputes": the
+  backlog per model (requests, rows, age of the oldest) above the waiting requests themselves
+  (template: ``counts/templates/admin/counts/dirtymark/change_list.html``). It speaks the
+  operator's words (verbose names, "3 min ago"), not the engine's (marks, labels, seconds).
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ from datetime import datetime
 from django import forms
 from django.apps import apps
 from django.contrib import admin, messages
+from django.contrib.admin.templatetags.admin_list import pagination, search_form
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.translation import ngettext
 
 import counts
+from counts.admin_change import ChangePageMixin, extend_template
 from counts.fields import FRESHNESS_FIELD, cached_count_fields
 from counts.marks import flag_pending, pending_summary
 from counts.models import DirtyMark
@@ -96,7 +102,7 @@ def _count_column(name: str, header: str):
     return admin.display(description=header, ordering=name)(column)
 
 
-class CachedCountsMixin:
+class CachedCountsMixin(ChangePageMixin):
     """Counts, freshness and "Recompute now" for any ``ModelAdmin`` (put the mixin first).
 
     ``list_display`` lists the admin's own columns; the counts and the freshness column are
@@ -131,15 +137,35 @@ class CachedCountsMixin:
         ]
         return [*(own or ["__str__"]), *self.count_columns(), "freshness"]
 
-    def get_readonly_fields(self, request, obj=None):
-        extra = [*self.count_field_names(), FRESHNESS_FIELD]
-        return [*super().get_readonly_fields(request, obj), *extra]
-
     def get_changelist_instance(self, request):
         changelist = super().get_changelist_instance(request)
         changelist.result_list = list(changelist.result_list)
         flag_pending(changelist.result_list)
         return changelist
+
+    def changelist_view(self, request, extra_context=None):
+        """The list, its totals written like its counts: "9,931 results (20,000 total)",
+        "All 20,000 selected", "20,000 captures" (``counts/admin/change_list.html``)."""
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None) or {}
+        cl = context.get("cl")
+        if cl is None:
+            return response
+        shown = f"{cl.result_count:,}"
+        full = cl.full_result_count
+        context.update(
+            counts_numbers={
+                "result_count": shown,
+                "full_result_count": full if full is None else f"{full:,}",
+            },
+            counts_search=search_form(cl),
+            counts_pagination=pagination(cl),
+            selection_note_all=ngettext(
+                "%(total_count)s selected", "All %(total_count)s selected", cl.result_count
+            )
+            % {"total_count": shown},
+        )
+        return extend_template(response, "counts/admin/change_list.html")
 
     @admin.display(description="freshness", ordering=FRESHNESS_FIELD)
     def freshness(self, obj) -> str:
@@ -176,14 +202,16 @@ class CachedCountsMixin:
         if selected > self.recompute_now_limit:
             self.message_user(
                 request,
-                f"{selected} rows selected; Recompute now takes at most"
-                f" {self.recompute_now_limit}. Use `manage.py counts reconcile --model"
+                f"{selected:,} rows selected; Recompute now takes at most"
+                f" {self.recompute_now_limit:,}. Use `manage.py counts reconcile --model"
                 f" {self.model._meta.label_lower}` for more.",
                 messages.ERROR,
             )
             return
         recomputed, changed = counts.recompute(queryset)
-        self.message_user(request, f"{recomputed} recomputed, {changed} changed", messages.SUCCESS)
+        self.message_user(
+            request, f"{recomputed:,} recomputed, {changed:,} changed", messages.SUCCESS
+        )
 
 
 class CachedCountsAdmin(CachedCountsMixin, admin.ModelAdmin):
@@ -210,11 +238,17 @@ def augment(site: admin.AdminSite = admin.site) -> list[str]:
 
 
 def verbose_name_of(label: str) -> str:
-    """ "capture sets" for ``monitoring.sourceimagecollection``, "captures (items)" for the
-    item kind ``item:monitoring.sourceimage``; the label if the model is gone."""
+    """What an operator calls a mark's target: "capture sets" for
+    ``monitoring.sourceimagecollection``; for the item kind ``item:monitoring.sourceimage``,
+    "source images (per source image)" (the counts each one feeds, recomputed one by one); the
+    label itself if the model is gone."""
     prefix = "item:"
     if label.startswith(prefix):
-        return f"{verbose_name_of(label[len(prefix) :])} (items)"
+        try:
+            opts = apps.get_model(label[len(prefix) :])._meta
+        except (LookupError, ValueError):
+            return label
+        return f"{opts.verbose_name_plural} (per {opts.verbose_name})"
     try:
         return str(apps.get_model(label)._meta.verbose_name_plural)
     except (LookupError, ValueError):
@@ -222,9 +256,10 @@ def verbose_name_of(label: str) -> str:
 
 
 class TargetFilter(admin.SimpleListFilter):
-    """Filter marks by target model, offered by verbose name (every model with counts)."""
+    """Filter requests by the model whose counts they recompute, offered by verbose name (every
+    model with counts)."""
 
-    title = "model"
+    title = "counts of"
     parameter_name = "target"
 
     def lookups(self, request, model_admin):
@@ -245,18 +280,32 @@ class DirtyMarkAdmin(admin.ModelAdmin):
     """
 
     change_list_template = "admin/counts/dirtymark/change_list.html"
-    list_display = ("id", "target_model", "rows", "created_at")
+    list_display = ("request_number", "target_model", "rows", "waiting")
     list_filter = (TargetFilter,)
     ordering = ("id",)
     show_full_result_count = False
+    #: The page's title: "marks" are the engine's word for what an operator waits for.
+    page_title = "Pending recomputes"
 
-    @admin.display(description="model", ordering="target")
+    @admin.display(description="request", ordering="id")
+    def request_number(self, mark: DirtyMark) -> str:
+        return f"#{mark.pk}"
+
+    @admin.display(description="counts of", ordering="target")
     def target_model(self, mark: DirtyMark) -> str:
         return verbose_name_of(mark.target)
 
     @admin.display(description="rows")
     def rows(self, mark: DirtyMark) -> str:
-        return "every row" if mark.ids is None else str(len(mark.ids))
+        return "every row" if mark.ids is None else f"{len(mark.ids):,}"
+
+    @admin.display(description="waiting since", ordering="created_at")
+    def waiting(self, mark: DirtyMark) -> str:
+        """ "3 min ago", the exact time on hover."""
+        age = ago((timezone.now() - mark.created_at).total_seconds())
+        return format_html(
+            '<span title="{}">{} ago</span>', mark.created_at.isoformat(timespec="seconds"), age
+        )
 
     def changelist_view(self, request, extra_context=None):
         summary = [
@@ -264,13 +313,28 @@ class DirtyMarkAdmin(admin.ModelAdmin):
                 "label": entry.label,
                 "model": verbose_name_of(entry.label),
                 "marks": entry.marks,
+                "requests": f"{entry.marks:,}",
                 "rows": "every row" if entry.ids is None else entry.ids,
-                "oldest_seconds": round(entry.oldest_seconds, 1),
+                "rows_shown": "every row" if entry.ids is None else f"{entry.ids:,}",
+                "oldest_seconds": round(max(0.0, entry.oldest_seconds), 1),
+                "oldest": f"{ago(entry.oldest_seconds)} ago",
             }
             for entry in pending_summary()
         ]
         return super().changelist_view(
-            request, {**(extra_context or {}), "pending_summary": summary}
+            request,
+            {**(extra_context or {}), "pending_summary": summary, "title": self.page_title},
+        )
+
+    def get_changelist_instance(self, request):
+        """The list, with its total written "12,345" for the paginator's "12,345 requests"."""
+        changelist = super().get_changelist_instance(request)
+        changelist.result_count_shown = f"{changelist.result_count:,}"
+        return changelist
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        return super().change_view(
+            request, object_id, form_url, {**(extra_context or {}), "title": "Pending recompute"}
         )
 
     def has_add_permission(self, request) -> bool:

@@ -217,7 +217,7 @@ def test_str_names_what_a_user_recognises(world):
     a = world["a"]
     assert str(a["project"]) == "Project a"
     assert str(a["deployment"]) == "Station a"
-    assert str(a["event"]) == f"{a['deployment'].pk}/2023-06-01"
+    assert str(a["event"]) == "Station a · 2023-06-01"  # the station's name, not its id
     assert str(a["images"][0]) == "a/0.jpg"
     assert str(a["taxon"]) == "Actias luna a"
     assert str(a["occurrence"]) == f"Occurrence #{a['occurrence'].pk}"

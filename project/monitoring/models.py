@@ -103,7 +103,11 @@ class Event(TimestampedModel):
         ordering = ["start", "id"]
 
     def __str__(self) -> str:
-        return f"{self.deployment_id}/{self.start:%Y-%m-%d}"
+        """ "North · 2024-06-01": a night is known by its station's name, not its id. Reads
+        ``deployment``: lists showing nights select it in the same query (the admin's
+        ``list_select_related``), or this costs a query per row."""
+        station = self.deployment.name if self.deployment_id is not None else "no station"
+        return f"{station} · {self.start:%Y-%m-%d}"
 
 
 class SourceImage(TimestampedModel):
