@@ -6,20 +6,27 @@
   ``COUNTS_SCHEDULER_STALE_S`` (``workers.heartbeat``). 200 when all pass, 503 naming the check
   that failed, always JSON.
 - ``/metrics``: Prometheus text from ``workers.metrics.REGISTRY``.
-- :class:`DatabaseUnavailableMiddleware`: PostgreSQL down turns into a 503 with a one-line JSON
-  body and one log line, instead of a 500 with a traceback (a debug page with DEBUG on).
+- :class:`DatabaseUnavailableMiddleware`: PostgreSQL down turns into a 503 and one log line,
+  instead of a 500 with a traceback (a debug page with DEBUG on): a short HTML page for a
+  browser or the admin, a one-line JSON body for the API and scripts.
+
+Probes and monitors send HEAD as well as GET: the endpoints answer both, the same way.
 """
 
 from __future__ import annotations
 
+import html
 import logging
+import threading
+import time
 
 import redis
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 from django.http import HttpResponse, JsonResponse
+from django.urls import NoReverseMatch, reverse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from counts.errors import first_line
 
@@ -51,15 +58,55 @@ class DatabaseUnavailableMiddleware:
             request.path,
             first_line(exception),
         )
-        return JsonResponse(
-            {"detail": "The database is unavailable; try again shortly."},
-            status=503,
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        if wants_html(request):
+            response = HttpResponse(UNAVAILABLE_PAGE, status=503, headers=headers)
+        else:
+            response = JsonResponse({"detail": UNAVAILABLE}, status=503, headers=headers)
+        # The line above is this request's one line: Django's own "Service Unavailable" skips
+        # a response marked as logged.
+        response._has_been_logged = True
+        return response
+
+
+UNAVAILABLE = "The database is unavailable; try again shortly."
+
+#: What a person in a browser (the admin) sees: the same sentence, and the page retries itself.
+UNAVAILABLE_PAGE = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{RETRY_AFTER_S}">
+<title>Database unavailable | countdown</title></head>
+<body><h1>Database unavailable</h1>
+<p>{html.escape(UNAVAILABLE)}</p>
+<p>This page reloads itself in {RETRY_AFTER_S} seconds.</p>
+</body></html>
+"""
+
+
+def wants_html(request) -> bool:
+    """An admin page, or a client that prefers HTML to JSON (a browser): not the API's
+    scripts, which send ``Accept: application/json``, ``*/*`` or nothing."""
+    try:
+        admin = reverse("admin:index")
+    except NoReverseMatch:
+        admin = "/admin/"
+    if request.path.startswith(admin):
+        return True
+    return request.get_preferred_type(["application/json", "text/html"]) == "text/html"
+
+
+class NoTracebackForClientErrors(logging.Filter):
+    """Drops the traceback Django attaches to a 4xx it logs (a ``PermissionDenied`` becoming a
+    403): the client was refused, nothing broke, one line says it all. 5xx keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if 400 <= getattr(record, "status_code", 0) < 500:
+            record.exc_info = record.exc_text = None
+        return True
 
 
 @never_cache
-@require_GET
+@require_safe
 def healthz(request):
     return JsonResponse({"status": "ok"})
 
@@ -127,15 +174,44 @@ def readiness() -> dict:
     return {"ready": not failed, "failed": failed, "checks": checks}
 
 
+class NotReadyLog:
+    """One ERROR when this process starts failing /readyz (and when what fails changes), one
+    WARNING when it passes again: a probe every few seconds must not write a line each."""
+
+    def __init__(self) -> None:
+        self.failed: tuple[str, ...] = ()
+        self.since: float | None = None
+        self._lock = threading.Lock()
+
+    def note(self, report: dict) -> None:
+        failed = tuple(report["failed"])
+        with self._lock:
+            before, since = self.failed, self.since
+            self.failed = failed
+            self.since = (since or time.monotonic()) if failed else None
+        if failed and failed != before:
+            details = "; ".join(f"{n}: {report['checks'][n]['detail']}" for n in failed)
+            logger.error("not ready (%s): %s", ", ".join(failed), details)
+        elif not failed and before:
+            logger.warning("ready again after %.0f s", time.monotonic() - since)
+
+
+not_ready_log = NotReadyLog()
+
+
 @never_cache
-@require_GET
+@require_safe
 def readyz(request):
     report = readiness()
-    return JsonResponse(report, status=200 if report["ready"] else 503)
+    not_ready_log.note(report)
+    response = JsonResponse(report, status=200 if report["ready"] else 503)
+    # Logged above, once per outage; not Django's "Service Unavailable" line per probe.
+    response._has_been_logged = True
+    return response
 
 
 @never_cache
-@require_GET
+@require_safe
 def metrics(request):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

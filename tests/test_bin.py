@@ -235,3 +235,61 @@ def test_env_keeps_the_generated_secret_key_readable_by_its_owner_only():
     result = run_env_sh(env, "stat -c %a var/secret_key")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "600"
+
+
+def _head(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5) as r:
+            return r.status
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_bin_run_lets_every_worker_process_shut_down_gracefully():
+    """Ctrl-C reaches honcho once, and each dramatiq worker process gets one SIGTERM: a second
+    one makes dramatiq kill the worker instead of letting it finish its messages. Meanwhile
+    gunicorn keeps its control socket to this checkout and port, and HEAD probes are quiet."""
+    mark, web_port, redis_port = uuid.uuid4().hex, free_port(), free_port()
+    lines: list[str] = []
+    ctl = ROOT / "var" / f"gunicorn-{web_port}.ctl"
+    with throwaway_database() as database_url:
+        env = env_for(
+            mark,
+            DATABASE_URL=database_url,
+            REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+            WEB_PORT=str(web_port),
+        )
+        process = subprocess.Popen(
+            ["bin/run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        reader = _reader(process, lines)
+        try:
+            base = f"http://127.0.0.1:{web_port}"
+            _wait_for(lambda: _get(f"{base}/readyz") == 200, 300, "200 from /readyz", lines)
+            ready = "Worker process is ready for action"
+            _wait_for(lambda: "".join(lines).count(ready) == 2, 60, "both workers", lines)
+            assert _head(f"{base}/healthz") == 200 and _head(f"{base}/readyz") == 200
+            assert ctl.is_socket(), "gunicorn's control socket is var/gunicorn-<port>.ctl"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal's foreground group
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+            reader.join(timeout=5)
+            deadline = time.monotonic() + 30
+            while marked_processes(mark) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            left = kill_marked(mark)
+    output = "".join(lines)
+    assert left == [], f"left running after bin/run stopped: {left}"
+    assert re.findall(r"system\s+\| (SIG\w+) received", output) == ["SIGTERM"], output
+    assert "Killing worker process" not in output, output
+    assert output.count("Worker has been shut down.") == 2, output
+    assert re.search(r"worker\.1 stopped \(rc=0\)", output), output
+    assert "Method Not Allowed" not in output and "HEAD /healthz" in output
+    assert not ctl.exists(), "gunicorn removes its control socket when it stops"
