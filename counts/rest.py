@@ -7,10 +7,12 @@ from it, with no per-count code:
 - :func:`counted_fields` / :class:`CountedSerializer` / :func:`counted_serializer`: every cached
   count in declaration order, then ``counts_pending`` and ``counts_updated_at`` — a count added
   to a model appears in its endpoints without editing them;
-- :func:`count_orderings` / :class:`SortFilter` / :func:`counted_filterset`: ``?ordering=`` by any
-  cached count (or freshness), read from its column with no aggregate, ties broken by id;
+- :func:`count_orderings` / :class:`SortFilter` / :func:`counted_filterset`: ``?ordering=`` by one
+  or more cached counts (or freshness), read from their columns with no aggregate, ties broken
+  by id;
 - :class:`CountedListView`: sets ``counts_pending`` on each page with one query for the page
-  (:func:`counts.marks.flag_pending`), whatever its size.
+  (:func:`counts.marks.flag_pending`), whatever its size; :class:`CountedDetailView` does the
+  same for one row.
 
 Freshness tells a client how far to trust a count: ``counts_pending`` is true while a change that
 may alter this row's counts waits for a worker, and ``counts_updated_at`` is when the engine last
@@ -32,7 +34,7 @@ from django import forms
 from django.core.exceptions import ValidationError
 from django_filters.rest_framework import DjangoFilterBackend
 from rest_framework import serializers
-from rest_framework.generics import ListAPIView
+from rest_framework.generics import ListAPIView, RetrieveAPIView
 from rest_framework.pagination import LimitOffsetPagination
 
 from counts.fields import FRESHNESS_FIELD, cached_count_fields
@@ -81,48 +83,69 @@ def count_orderings(model) -> dict[str, str]:
 
 
 class SortField(forms.Field):
-    """One of ``sort_keys``; absent is None (the default order)."""
+    """One sort key of ``sort_keys`` (``name`` or ``-name``).
+
+    :class:`SortFilter` wraps it in django-filter's CSV field, which splits ``?ordering=a,-b``
+    into keys and cleans each here, and reads an empty ``?ordering=`` (what an HTML form sends
+    when nothing is chosen) as no key: the default order.
+    """
+
+    #: A menu of single keys in the browsable API's filter form (a comma list is shown as text).
+    widget = forms.Select
 
     def __init__(self, *, sort_keys: list[str], **kwargs) -> None:
         super().__init__(**kwargs)
         self.choices = sort_keys
+        self.widget.choices = [("", "(default order)"), *((key, key) for key in sort_keys)]
 
     def clean(self, value):
-        if value is None:
-            return None
         if value not in self.choices:
-            raise ValidationError(f"{value!r} is not one of: {', '.join(self.choices)}.")
+            raise ValidationError(
+                f"{value!r} is not a sort key of this endpoint; give one or more of"
+                f" {', '.join(self.choices)}, separated by commas."
+            )
         return value
 
 
-class SortFilter(django_filters.Filter):
-    """``?ordering=key`` or ``-key`` over ``keys`` ({public name: column}).
+class SortFilter(django_filters.BaseCSVFilter):
+    """``?ordering=key`` or ``-key``, or several comma-separated (``-captures_count,name``),
+    over ``keys`` ({public name: column}) — DRF ``OrderingFilter`` semantics, but strict.
 
-    Unlike django-filter's ``OrderingFilter`` it takes a single key (a comma list is refused,
-    not half-applied) and always orders: by ``default`` when absent, with the id as tie-break in
-    the same direction, so pages never overlap and ``-x`` is exactly the reverse of ``x``.
-    Counts sort by their cached column, with no aggregate at read time.
+    Unlike DRF's and django-filter's ordering filters it refuses a key it does not know (the
+    whole list, not half-applied) and always orders: by ``default`` when absent or empty, with
+    the id as the last tie-break in the direction of the last key, so pages never overlap and
+    ``-a,-b`` is exactly the reverse of ``a,b``. Counts sort by their cached column, with no
+    aggregate at read time.
     """
 
     field_class = SortField
 
     def __init__(self, *, keys: dict[str, str], default: str, **kwargs) -> None:
         choices = [f"{sign}{name}" for name in keys for sign in ("", "-")]
+        kwargs.setdefault("label", "Ordering")
+        kwargs.setdefault("help_text", "One key, or several separated by commas; '-' descends.")
         super().__init__(sort_keys=choices, **kwargs)
         self.keys, self.default = keys, default
+        # drf-spectacular publishes a CSV filter as an array of these, comma-separated.
         extend_schema_field(
             {
                 "type": "string",
                 "enum": choices,
-                "default": default,
-                "description": "Sort key; a leading '-' sorts descending (ties broken by id).",
+                "description": "Sort keys, comma-separated; a leading '-' sorts descending."
+                f" Default {default}; ties are broken by id.",
             }
         )(self)
 
     def filter(self, qs, value):
-        value = value or self.default
-        sign = "-" if value.startswith("-") else ""
-        return qs.order_by(f"{sign}{self.keys[value.removeprefix('-')]}", f"{sign}pk")
+        given = value or [self.default]
+        columns = [f"{_sign(key)}{self.keys[key.removeprefix('-')]}" for key in given]
+        if "pk" not in {column.removeprefix("-") for column in columns}:
+            columns.append(f"{_sign(given[-1])}pk")
+        return qs.order_by(*columns)
+
+
+def _sign(key: str) -> str:
+    return "-" if key.startswith("-") else ""
 
 
 def counted_filterset(
@@ -136,7 +159,21 @@ def counted_filterset(
     return type(f"{model.__name__}Filter", (django_filters.FilterSet,), attrs)
 
 
-class CountedListView(ListAPIView):
+class _CountedDefaults:
+    """Fill in the serializer and filters of a subclass that names only its queryset."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        model = getattr(cls.queryset, "model", None)
+        if model is None:
+            return
+        if cls.serializer_class is None:
+            cls.serializer_class = counted_serializer(model)
+        if getattr(cls, "filterset_class", False) is None:
+            cls.filterset_class = counted_filterset(model)
+
+
+class CountedListView(_CountedDefaults, ListAPIView):
     """A paginated list of a model with cached counts, each row flagged ``counts_pending``.
 
     A subclass need only set ``queryset``: ``serializer_class`` defaults to
@@ -149,18 +186,18 @@ class CountedListView(ListAPIView):
     filter_backends = (DjangoFilterBackend,)
     filterset_class = None
 
-    def __init_subclass__(cls, **kwargs) -> None:
-        """Fill in the serializer and filters of a subclass that names only its queryset."""
-        super().__init_subclass__(**kwargs)
-        model = getattr(cls.queryset, "model", None)
-        if model is None:
-            return
-        if cls.serializer_class is None:
-            cls.serializer_class = counted_serializer(model)
-        if cls.filterset_class is None:
-            cls.filterset_class = counted_filterset(model)
-
     def paginate_queryset(self, queryset):
         page = super().paginate_queryset(queryset)
         flag_pending(page or [])
         return page
+
+
+class CountedDetailView(_CountedDefaults, RetrieveAPIView):
+    """One row of a model with cached counts, in the same shape as :class:`CountedListView`'s
+    rows: its counts taken with ``counts_pending`` in one snapshot (one query besides the row's
+    own), so a client following a list row to its detail reads the same freshness."""
+
+    def get_object(self):
+        row = super().get_object()
+        flag_pending([row])
+        return row

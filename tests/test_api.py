@@ -273,13 +273,14 @@ def test_query_count_does_not_grow_with_the_page(client, db, url):
 
 BAD_PARAMETERS = [
     (COLLECTIONS, "ordering", "popularity"),
-    (COLLECTIONS, "ordering", ""),
+    (COLLECTIONS, "ordering", "name,"),  # an empty key in a list: not "default"
     (COLLECTIONS, "ordering", "--name"),
-    (COLLECTIONS, "ordering", "name,created"),
+    (COLLECTIONS, "ordering", "name,popularity"),  # one unknown key refuses the whole list
+    (COLLECTIONS, "ordering", "name, created"),  # keys are exact: no spaces
     (COLLECTIONS, "ordering", "start"),  # an events key, not a collections one
     (EVENTS, "ordering", "name"),
     (COLLECTIONS, "project_id", "abc"),
-    (COLLECTIONS, "project_id", ""),
+    (COLLECTIONS, "project_id", " "),  # blank is not empty
     (COLLECTIONS, "project_id", "1.5"),
     (COLLECTIONS, "project_id", "-1"),
     (COLLECTIONS, "project_id", "0"),
@@ -304,7 +305,8 @@ BAD_PARAMETERS = [
     (EVENTS, "offset", str(10**40)),
     (COLLECTIONS, "page", "2"),  # this API pages with offset: not silently the first page
     (COLLECTIONS, "project", "1"),
-    (EVENTS, "search", "moth"),
+    (EVENTS, "q", "moth"),
+    (COLLECTIONS, "search", "a\x00b"),  # PostgreSQL text cannot hold a NUL: not a 500
     (COLLECTIONS, "project_id", ["1", "2"]),  # repeated: not silently the last one
     (EVENTS, "ordering", ["start", "-start"]),
     (DEPLOYMENTS, "limit", ["10", "10"]),

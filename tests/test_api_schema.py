@@ -45,29 +45,47 @@ def dataset(db):
         request_finished.connect(close_old_connections)
 
 
-def test_schema_documents_every_list_endpoint_and_its_parameters(client):
+LISTS = {
+    "/api/v2/captures/collections/",
+    "/api/v2/deployments/",
+    "/api/v2/events/",
+    "/api/v2/projects/",
+}
+
+
+def test_schema_documents_every_endpoint_and_its_parameters(client):
     document = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
 
     operations = {path: ops["get"] for path, ops in document["paths"].items()}
-    assert set(operations) == {
-        "/api/v2/captures/collections/",
-        "/api/v2/deployments/",
-        "/api/v2/events/",
-    }
-    params = {
-        path: {p["name"]: p["schema"] for p in op["parameters"]} for path, op in operations.items()
-    }
+    assert set(operations) == LISTS | {f"{path}{{id}}/" for path in LISTS}
+    params = {path: {p["name"]: p for p in op["parameters"]} for path, op in operations.items()}
     assert set(params["/api/v2/events/"]) == {
         "limit",
         "offset",
         "ordering",
         "project_id",
         "deployment_id",
+        "search",
     }
+    assert set(params["/api/v2/projects/"]) == {"limit", "offset", "ordering", "search"}
     collections = params["/api/v2/captures/collections/"]
-    assert "-source_images_count" in collections["ordering"]["enum"]
-    assert collections["limit"]["maximum"] == 1000
-    assert all(set(op["responses"]) == {"200", "400", "401", "403"} for op in operations.values())
+    # Several comma-separated keys: an array of known keys, sent unexploded (a,-b).
+    ordering = collections["ordering"]
+    assert "-source_images_count" in ordering["schema"]["items"]["enum"]
+    assert (ordering["style"], ordering["explode"]) == ("form", False)
+    # An empty filter (what the browsable API's form sends) is documented as valid input.
+    assert all(collections[name]["allowEmptyValue"] for name in ("ordering", "project_id"))
+    assert "allowEmptyValue" not in collections["limit"]
+    assert collections["limit"]["schema"]["maximum"] == 1000
+    lists = [op for path, op in operations.items() if path in LISTS]
+    details = [op for path, op in operations.items() if path not in LISTS]
+    assert all({"200", "400", "401"} <= set(op["responses"]) for op in lists)
+    assert all(set(op["responses"]) == {"200", "400", "401", "404"} for op in details)
+    assert all(
+        [p["name"] for p in op["parameters"]] == ["id"] and p["schema"]["type"] == "integer"
+        for op in details
+        for p in op["parameters"]
+    )
     assert all({"tokenAuth": []} in op["security"] for op in operations.values())
 
 

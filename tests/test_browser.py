@@ -175,3 +175,39 @@ def assert_fits(page, screenshot: str) -> None:
     table = page.locator("#result_list").bounding_box()
     assert table["x"] + table["width"] <= VIEWPORT["width"], table
     assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
+
+
+def test_client_developer_filters_and_sorts_in_the_browsable_api(live_server):
+    """The browsable API's Filters form, filled in and submitted as a person would: every field
+    has a name, the empty ones it sends mean "not given", and the page that comes back (a
+    refusal included) still has its Filters button."""
+    from playwright.sync_api import expect, sync_playwright
+
+    catalogue = build_catalogue()
+    public = catalogue.sets["Alpha"].project
+    type(public).objects.filter(pk=public.pk).update(is_public=True)
+    operator()
+    api = f"{live_server.url}/api/v2/captures/collections/"
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            sign_in(page, live_server.url)
+            assert page.goto(api).status == 200
+            page.get_by_role("button", name="Filters").click()
+            form = page.locator("#filtersModal form")
+            expect(form).to_be_visible()
+            expect(form).not_to_contain_text("[invalid name]")
+            form.locator("select[name=ordering]").select_option("-source_images_count")
+            with page.expect_navigation() as answered:
+                form.locator("[type=submit]").click()
+            assert answered.value.status == 200, page.url
+            assert "ordering=-source_images_count" in page.url
+            expect(page.locator(".response-info")).to_contain_text('"results"')
+
+            assert page.goto(f"{api}?ordering=popularity").status == 400
+            expect(page.locator(".response-info")).to_contain_text("popularity")
+            expect(page.get_by_role("button", name="Filters")).to_be_visible()
+        finally:
+            browser.close()

@@ -14,13 +14,17 @@ from rest_framework.test import APIRequestFactory, force_authenticate
 
 from counts.fields import cached_count_fields
 from counts.marks import mark_all
-from counts.rest import CountedListView
+from counts.rest import CountedDetailView, CountedListView
 from project.monitoring.models import Event
 from tests.api_fixtures import build_catalogue
 from tests.truth import assert_all_counts_exact, drain_all, truth
 
 
 class EventCounts(CountedListView):
+    queryset = Event.objects.all()
+
+
+class EventCountsDetail(CountedDetailView):
     queryset = Event.objects.all()
 
 
@@ -73,3 +77,29 @@ def test_ordering_by_a_count_uses_the_cached_column_with_id_tie_break(catalogue)
     assert len({expected[pk]["captures_count"] for pk in expected}) > 1
     assert get(ordering="nope").status_code == 400
     assert_all_counts_exact()
+
+
+def test_a_bare_detail_serves_the_row_as_the_list_does(catalogue):
+    mark_all("monitoring.event")
+    request = APIRequestFactory().get("/events/1/")
+    force_authenticate(request, User(username="reader"))
+
+    response = EventCountsDetail.as_view()(request, pk=catalogue.night1.pk)
+
+    listed = next(r for r in get(limit=100).data["results"] if r["id"] == catalogue.night1.pk)
+    assert response.status_code == 200
+    assert response.data == listed
+    assert response.data["counts_pending"] is True
+
+
+def test_ordering_takes_several_keys_with_the_id_tie_break_last(catalogue):
+    expected = truth("monitoring_event")
+    by_captures_then_detections = sorted(
+        expected,
+        key=lambda pk: (-expected[pk]["captures_count"], -expected[pk]["detections_count"], -pk),
+    )
+
+    served = get(ordering="-captures_count,-detections_count").data["results"]
+
+    assert [row["id"] for row in served] == by_captures_then_detections
+    assert get(ordering="-captures_count,nope").status_code == 400

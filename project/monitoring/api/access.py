@@ -14,13 +14,16 @@ page it could mistake for "no data": 401 (with ``WWW-Authenticate: Token``) when
 because signing in may help; 403 when signed in, because it will not. An id that does not exist
 is answered the same way as one that is private, so ids cannot be probed.
 
+A detail (``/…/<id>/``) the caller may not read is answered as a missing one (:func:`refuse_row`):
+404 when signed in — a 403 would confirm the row exists — and 401 when anonymous, as above.
+
 Scoping is a subquery inside the list's own query, so it adds no query to a page.
 """
 
 from __future__ import annotations
 
 from django.db.models import Q, QuerySet
-from rest_framework.exceptions import NotAuthenticated, PermissionDenied
+from rest_framework.exceptions import NotAuthenticated, NotFound, PermissionDenied
 
 from project.monitoring.models import Deployment, Project
 
@@ -48,6 +51,14 @@ def refuse(user, what: str) -> None:
     if not user.is_authenticated:
         raise NotAuthenticated(f"{what} is not public: authenticate to read it.")
     raise PermissionDenied(f"You are not a member of the project of {what}.")
+
+
+def refuse_row(user, what: str) -> None:
+    """Raise the answer for a detail the caller may not read or that does not exist: the same
+    for both, so a private row's existence does not leak (see the module docstring)."""
+    if not user.is_authenticated:
+        raise NotAuthenticated(f"No public {what}: authenticate to read a private one.")
+    raise NotFound(f"No {what} among the projects you may read.")
 
 
 def require_project(user, project_id: int) -> None:

@@ -1,23 +1,34 @@
-"""Pagination, id filters and ordering for the list endpoints, all strict (see ``params``).
+"""Pagination, id filters, search and ordering for the list endpoints, all strict (``params``).
 
-Filtering and ordering are a django-filter ``FilterSet`` per endpoint, built from two filters:
+Filtering and ordering are a django-filter ``FilterSet`` per endpoint, built from three filters:
 :class:`IdFilter` (``?project_id=``, ``?deployment_id=``: a positive bigint, and a row the caller
-may read) and the engine's :class:`counts.rest.SortFilter` (``?ordering=``: one key, ``-`` for
+may read), :class:`SearchFilter` (``?search=``: DRF ``SearchFilter`` terms over names) and the
+engine's :class:`counts.rest.SortFilter` (``?ordering=``: comma-separated keys, ``-`` for
 descending, ties broken by id). :class:`StrictFilterBackend` turns the first invalid value into
 the API's 400 naming it, before any query runs. Each filter publishes its schema (bounds,
-choices, default) through drf-spectacular's django-filter support, with the same bounds and
+choices, pattern) through drf-spectacular's django-filter support, with the same bounds and
 choices it enforces.
+
+An empty filter value (``?project_id=&ordering=``) is the filter left out: that is what the
+browsable API's filter form submits for a field left blank, so refusing it would make the form
+unusable. Unknown parameters and invalid non-empty values are still refused; ``limit`` and
+``offset``, which no form sends, stay strict about emptiness too.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
+from functools import reduce
 
 import django_filters
 from django import forms
 from django.core.exceptions import ValidationError
+from django.db.models import Q
 from django_filters.rest_framework import DjangoFilterBackend
+from drf_spectacular.contrib.django_filters import DjangoFilterExtension
 from drf_spectacular.utils import extend_schema_field
+from rest_framework.filters import search_smart_split
 from rest_framework.pagination import LimitOffsetPagination
 
 from project.monitoring.api.params import (
@@ -83,11 +94,11 @@ class StrictLimitOffsetPagination(LimitOffsetPagination):
 
 
 class IdField(forms.Field):
-    """A row id: plain ASCII digits, 1 to 2**63 - 1. Absent is None; present but empty is an
-    error (``?project_id=`` is a mistake, not "no filter")."""
+    """A row id: plain ASCII digits, 1 to 2**63 - 1. Absent or empty is None (no filter: see
+    the module docstring)."""
 
     def clean(self, value):
-        if value is None:
+        if value is None or value == "":
             return None
         try:
             return parse_bounded(value, 1, MAX_ID)
@@ -106,9 +117,10 @@ class IdFilter(django_filters.Filter):
     field_class = IdField
 
     def __init__(self, *, require: Callable[[object, int], None], **kwargs) -> None:
+        noun = kwargs["field_name"].removesuffix("_id").split("__")[-1]
+        kwargs.setdefault("label", f"{noun.capitalize()} id")
         super().__init__(**kwargs)
         self.require = require
-        noun = kwargs["field_name"].removesuffix("_id").split("__")[-1]
         schema = {**integer_schema(1, MAX_ID), "description": f"Only rows of this {noun}."}
         extend_schema_field(schema)(self)
 
@@ -117,6 +129,56 @@ class IdFilter(django_filters.Filter):
             return qs
         self.require(self.parent.request.user, value)
         return qs.filter(**{self.field_name: value})
+
+
+class SearchField(forms.Field):
+    """Search terms, split as DRF's ``SearchFilter`` does (whitespace or commas; a quoted phrase
+    is one term). Absent, empty or blank is no search. A NUL character is refused: PostgreSQL
+    text cannot hold one, so the query would fail instead of matching nothing."""
+
+    def clean(self, value):
+        if value is None:
+            return None
+        if "\x00" in value:
+            raise ValidationError("must not contain a NUL character.")
+        return search_smart_split(value)
+
+
+class SearchFilter(django_filters.Filter):
+    """``?search=`` with DRF ``SearchFilter`` semantics: every term must occur, ignoring case,
+    in at least one of ``fields`` (e.g. ``("name",)`` or ``("deployment__name",)``).
+
+    A filter of the FilterSet rather than DRF's backend so that it is checked, documented and
+    shown in the filter form like the other parameters; a join to a parent's name adds no query.
+    """
+
+    field_class = SearchField
+
+    def __init__(self, *, fields: tuple[str, ...], **kwargs) -> None:
+        kwargs.setdefault("label", "Search")
+        super().__init__(**kwargs)
+        self.fields = fields
+        where = " or ".join(_described(field) for field in fields)
+        extend_schema_field(
+            {
+                "type": "string",
+                "pattern": "^[^\\x00]*$",
+                "description": "Search terms, separated by spaces or commas (quote a phrase);"
+                f" each must occur, ignoring case, in the {where}.",
+            }
+        )(self)
+
+    def filter(self, qs, value):
+        for term in value or ():
+            qs = qs.filter(
+                reduce(operator.or_, (Q(**{f"{field}__icontains": term}) for field in self.fields))
+            )
+        return qs
+
+
+def _described(path: str) -> str:
+    """``deployment__name`` -> "deployment's name", for the schema."""
+    return path.replace("__", "'s ")
 
 
 class StrictFilterBackend(DjangoFilterBackend):
@@ -131,3 +193,16 @@ class StrictFilterBackend(DjangoFilterBackend):
             name, errors = next(iter(filterset.errors.items()))
             raise BadParameter(name, f"{name} {errors[0]}")
         return filterset.qs
+
+
+class StrictFilterExtension(DjangoFilterExtension):
+    """Publishes each filter as drf-spectacular does, marked ``allowEmptyValue``: an empty value
+    is accepted as "no filter" (module docstring), and schema-driven clients and fuzzers must
+    know it is valid input rather than expect a 400."""
+
+    target_class = StrictFilterBackend
+    priority = 1
+
+    def resolve_filter_field(self, *args, **kwargs):
+        parameters = super().resolve_filter_field(*args, **kwargs)
+        return [{**parameter, "allowEmptyValue": True} for parameter in parameters]

@@ -1,13 +1,16 @@
-"""What the list endpoints return: ids, names, cached counts and their freshness.
+"""What the endpoints return: ids, names, cached counts and their freshness; projects.
 
 The counts, ``counts_pending`` and ``counts_updated_at`` come from the engine's DRF support
-(:mod:`counts.rest`); this module only picks each model's leading fields.
+(:mod:`counts.rest`); this module only picks each model's leading fields. Lists and details of
+a model share one serializer, so a row has the same fields in both.
 """
 
 from __future__ import annotations
 
+from rest_framework import serializers
+
 from counts.rest import CountedSerializer, counted_fields
-from project.monitoring.models import Deployment, Event, SourceImageCollection
+from project.monitoring.models import Deployment, Event, Project, SourceImageCollection
 
 
 class CollectionSerializer(CountedSerializer):
@@ -34,4 +37,13 @@ class EventSerializer(CountedSerializer):
     class Meta:
         model = Event
         fields = counted_fields(Event, "id", "deployment", "start", "end")
+        read_only_fields = fields
+
+
+class ProjectSerializer(serializers.ModelSerializer):
+    """A project: what a ``project`` id in other rows refers to, and whether anyone may read it."""
+
+    class Meta:
+        model = Project
+        fields = ("id", "name", "is_public", "default_filters_score_threshold")
         read_only_fields = fields
