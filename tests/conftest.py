@@ -215,3 +215,22 @@ def live_processes():
     heartbeat.beat(heartbeat.WORKER, "test-host:1")
     yield
     wh.reset_redis()
+
+
+@pytest.fixture(autouse=True)
+def fresh_rate_limits():
+    """Request rates and failed sign-ins start from zero in every test (``project.throttling``):
+    the API requests of a whole run would otherwise reach the anonymous rate. The keys are this
+    test process's own (``CACHES["throttle"]["KEY_PREFIX"]``), so other runs keep theirs."""
+    yield
+    import redis
+    from django.conf import settings
+
+    throttle = settings.CACHES["throttle"]
+    try:
+        with redis.Redis.from_url(throttle["LOCATION"], socket_timeout=1) as client:
+            keys = list(client.scan_iter(match=f"{throttle['KEY_PREFIX']}:*", count=1000))
+            if keys:
+                client.delete(*keys)
+    except redis.RedisError:
+        pass  # no Redis, no counts to forget
