@@ -6,6 +6,7 @@ web's scrape reads; the scrape is parsed with prometheus_client's own parser.
 
 from __future__ import annotations
 
+import time
 from io import StringIO
 
 import pytest
@@ -18,6 +19,7 @@ from project.monitoring.models import Detection
 from tests import worker_harness as wh
 from tests.conftest import build_world
 from tests.truth import assert_all_counts_exact
+from workers import redis_client as workers_redis
 from workers.actors import reconcile_counts
 
 S, C = "monitoring.sourceimage", "monitoring.sourceimagecollection"
@@ -25,6 +27,7 @@ S, C = "monitoring.sourceimage", "monitoring.sourceimagecollection"
 
 @pytest.fixture(autouse=True)
 def clean_slate():
+    workers_redis.reset()  # an earlier test's outage may have left a breaker open
     wh.reset_redis()
     yield
     wh.reset_redis()
@@ -137,3 +140,73 @@ def test_the_oldest_due_gauge_leaves_out_marks_that_wait_for_a_held_row(client):
     )
     due = scrape(client)
     assert 85 <= value(due, "countdown_pending_oldest_due_seconds", model=label) < 600
+
+
+@pytest.mark.django_db
+def test_every_model_has_a_pending_series_even_at_zero(client):
+    from counts.models import DirtyMark
+
+    DirtyMark.objects.all().delete()
+    samples = scrape(client)
+    for label in (S, C, "monitoring.event", "monitoring.deployment", f"item:{S}"):
+        assert value(samples, "countdown_pending_marks", model=label) == 0, label
+        assert value(samples, "countdown_pending_oldest_due_seconds", model=label) == 0, label
+
+
+@pytest.mark.django_db
+def test_processes_are_reported_by_role_and_host_as_timestamps_not_by_pid(client):
+    from workers import heartbeat
+
+    for pid in (11, 12, 13):  # three restarts of a worker on one host
+        heartbeat.beat(heartbeat.WORKER, f"host-a:{pid}")
+    heartbeat.beat(heartbeat.SCHEDULER)
+    samples = scrape(client)
+    seen = {
+        labels: v
+        for (name, labels), v in samples.items()
+        if name == "countdown_process_last_seen_timestamp_seconds"
+    }
+    assert set(seen) == {
+        (("host", "host-a"), ("role", "worker")),
+        (("host", ""), ("role", "scheduler")),
+    }, "one series per role and host, whatever the pids"
+    assert all(abs(v - time.time()) < 30 for v in seen.values()), "Unix time, not an age"
+    assert value(samples, "countdown_processes_live", role="worker") == 3
+    assert value(samples, "countdown_processes_live", role="scheduler") == 1
+    assert not [n for (n, _l) in samples if n == "countdown_process_last_seen_seconds"]
+
+
+@pytest.mark.django_db
+def test_requests_are_counted_and_timed_and_the_standard_collectors_answer(client):
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/no-such-page").status_code == 404
+    assert client.head("/api/v2/deployments/").status_code == 200
+    samples = scrape(client)
+    requests = "countdown_http_requests_total"
+    assert value(samples, requests, method="GET", status="200") == 1
+    assert value(samples, requests, method="GET", status="404") == 1
+    assert value(samples, requests, method="HEAD", status="200") == 1
+    assert value(samples, "countdown_http_request_seconds_count") == 3
+    assert value(samples, "countdown_http_request_seconds_bucket", le="+Inf") == 3
+    assert value(samples, "process_resident_memory_bytes") > 0
+    assert value(samples, "python_info", **dict(python_labels(samples))) == 1
+
+
+def python_labels(samples) -> tuple:
+    (labels,) = [labels for (name, labels) in samples if name == "python_info"]
+    return labels
+
+
+@pytest.mark.django_db
+def test_a_redis_outage_costs_one_request_a_timeout_not_every_request(client, settings):
+    from workers import redis_client
+
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    redis_client.reset()
+    try:
+        started = time.monotonic()
+        for _ in range(20):
+            assert client.get("/healthz").status_code == 200
+        assert time.monotonic() - started < 2
+    finally:
+        redis_client.reset()

@@ -8,7 +8,9 @@ countdown runs workers on as many hosts as needed (DESIGN §5: nothing depends o
 memory or disk). Redis is already shared by all of them, so each event is one pipelined
 ``HINCRBYFLOAT`` on a hash there, and a custom collector reads that hash at scrape time. Any web
 process, on any host, serves the same cluster-wide totals. The counters are cumulative and only
-reset when Redis loses its data, which Prometheus' ``rate()`` handles as a restart.
+reset when Redis loses its data (a restart of a Redis that keeps nothing on disk, as ours are
+configured): Prometheus' ``rate()`` and ``increase()`` handle that as a counter reset, but a
+raw ``_total`` read across it drops to zero.
 
 Read at scrape time, not stored: pending marks and the oldest mark's age per model (one grouped
 query, ``counts.marks.pending_summary``), dead-lettered messages (the broker's own keys) and
@@ -24,10 +26,13 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import time
 from collections import defaultdict
 
 import redis
+from django.conf import settings
 from dramatiq.middleware import Middleware
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -35,7 +40,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from workers.redis_client import client, key
+from counts.apps import graph
+from counts.items import item_kinds
+from workers.redis_client import Breaker, client, key
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +59,21 @@ COUNTERS = {
         "Rows found wrong by reconcile passes (and repaired), per count field.",
         ("model", "field"),
     ),
+    "countdown_http_requests": (
+        "HTTP requests answered by the web processes, by method and status code.",
+        ("method", "status"),
+    ),
 }
 #: The drain latency histogram's name.
 DRAIN_SECONDS = "countdown_drain_seconds"
 #: Its buckets' upper bounds, in seconds (a batch of 500 marks takes tens of milliseconds).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: The web's request latency histogram, and its buckets.
+HTTP_SECONDS = "countdown_http_request_seconds"
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Methods counted by name; anything else is "other" (a label value per verb a client
+#: invents would grow the series without bound).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _field(name: str, **labels: str) -> str:
@@ -67,10 +84,12 @@ def _store() -> str:
     return key("metrics")
 
 
-def _add(increments: dict[str, float]) -> None:
-    """Add to stored counters in one round trip; a Redis outage only loses these increments."""
+def _add(increments: dict[str, float], breaker: Breaker | None = None) -> None:
+    """Add to stored counters in one round trip; a Redis outage only loses these increments.
+    With a ``breaker`` (the web's request path), a failure keeps later calls off Redis for a
+    cool-down, so an outage costs one request a socket timeout, not every request."""
     increments = {k: v for k, v in increments.items() if v}
-    if not increments:
+    if not increments or (breaker is not None and not breaker.allows()):
         return
     try:
         pipe = client().pipeline(transaction=False)
@@ -78,7 +97,17 @@ def _add(increments: dict[str, float]) -> None:
             pipe.hincrbyfloat(_store(), field, amount)
         pipe.execute()
     except redis.RedisError as exc:
+        if breaker is not None:
+            breaker.failed()
         logger.debug("metrics not recorded: %s", exc)
+    else:
+        if breaker is not None:
+            breaker.succeeded()
+
+
+def _bucket(bounds: tuple[float, ...], seconds: float) -> str:
+    index = bisect.bisect_left(bounds, seconds)
+    return str(bounds[index]) if index < len(bounds) else "+Inf"
 
 
 def record_drain(result) -> None:
@@ -86,12 +115,10 @@ def record_drain(result) -> None:
     if result.empty:
         return
     seconds = result.ms / 1000
-    index = bisect.bisect_left(BUCKETS, seconds)
-    bound = str(BUCKETS[index]) if index < len(BUCKETS) else "+Inf"
     increments: dict[str, float] = defaultdict(float)
     increments[_field("countdown_drain_batches")] += 1
     increments[_field("countdown_drain_marks")] += result.marks
-    increments[_field(DRAIN_SECONDS, le=bound)] += 1
+    increments[_field(DRAIN_SECONDS, le=_bucket(BUCKETS, seconds))] += 1
     increments[_field(DRAIN_SECONDS + "_sum")] += seconds
     for label, rows in result.targets.items():
         increments[_field("countdown_rows_recomputed", model=label)] += rows
@@ -123,6 +150,40 @@ class CountMessages(Middleware):
         if message.options.get("retries") or ("eta" in message.options and not delay):
             return
         _add({_field("countdown_messages_sent", actor=message.actor_name): 1})
+
+
+#: Keeps the web's request path off a Redis that failed, for a cool-down.
+_requests = Breaker()
+
+
+class RequestMetrics:
+    """Django middleware: count each request by method and status, and time it.
+
+    Kept in Redis with the other counters, so the totals are the whole web tier's whatever
+    gunicorn worker a scrape reaches (per-process counters would each describe one of them).
+    One pipelined round trip per request; scrapes of ``/metrics`` itself are left out.
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request):
+        started = time.perf_counter()
+        response = self.get_response(request)
+        if request.path != "/metrics":
+            seconds = time.perf_counter() - started
+            method = request.method if request.method in HTTP_METHODS else "other"
+            status = str(response.status_code)
+            bound = _bucket(HTTP_BUCKETS, seconds)
+            _add(
+                {
+                    _field("countdown_http_requests", method=method, status=status): 1,
+                    _field(HTTP_SECONDS, le=bound): 1,
+                    _field(HTTP_SECONDS + "_sum"): seconds,
+                },
+                _requests,
+            )
+        return response
 
 
 def _stored() -> dict[str, dict[tuple, float]]:
@@ -169,10 +230,14 @@ class CountsCollector(Collector):
             " should watch (marks put back for a held row are not due until their retry time).",
             labels=["model"],
         )
-        for row in pending_summary():
-            marks.add_metric([row.label], row.marks)
-            oldest.add_metric([row.label], row.oldest_seconds)
-            due.add_metric([row.label], row.oldest_due_seconds)
+        found = {row.label: row for row in pending_summary()}
+        # Every model and item kind, 0 when nothing waits: a series that vanished at 0 would
+        # read as "no data" to an alert, and its last value as still pending to a graph.
+        for label in sorted({*graph().targets, *item_kinds(graph()), *found}):
+            row = found.get(label)
+            marks.add_metric([label], row.marks if row else 0)
+            oldest.add_metric([label], row.oldest_seconds if row else 0)
+            due.add_metric([label], row.oldest_due_seconds if row else 0)
         yield from (marks, oldest, due)
 
     def _redis(self):
@@ -186,37 +251,73 @@ class CountsCollector(Collector):
                 values = dict(label_items)
                 family.add_metric([values.get(name, "") for name in labels], value)
             yield family
-        yield self._histogram(stored)
+        yield self._histogram(
+            stored, DRAIN_SECONDS, BUCKETS, "Duration of one committed drain transaction (seconds)."
+        )
+        yield self._histogram(
+            stored, HTTP_SECONDS, HTTP_BUCKETS, "Time to answer one HTTP request (seconds)."
+        )
         dead = GaugeMetricFamily(
             "countdown_dead_letters", "Messages in the dead-letter set.", labels=["queue"]
         )
         dead.add_metric(["counts"], queue_sizes()["dead"])
         yield dead
-        seen = GaugeMetricFamily(
-            "countdown_process_last_seen_seconds",
-            "Seconds since each scheduler/worker process was last seen.",
-            labels=["process"],
-        )
-        for process, age in sorted(heartbeat.last_seen().items()):
-            seen.add_metric([process], age)
-        yield seen
+        yield from self._processes(heartbeat)
 
     @staticmethod
-    def _histogram(stored) -> HistogramMetricFamily:
-        per_bucket = {dict(k).get("le"): v for k, v in stored.get(DRAIN_SECONDS, {}).items()}
+    def _processes(heartbeat):
+        """When each role was last seen on each host (Unix time, Redis's clock), and how many
+        of its processes were seen lately. Labelled by host, not by pid: a label per pid
+        would start a new series at every restart."""
+        seen_at = GaugeMetricFamily(
+            "countdown_process_last_seen_timestamp_seconds",
+            "When a scheduler or worker process on this host was last seen (Unix time).",
+            labels=["role", "host"],
+        )
+        live = GaugeMetricFamily(
+            "countdown_processes_live",
+            "Processes of each role seen within their stale threshold (as counts status).",
+            labels=["role"],
+        )
+        latest: dict[tuple[str, str], float] = {}
+        alive = {heartbeat.SCHEDULER: 0, heartbeat.WORKER: 0}
+        now = client().time()[0]
+        for name, age in heartbeat.last_seen().items():
+            role, _, ident = name.partition(":")
+            host = ident.rpartition(":")[0] if ident else ""
+            latest[(role, host)] = max(latest.get((role, host), 0.0), now - age)
+            limit = (
+                heartbeat.worker_stale_after_s()
+                if role == heartbeat.WORKER
+                else settings.COUNTS_SCHEDULER_STALE_S
+            )
+            if age <= limit:
+                alive[role] = alive.get(role, 0) + 1
+        for (role, host), at in sorted(latest.items()):
+            seen_at.add_metric([role, host], at)
+        for role, n in sorted(alive.items()):
+            live.add_metric([role], n)
+        yield from (seen_at, live)
+
+    @staticmethod
+    def _histogram(stored, name: str, bounds: tuple, doc: str) -> HistogramMetricFamily:
+        per_bucket = {dict(k).get("le"): v for k, v in stored.get(name, {}).items()}
         cumulative, buckets = 0.0, []
-        for bound in [*(str(b) for b in BUCKETS), "+Inf"]:
+        for bound in [*(str(b) for b in bounds), "+Inf"]:
             cumulative += per_bucket.get(bound, 0.0)
             buckets.append((bound, cumulative))
-        total = sum(stored.get(DRAIN_SECONDS + "_sum", {}).values())
-        family = HistogramMetricFamily(
-            DRAIN_SECONDS, "Duration of one committed drain transaction (seconds)."
-        )
+        total = sum(stored.get(name + "_sum", {}).values())
+        family = HistogramMetricFamily(name, doc)
         family.add_metric([], buckets, sum_value=total)
         return family
 
 
-#: What ``/metrics`` serves: only the collector above (per-process web metrics would describe
-#: whichever gunicorn worker answered the scrape, not the system).
+#: What ``/metrics`` serves: the collector above (the system's figures, the same from any web
+#: process) and the standard process and Python collectors, which describe the web process
+#: that answered the scrape (CPU, memory, open files, garbage collection), as in any Python
+#: service; Prometheus tells the processes apart by the scrape target.
 REGISTRY = CollectorRegistry(auto_describe=False)
 REGISTRY.register(CountsCollector())
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)

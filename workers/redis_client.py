@@ -48,6 +48,10 @@ def key(*parts: str) -> str:
     return ":".join([settings.COUNTS_REDIS_PREFIX, *parts])
 
 
+#: Every breaker made, so that :func:`reset` closes them all.
+_breakers: list[Breaker] = []
+
+
 class Breaker:
     """A circuit breaker: after a failure, callers skip Redis until a cool-down has passed.
 
@@ -62,6 +66,7 @@ class Breaker:
         self._open_until = 0.0
         self._outage = False
         self._lock = threading.Lock()
+        _breakers.append(self)
 
     def allows(self) -> bool:
         return time.monotonic() >= self._open_until
@@ -85,7 +90,8 @@ write_path = Breaker()
 
 
 def reset() -> None:
-    """Forget every client and close the breaker: after ``REDIS_URL`` changed, and in tests."""
+    """Forget every client and close every breaker: after ``REDIS_URL`` changed, and in tests."""
     while _clients:
         _clients.popitem()[1].close()
-    write_path.succeeded()
+    for breaker in _breakers:
+        breaker.succeeded()
