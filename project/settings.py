@@ -48,6 +48,33 @@ ALLOWED_HOSTS = [
     if h.strip()
 ]
 
+#: HTTPS. Off by default, so plain-HTTP runs (bin/run, the tests, a shell script) answer 200
+#: instead of redirecting to an https:// that nothing serves. ``HTTPS=1`` is the production
+#: switch: it turns on everything ``manage.py check --deploy`` asks for; each setting can still
+#: be set on its own through the variable of the same name.
+HTTPS = env_bool("HTTPS", False)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", HTTPS)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", HTTPS)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", HTTPS)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", HTTPS)
+#: Probes and Prometheus reach the process itself over plain HTTP, behind the TLS terminator.
+SECURE_REDIRECT_EXEMPT = [r"^(healthz|readyz|metrics)$"]
+#: Origins (with scheme) allowed to POST forms, e.g. ``https://countdown.example.com``.
+CSRF_TRUSTED_ORIGINS = [
+    o.strip() for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
+]
+#: ``HEADER,value`` set by the TLS-terminating proxy, e.g. ``HTTP_X_FORWARDED_PROTO,https``.
+#: Needed with SECURE_SSL_REDIRECT behind such a proxy, or every request redirects forever.
+if _proxy_ssl_header := os.environ.get("SECURE_PROXY_SSL_HEADER", "").strip():
+    _header, _, _value = _proxy_ssl_header.partition(",")
+    if not (_header.strip() and _value.strip()):
+        raise ImproperlyConfigured(
+            f"SECURE_PROXY_SSL_HEADER must be HEADER,value; got {_proxy_ssl_header!r}"
+        )
+    SECURE_PROXY_SSL_HEADER = (_header.strip(), _value.strip())
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -76,6 +103,9 @@ if env_bool("COUNTS_TEST_APP", False):
     INSTALLED_APPS.append("tests.engine_app")
 
 MIDDLEWARE = [
+    # Counts and times every request (Prometheus, kept in Redis: workers.metrics), outermost so
+    # it sees the status every other middleware settled on.
+    "workers.metrics.RequestMetrics",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -235,6 +265,28 @@ COUNTS_WORKER_LOST_MS = env_int("COUNTS_WORKER_LOST_MS", 10_000)
 #: Seconds between full reconcile passes.
 COUNTS_RECONCILE_INTERVAL_S = env_int("COUNTS_RECONCILE_INTERVAL_S", 6 * 3600)
 
+#: "default" stays in-process (Django's own default before this was set). "throttle" holds
+#: request rates and failed sign-ins in Redis, shared by every web process; its timeouts are
+#: short so a hung Redis costs one request a fraction of a second, after which limits are
+#: skipped for a while (``project.throttling``). Each test process has keys of its own.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "throttle": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": os.environ.get(
+            "THROTTLE_KEY_PREFIX",
+            f"countdown-test:throttle:{os.getpid()}"
+            if "pytest" in sys.modules
+            else "countdown:throttle",
+        ),
+        "OPTIONS": {
+            "socket_connect_timeout": COUNTS_REDIS_TIMEOUT_MS / 1000,
+            "socket_timeout": COUNTS_REDIS_TIMEOUT_MS / 1000,
+        },
+    },
+}
+
 REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 25,
@@ -251,6 +303,24 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Request rates per client address (anonymous) or per user, counted in Redis so every web
+    # process shares them; a Redis outage lifts them instead of failing requests
+    # (``project.throttling``). "login" is failed sign-ins per client address and username,
+    # on /api/auth/token/, /api/auth/login/ and /admin/login/.
+    "DEFAULT_THROTTLE_CLASSES": [
+        "project.throttling.AnonRateThrottle",
+        "project.throttling.UserRateThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "anon": os.environ.get("THROTTLE_ANON_RATE", "120/min"),
+        "user": os.environ.get("THROTTLE_USER_RATE", "600/min"),
+        "login": os.environ.get("THROTTLE_LOGIN_RATE", "10/min"),
+    },
+    # Reverse proxies in front of the web that append to X-Forwarded-For: the client address
+    # is then read from that header, that many hops from its end. Unset (the default), only
+    # REMOTE_ADDR counts: a client could otherwise name any address it likes and escape its
+    # limits. Set it behind a proxy, or every client shares the proxy's address and its limits.
+    "NUM_PROXIES": int(os.environ["NUM_PROXIES"]) if os.environ.get("NUM_PROXIES") else None,
 }
 
 SPECTACULAR_SETTINGS = {
@@ -274,7 +344,13 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "filters": {"no_4xx_traceback": {"()": "project.health.NoTracebackForClientErrors"}},
     "loggers": {
+        # Named so that dictConfig drops the handler Django's own default config gives it (on
+        # with DEBUG): records reach the root handler only, one line each, not two.
+        "django": {"level": "INFO"},
+        # A 403 (PermissionDenied) is the client's problem: one line, not a traceback.
+        "django.request": {"filters": ["no_4xx_traceback"]},
         "django.db.backends": {"level": "WARNING"},
         # One line per sweep every few seconds says nothing; failures still log at ERROR.
         "apscheduler": {"level": "WARNING"},

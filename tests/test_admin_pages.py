@@ -18,45 +18,28 @@ import time
 from datetime import timedelta
 from html.parser import HTMLParser
 
-import pytest
 from django.contrib import admin
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from counts.marks import mark_all
 from project.monitoring.models import Event, SourceImage, SourceImageCollection
-from tests.api_fixtures import T0, build_catalogue, drift
-from tests.test_admin import (
+from tests.api_fixtures import T0, drift
+from tests.test_admin import (  # noqa: F401 (catalogue, operator, viewer: its fixtures)
     BASE_PERMISSIONS,
     PENDING_URL,
     SETS_URL,
     ChangeList,
+    catalogue,
     messages_of,
+    operator,
     staff,
+    viewer,
 )
 from tests.truth import drain_all
 
 EVENTS_URL = "/admin/monitoring/event/"
 CAPTURES_URL = "/admin/monitoring/sourceimage/"
-
-
-@pytest.fixture
-def catalogue(db):
-    return build_catalogue()
-
-
-@pytest.fixture
-def viewer(client, db):
-    """Staff who may view, change and delete, but not recompute."""
-    client.force_login(staff("viewer", *BASE_PERMISSIONS))
-    return client
-
-
-@pytest.fixture
-def operator(client, db):
-    """Staff holding the dedicated ``counts.recompute_counts`` permission."""
-    client.force_login(staff("operator", *BASE_PERMISSIONS, "counts.recompute_counts"))
-    return client
 
 
 class ChangeForm(HTMLParser):

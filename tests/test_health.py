@@ -142,8 +142,13 @@ def dead_services_env(**extra: str) -> dict:
 
 
 def run_manage(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return run_python(env, "manage.py", *args, timeout=timeout)
+
+
+def run_python(env: dict, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python *argv`` in the project's folder with ``env``; output captured as text."""
     return subprocess.run(
-        [sys.executable, "manage.py", *args],
+        [sys.executable, *argv],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -189,14 +194,7 @@ print(json.dumps({"status": r.status_code, "type": r["Content-Type"], "size": le
 def test_api_answers_503_with_a_json_detail_when_postgresql_is_down():
     env = dead_services_env(DJANGO_SETTINGS_MODULE="project.settings", DEBUG="1")
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", API_PROBE],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_python(env, "-c", API_PROBE)
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["status"] == 503, answer
@@ -227,10 +225,105 @@ def test_readyz_stays_200_with_a_stale_backlog_that_is_the_workers_business(clie
     assert status == 200, body
 
 
-@pytest.mark.parametrize("action", ["reconcile", "rebuild", "drain"])
-def test_counts_commands_say_one_line_when_postgresql_does_not_answer(action):
-    result = run_manage(dead_services_env(), "counts", action)
+@pytest.mark.parametrize(
+    "argv", [("counts", "reconcile"), ("counts", "rebuild"), ("counts", "drain"), ("migrate",)]
+)
+def test_commands_say_one_line_when_postgresql_does_not_answer(argv):
+    result = run_manage(dead_services_env(), *argv)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "PostgreSQL at 127.0.0.1:" in line and "does not answer" in line
+
+
+@pytest.mark.django_db
+def test_head_answers_like_get_without_a_warning(client, own_redis, caplog):
+    """Load balancers and uptime monitors probe with HEAD: not a 405 and a WARNING each."""
+    heartbeat.beat(heartbeat.SCHEDULER)
+    for path in ("/healthz", "/readyz", "/metrics"):
+        get = client.get(path)
+        head = client.head(path)
+        assert (head.status_code, head["Content-Type"]) == (get.status_code, get["Content-Type"])
+        assert head.status_code == 200, path
+        assert head.content == b""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []  # WARNING+
+
+
+@pytest.mark.django_db
+def test_failing_readyz_logs_once_per_outage_and_once_when_ready_again(client, own_redis, caplog):
+    heartbeat.beat(heartbeat.SCHEDULER)
+    assert readyz(client)[0] == 200
+    caplog.clear()
+    with override_settings(COUNTS_SCHEDULER_STALE_S=-1):
+        assert [readyz(client)[0] for _ in range(5)] == [503] * 5
+    assert readyz(client)[0] == 200
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= 30]
+    assert len(lines) == 2, lines
+    assert lines[0][0] == "ERROR" and lines[0][1].startswith("not ready (scheduler): scheduler:")
+    assert lines[1][0] == "WARNING" and lines[1][1].startswith("ready again after")
+
+
+#: With DEBUG on: a 403 from the admin (a signed-in staff user without permissions) and a 503.
+DEBUG_LOG_PROBE = """
+import sys, django
+django.setup()
+from django.contrib.auth.models import User
+from django.db import connections
+from django.test import Client
+client = Client()
+client.force_login(User.objects.get(username=sys.argv[1]))
+print("403", client.get("/admin/auth/user/add/", HTTP_HOST="127.0.0.1").status_code, flush=True)
+connections["default"].settings_dict["PORT"] = sys.argv[2]
+connections["default"].close()
+print("503", client.get("/api/v2/captures/collections/", HTTP_HOST="127.0.0.1").status_code)
+"""
+
+
+@pytest.mark.django_db(transaction=True)  # the subprocess must see the user
+def test_with_debug_on_a_403_and_a_503_are_one_line_each_without_traceback():
+    from django.contrib.auth.models import User
+
+    User.objects.create_user("staff-no-perms", password="x", is_staff=True)
+    env = wh.worker_subprocess_env(DEBUG="1", DJANGO_SETTINGS_MODULE="project.settings")
+    result = run_python(env, "-c", DEBUG_LOG_PROBE, "staff-no-perms", str(free_port()))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["403", "403", "503", "503"]
+    assert "Traceback" not in result.stderr
+    forbidden = [line for line in result.stderr.splitlines() if "/admin/auth/user/add/" in line]
+    assert len(forbidden) == 1 and "WARNING django.request Forbidden" in forbidden[0], forbidden
+    api = [line for line in result.stderr.splitlines() if "/api/v2/captures/collections/" in line]
+    assert len(api) == 1 and "database unavailable for GET" in api[0], result.stderr
+
+
+#: A signed-in admin's browser (it sends its session cookie) when PostgreSQL is down.
+ADMIN_PROBE = """
+import json, django
+django.setup()
+from django.test import Client
+client = Client()
+client.cookies["sessionid"] = "a-session-the-database-must-be-asked-about"
+browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+answers = {}
+for name, path, accept in [("admin", "/admin/", browser), ("admin_any", "/admin/", "*/*"),
+                           ("api_json", "/api/v2/captures/collections/", "application/json")]:
+    r = client.get(path, HTTP_HOST="127.0.0.1", HTTP_ACCEPT=accept)
+    answers[name] = {"status": r.status_code, "type": r["Content-Type"],
+                     "retry": r.get("Retry-After"), "body": r.content.decode()[:2000]}
+print(json.dumps(answers))
+"""
+
+
+def test_admin_gets_an_html_503_page_and_the_api_json_when_postgresql_is_down():
+    env = dead_services_env(DJANGO_SETTINGS_MODULE="project.settings", DEBUG="0")
+    result = run_python(env, "-c", ADMIN_PROBE)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("admin", "admin_any"):
+        page = answers[name]
+        assert page["status"] == 503 and page["type"].startswith("text/html"), page
+        assert page["retry"] == "10"
+        assert "<h1>Database unavailable</h1>" in page["body"]
+        assert "The database is unavailable; try again shortly." in page["body"]
+    api = answers["api_json"]
+    assert api["status"] == 503 and api["type"] == "application/json"
+    assert json.loads(api["body"]) == {"detail": "The database is unavailable; try again shortly."}
