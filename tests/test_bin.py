@@ -118,6 +118,23 @@ def test_env_starts_its_own_redis_says_where_and_can_stop_it():
         assert kill_marked(mark) == [], "a process was left running"
 
 
+def ctrl_c(process: subprocess.Popen, reader: threading.Thread, mark: str) -> list[int]:
+    """What Ctrl-C in the terminal does (SIGINT to the whole foreground group); then wait for
+    everything ``bin/run`` started to stop. Returns the pids still running (killed)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    reader.join(timeout=5)
+    deadline = time.monotonic() + 30
+    while marked_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return kill_marked(mark)
+
+
 def _reader(process: subprocess.Popen, lines: list[str]) -> threading.Thread:
     def read():
         for line in process.stdout:
@@ -208,19 +225,7 @@ def test_bin_run_serves_the_url_it_prints_and_leaves_nothing_running():
             _wait_for(lambda: _get(readyz) == 200, 120, f"200 from {readyz}", lines)
             assert _get(admin.replace("/admin/", "/metrics")) == 200
         finally:
-            # What Ctrl-C in the terminal does: SIGINT to the whole foreground group.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            reader.join(timeout=5)
-            deadline = time.monotonic() + 30
-            while marked_processes(mark) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            left = kill_marked(mark)
+            left = ctrl_c(process, reader, mark)
     assert left == [], f"left running after bin/run stopped: {left}"
     assert not listening(web_port) and not listening(redis_port)
     assert "stopping the Redis started" in "".join(lines)
@@ -273,18 +278,7 @@ def test_ctrl_c_on_bin_run_lets_every_worker_process_shut_down_gracefully():
             assert _head(f"{base}/healthz") == 200 and _head(f"{base}/readyz") == 200
             assert ctl.is_socket(), "gunicorn's control socket is var/gunicorn-<port>.ctl"
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal's foreground group
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            reader.join(timeout=5)
-            deadline = time.monotonic() + 30
-            while marked_processes(mark) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            left = kill_marked(mark)
+            left = ctrl_c(process, reader, mark)
     output = "".join(lines)
     assert left == [], f"left running after bin/run stopped: {left}"
     assert re.findall(r"system\s+\| (SIG\w+) received", output) == ["SIGTERM"], output
