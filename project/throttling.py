@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 import redis
 from django.conf import settings
@@ -38,7 +37,8 @@ from django.utils.connection import ConnectionProxy
 from rest_framework import throttling
 from rest_framework.settings import api_settings
 
-from workers.redis_client import Breaker
+from counts.errors import first_line
+from workers.redis_client import Breaker, where
 
 logger = logging.getLogger("project.throttling")
 
@@ -56,8 +56,7 @@ _PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def _where() -> str:
     location = settings.CACHES[ALIAS]["LOCATION"]
-    parts = urlsplit(location if isinstance(location, str) else location[0])
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+    return where(location if isinstance(location, str) else location[0])
 
 
 def fail_open(call: Callable[[], T], served: T) -> T:
@@ -65,22 +64,19 @@ def fail_open(call: Callable[[], T], served: T) -> T:
 
     Logs the start of an outage once (WARNING) and its end once (INFO).
     """
-    if not breaker.allows():
-        return served
-    try:
-        result = call()
-    except redis.RedisError as exc:
-        if breaker.failed():
-            logger.warning(
-                "redis at %s unavailable (%s); requests and sign-ins are served without rate"
-                " limits until it answers",
-                _where(),
-                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-            )
-        return served
-    if breaker.succeeded():
+
+    def down(exc: redis.RedisError) -> None:
+        logger.warning(
+            "redis at %s unavailable (%s); requests and sign-ins are served without rate"
+            " limits until it answers",
+            _where(),
+            first_line(exc),
+        )
+
+    def back() -> None:
         logger.info("redis at %s is back; rate limits apply again", _where())
-    return result
+
+    return breaker.call(call, served, on_down=down, on_back=back)
 
 
 def client_ident(request) -> str:

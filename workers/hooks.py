@@ -21,23 +21,20 @@ logger = logging.getLogger(__name__)
 
 
 def on_marks_committed(sender, targets, using, **kwargs) -> None:
-    if not write_path.allows():
-        return
-    try:
-        debounce.request(targets)
-    except redis.RedisError as exc:
-        if write_path.failed():
-            logger.error(
-                "redis at %s unavailable: could not schedule recompute for %s (marks are safe;"
-                " the sweep will send; writers skip redis for %d ms at a time): %s",
-                where(),
-                sorted(targets),
-                settings.COUNTS_REDIS_COOLDOWN_MS,
-                exc,
-            )
-        return
-    if write_path.succeeded():
+    def down(exc: redis.RedisError) -> None:
+        logger.error(
+            "redis at %s unavailable: could not schedule recompute for %s (marks are safe;"
+            " the sweep will send; writers skip redis for %d ms at a time): %s",
+            where(),
+            sorted(targets),
+            settings.COUNTS_REDIS_COOLDOWN_MS,
+            exc,
+        )
+
+    def back() -> None:
         logger.warning("redis at %s is back; recompute messages flow again", where())
+
+    write_path.call(lambda: debounce.request(targets), None, on_down=down, on_back=back)
 
 
 def queue_sizes() -> dict[str, int]:

@@ -89,20 +89,25 @@ def _add(increments: dict[str, float], breaker: Breaker | None = None) -> None:
     With a ``breaker`` (the web's request path), a failure keeps later calls off Redis for a
     cool-down, so an outage costs one request a socket timeout, not every request."""
     increments = {k: v for k, v in increments.items() if v}
-    if not increments or (breaker is not None and not breaker.allows()):
+    if not increments:
         return
-    try:
+
+    def write() -> None:
         pipe = client().pipeline(transaction=False)
         for field, amount in increments.items():
             pipe.hincrbyfloat(_store(), field, amount)
         pipe.execute()
-    except redis.RedisError as exc:
-        if breaker is not None:
-            breaker.failed()
+
+    def lost(exc: redis.RedisError) -> None:
         logger.debug("metrics not recorded: %s", exc)
-    else:
-        if breaker is not None:
-            breaker.succeeded()
+
+    if breaker is not None:
+        breaker.call(write, None, on_down=lost)
+        return
+    try:
+        write()
+    except redis.RedisError as exc:
+        lost(exc)
 
 
 def _bucket(bounds: tuple[float, ...], seconds: float) -> str:

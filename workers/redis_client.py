@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import redis
 from django.conf import settings
+
+T = TypeVar("T")
 
 #: One client per Redis URL: ``override_settings(REDIS_URL=...)`` gets its own.
 _clients: dict[str, redis.Redis] = {}
@@ -83,6 +87,30 @@ class Breaker:
         with self._lock:
             ended, self._outage, self._open_until = self._outage, False, 0.0
             return ended
+
+    def call(
+        self,
+        fn: Callable[[], T],
+        fallback: T,
+        on_down: Callable[[redis.RedisError], None] | None = None,
+        on_back: Callable[[], None] | None = None,
+    ) -> T:
+        """``fn()``, or ``fallback`` while the breaker is open or when Redis fails.
+
+        ``on_down(exc)`` runs at the failure that starts an outage and ``on_back()`` at the
+        success that ends it: each caller logs an outage once each way, in its own words.
+        """
+        if not self.allows():
+            return fallback
+        try:
+            result = fn()
+        except redis.RedisError as exc:
+            if self.failed() and on_down is not None:
+                on_down(exc)
+            return fallback
+        if self.succeeded() and on_back is not None:
+            on_back()
+        return result
 
 
 #: Guards the write path's calls to Redis (see :class:`Breaker`).
