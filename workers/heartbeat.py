@@ -86,23 +86,33 @@ def ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
-def worker_stale_after_s() -> float:
-    """A worker not seen for this long is flagged: two heartbeats missed, at least 15 s."""
+def stale_after_s(role: str) -> float:
+    """A process of ``role`` not seen for this long is flagged: the scheduler after
+    ``COUNTS_SCHEDULER_STALE_S`` (it beats every sweep), a worker after two missed heartbeats,
+    at least 15 s."""
+    if role == SCHEDULER:
+        return float(settings.COUNTS_SCHEDULER_STALE_S)
     return max(15.0, 2.0 * settings.COUNTS_HEARTBEAT_INTERVAL_S)
+
+
+def role_of(name: str) -> str:
+    """The role of a process as :func:`last_seen` names it (``worker:host:pid`` -> worker)."""
+    return name.partition(":")[0]
 
 
 def stale(ages: dict[str, float]) -> list[str]:
     """What an operator must look at: the scheduler not seen within
-    ``COUNTS_SCHEDULER_STALE_S``, or no worker seen within :func:`worker_stale_after_s`
-    (one dead worker among live ones is flagged in :func:`describe`, not here)."""
-    problems = []
-    scheduler = ages.get(SCHEDULER)
-    if scheduler is None or scheduler > settings.COUNTS_SCHEDULER_STALE_S:
-        problems.append(SCHEDULER)
-    workers = [age for name, age in ages.items() if name.startswith(WORKER)]
-    if not workers or min(workers) > worker_stale_after_s():
-        problems.append(WORKER)
-    return problems
+    ``COUNTS_SCHEDULER_STALE_S``, or no worker seen within :func:`stale_after_s` (one dead
+    worker among live ones is flagged in :func:`describe`, not here)."""
+    return [
+        role
+        for role in (SCHEDULER, WORKER)
+        if not any(role_of(name) == role and not _stale(name, age) for name, age in ages.items())
+    ]
+
+
+def _stale(name: str, age: float) -> bool:
+    return age > stale_after_s(role_of(name))
 
 
 def describe(ages: dict[str, float] | None = None) -> dict[str, str]:
@@ -117,16 +127,16 @@ def describe(ages: dict[str, float] | None = None) -> dict[str, str]:
     rows = {
         SCHEDULER: "not seen in the last hour (is `manage.py run_scheduler` running?)"
         if scheduler is None
-        else _seen(scheduler, settings.COUNTS_SCHEDULER_STALE_S)
+        else _seen(SCHEDULER, scheduler)
     }
-    if not any(name.startswith(WORKER) for name in ages):
+    if not any(role_of(name) == WORKER for name in ages):
         rows[WORKER] = "no worker seen in the last hour (is `manage.py rundramatiq` running?)"
-    rows.update({name: _seen(age, worker_stale_after_s()) for name, age in sorted(ages.items())})
+    rows.update({name: _seen(name, age) for name, age in sorted(ages.items())})
     return rows
 
 
-def _seen(age: float, stale_after: float) -> str:
-    flag = f" STALE (over {stale_after:.0f} s)" if age > stale_after else ""
+def _seen(name: str, age: float) -> str:
+    flag = f" STALE (over {stale_after_s(role_of(name)):.0f} s)" if _stale(name, age) else ""
     return f"last seen {ago(age)}{flag}"
 
 

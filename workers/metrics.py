@@ -30,7 +30,6 @@ import time
 from collections import defaultdict
 
 import redis
-from django.conf import settings
 from dramatiq.middleware import Middleware
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -291,12 +290,7 @@ class CountsCollector(Collector):
             role, _, ident = name.partition(":")
             host = ident.rpartition(":")[0] if ident else ""
             latest[(role, host)] = max(latest.get((role, host), 0.0), now - age)
-            limit = (
-                heartbeat.worker_stale_after_s()
-                if role == heartbeat.WORKER
-                else settings.COUNTS_SCHEDULER_STALE_S
-            )
-            if age <= limit:
+            if age <= heartbeat.stale_after_s(role):
                 alive[role] = alive.get(role, 0) + 1
         for (role, host), at in sorted(latest.items()):
             seen_at.add_metric([role, host], at)

@@ -73,11 +73,16 @@ def held_messages() -> list[Held]:
         pipe.hgetall(f"{ns}:{queue}.msgs")
     workers, *messages = pipe.execute()
     lost_before = _lost_before_ms()
-    fetched: dict[bytes, tuple[str, bool]] = {}
+    # Every worker's ack sets in one more round trip (the sweep reads them every few seconds).
+    pipe = r.pipeline(transaction=False)
+    owners = []
     for worker, seen_ms in workers:
         for queue in queues:
-            for message_id in r.smembers(f"{ns}:__acks__.{worker.decode()}.{queue}"):
-                fetched[message_id] = (worker.decode(), seen_ms < lost_before)
+            pipe.smembers(f"{ns}:__acks__.{worker.decode()}.{queue}")
+            owners.append((worker.decode(), seen_ms < lost_before))
+    fetched: dict[bytes, tuple[str, bool]] = {}
+    for owner, acked in zip(owners, pipe.execute() if owners else [], strict=True):
+        fetched.update(dict.fromkeys(acked, owner))
     held = []
     for by_id in messages:
         for message_id, payload in by_id.items():
