@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection
+from django.core.management.base import CommandError
+from django.db import InterfaceError, OperationalError, connection, connections
 
 from counts.apps import graph
 from counts.errors import first_line
@@ -101,10 +104,28 @@ def database_unreachable(exc: Exception) -> str:
     )
 
 
+@contextlib.contextmanager
+def unreachable_in_one_line(using: str = "default"):
+    """Turn an error of a database that does not answer into a ``CommandError`` of one line
+    naming it (a management command then prints that line, not 80 lines of traceback). A
+    database that answers and fails keeps its traceback."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        if connections[using].is_usable():
+            raise
+        raise CommandError(database_unreachable(exc)) from exc
+
+
+def stale_alert_s() -> int:
+    """Seconds a due mark may wait before ``counts status`` calls its model stale."""
+    return getattr(settings, "COUNTS_STALE_ALERT_S", 60)
+
+
 def stale_models(pending: list[dict]) -> dict[str, float]:
     """``{label: seconds}`` of the models whose oldest due mark has waited longer than
     ``COUNTS_STALE_ALERT_S``: drains are not keeping up, or not running at all."""
-    limit = getattr(settings, "COUNTS_STALE_ALERT_S", 60)
+    limit = stale_alert_s()
     return {
         row["label"]: row["oldest_due_seconds"]
         for row in pending

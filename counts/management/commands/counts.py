@@ -15,9 +15,7 @@
 import json
 import sys
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
-from django.db import InterfaceError, OperationalError, connection
 from tqdm import tqdm
 
 from counts.draining import BATCH_SIZE
@@ -66,21 +64,17 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, action, **options):
-        from counts.status import database_unreachable
+        from counts.status import unreachable_in_one_line
 
-        try:
-            getattr(self, f"do_{action}")(**options)
-        except CountsError as exc:
-            raise CommandError(str(exc)) from exc
-        except (OperationalError, InterfaceError) as exc:
-            if connection.is_usable():
-                raise  # the database answers: a real error, with its traceback
-            # One line naming the database, not 80 lines of traceback ("status" reports it
-            # itself, beside what Redis says).
-            raise CommandError(database_unreachable(exc)) from exc
+        # ("status" reports a database that does not answer itself, beside what Redis says.)
+        with unreachable_in_one_line():
+            try:
+                getattr(self, f"do_{action}")(**options)
+            except CountsError as exc:
+                raise CommandError(str(exc)) from exc
 
     def do_status(self, json=False, **_):
-        from counts.status import status
+        from counts.status import stale_alert_s, status
 
         report = status()
         unreachable = report["unreachable"]
@@ -92,7 +86,7 @@ class Command(BaseCommand):
             self._print_status(report)
         for line in unreachable.values():
             self.stderr.write(line)
-        limit = getattr(settings, "COUNTS_STALE_ALERT_S", 60)
+        limit = stale_alert_s()
         for label, seconds in sorted(report["stale"].items()):
             self.stderr.write(
                 f"{label}: its oldest due mark has waited {seconds:.0f} s, over"

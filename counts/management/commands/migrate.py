@@ -7,18 +7,12 @@ was the reason; operators read logs from the bottom of a scroll-back. ``counts s
 or a database that answers and refuses, keeps Django's traceback.
 """
 
-from django.core.management.base import CommandError
 from django.core.management.commands.migrate import Command as DjangoMigrate
-from django.db import InterfaceError, OperationalError, connections
 
-from counts.status import database_unreachable
+from counts.status import unreachable_in_one_line
 
 
 class Command(DjangoMigrate):
     def execute(self, *args, **options):
-        try:
+        with unreachable_in_one_line(options.get("database") or "default"):
             return super().execute(*args, **options)
-        except (OperationalError, InterfaceError) as exc:
-            if connections[options.get("database") or "default"].is_usable():
-                raise
-            raise CommandError(database_unreachable(exc)) from exc
