@@ -118,6 +118,29 @@ def test_env_starts_its_own_redis_says_where_and_can_stop_it():
         assert kill_marked(mark) == [], "a process was left running"
 
 
+def start_bin_run(
+    mark: str, database_url: str, web_port: int, redis_port: int, lines: list[str]
+) -> tuple[subprocess.Popen, threading.Thread]:
+    """``bin/run`` on its own database, web port and Redis port, in a session of its own (as a
+    terminal's foreground job); its output is collected into ``lines``."""
+    env = env_for(
+        mark,
+        DATABASE_URL=database_url,
+        REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+        WEB_PORT=str(web_port),
+    )
+    process = subprocess.Popen(
+        ["bin/run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    return process, _reader(process, lines)
+
+
 def ctrl_c(process: subprocess.Popen, reader: threading.Thread, mark: str) -> list[int]:
     """What Ctrl-C in the terminal does (SIGINT to the whole foreground group); then wait for
     everything ``bin/run`` started to stop. Returns the pids still running (killed)."""
@@ -190,22 +213,7 @@ def test_bin_run_serves_the_url_it_prints_and_leaves_nothing_running():
     mark, web_port, redis_port = uuid.uuid4().hex, free_port(), free_port()
     lines: list[str] = []
     with throwaway_database() as database_url:
-        env = env_for(
-            mark,
-            DATABASE_URL=database_url,
-            REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-            WEB_PORT=str(web_port),
-        )
-        process = subprocess.Popen(
-            ["bin/run"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        reader = _reader(process, lines)
+        process, reader = start_bin_run(mark, database_url, web_port, redis_port, lines)
         try:
 
             def printed_admin():
@@ -259,17 +267,7 @@ def test_ctrl_c_on_bin_run_lets_every_worker_process_shut_down_gracefully():
     lines: list[str] = []
     ctl = ROOT / "var" / f"gunicorn-{web_port}.ctl"
     with throwaway_database() as database_url:
-        env = env_for(
-            mark,
-            DATABASE_URL=database_url,
-            REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-            WEB_PORT=str(web_port),
-        )
-        process = subprocess.Popen(
-            ["bin/run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,
-        )  # fmt: skip
-        reader = _reader(process, lines)
+        process, reader = start_bin_run(mark, database_url, web_port, redis_port, lines)
         try:
             base = f"http://127.0.0.1:{web_port}"
             _wait_for(lambda: _get(f"{base}/readyz") == 200, 300, "200 from /readyz", lines)
