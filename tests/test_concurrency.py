@@ -25,6 +25,7 @@ from project.monitoring.models import (
     SourceImage,
     SourceImageCollection,
 )
+from tests.invariants import assert_invariants
 from tests.truth import assert_all_counts_exact, cached, drain_all, truth
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -117,6 +118,7 @@ def test_concurrent_writers_and_two_drainers_converge_exactly(make_world, marks)
     assert all(s["marks"] > 0 for s in stats), stats  # both drainers took a share
     assert marks.count() == 0
     assert_all_counts_exact()  # no final drain here: the drainers converged by themselves
+    assert_invariants()
 
 
 def test_concurrent_writers_never_wait_on_each_others_marks(make_world, marks):
@@ -139,6 +141,7 @@ def test_concurrent_writers_never_wait_on_each_others_marks(make_world, marks):
     writer.finish()
     drain_all()
     assert_all_counts_exact()
+    assert_invariants()
 
 
 def waiting_on_a_lock(pid: int) -> bool:
@@ -180,6 +183,7 @@ def test_stale_saves_racing_drains_leave_no_wrong_count(make_world, marks):
     race(write_and_save_stale_rows, 30)
     assert marks.count() == 0
     assert_all_counts_exact()
+    assert_invariants()
 
 
 def make_due() -> None:
@@ -220,6 +224,7 @@ def test_a_drain_skips_a_row_another_drain_holds_and_recounts_it_later(make_worl
     assert cached("monitoring_sourceimage")[world.i1.pk]["detections_count"] == 4
     assert marks.count() == 0
     assert_all_counts_exact()
+    assert_invariants()
 
 
 def test_one_locked_target_does_not_stall_the_others(make_world, marks):
@@ -259,6 +264,7 @@ def test_one_locked_target_does_not_stall_the_others(make_world, marks):
     drain_all()
     assert marks.count() == 0
     assert_all_counts_exact()
+    assert_invariants()
 
 
 def test_a_drain_and_a_bulk_update_locking_in_the_other_order_do_not_deadlock(make_world, marks):
@@ -299,6 +305,7 @@ def test_a_drain_and_a_bulk_update_locking_in_the_other_order_do_not_deadlock(ma
     make_due()
     drain_all()
     assert_all_counts_exact()
+    assert_invariants()
 
 
 def test_a_drain_holding_its_rows_never_blocks_writers_below_them(make_world, marks):
@@ -335,3 +342,4 @@ def test_a_drain_holding_its_rows_never_blocks_writers_below_them(make_world, ma
         a.finish()
     drain_all()
     assert_all_counts_exact()
+    assert_invariants()

@@ -48,6 +48,7 @@ from tests.histories import (
     one_transaction,
 )
 from tests.interleave import drain_to_empty
+from tests.invariants import assert_invariants
 from tests.truth import assert_all_counts_exact, mismatches
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -151,12 +152,14 @@ def test_random_concurrent_histories_converge_to_the_truth(make_world, seed):
     grow_world(world)
     drain_to_empty()
     assert_all_counts_exact()
+    assert_invariants()
     wrote, drained = run_history(seed)
     assert wrote["committed"] >= STEPS, wrote  # most transactions went through
     assert drained["marks"] > 0, drained  # the drainers raced the writers
     drain_to_empty()
     print(f"seed {seed}: writers {dict(wrote)}; drains {dict(drained)}")  # shown on failure
     assert_all_counts_exact()
+    assert_invariants()
 
 
 #: Episodes per seed of the episode test.
@@ -185,11 +188,13 @@ def run_episodes(seed: int, family: str, writers: int = 3, drainers: int = 3):
             gate.stop.clear()
             gate.start.wait()
             gate.written.wait()
+            assert_invariants()  # writers committed, drainers still running
             gate.stop.set()
             gate.end.wait()
             drain_to_empty()
             if wrong := mismatches():
                 wrong_after.append((episode, wrong))
+            assert_invariants()
     except BaseException:
         gate.abort()
         raise
@@ -216,6 +221,7 @@ def test_random_concurrent_bursts_leave_every_count_exact_after_each(make_world,
     grow_world(world)
     drain_to_empty()
     assert_all_counts_exact()
+    assert_invariants()
     wrong_after, wrote, drained = run_episodes(seed, family)
     print(f"seed {seed}: writers {dict(wrote)}; drains {dict(drained)}")
     assert wrote["committed"] >= EPISODES, wrote
@@ -265,3 +271,4 @@ def test_many_captures_joining_a_set_and_getting_a_first_detection_under_single_
     world.d2.refresh_from_db()
     assert (world.d2.captures_count, world.d2.detections_count) == (25, 25)
     assert_all_counts_exact()
+    assert_invariants()

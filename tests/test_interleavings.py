@@ -28,6 +28,7 @@ import pytest
 
 import counts
 from tests.interleave import Harness, drain_to_empty
+from tests.invariants import assert_invariants
 from tests.truth import assert_all_counts_exact, cached, drain_all
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -111,6 +112,7 @@ def settle(world, expected) -> None:
     drain_to_empty()
     assert_counts(world, expected)
     assert_all_counts_exact()
+    assert_invariants()
 
 
 def test_the_harness_sees_a_statement_wait_on_a_lock_and_finish_after_the_commit(

@@ -31,6 +31,7 @@ from project.monitoring.models import (
     Taxon,
 )
 from tests.conftest import build_world
+from tests.invariants import assert_invariants
 from tests.truth import assert_all_counts_exact, drain_all
 
 T0 = datetime(2024, 7, 1, tzinfo=UTC)
@@ -286,6 +287,7 @@ def checkpoint(a, b, c):
     """Drain everything and compare now: a missed mark shows before later writes hide it."""
     drain_all()
     assert_all_counts_exact()
+    assert_invariants()
 
 
 OPERATIONS = {
@@ -317,6 +319,8 @@ def test_any_write_sequence_converges_to_the_truth(steps):
         drain_all()  # start exact, so a write the triggers miss cannot hide behind old marks
         for name, a, b, c in steps:
             OPERATIONS[name](a, b, c)
+            assert_invariants()  # at every step, marks pending or not
         drain_all()
         assert_all_counts_exact()
+        assert_invariants()
         transaction.set_rollback(True)
