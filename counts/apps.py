@@ -4,10 +4,13 @@ from django.apps import AppConfig, apps
 class CountsConfig(AppConfig):
     """Builds and seals the dependency graph once every model is loaded.
 
-    A declaration that cannot be turned into a count fails here, at start-up, with a
-    ``DeclarationError`` naming the model and field — never in a request or a worker. Then
-    every admin of a model with counts gets their columns and "Recompute now"
-    (``counts.admin.augment``).
+    A declaration the engine cannot keep exact is left out of the graph here, never raised:
+    ``CachedCountField.check()`` (``counts.checks``) reports it — with every other refused
+    declaration, as ``counts.E0xx`` system check errors naming the model and field — from
+    ``manage.py check`` and every command that runs the checks, and
+    ``counts.checks.refuse_unsupported`` keeps any trigger from being written or installed
+    while one is refused. Then every admin of a model with counts gets their columns and
+    "Recompute now" (``counts.admin.augment``).
     """
 
     name = "counts"

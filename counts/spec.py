@@ -21,6 +21,7 @@ The kinds of relation a path can cross, and the hops they become:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 from django.core.exceptions import FieldDoesNotExist
@@ -28,6 +29,8 @@ from django.db.models import F, Q
 
 from counts.errors import DeclarationError
 from counts.fields import CachedCountField, cached_count_fields
+
+logger = logging.getLogger(__name__)
 
 FORWARD = "forward"
 REVERSE = "reverse"
@@ -213,8 +216,17 @@ def _add_read(reads: dict[Chain, set[str]], chain: Chain, column: str | None) ->
 
 
 def resolve(model, count_field: CachedCountField) -> CountSpec:
-    """Turn one declaration into a :class:`CountSpec`, or explain why it cannot be one."""
+    """Turn one declaration into a :class:`CountSpec`, or explain why it cannot be one.
+
+    A declaration ``counts.checks`` refuses raises a :class:`DeclarationError` carrying every
+    check error (id, message and hint).
+    """
+    from counts.checks import declaration_errors  # it reads this module's field types
+
     label = f"{model._meta.label_lower}.{count_field.name}"
+    errors = declaration_errors(model, count_field)
+    if errors:
+        raise DeclarationError(label, " ".join(f"({e.id}) {e.msg} {e.hint}" for e in errors))
     if not count_field.count_path:
         raise DeclarationError(label, "CachedCountField needs a path to the rows it counts")
     try:
@@ -260,11 +272,25 @@ def resolve(model, count_field: CachedCountField) -> CountSpec:
 
 
 def resolve_all(models) -> list[CountSpec]:
-    """Specs for every cached count on the given models, in a stable order."""
+    """Specs for every cached count on the given models, in a stable order.
+
+    A refused declaration (``counts.checks``) is left out, never raised: start-up goes on, so
+    ``manage.py check`` can report every refused declaration at once, and nothing is compiled
+    for it (``counts.checks.refuse_unsupported`` stops the migrations that would install
+    triggers while any is refused). Proxies and multi-table children are skipped: a count is
+    kept once, on the model whose table holds its column.
+    """
     specs = []
     for model in sorted(models, key=lambda m: m._meta.label_lower):
+        if model._meta.proxy:
+            continue
         for f in cached_count_fields(model):
-            specs.append(resolve(model, f))
+            if f.model is not model:
+                continue
+            try:
+                specs.append(resolve(model, f))
+            except DeclarationError as exc:
+                logger.warning("cached count refused, not kept (see manage.py check): %s", exc)
     from counts.modes import fold_into_items
 
     return fold_into_items(specs)
