@@ -35,6 +35,7 @@ from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.writer import MigrationWriter
 
 from counts.apps import graph
+from counts.checks import refuse_unsupported
 from counts.operations import BackfillCounts, SyncCountTriggers
 from counts.triggers import compile_triggers
 
@@ -120,6 +121,12 @@ class Change:
     def backfill(self) -> list[str]:
         return sorted({k.rsplit(".", 1)[0] for k, fp in self.counts.items() if fp is not None})
 
+    @property
+    def backfilled_counts(self) -> list[str]:
+        """The count keys (``label.name``) this migration starts serving or serves differently:
+        only their entries are backfilled."""
+        return sorted(k for k, fp in self.counts.items() if fp is not None)
+
 
 def changes(installed: Installed) -> dict[str, Change]:
     """Per app, the difference between what is installed and what the declarations need."""
@@ -161,6 +168,7 @@ def pending_migrations(app_labels=()) -> list[tuple[str, migrations.Migration]]:
     count is backfilled only once every trigger that marks it is installed. ``app_labels``
     (``makemigrations monitoring``) limits them to those apps.
     """
+    refuse_unsupported()  # even under --skip-checks: no trigger for a refused declaration
     loader = MigrationLoader(None, ignore_no_migrations=True)
     found = changes(installed_after(loader))
     if app_labels:
@@ -183,7 +191,9 @@ def pending_migrations(app_labels=()) -> list[tuple[str, migrations.Migration]]:
             )
         ]
         if change.backfill:
-            operations.append(BackfillCounts(targets=change.backfill))
+            operations.append(
+                BackfillCounts(targets=change.backfill, counts=change.backfilled_counts)
+            )
         migration = type(
             "Migration",
             (migrations.Migration,),
@@ -195,7 +205,9 @@ def pending_migrations(app_labels=()) -> list[tuple[str, migrations.Migration]]:
 
 
 def write(app_label: str, migration) -> str:
-    """Write the migration file (non-atomic: the backfill commits chunk by chunk)."""
+    """Write the migration file, ``atomic = False``: the backfill commits chunk by chunk, and
+    the trigger step runs in a transaction of its own, which it can roll back and retry when a
+    long transaction holds one of its tables (``SyncCountTriggers``)."""
     writer = MigrationWriter(migration)
     text = writer.as_string().replace(
         "class Migration(migrations.Migration):\n",

@@ -26,6 +26,10 @@ from counts.spec import REVERSE, Table
 
 #: Table the triggers write to (``counts.models.DirtyMark``).
 MARK_TABLE = "counts_dirtymark"
+#: Table locks, weakest first: what ``CREATE [OR REPLACE] TRIGGER`` takes (writers wait, readers
+#: do not), and what ``DROP TRIGGER`` takes (everyone waits).
+SHARE_ROW_EXCLUSIVE = "SHARE ROW EXCLUSIVE"
+ACCESS_EXCLUSIVE = "ACCESS EXCLUSIVE"
 #: Operations, in the order triggers are compiled.
 OPERATIONS = ("insert", "update", "delete", "truncate")
 _SHORT = {
@@ -35,6 +39,7 @@ _SHORT = {
     "truncate": "trunc",
     "own": "own",
     "made": "made",
+    "key": "key",
 }
 
 
@@ -57,17 +62,35 @@ class CompiledTrigger:
 
     @property
     def install_sql(self) -> str:
-        return (
-            f"{self.sql}\nCOMMENT ON TRIGGER {self.name} ON {q(self.table)}"
-            f" IS {literal(self.hash)};"
+        """``sql`` with its trigger replaced in place, then the comment carrying ``hash``.
+
+        ``sql`` (what migrations store, and what ``hash`` covers) drops the trigger and creates
+        it again; ``DROP TRIGGER`` takes an ``ACCESS EXCLUSIVE`` lock on the table, which waits
+        for every open reader and queues every later one behind it. ``CREATE OR REPLACE
+        TRIGGER`` (PostgreSQL 14) takes ``SHARE ROW EXCLUSIVE``, which readers never wait for,
+        and is as idempotent: installing a trigger that is there already replaces it.
+        """
+        drop_create = (
+            f"DROP TRIGGER IF EXISTS {self.name} ON {q(self.table)};\nCREATE TRIGGER {self.name} "
         )
+        sql = self.sql.replace(drop_create, f"CREATE OR REPLACE TRIGGER {self.name} ", 1)
+        return f"{sql}\nCOMMENT ON TRIGGER {self.name} ON {q(self.table)} IS {literal(self.hash)};"
+
+    @property
+    def install_lock(self) -> str:
+        """The table lock ``install_sql`` needs (``counts.operations`` takes it up front)."""
+        return ACCESS_EXCLUSIVE if "DROP TRIGGER" in self.install_sql else SHARE_ROW_EXCLUSIVE
 
     @property
     def uninstall_sql(self) -> str:
+        """Drop the trigger and its function; nothing to drop is no error (idempotent)."""
         return (
             f"DROP TRIGGER IF EXISTS {self.name} ON {q(self.table)};\n"
             f"DROP FUNCTION IF EXISTS {self.name}();"
         )
+
+    #: The table lock ``uninstall_sql`` needs: ``DROP TRIGGER`` takes ``ACCESS EXCLUSIVE``.
+    uninstall_lock = ACCESS_EXCLUSIVE
 
     def as_dict(self) -> dict[str, str]:
         return {

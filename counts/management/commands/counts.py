@@ -10,13 +10,16 @@
   less and drops the marks it made redundant);
 - ``drain [--until-empty]``: drain marks in this process (no workers needed);
 - ``makemigrations [--check]``: the count-trigger migration, if one is due.
+
+``reconcile`` and ``rebuild`` show their progress on stderr (``counts.progress``): a bar per
+model on a terminal, one line per model when it finishes elsewhere; stdout carries only the
+report (with ``--json``, only the JSON).
 """
 
 import json
 import sys
 
 from django.core.management.base import BaseCommand, CommandError
-from tqdm import tqdm
 
 from counts.draining import BATCH_SIZE
 from counts.errors import CountsError
@@ -40,7 +43,9 @@ class Command(BaseCommand):
                 "--chunk", type=int, default=1000, help="Rows per transaction (default 1000)"
             )
             p.add_argument(
-                "--json", action="store_true", help="Print the report as JSON (no progress bar)"
+                "--json",
+                action="store_true",
+                help="Print the report as JSON on stdout (progress stays on stderr)",
             )
             if name == "reconcile":
                 p.add_argument(
@@ -131,11 +136,13 @@ class Command(BaseCommand):
                 where = row["index"] or "no index: each change reads every item of a link"
                 self.stdout.write(f"  {row['state']:<10} {row['table']} ({columns}): {where}")
 
-    def _run_reconcile(self, model, chunk, dry_run, as_json, rebuild=False):
+    def _run_reconcile(self, model, chunk, dry_run, rebuild=False):
         import counts
+        from counts.progress import command_progress
 
-        show = not as_json and self.stdout.isatty()
-        with _Progress(model, enabled=show, stream=self.stderr._out) as progress:
+        # Progress goes to stderr only (a bar on a terminal, a line per model elsewhere):
+        # stdout carries the report, which --json tooling parses.
+        with command_progress(self.stderr._out, model) as progress:
             if rebuild:
                 return counts.rebuild(model, chunk=chunk, progress=progress)
             return counts.reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
@@ -143,7 +150,7 @@ class Command(BaseCommand):
     def do_reconcile(self, model=None, chunk=1000, dry_run=False, json=False, **_):
         from counts.signals import reconciled
 
-        report = self._run_reconcile(model, chunk, dry_run, json)
+        report = self._run_reconcile(model, chunk, dry_run)
         reconciled.send(sender=type(self), report=report)
         if json:
             self.stdout.write(_dumps(report.as_dict()))
@@ -158,7 +165,7 @@ class Command(BaseCommand):
         )
 
     def do_rebuild(self, model=None, chunk=1000, json=False, **_):
-        report = self._run_reconcile(model, chunk, False, json, rebuild=True)
+        report = self._run_reconcile(model, chunk, False, rebuild=True)
         if json:
             self.stdout.write(_dumps(report.as_dict()))
         else:
@@ -192,46 +199,6 @@ class Command(BaseCommand):
             sys.exit(1)
         for app_label, migration in pending:
             self.stdout.write(f"Wrote {write(app_label, migration)}")
-
-
-class _Progress:
-    """A tqdm bar per model (total: its row count, so with a rate and an ETA) on a terminal.
-
-    Disabled, it is a no-op callback: piped or logged output gets no carriage-return noise.
-    """
-
-    def __init__(self, model, enabled: bool, stream) -> None:
-        self.model, self.enabled, self.stream = model, enabled, stream
-        self.bar, self.label = None, None
-
-    def __enter__(self):
-        return self
-
-    def __call__(self, label: str, checked: int) -> None:
-        if not self.enabled:
-            return
-        if label != self.label:
-            self._close()
-            self.label = label
-            self.bar = tqdm(
-                total=_row_count(label), desc=label, unit="rows", file=self.stream, leave=True
-            )
-        self.bar.update(checked - self.bar.n)
-
-    def _close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __exit__(self, *exc):
-        self._close()
-
-
-def _row_count(label: str) -> int:
-    """Rows of a target model's table now: the bar's total (a pass visits each once)."""
-    import counts
-
-    return counts.target_rows(label)[label]
 
 
 def _dumps(data) -> str:
