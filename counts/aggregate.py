@@ -59,12 +59,11 @@ class RecomputeStatement:
     pk: str
     fields: tuple[str, ...]  # attnames, in the order of the returned old/new values
     sql: str  # computes, compares and writes; RETURNING pk, olds..., news...
-    dry_sql: str  # the same without writing (distinct counts read from the base tables)
+    dry_sql: str  # the same without writing
     params: tuple
-    dry_params: tuple
 
-    def bind(self, ids: list[int], dry: bool = False) -> list:
-        return [ids if p is _IDS else p for p in (self.dry_params if dry else self.params)]
+    def bind(self, ids: list[int]) -> list:
+        return [ids if p is _IDS else p for p in self.params]
 
 
 def _relative(q: Q, prefix: str) -> Q:
@@ -144,11 +143,11 @@ def compile_recompute(label: str, using: str = "default") -> RecomputeStatement:
     specs = graph().specs_for(label)
     table, pk = model._meta.db_table, model._meta.pk.column
     fresh, columns, params = _fresh_sql(model, specs, connections[using])
-    write, _ = _compare_and_write_sql(table, pk, columns, fresh)
-    # A dry run reports drift from the truth: it reads distinct counts from the base tables,
-    # where a write takes them from the multiplicities (which a reconcile audits first).
-    fresh, dry_columns, dry_params = _fresh_sql(model, specs, connections[using], dry=True)
-    _, dry = _compare_and_write_sql(table, pk, dry_columns, fresh)
+    # A dry run reports what the write would change: the same formula, distinct counts read
+    # from the multiplicities in both (their drift, and the ledgers', is found by the item
+    # pass before this one, ``counts.item_sweep``; reading the base tables here instead would
+    # report false drift while occurrence marks wait).
+    write, dry = _compare_and_write_sql(table, pk, columns, fresh)
     return RecomputeStatement(
         label=label,
         table=table,
@@ -157,11 +156,10 @@ def compile_recompute(label: str, using: str = "default") -> RecomputeStatement:
         sql=write,
         dry_sql=dry,
         params=tuple(params),
-        dry_params=tuple(dry_params),
     )
 
 
-def _fresh_sql(model, specs, connection, dry: bool = False) -> tuple[str, list[str], list]:
+def _fresh_sql(model, specs, connection) -> tuple[str, list[str], list]:
     """``SELECT pk, <every count>`` for the rows whose ids are bound at execution: one grouped
     subquery per join signature, LEFT JOINed to the target table.
 
@@ -172,7 +170,7 @@ def _fresh_sql(model, specs, connection, dry: bool = False) -> tuple[str, list[s
     joins, selects, params = [], [], []
     # A distinct count kept through multiplicities is read from them (``_formula``), never
     # recounted from the base tables here.
-    counted = [s for s in specs if dry or not getattr(s.mode, "distinct", None)]
+    counted = [s for s in specs if not getattr(s.mode, "distinct", None)]
     selects += [(s.column, "0") for s in specs if s not in counted]
     for g, group in enumerate(_groups(tuple(counted))):
         joined = frozenset().union(*(s.join_signature for s in group))
@@ -199,11 +197,11 @@ def _fresh_sql(model, specs, connection, dry: bool = False) -> tuple[str, list[s
     )
     params.append(_IDS)
     columns = [c for c, _ in selects]
-    fresh, more = _formula(model._meta.label_lower, truth, columns, dry)
+    fresh, more = _formula(model._meta.label_lower, truth, columns)
     return fresh, columns, params + more
 
 
-def _formula(label: str, truth: str, columns: list[str], dry: bool = False) -> tuple[str, list]:
+def _formula(label: str, truth: str, columns: list[str]) -> tuple[str, list]:
     """``truth - pending - adjustment`` for the columns kept incrementally, in one statement.
 
     Invariant I (``counts.items``) says stored + pending = what the ledgers credited. So the
@@ -229,7 +227,7 @@ def _formula(label: str, truth: str, columns: list[str], dry: bool = False) -> t
     base = {c: f"f.{q(c)}" for c in columns}
     for n, kind in enumerate(kinds_feeding(graph(), label)):
         for part in kind.parts_for(label):
-            if part.distinct and part.column in minus and not dry:
+            if part.distinct and part.column in minus:
                 # Pairs counted by the multiplicities (invariant M): no distinct scan again.
                 base[part.column] = multiplicity.count_sql(part.key, "f")
         summed = kind.summed_parts(label)
@@ -335,7 +333,7 @@ def run(cursor, statement: RecomputeStatement, ids: list[int], *, write: bool) -
     for start in range(0, len(ids), STATEMENT_IDS):
         chunk = ids[start : start + STATEMENT_IDS]
         sql = statement.sql if write else statement.dry_sql
-        cursor.execute(sql, statement.bind(chunk, dry=not write))
+        cursor.execute(sql, statement.bind(chunk))
         for row in cursor.fetchall():
             changes.append(
                 Change(

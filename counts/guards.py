@@ -17,6 +17,13 @@ Two triggers per target table close every path, in the database where no client 
   made-up counts (any cached column non-zero, or a freshness time); it marks the row, so a
   drain recounts it. Rows inserted the ordinary way (defaults of 0) cost nothing.
 
+A third, ``counts_key_<table>`` (``BEFORE UPDATE OF`` the primary key), refuses to change the
+primary key of a row the engine keeps state under — a target (its stored counts, marks and
+multiplicities name it), an item (its ledger), a row a setting is reached through (job marks):
+renumbering a night and re-pointing its captures in one transaction would otherwise carry the
+night's stored counts to the new id *and* credit the captures to it again. Nothing else
+updates a primary key, so the ordinary write path never fires it.
+
 Row-level triggers with ``WHEN`` clauses: PostgreSQL evaluates the condition without calling
 the function, so the ordinary write path pays only for a comparison per row.
 
@@ -32,7 +39,7 @@ from counts.triggers import MARK_TABLE, CompiledTrigger, literal, object_name, q
 #: Transaction-local setting under which cached columns may change (``set_config(..., true)``).
 ENGINE_SETTING = "counts.engine"
 #: Operations of the guard triggers, in the order they are compiled.
-GUARD_OPERATIONS = ("own", "made")
+GUARD_OPERATIONS = ("own", "made", "key")
 
 
 def _install(name: str, table: str, timing: str, when: str, body: str) -> str:
@@ -72,11 +79,43 @@ def mark_made_up(label: str, table: str, pk: str, columns: list[str]) -> Compile
     return CompiledTrigger(name, table, "made", _install(name, table, "AFTER INSERT", when, body))
 
 
+def keep_key(table: str, pk: str) -> CompiledTrigger:
+    """``BEFORE UPDATE OF`` the primary key: refused, with what to do instead."""
+    name = object_name(table, "key")
+    body = (
+        "RAISE EXCEPTION USING ERRCODE = 'feature_not_supported',"
+        f" MESSAGE = format('counts: the primary key of %s cannot change (%s to %s):"
+        " cached counts, their marks and ledgers refer to the row by it', TG_TABLE_NAME,"
+        f" OLD.{q(pk)}, NEW.{q(pk)}),"
+        " HINT = 'Insert a new row and move the related rows to it, then delete the old one.';"
+    )
+    timing = f"BEFORE UPDATE OF {q(pk)}"
+    when = f"OLD.{q(pk)} IS DISTINCT FROM NEW.{q(pk)}"
+    return CompiledTrigger(name, table, "key", _install(name, table, timing, when, body))
+
+
+def keyed_tables(graph) -> dict[str, str]:
+    """``{table: pk}`` of the rows the engine keeps state under: targets, items, and the rows
+    on the way to a setting."""
+    tables = {t.db_table: t.pk for t in graph.targets.values()}
+    for spec in graph.specs:
+        mode = spec.mode
+        kind = getattr(mode, "kind", None)
+        if kind is not None:
+            tables[kind.db_table] = kind.pk
+        setting = getattr(mode, "setting", None)
+        for hop in setting.hops if setting is not None else ():
+            tables[hop.child.db_table] = hop.child.pk
+    return tables
+
+
 def compile_guards(graph) -> list[CompiledTrigger]:
-    """Both guards for every table holding cached counts, in a stable order."""
+    """The guards of every table holding cached counts, then the key guards, in a stable
+    order."""
     compiled = []
     for label, table in sorted(graph.targets.items()):
         columns = [s.column for s in graph.specs if s.target == table]
         compiled.append(keep_columns(table.db_table, columns))
         compiled.append(mark_made_up(label, table.db_table, table.pk, columns))
+    compiled += [keep_key(table, pk) for table, pk in sorted(keyed_tables(graph).items())]
     return compiled

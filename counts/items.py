@@ -105,14 +105,16 @@ class ItemKind:
         return tuple(p for p in self.parts_for(label) if not p.distinct)
 
 
-_KINDS: dict[int, dict[str, ItemKind]] = {}
+#: Per graph, keyed by ``id(graph)`` but holding the graph itself: an id can be reused once a
+#: graph is gone, and an entry is only used while its graph is the one asked about.
+_KINDS: dict[int, tuple[object, dict[str, ItemKind]]] = {}
 
 
 def item_kinds(graph) -> dict[str, ItemKind]:
     """``{mark target: ItemKind}`` for every item count of the graph."""
     cached = _KINDS.get(id(graph))
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] is graph:
+        return cached[1]
     parts: dict[Table, list[Part]] = defaultdict(list)
     for spec in graph.specs:
         if isinstance(spec.mode, ItemCount):
@@ -132,7 +134,7 @@ def item_kinds(graph) -> dict[str, ItemKind]:
     for table, ps in sorted(parts.items()):
         target = ITEM_PREFIX + table.label
         kinds[target] = ItemKind(table, tuple(ps), tuple(j for j in all_jobs if j.kind == target))
-    _KINDS[id(graph)] = kinds
+    _KINDS[id(graph)] = (graph, kinds)
     return kinds
 
 
@@ -143,12 +145,15 @@ def kinds_feeding(graph, label: str) -> list[ItemKind]:
 # --- the truth of items, as SQL -------------------------------------------------------------
 
 
-def truth_sql(kind: ItemKind, items: str) -> str:
+def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
     """``SELECT id, state`` of the items listed by the relation ``items`` (column ``id``).
 
     ``state`` is what the ledger would hold if every item were credited now; an item that
-    contributes nothing has ``'{}'``. One index probe per item and child table or through
-    table: the cost follows the items, never the targets.
+    contributes nothing has ``'{}'``. By default one index probe per item and child table or
+    through table: the cost follows the items, never the targets. ``within`` (``(lo, hi]``,
+    either end None for open) says every listed item lies in that id range: the children and
+    through rows of the range are then read in one grouped pass each, which is what a bulk
+    pass over every item wants (one range scan, not a probe per item).
     """
     t = kind.table
     joins: list[str] = []
@@ -165,10 +170,16 @@ def truth_sql(kind: ItemKind, items: str) -> str:
             f"count(*) FILTER (WHERE {pred}) AS n{n}" if pred else f"count(*) AS n{n}"
             for n, pred in enumerate(preds)
         )
-        joins.append(
-            f"LEFT JOIN LATERAL (SELECT {counts} FROM {q(table)} r WHERE r.{q(fk)} = i.id)"
-            f" c{c} ON true"
-        )
+        if within is None:
+            joins.append(
+                f"LEFT JOIN LATERAL (SELECT {counts} FROM {q(table)} r WHERE r.{q(fk)} = i.id)"
+                f" c{c} ON true"
+            )
+        else:
+            joins.append(
+                f"LEFT JOIN (SELECT r.{q(fk)} AS id, {counts} FROM {q(table)} r"
+                f" WHERE {_in_range(f'r.{q(fk)}', within)} GROUP BY 1) c{c} ON c{c}.id = i.id"
+            )
         for n, pred in enumerate(preds):
             value = f"coalesce(c{c}.n{n}, 0)"
             measures[(table, fk, pred, True)] = f"({value} > 0)::int"
@@ -186,11 +197,18 @@ def truth_sql(kind: ItemKind, items: str) -> str:
         else:
             n = len(joins)
             tc = f"x.{q(link.target_column)}"
-            joins.append(
-                f"LEFT JOIN LATERAL (SELECT array_agg(DISTINCT {tc} ORDER BY {tc})"
-                f" FILTER (WHERE {tc} IS NOT NULL) AS t FROM {q(link.through.db_table)} x"
-                f" WHERE x.{q(link.item_column)} = i.id) l{n} ON true"
-            )
+            agg = f"array_agg(DISTINCT {tc} ORDER BY {tc}) FILTER (WHERE {tc} IS NOT NULL) AS t"
+            ic = f"x.{q(link.item_column)}"
+            if within is None:
+                joins.append(
+                    f"LEFT JOIN LATERAL (SELECT {agg} FROM {q(link.through.db_table)} x"
+                    f" WHERE {ic} = i.id) l{n} ON true"
+                )
+            else:
+                joins.append(
+                    f"LEFT JOIN (SELECT {ic} AS id, {agg} FROM {q(link.through.db_table)} x"
+                    f" WHERE {_in_range(ic, within)} GROUP BY 1) l{n} ON l{n}.id = i.id"
+                )
             links[link] = f"l{n}.t"
     if own_row:
         joins.insert(0, f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id")
@@ -210,6 +228,15 @@ def truth_sql(kind: ItemKind, items: str) -> str:
         f"SELECT i.id, jsonb_strip_nulls(jsonb_build_object({', '.join(entries)})) AS state"
         f" FROM {items} i {' '.join(joins)}"
     )
+
+
+def _in_range(column: str, within: tuple[int | None, int | None]) -> str:
+    """``column`` in ``(lo, hi]`` (SQL; the bounds are the engine's own integers)."""
+    lo, hi = within
+    terms = [f"{column} > {int(lo)}" if lo is not None else "true"]
+    if hi is not None:
+        terms.append(f"{column} <= {int(hi)}")
+    return " AND ".join(terms)
 
 
 def recompute_sql(kind: ItemKind) -> str:

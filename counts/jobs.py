@@ -134,14 +134,16 @@ class Job:
         )
 
 
-_JOBS: dict[int, tuple[Job, ...]] = {}
+#: Per graph, keyed by ``id(graph)`` but holding the graph itself: an id can be reused once a
+#: graph is gone, and an entry is only used while its graph is the one asked about.
+_JOBS: dict[int, tuple[object, tuple[Job, ...]]] = {}
 
 
 def jobs(graph) -> tuple[Job, ...]:
     """Every job of the graph's item counts that compare with a setting, deduplicated."""
     cached = _JOBS.get(id(graph))
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] is graph:
+        return cached[1]
     from counts.modes import ItemCount
 
     found: dict[str, Job] = {}
@@ -167,7 +169,7 @@ def jobs(graph) -> tuple[Job, ...]:
             )
             found.setdefault(job.key, job)
     result = tuple(found[k] for k in sorted(found))
-    _JOBS[id(graph)] = result
+    _JOBS[id(graph)] = (graph, result)
     return result
 
 

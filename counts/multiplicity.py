@@ -102,10 +102,11 @@ def count_sql(key: str, alias: str) -> str:
     )
 
 
-def audit(cursor, key: str, kind_target: str, dry_run: bool) -> int:
-    """Bring ``key``'s multiplicities back to the sums of the ledgers (invariant M); returns
-    the pairs that differed. Written as amounts (``n = n + difference``), so a drain committing
-    meanwhile keeps its own change: EvalPlanQual re-applies the difference to its row."""
+def drift(cursor, key: str, kind_target: str) -> dict[tuple[str, int, int], int]:
+    """``{(key, target, value): difference}`` of the pairs whose multiplicity is not the sum of
+    the ledgers (invariant M). Reconcile adds each difference with :func:`add` (which credits
+    the pairs crossing zero, like a drain) or previews it; added as amounts, so a drain
+    committing meanwhile keeps its own change."""
     wanted = (
         f"SELECT (l.state->{literal(key)}->>1)::bigint AS target_id,"
         f" (l.state->{literal(key)}->>2)::bigint AS value,"
@@ -113,22 +114,11 @@ def audit(cursor, key: str, kind_target: str, dry_run: bool) -> int:
         f" FROM counts_ledger l WHERE l.kind = {literal(kind_target)} AND l.state ? {literal(key)}"
         " GROUP BY 1, 2"
     )
-    diff = (
-        f"SELECT coalesce(w.target_id, m.target_id) AS target_id,"
-        f" coalesce(w.value, m.value) AS value, coalesce(w.n, 0) - coalesce(m.n, 0) AS d"
+    cursor.execute(
+        f"SELECT coalesce(w.target_id, m.target_id), coalesce(w.value, m.value),"
+        f" coalesce(w.n, 0) - coalesce(m.n, 0)"
         f" FROM ({wanted}) w FULL JOIN (SELECT * FROM {TABLE} WHERE key = {literal(key)}) m"
         " ON m.target_id = w.target_id AND m.value = w.value"
-        " WHERE coalesce(w.n, 0) <> coalesce(m.n, 0)"
+        " WHERE coalesce(w.n, 0) <> coalesce(m.n, 0) OR m.n = 0"
     )
-    if dry_run:
-        cursor.execute(f"SELECT count(*) FROM ({diff}) x")
-        return cursor.fetchone()[0]
-    cursor.execute(
-        f"WITH diff AS ({diff}), fixed AS (INSERT INTO {TABLE} AS m (key, target_id, value, n)"
-        f" SELECT {literal(key)}, target_id, value, d FROM diff ORDER BY 2, 3"
-        " ON CONFLICT (key, target_id, value) DO UPDATE SET n = m.n + EXCLUDED.n"
-        " RETURNING 1) SELECT count(*) FROM fixed"
-    )
-    differed = cursor.fetchone()[0]
-    cursor.execute(f"DELETE FROM {TABLE} WHERE key = %s AND n = 0", [key])
-    return differed
+    return {(key, target, value): d for target, value, d in cursor.fetchall()}

@@ -11,17 +11,16 @@ Rows are visited in keyset-paginated chunks, each in its own short transaction, 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from django.db import connections, transaction
 
-from counts import aggregate, multiplicity
+from counts import aggregate, checkpoints, item_sweep, multiplicity
 from counts.apps import graph
 from counts.engine_transaction import engine_transaction
 from counts.errors import UnknownTargetError
-from counts.item_backfill import fill_ledgers
 from counts.items import kinds_feeding
 from counts.recomputing import claim
 from counts.triggers import MARK_TABLE, q
@@ -31,9 +30,18 @@ from counts.triggers import MARK_TABLE, q
 class ModelReport:
     label: str
     checked: int = 0
-    drifted_rows: int = 0
-    drift: Counter = field(default_factory=Counter)  # field -> rows that were wrong
+    #: ``{row id: fields}`` found wrong, by the item pass's credits or the row's recount.
+    cells: dict = field(default_factory=lambda: defaultdict(set))
     examples: list = field(default_factory=list)  # a few Change objects, for the log
+
+    @property
+    def drifted_rows(self) -> int:
+        return len(self.cells)
+
+    @property
+    def drift(self) -> Counter:
+        """``{field: rows that were wrong}``."""
+        return Counter(f for fields in self.cells.values() for f in fields)
 
     def as_dict(self) -> dict:
         return {
@@ -44,11 +52,31 @@ class ModelReport:
 
 
 @dataclass
+class LedgerReport:
+    """The item pass over one item kind: items whose ledger differed from their truth, and
+    multiplicity pairs that differed from their ledgers."""
+
+    kind: str
+    checked: int = 0
+    drifted_rows: int = 0
+    held: int = 0
+    drift: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {
+            "checked": self.checked,
+            "drifted_rows": self.drifted_rows,
+            "held": self.held,
+            "drift": dict(self.drift),
+        }
+
+
+@dataclass
 class ReconcileReport:
     dry_run: bool
     models: dict[str, ModelReport] = field(default_factory=dict)
-    #: The ledger audit, per item kind: items whose ledger differed from their truth.
-    ledgers: dict[str, ModelReport] = field(default_factory=dict)
+    #: The item pass, per item kind.
+    ledgers: dict[str, LedgerReport] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -58,6 +86,9 @@ class ReconcileReport:
     @property
     def checked(self) -> int:
         return sum(m.checked for m in self.models.values())
+
+    def model(self, label: str) -> ModelReport:
+        return self.models.setdefault(label, ModelReport(label))
 
     def as_dict(self) -> dict:
         return {
@@ -95,36 +126,75 @@ def reconcile(
 ) -> ReconcileReport:
     """Compare every cached count with the truth and (unless ``dry_run``) repair it.
 
+    Two passes, each chunk in its own short transaction that keeps invariants I, J and M at
+    its commit, so the pass may be stopped anywhere. First the **items** of every kind feeding
+    these models, as drains would recompute them (``counts.item_sweep``), then their distinct
+    counts' multiplicities; what repairing them credits is credited as a drain would, and the
+    target rows it changes are reported as drift. Then the **targets**, each row recounted by
+    the formula (``counts.aggregate``) and written where it differs. Ledgers go first: a
+    target repaired while an item's ledger still drifts would drift again at its next change.
+
     Args:
-        model: A model class or label to limit the pass to; every target when None.
-        dry_run: Report drift without writing.
-        chunk: Rows per transaction.
-        progress: Called with (label, rows checked so far) after each chunk.
+        model: A model class or label (or several) to limit the pass to; every target when None.
+        dry_run: Report drift without writing or locking anything.
+        chunk: Target rows per transaction (an item pass takes five times ``chunk`` items).
+        progress: Called with (label or item kind, rows checked so far) after each chunk.
     """
     started = time.perf_counter()
     report = ReconcileReport(dry_run=dry_run)
     labels = _labels(model)
-    # Ledgers first: a target repaired while an item's ledger still drifts would drift again
-    # at the item's next change.
-    for kind, keys in _ledger_keys(labels).items():
-        ledger = ModelReport(kind.mark_target)
-        ledger.checked, ledger.drifted_rows = fill_ledgers(
-            kind, keys, using=using, chunk=chunk, dry_run=dry_run
-        )
-        if ledger.drifted_rows:
-            ledger.drift["ledger"] = ledger.drifted_rows
-        # Then the multiplicities of its distinct counts, which the ledgers add up to.
-        for part in kind.parts:
-            if part.distinct and part.key in keys:
-                with transaction.atomic(using=using), connections[using].cursor() as cursor:
-                    pairs = multiplicity.audit(cursor, part.key, kind.mark_target, dry_run)
-                if pairs:
-                    ledger.drift[f"{part.label}.{part.column} pairs"] = pairs
-        report.ledgers[kind.mark_target] = ledger
+    _items_pass(report, labels, dry_run, chunk, progress, using)
     for label in labels:
-        report.models[label] = _reconcile_model(label, dry_run, chunk, progress, using)
+        _reconcile_model(report.model(label), dry_run, chunk, progress, using)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _items_pass(report: ReconcileReport, labels, dry_run: bool, chunk, progress, using) -> None:
+    """Sweep the items feeding ``labels`` and audit their multiplicities (see
+    :func:`reconcile`), reporting the target cells the repairs credit."""
+    names = {(s.target.label, s.column): s.name for s in graph().specs}
+    for kind, keys in _ledger_keys(labels).items():
+        whole = set(keys) == {p.key for p in kind.parts}
+        swept = item_sweep.sweep(
+            kind,
+            None if whole else keys,
+            dry_run=dry_run,
+            chunk=5 * chunk,
+            using=using,
+            progress=progress,
+        )
+        ledger = report.ledgers[kind.mark_target] = LedgerReport(
+            kind.mark_target, swept.checked, swept.differed, swept.held
+        )
+        if swept.differed:
+            ledger.drift["ledger"] = swept.differed
+        credits = swept.credits
+        for part in kind.parts:
+            if part.distinct and part.key in keys:
+                pairs = _audit_pairs(kind, part, dry_run, credits, using)
+                if pairs:
+                    ledger.drift[f"{part.label}.{part.column} pairs"] = pairs
+        for (label, column, target_id), amount in credits.items():
+            if amount and label in labels:
+                report.model(label).cells[target_id].add(names.get((label, column), column))
+
+
+def _audit_pairs(kind, part, dry_run: bool, credits, using: str) -> int:
+    """Bring ``part``'s multiplicities back to the sums of the ledgers (invariant M), crediting
+    the pairs that cross zero (into ``credits`` too); returns the pairs that differed."""
+    with engine_transaction(using) as cursor:
+        pairs = multiplicity.drift(cursor, part.key, kind.mark_target)
+        found: dict = defaultdict(int)
+        if dry_run:
+            multiplicity.preview(cursor, pairs, kind.parts_by_key, found)
+        else:
+            multiplicity.add(cursor, pairs, kind.parts_by_key, found)
+            cursor.execute(f"DELETE FROM {multiplicity.TABLE} WHERE key = %s AND n = 0", [part.key])
+            item_sweep.apply_credits(cursor, found, using)
+    for key, amount in found.items():
+        credits[key] += amount
+    return len(pairs)
 
 
 def _ledger_keys(labels: list[str]) -> dict:
@@ -136,10 +206,13 @@ def _ledger_keys(labels: list[str]) -> dict:
     return found
 
 
-def _reconcile_model(label: str, dry_run: bool, chunk: int, progress, using: str) -> ModelReport:
+def _reconcile_model(
+    model_report: ModelReport, dry_run: bool, chunk: int, progress, using: str
+) -> None:
     """One target model's pass, ``chunk`` rows per transaction in id order."""
+    label = model_report.label
     statement = aggregate.compile_recompute(label, using)
-    model_report = ModelReport(label)
+    checkpoints.reach("bulk.before_model", label=label)
     last = None
     while True:
         with engine_transaction(using) as cursor:
@@ -149,16 +222,16 @@ def _reconcile_model(label: str, dry_run: bool, chunk: int, progress, using: str
             checked = ids
             if not dry_run:  # rows someone holds are marked for the drain, not waited for
                 checked, _held = claim(cursor, statement, label, ids)
+            checkpoints.reach("recount.before_formula", label=label, ids=len(checked))
             changes = aggregate.run(cursor, statement, checked, write=not dry_run)
         last = ids[-1]
         model_report.checked += len(checked)
-        model_report.drifted_rows += len(changes)
         for change in changes:
-            model_report.drift.update(change.fields)
+            model_report.cells[change.pk].update(change.fields)
         model_report.examples.extend(changes[: max(0, 5 - len(model_report.examples))])
         if progress:
             progress(label, model_report.checked)
-    return model_report
+        checkpoints.reach("bulk.between_transactions", label=label, last=last)
 
 
 def _next_ids(cursor, statement, last: int | None, chunk: int) -> list[int]:
@@ -180,12 +253,13 @@ def rebuild(
 ) -> ReconcileReport:
     """Recompute every row of ``models`` now, dropping the marks the pass makes redundant.
 
-    First the ledgers of the items feeding these models are set to the items' truth, then the
-    marks for these models (and their items) that were committed when the pass started are
-    deleted, then a repairing :func:`reconcile` recounts every row: the pass reads every row
-    and item after those marks were committed, so it covers them. Marks written meanwhile (by
-    writers, or for rows someone held) stay for the workers, and the recount's formula counts
-    them as pending.
+    A repairing :func:`reconcile` (every item feeding these models brought to its truth, every
+    row recounted), then the marks that were already committed when it started are deleted
+    where the pass covered them: recounts of these models' rows, and item and job marks of
+    the item kinds whose every count is rebuilt here (each of their items was locked and read
+    after the mark committed; the items someone held were marked again). Amounts queued for
+    these rows (delta marks) stay: the recount's formula counts them as pending, and the
+    workers add them. Marks written meanwhile stay for the workers.
 
     Args:
         models: A model, a label, or several; every target when None.
@@ -193,25 +267,23 @@ def rebuild(
         progress: Called with (label, rows checked so far) after each chunk.
     """
     labels = _labels(models)
-    # Item kinds whose every count is rebuilt here: their ledgers are refilled from the truth,
-    # so their item marks are covered too. (A kind feeding other models as well keeps its
-    # marks; the recount's formula accounts for them.)
     kinds = _ledger_keys(labels)
     whole = [k.mark_target for k in kinds if {p.label for p in k.parts} <= set(labels)]
     with connections[using].cursor() as cursor:
-        cursor.execute(f"SELECT id FROM {MARK_TABLE} WHERE target = ANY(%s)", [labels + whole])
+        cursor.execute(
+            f"SELECT id FROM {MARK_TABLE} WHERE (target = ANY(%s) AND deltas IS NULL)"
+            " OR target = ANY(%s)",
+            [labels, whole],
+        )
         covered = [row[0] for row in cursor.fetchall()]
-    started = time.perf_counter()
-    for kind, keys in kinds.items():
-        fill_ledgers(kind, keys, using=using, chunk=chunk)
-    # Amounts still queued for these rows are part of the truth the recount reads: drop them
-    # first, or the recount would subtract them as pending and nothing would add them back.
-    with connections[using].cursor() as cursor:
-        cursor.execute(f"DELETE FROM {MARK_TABLE} WHERE id = ANY(%s)", [covered])
-    report = ReconcileReport(dry_run=False)
-    for label in labels:
-        report.models[label] = _reconcile_model(label, False, chunk, progress, using)
-    report.seconds = time.perf_counter() - started
+    report = reconcile(labels, chunk=chunk, progress=progress, using=using)
+    # Marks a drain holds are its own to finish; the rest of what the pass covered goes.
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        cursor.execute(
+            f"DELETE FROM {MARK_TABLE} WHERE id IN (SELECT id FROM {MARK_TABLE}"
+            " WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED)",
+            [covered],
+        )
     return report
 
 

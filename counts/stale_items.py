@@ -17,11 +17,21 @@ from counts.triggers import MARK_TABLE, literal, q
 
 
 def stale_sql(kind: ItemKind) -> str:
-    """Distinct item ids with an item mark visible to the statement, or reached by a job mark
-    visible to it (``counts.jobs``)."""
+    """Distinct item ids with an item mark visible to the statement (every item, for a mark
+    whose ``ids`` is NULL), or reached by a job mark visible to it (``counts.jobs``)."""
+    target = literal(kind.mark_target)
     selects = [
         f"SELECT DISTINCT x AS id FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
-        f" WHERE m.target = {literal(kind.mark_target)} AND m.field IS NULL"
+        f" WHERE m.target = {target} AND m.field IS NULL"
+    ]
+    # An "every item" mark (``ids`` NULL: a TRUNCATE, a backfill's lease) makes every item
+    # stale, and every item with a ledger (deleted ones included) until a drain expands it.
+    # Without one, the gate is a one-time test and neither arm reads a row.
+    every = f"EXISTS (SELECT 1 FROM {MARK_TABLE} WHERE target = {target} AND ids IS NULL)"
+    t = kind.table
+    selects += [
+        f"SELECT {q(t.pk)} FROM {q(t.db_table)} WHERE {every}",
+        f"SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {target} AND {every}",
     ]
     selects += [job.pending_items_sql() for job in kind.jobs]
     return " UNION ".join(selects)

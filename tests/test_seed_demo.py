@@ -236,10 +236,12 @@ def test_if_empty_seeds_an_empty_database():
 
 
 def test_a_write_during_the_counting_pass_keeps_its_mark(monkeypatch):
-    """Only marks that existed before the pass are deleted: a concurrent write stays queued."""
+    """Only marks that existed before the pass are deleted: a concurrent write stays queued,
+    and is counted (the seed drains what is left once the pass is done)."""
     engine = importlib.import_module("counts.reconciling")
     real = engine._reconcile_model
     written = {}
+    kept = []
 
     def reconcile_then_someone_writes(*args):
         report = real(*args)
@@ -247,16 +249,27 @@ def test_a_write_during_the_counting_pass_keeps_its_mark(monkeypatch):
             image = SourceImage.objects.order_by("id").first()
             written["image"] = image.pk
             Detection.objects.create(source_image=image, bbox=[0, 0, 5, 5])
+        elif not kept:
+            kept.extend(
+                fetch(
+                    "SELECT count(*) FROM counts_dirtymark"
+                    " WHERE target = 'item:monitoring.sourceimage' AND %s = ANY(ids)",
+                    [written["image"]],
+                )
+            )
         return report
 
     monkeypatch.setattr(engine, "_reconcile_model", reconcile_then_someone_writes)
     seed("--scale", "500")
-    pending = fetch(
-        "SELECT count(*) FROM counts_dirtymark"
-        " WHERE target = 'item:monitoring.sourceimage' AND %s = ANY(ids)",
+    assert kept[0][0] >= 1, "the write's mark waited while the pass went on"
+    stored, truth = fetch(
+        "SELECT detections_count, (SELECT count(*) FROM monitoring_detection d"
+        " WHERE d.source_image_id = s.id AND d.bbox IS NOT NULL)"
+        " FROM monitoring_sourceimage s WHERE s.id = %s",
         [written["image"]],
-    )
-    assert pending == [(1,)]
+    )[0]
+    assert stored == truth
+    assert fetch("SELECT count(*) FROM counts_dirtymark") == [(0,)]
 
 
 def test_scale_below_a_hundred_is_refused():

@@ -1,0 +1,283 @@
+"""The bulk paths keep every count exact: rebuild, reconcile and "Recompute now" racing
+writers and drains, stopped half-way, or meeting writes the triggers never saw.
+
+Each numbered case is one that ended with wrong counts and an empty queue (rows that looked
+fresh) before the bulk passes became drains of every item (``counts.item_sweep``). Each test
+ends by draining to empty, comparing every cached count with the truth computed from the base
+tables (``tests.truth``), and checking invariants I, J and M (``tests.invariants``), so a wrong
+ledger is caught before it becomes a wrong count.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from django.db import connection, transaction
+
+import counts
+from counts import checkpoints
+from tests.interleave import Harness, drain_to_empty
+from tests.truth import assert_all_counts_exact, cached
+from tests.worker_harness import worker_subprocess_env
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+
+
+def settle() -> None:
+    """Drain to empty, then every count equals the truth and the invariants hold."""
+    from tests.invariants import assert_invariants
+
+    drain_to_empty()
+    assert_all_counts_exact()
+    assert_invariants()
+
+
+def without_triggers(sql: str, params=()) -> None:
+    """A write the triggers never see (a restore, a hand repair): ``replica`` role."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL session_replication_role = replica")
+        cursor.execute(sql, params)
+
+
+def taxa(world) -> int:
+    return cached("monitoring_deployment")[world.d1.pk]["taxa_count"]
+
+
+# Case 1: an occurrence is the only one of its taxon at its station, drained; it is deleted,
+# then rebuild runs. Rebuild must not forget the deleted item's ledger and multiplicity.
+@pytest.mark.parametrize("how", ["orm", "sql"])
+def test_1_rebuild_after_deleting_the_only_occurrence_of_a_taxon(world, how):
+    from project.monitoring.models import Detection, Occurrence
+
+    assert taxa(world) == 1  # o1: moth at station A, counted
+    Detection.objects.filter(occurrence=world.o1).update(occurrence=None)
+    if how == "orm":
+        Occurrence.objects.filter(pk=world.o1.pk).delete()
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM monitoring_occurrence WHERE id = %s", [world.o1.pk])
+    counts.rebuild()
+    settle()
+    assert taxa(world) == 0
+
+
+def test_1_rebuild_after_deleting_a_capture_then_truncating_memberships(world):
+    """i1 had two valid detections; after rebuild its ledger must be gone, or a later TRUNCATE
+    of the memberships marks it again and its station's and night's counts go to -2."""
+    from project.monitoring.models import SourceImage
+
+    SourceImage.objects.filter(pk=world.i1.pk).delete()
+    counts.rebuild()
+    settle()
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE monitoring_sourceimagecollection_images")
+    settle()
+
+
+# Case 2: the same deletion with triggers off; reconcile must find and repair it.
+def test_2_reconcile_repairs_a_deletion_the_triggers_never_saw(world):
+    without_triggers("DELETE FROM monitoring_occurrence WHERE id = %s", [world.o1.pk])
+    dry = counts.reconcile(dry_run=True)
+    assert dry.models["monitoring.deployment"].drift["taxa_count"] == 1
+    assert taxa(world) == 1  # a dry run writes nothing
+    report = counts.reconcile()
+    assert report.models["monitoring.deployment"].drift["taxa_count"] == 1
+    assert report.models["monitoring.deployment"].cells[world.d1.pk] >= {"taxa_count"}
+    settle()
+    assert counts.reconcile(dry_run=True).drifted_rows == 0
+
+
+def test_2_reconcile_repairs_a_detection_added_with_triggers_off(world):
+    without_triggers(
+        "INSERT INTO monitoring_detection (source_image_id, bbox, created_at, updated_at)"
+        " VALUES (%s, '[1, 2, 3, 4]'::jsonb, now(), now())",
+        [world.i3.pk],
+    )
+    report = counts.reconcile()
+    assert report.drifted_rows >= 4  # i3, its station, its night, its set
+    settle()
+
+
+# Case 3: a pass's lock statement meets a drain that inserts or deletes an item's ledger row;
+# the pass must write only the ledgers it locked, and hand the others back to the queue.
+@pytest.mark.parametrize("change", ["first-detection", "last-detection-deleted"])
+@pytest.mark.parametrize("bulk", ["rebuild", "reconcile"])
+def test_3_a_bulk_pass_racing_a_drain_on_one_item(world, harness, change, bulk):
+    from project.monitoring.models import Detection, SourceImage
+
+    if change == "first-detection":
+        image = SourceImage.objects.create(
+            deployment=world.d1, event=world.e1, timestamp=world.i1.timestamp, path="a/9.jpg"
+        )
+        drain_to_empty()
+        Detection.objects.create(source_image=image, bbox=[1, 2, 3, 4])
+    else:
+        image = world.i5  # one valid detection, no set
+        Detection.objects.filter(source_image=image).delete()
+    drainer, passer = harness.orm("drainer"), harness.orm("pass")
+    drainer.begin()
+    assert not drainer.drain(batch_size=100, max_ids=5000).empty  # held, uncommitted
+    run = passer.start(counts.rebuild if bulk == "rebuild" else counts.reconcile)
+    drainer.commit()
+    run.result()
+    if change == "first-detection":  # and now it goes again
+        Detection.objects.filter(source_image=image).delete()
+    settle()
+
+
+# Case 4: a valid detection committed, not yet drained, then reconcile; and reconcile dying
+# between its item pass and its target pass.
+def test_4_reconcile_with_an_undrained_detection(world):
+    from project.monitoring.models import Detection
+
+    Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
+    counts.reconcile()
+    settle()
+
+
+@pytest.mark.parametrize(
+    "step, nth",
+    [
+        ("sweep.locked", 1),
+        ("bulk.between_transactions", 1),
+        ("bulk.between_transactions", 2),
+        ("bulk.before_model", 3),
+        ("recount.before_formula", 2),
+    ],
+)
+def test_4_reconcile_failing_at_each_step_loses_nothing(world, step, nth):
+    """Writes the triggers saw are exact after the next drain, whatever step failed; one
+    they never saw waits for a whole pass (it is outside the invariants until then)."""
+    from project.monitoring.models import Detection, Occurrence
+
+    Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
+    Occurrence.objects.filter(pk=world.o4.pk).update(determination_score=0.1)
+    with (
+        checkpoints.at(step, checkpoints.nth(nth, checkpoints.fail)),
+        pytest.raises(checkpoints.CheckpointFailure),
+    ):
+        counts.reconcile(chunk=1)
+    settle()
+    without_triggers("DELETE FROM monitoring_occurrence WHERE id = %s", [world.o1.pk])
+    with (
+        checkpoints.at(step, checkpoints.nth(nth, checkpoints.fail)),
+        pytest.raises(checkpoints.CheckpointFailure),
+    ):
+        counts.reconcile(chunk=1)
+    counts.reconcile()
+    settle()
+
+
+def bulk_process(checkpoint: str, command: str = "reconcile") -> subprocess.CompletedProcess:
+    """``manage.py counts <command>`` in a process of its own, killed at ``checkpoint``."""
+    env = worker_subprocess_env(COUNTS_CHECKPOINTS=checkpoint)
+    done = subprocess.run(
+        [sys.executable, "manage.py", "counts", command, "--chunk", "1"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    return done
+
+
+@pytest.mark.parametrize("command", ["reconcile", "rebuild"])
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        "sweep.locked@2=kill",
+        "bulk.between_transactions@1=kill",
+        "bulk.between_transactions@4=kill",
+        "bulk.before_model@4=kill",
+        "recount.before_formula@3=kill",
+    ],
+)
+def test_4_killed_at_each_step_the_next_drain_is_exact(world, command, checkpoint):
+    from project.monitoring.models import Detection
+
+    Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
+    Detection.objects.filter(pk=world.det4.pk).delete()
+    done = bulk_process(checkpoint, command)
+    assert done.returncode == -9, done.stderr.decode()  # SIGKILL, as asked
+    settle()
+
+
+# Case 6: a dry run while occurrence marks wait reports no drift; an "every item" mark (a
+# TRUNCATE of a job table writes one) counts as stale items in a recount's formula.
+def test_6_dry_run_reports_no_drift_while_marks_wait(world):
+    from project.monitoring.models import Occurrence, Taxon
+
+    butterfly = Taxon.objects.create(name="Papilio")
+    Occurrence.objects.create(
+        deployment=world.d1, event=world.e1, determination=butterfly, determination_score=0.95
+    )
+    report = counts.reconcile(dry_run=True)
+    assert report.drifted_rows == 0, report.as_dict()
+    settle()
+
+
+def test_6_recount_with_an_every_item_mark_waiting(world):
+    without_triggers(
+        "UPDATE monitoring_occurrence SET determination_score = 0.1 WHERE id = %s", [world.o1.pk]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO counts_dirtymark (target, ids) VALUES ('item:monitoring.occurrence', NULL)"
+        )
+    counts.recompute([world.d1, world.e1])
+    settle()
+
+
+# Case 5: a primary key changed in SQL (a night renumbered, its captures re-pointed in the same
+# transaction) would carry the night's stored counts to the new id and credit its captures
+# again. The engine refuses it, and says what to do instead.
+def test_5_renumbering_a_counted_row_is_refused_and_changes_nothing(world):
+    from django.db import DatabaseError
+
+    before = cached("monitoring_event")
+    with (
+        pytest.raises(DatabaseError, match="primary key of monitoring_event cannot change"),
+        transaction.atomic(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute("SET CONSTRAINTS ALL DEFERRED")
+        cursor.execute("UPDATE monitoring_event SET id = 1000000 WHERE id = %s", [world.e1.pk])
+        cursor.execute(
+            "UPDATE monitoring_sourceimage SET event_id = 1000000 WHERE event_id = %s",
+            [world.e1.pk],
+        )
+    assert cached("monitoring_event") == before
+    settle()
+
+
+def test_5_an_ordinary_update_of_a_counted_row_passes(world):
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE monitoring_event SET id = id WHERE id = %s", [world.e1.pk])
+        cursor.execute(
+            "UPDATE monitoring_project SET name = 'renamed' WHERE id = %s", [world.p1.pk]
+        )
+    settle()
+
+
+# Case 6c: the engine's per-graph caches are keyed by the graph's id but only serve that graph.
+def test_6_a_reused_graph_id_never_serves_another_graphs_kinds():
+    from counts import items, jobs
+    from counts.apps import graph
+
+    g = graph()
+    stale = object()
+    items._KINDS[id(g)], jobs._JOBS[id(g)] = (stale, {}), (stale, ())
+    try:
+        assert items.item_kinds(g), "the graph's own kinds, not the dead graph's"
+        assert jobs.jobs(g), "the graph's own jobs"
+    finally:
+        items._KINDS.pop(id(g), None)
+        jobs._JOBS.pop(id(g), None)
