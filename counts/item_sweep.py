@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from counts import aggregate, applying, checkpoints, multiplicity
 from counts.engine_transaction import engine_transaction
-from counts.items import LEDGER_TABLE, ItemKind, credit, credits_sql, truth_sql
+from counts.items import LEDGER_TABLE, ItemKind, credit, credits_sql, hoisted, truth_sql
 from counts.marks import defer
 from counts.stale_items import stale_sql
 from counts.triggers import literal, q
@@ -68,29 +68,30 @@ def _range(column: str, lo: int | None, hi: int | None) -> str:
     return " AND ".join(terms)
 
 
-def _may_count(kind: ItemKind, alias: str) -> str:
-    """SQL: the item ``alias`` has a row below it that one of its counts measures (a child
-    passing the count's filter; the item itself, for a count of the items): only such an item
-    can have a non-empty truth, and so need a ledger row it does not have yet."""
-    tests = set()
+def may_count_sql(kind: ItemKind, lo: int | None, hi: int | None) -> str:
+    """``SELECT item_id``: the items of ``(lo, hi]`` with a row below them that one of their
+    counts measures (a child passing the count's filter; the item itself, for a count of the
+    items): only such an item can have a non-empty truth, and so need a ledger row it does not
+    have yet. One range scan per child table, never a probe per item."""
+    selects = set()
     for part in kind.parts:
         m = part.measure
-        where = f"r.{q(m.fk)} = {alias}" + (f" AND ({m.predicate})" if m.predicate else "")
-        tests.add(f"EXISTS (SELECT 1 FROM {q(m.child.db_table)} r WHERE {where})")
-    return " OR ".join(sorted(tests)) or "false"
+        fk = f"r.{q(m.fk)}"
+        rows, (predicate,) = hoisted([m.predicate], part.setting)
+        where = _range(fk, lo, hi) + (f" AND ({predicate})" if predicate else "")
+        selects.add(f"SELECT {fk} AS item_id FROM {q(m.child.db_table)} r{rows} WHERE {where}")
+    return " UNION ".join(sorted(selects)) or "SELECT NULL::bigint AS item_id WHERE false"
 
 
 def claim_sql(kind: ItemKind, lo: int | None, hi: int | None) -> str:
     """One row: the ids locked (inserted or taken) and the ids of the range someone else
     holds (to be marked again), each in id order."""
-    t, k = kind.table, literal(kind.mark_target)
-    pk = f"i.{q(t.pk)}"
+    k = literal(kind.mark_target)
     in_ledger = f"kind = {k} AND {_range('item_id', lo, hi)}"
     return (
-        f"WITH wanted AS (SELECT {pk} AS item_id FROM {q(t.db_table)} i"
-        f" WHERE {_range(pk, lo, hi)} AND ({_may_count(kind, pk)})"
-        f" AND NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} l WHERE l.kind = {k}"
-        f" AND l.item_id = {pk})),"
+        f"WITH wanted AS (SELECT c.item_id FROM ({may_count_sql(kind, lo, hi)}) c"
+        f" WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} l WHERE l.kind = {k}"
+        " AND l.item_id = c.item_id)),"
         f" made AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
         f" SELECT {k}, item_id, '{{}}' FROM wanted ORDER BY item_id"
         " ON CONFLICT (kind, item_id) DO NOTHING RETURNING item_id),"
@@ -144,12 +145,10 @@ def sweep_sql(kind: ItemKind, keys: list[str] | None, lo, hi, write: bool) -> st
 def _unmarked_sql(kind: ItemKind, lo, hi) -> str:
     """The items of the range a dry run compares: those with a ledger or that may count, less
     those whose marks are waiting (their ledgers lag by design)."""
-    t, k = kind.table, literal(kind.mark_target)
-    pk = f"i.{q(t.pk)}"
+    k = literal(kind.mark_target)
     return (
         f"SELECT ARRAY(SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {k}"
-        f" AND {_range('item_id', lo, hi)} UNION SELECT {pk} FROM {q(t.db_table)} i"
-        f" WHERE {_range(pk, lo, hi)} AND ({_may_count(kind, pk)})"
+        f" AND {_range('item_id', lo, hi)} UNION {may_count_sql(kind, lo, hi)}"
         # Only the range's stale items: the bounds reach each arm of the union, which then
         # walks the item's key range instead of every item a job could reach.
         f" EXCEPT SELECT id FROM ({stale_sql(kind)}) s WHERE {_range('s.id', lo, hi)} ORDER BY 1)"

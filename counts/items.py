@@ -77,6 +77,8 @@ class Part:
     #: For a distinct count: the item column whose values are counted. Its ledger entries are
     #: ``[1, target, value]`` and credit a multiplicity (``counts.multiplicity``), not a target.
     distinct: str | None = None
+    #: The setting its measure compares with (``counts.modes.Setting``), if any.
+    setting: object = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def item_kinds(graph) -> dict[str, ItemKind]:
                     m.link,
                     m.measure,
                     m.distinct,
+                    m.setting,
                 )
             )
     all_jobs = jobs(graph)
@@ -160,15 +163,20 @@ def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
     measures: dict[tuple, str] = {}  # (child, fk, predicate, exists) -> expression
     # One count per (child table, predicate): "how many" and "any" of the same children share it.
     children: dict[tuple, list[str | None]] = {}
+    settings: dict[tuple, object] = {}
     for p in kind.parts:
         m = p.measure
         slot = children.setdefault((m.child.db_table, m.fk), [])
         if m.predicate not in slot:
             slot.append(m.predicate)
+        if p.setting is not None:
+            settings.setdefault((m.child.db_table, m.fk), p.setting)
     for c, ((table, fk), preds) in enumerate(sorted(children.items())):
+        setting = settings.get((table, fk)) if within is not None else None
+        rows, filters = hoisted(preds, setting)
         counts = ", ".join(
             f"count(*) FILTER (WHERE {pred}) AS n{n}" if pred else f"count(*) AS n{n}"
-            for n, pred in enumerate(preds)
+            for n, pred in enumerate(filters)
         )
         if within is None:
             joins.append(
@@ -177,7 +185,7 @@ def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
             )
         else:
             joins.append(
-                f"LEFT JOIN (SELECT r.{q(fk)} AS id, {counts} FROM {q(table)} r"
+                f"LEFT JOIN (SELECT r.{q(fk)} AS id, {counts} FROM {q(table)} r{rows}"
                 f" WHERE {_in_range(f'r.{q(fk)}', within)} GROUP BY 1) c{c} ON c{c}.id = i.id"
             )
         for n, pred in enumerate(preds):
@@ -228,6 +236,20 @@ def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
         f"SELECT i.id, jsonb_strip_nulls(jsonb_build_object({', '.join(entries)})) AS state"
         f" FROM {items} i {' '.join(joins)}"
     )
+
+
+def hoisted(preds: list[str | None], setting) -> tuple[str, list[str | None]]:
+    """A join that reads ``setting`` for every child row at once, and ``preds`` reading it
+    there instead of through a subquery per row: for a pass over a range of items, where a
+    probe per row (two, when two counts compare with it) cost more than the rest of the
+    truth. ``("", preds)`` when there is no setting."""
+    if setting is None:
+        return "", preds
+    value = setting.value_sql()
+    if not any(pred and value in pred for pred in preds):
+        return "", preds
+    rows = f" LEFT JOIN ({setting.rows_sql()}) sv ON sv.anchor = r.{q(setting.hops[0].column)}"
+    return rows, [pred.replace(value, "sv.value") if pred else pred for pred in preds]
 
 
 def _in_range(column: str, within: tuple[int | None, int | None]) -> str:

@@ -120,6 +120,21 @@ class Setting:
     compared: str | None
     cast: str | None
 
+    def rows_sql(self) -> str:
+        """``SELECT anchor, value``: the setting of every row an item's first hop reaches (a
+        station's threshold, for each station), to join once instead of probing per item."""
+        first = self.hops[0]
+        sql = (
+            f"SELECT h1.{_q(first.child.pk)} AS anchor, h{len(self.hops)}.{_q(self.column)}"
+            f" AS value FROM {_q(first.child.db_table)} h1"
+        )
+        for n, hop in enumerate(self.hops[1:], start=2):
+            sql += (
+                f" JOIN {_q(hop.child.db_table)} h{n}"
+                f" ON h{n}.{_q(hop.child.pk)} = h{n - 1}.{_q(hop.column)}"
+            )
+        return sql
+
     def value_sql(self, alias: str = "r") -> str:
         """The setting of the item row ``alias``, as a scalar subquery (index probes)."""
         first = self.hops[0]
