@@ -60,14 +60,14 @@ def drain(**options):
     return _drain(**options)
 
 
-def reconcile(model=None, dry_run: bool = False, chunk: int = 1000, progress=None):
+def reconcile(model=None, dry_run: bool = False, chunk: int = 5000, progress=None):
     """Find and repair drift; see :func:`counts.reconciling.reconcile`."""
     from counts.reconciling import reconcile as _reconcile
 
     return _reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
 
 
-def rebuild(models=None, chunk: int = 1000, progress=None):
+def rebuild(models=None, chunk: int = 5000, progress=None):
     """Recompute every row of ``models`` (all targets when None) now; see
     :func:`counts.reconciling.rebuild`."""
     from counts.reconciling import rebuild as _rebuild

@@ -8,24 +8,29 @@ pass per child and through table over that range instead of a probe per item.
 
 Per chunk, one transaction:
 
-1. **Claim** (one statement): lock the kind's ledger rows in the range that nobody holds
-   (``FOR UPDATE SKIP LOCKED``, id order), and insert (and so own) an empty row for each item
-   of the range that may count (a row below it passes a count's filter) but has no ledger
-   yet; deleted items' ledgers (*orphans*,
-   no item row any more) are in the range too, so they are swept like the rest. Whatever
-   another transaction holds is handed back to the queue as an item mark, due a little later.
-2. **Sweep** (a *later* statement, so a fresh snapshot that sees every change whose mark a
+1. **Compare**, in plain reads: the range's items that have a ledger (deleted items' ledgers,
+   *orphans*, included) or may count (a row below them passes a count's filter), their truth
+   against their ledgers. Only the items that differ go on; at rest there are none, and the
+   pass writes nothing, not even a row lock.
+2. **Claim** those items as a drain claims its own (``counts.item_locks``: ledger rows
+   ``FOR UPDATE SKIP LOCKED`` in id order, an empty row inserted for an item with none);
+   whatever another transaction holds is handed back to the queue as an item mark, due a
+   little later.
+3. **Sweep** (a *later* statement, so a fresh snapshot that sees every change whose mark a
    previous holder of these locks consumed): read the locked items' truth, write the ledgers
    that changed, sum what the change credits per target.
-3. **Credit**, in the same transaction: multiplicities (invariant M; pairs crossing zero credit
+4. **Credit**, in the same transaction: multiplicities (invariant M; pairs crossing zero credit
    their targets), then the credits are added to the target rows nobody holds, and queued as
    delta marks for the rest (``counts.applying``), exactly as a drain adds its credits.
 
 So every chunk's commit keeps invariants I (stored + pending = what the ledgers credited),
-J (each item it locked has ledger = truth) and M, and a pass killed between any two
-transactions leaves nothing to repair but what it had not reached yet. A dry run reads the
-same truth without locks or writes and reports what the credits would be, leaving out items
-whose marks are still waiting (their ledgers lag by design, not by drift).
+J (an item that was compared equal, or locked and rewritten, has ledger = truth at a snapshot
+after its last mark; a later change has a mark of its own) and M, and a pass killed between
+any two transactions leaves nothing to repair but what it had not reached yet. A dry run stops
+after step 1 and reports what the credits would be, leaving out items whose marks are still
+waiting (their ledgers lag by design, not by drift); a repair sweeps those too. A rebuild,
+which then drops the item marks it covered, claims every item (``lock_all``), not only those
+that differ: only a lock attempt finds an item a drain is still writing.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 
 from counts import aggregate, applying, checkpoints, multiplicity
 from counts.engine_transaction import engine_transaction
+from counts.item_locks import lock_items
 from counts.items import LEDGER_TABLE, ItemKind, credit, credits_sql, hoisted, truth_sql
 from counts.marks import defer
 from counts.stale_items import stale_sql
@@ -83,28 +89,6 @@ def may_count_sql(kind: ItemKind, lo: int | None, hi: int | None) -> str:
     return " UNION ".join(sorted(selects)) or "SELECT NULL::bigint AS item_id WHERE false"
 
 
-def claim_sql(kind: ItemKind, lo: int | None, hi: int | None) -> str:
-    """One row: the ids locked (inserted or taken) and the ids of the range someone else
-    holds (to be marked again), each in id order."""
-    k = literal(kind.mark_target)
-    in_ledger = f"kind = {k} AND {_range('item_id', lo, hi)}"
-    return (
-        f"WITH wanted AS (SELECT c.item_id FROM ({may_count_sql(kind, lo, hi)}) c"
-        f" WHERE NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} l WHERE l.kind = {k}"
-        " AND l.item_id = c.item_id)),"
-        f" made AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
-        f" SELECT {k}, item_id, '{{}}' FROM wanted ORDER BY item_id"
-        " ON CONFLICT (kind, item_id) DO NOTHING RETURNING item_id),"
-        f" seen AS (SELECT item_id FROM {LEDGER_TABLE} WHERE {in_ledger}),"
-        f" taken AS (SELECT item_id FROM {LEDGER_TABLE} WHERE {in_ledger}"
-        " ORDER BY item_id FOR UPDATE SKIP LOCKED),"
-        " mine AS (SELECT item_id FROM made UNION SELECT item_id FROM taken)"
-        " SELECT ARRAY(SELECT item_id FROM mine ORDER BY 1),"
-        " ARRAY(SELECT item_id FROM (SELECT item_id FROM seen UNION SELECT item_id FROM wanted"
-        " EXCEPT SELECT item_id FROM mine) h ORDER BY 1)"
-    )
-
-
 def _fresh_state(kind: ItemKind, keys: list[str] | None) -> str:
     """The ledger state to write (``o.state`` old, ``t.state`` truth): the truth, or only the
     entries ``keys`` replaced by the truth's, the others kept."""
@@ -117,10 +101,12 @@ def _fresh_state(kind: ItemKind, keys: list[str] | None) -> str:
     )
 
 
-def sweep_sql(kind: ItemKind, keys: list[str] | None, lo, hi, write: bool) -> str:
+def sweep_sql(
+    kind: ItemKind, keys: list[str] | None, lo, hi, write: bool, ids: bool = False
+) -> str:
     """Read the bound items' truth, compare with their ledgers and (``write``) rewrite the
-    ledgers that changed; returns :func:`counts.items.credits_sql`'s rows. One parameter: the
-    item ids, all within ``(lo, hi]``."""
+    ledgers that changed; returns :func:`counts.items.credits_sql`'s rows, or (``ids``) one
+    row: the ids whose ledger differs. One parameter: the item ids, all within ``(lo, hi]``."""
     k = literal(kind.mark_target)
     truth = truth_sql(kind, "(SELECT unnest(%s::bigint[]) AS id)", within=(lo, hi))
     head = (
@@ -130,28 +116,33 @@ def sweep_sql(kind: ItemKind, keys: list[str] | None, lo, hi, write: bool) -> st
         " changed AS (SELECT id, old, new FROM fresh"
         "  WHERE coalesce(old, '{}') IS DISTINCT FROM new)"
     )
+    if ids:
+        return f"{head} SELECT ARRAY(SELECT id FROM changed ORDER BY id)"
     if not write:
         return f"{head} {credits_sql(kind, 'changed')}"
     return (
         f"{head}, kept AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
         f"  SELECT {k}, id, new FROM changed WHERE new <> '{{}}'"
         "  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state),"
-        f" dropped AS (DELETE FROM {LEDGER_TABLE} l USING fresh f"
-        f"  WHERE l.kind = {k} AND l.item_id = f.id AND f.new = '{{}}')"
+        # The ids as an array: a join with ``fresh`` (whose size the planner cannot guess)
+        # planned as a scan of every ledger (measured: 350 ms a chunk at 10^6).
+        f" dropped AS (DELETE FROM {LEDGER_TABLE} l WHERE l.kind = {k}"
+        "  AND l.item_id = ANY(ARRAY(SELECT id FROM fresh WHERE new = '{}')))"
         f" {credits_sql(kind, 'changed')}"
     )
 
 
-def _unmarked_sql(kind: ItemKind, lo, hi) -> str:
-    """The items of the range a dry run compares: those with a ledger or that may count, less
-    those whose marks are waiting (their ledgers lag by design)."""
+def candidates_sql(kind: ItemKind, lo, hi) -> str:
+    """One row: the items of the range a pass compares (those with a ledger, and those that
+    may count), and those of them whose marks are waiting (their ledgers may lag by design:
+    not drift)."""
     k = literal(kind.mark_target)
     return (
         f"SELECT ARRAY(SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {k}"
-        f" AND {_range('item_id', lo, hi)} UNION {may_count_sql(kind, lo, hi)}"
+        f" AND {_range('item_id', lo, hi)} UNION {may_count_sql(kind, lo, hi)} ORDER BY 1),"
         # Only the range's stale items: the bounds reach each arm of the union, which then
         # walks the item's key range instead of every item a job could reach.
-        f" EXCEPT SELECT id FROM ({stale_sql(kind)}) s WHERE {_range('s.id', lo, hi)} ORDER BY 1)"
+        f" ARRAY(SELECT id FROM ({stale_sql(kind)}) s WHERE {_range('s.id', lo, hi)})"
     )
 
 
@@ -173,42 +164,26 @@ def sweep(
     keys: list[str] | None = None,
     *,
     dry_run: bool = False,
+    lock_all: bool = False,
     chunk: int = CHUNK,
     using: str = "default",
     progress: Callable[[str, int], None] | None = None,
 ) -> SweepReport:
     """Bring every ledger of ``kind`` (only the entries ``keys``, when given) to the items'
-    truth, crediting the difference; or, ``dry_run``, report what that would credit."""
+    truth, crediting the difference; or, ``dry_run``, report what that would credit.
+
+    ``lock_all``: claim every item of each chunk, not only those that differ. What a rebuild
+    needs before it drops the item marks it covered: an item a drain holds while the pass
+    compares it may look right and still be written from the drain's older snapshot, and only
+    a lock attempt tells (a held item is marked again, so it stays covered).
+    """
     report = SweepReport(kind.mark_target)
-    parts = kind.parts_by_key
     lo: int | None = None
     checkpoints.reach("bulk.before_model", label=kind.mark_target)
     while True:
         with engine_transaction(using) as cursor:
             hi = _next_bound(cursor, kind, lo, chunk)
-            credits: dict = defaultdict(int)
-            changed = 0
-            if dry_run:
-                cursor.execute(_unmarked_sql(kind, lo, hi))
-                ids = cursor.fetchone()[0]
-                if ids:
-                    cursor.execute(sweep_sql(kind, keys, lo, hi, write=False), [ids])
-                    pairs, changed = credit(kind, cursor.fetchall(), credits)
-                    multiplicity.preview(cursor, pairs, parts, credits)
-            else:
-                cursor.execute(claim_sql(kind, lo, hi))
-                ids, held = cursor.fetchone()
-                checkpoints.reach("sweep.locked", kind=kind.mark_target, lo=lo, hi=hi)
-                if ids:
-                    cursor.execute(sweep_sql(kind, keys, lo, hi, write=True), [ids])
-                    pairs, changed = credit(kind, cursor.fetchall(), credits)
-                    multiplicity.add(cursor, pairs, parts, credits)
-                    apply_credits(cursor, credits, using)
-                if held:
-                    defer(cursor, kind.mark_target, held, retry_ms=HELD_RETRY_MS)
-                    report.held += len(held)
-            report.checked += len(ids)
-            report.differed += changed
+            credits = _chunk(cursor, kind, keys, lo, hi, dry_run, lock_all, report, using)
             for key, amount in credits.items():
                 if amount:
                     report.credits[key] += amount
@@ -218,6 +193,53 @@ def sweep(
             return report
         lo = hi
         checkpoints.reach("bulk.between_transactions", kind=kind.mark_target, lo=lo)
+
+
+def _chunk(cursor, kind: ItemKind, keys, lo, hi, dry_run, lock_all, report, using) -> dict:
+    """One chunk's work (see the module docstring); returns what it credited."""
+    credits: dict = defaultdict(int)
+    cursor.execute(candidates_sql(kind, lo, hi))
+    ids, stale = cursor.fetchone()
+    # A dry run leaves out the items whose marks wait: the drains' business, not drift. A
+    # repair takes them too, whatever they look like now: one a drain holds (its ledger row
+    # new, uncommitted) may be about to be written from an older snapshot, and only the lock
+    # attempt finds out (it is then marked again).
+    ids = sorted(set(ids) - set(stale)) if dry_run else sorted(set(ids) | set(stale))
+    report.checked += len(ids)
+    if not ids:
+        return credits
+    if lock_all:
+        differ = ids
+    else:
+        # Compared first, in a plain read: only the items that differ are locked and written
+        # (at rest, none), so a pass over an exact database writes nothing, not a row lock.
+        cursor.execute(sweep_sql(kind, keys, lo, hi, write=False, ids=True), [ids])
+        differ = cursor.fetchone()[0]
+        report.differed += len(set(differ) - set(stale))
+        if not differ:
+            return credits
+    parts = kind.parts_by_key
+    if dry_run:
+        cursor.execute(sweep_sql(kind, keys, lo, hi, write=False), [differ])
+        pairs, _changed = credit(kind, cursor.fetchall(), credits)
+        multiplicity.preview(cursor, pairs, parts, credits)
+        return credits
+    locked = lock_items(cursor, kind, differ)
+    held = sorted(set(differ) - set(locked))
+    if held:
+        defer(cursor, kind.mark_target, held, retry_ms=HELD_RETRY_MS)
+        report.held += len(held)
+    checkpoints.reach("sweep.locked", kind=kind.mark_target, lo=lo, hi=hi)
+    if locked:
+        # A later statement than the lock's: a fresh snapshot, which sees every change whose
+        # mark the previous holder of these locks consumed (``counts.items``).
+        cursor.execute(sweep_sql(kind, keys, lo, hi, write=True), [locked])
+        pairs, changed = credit(kind, cursor.fetchall(), credits)
+        if lock_all:
+            report.differed += changed
+        multiplicity.add(cursor, pairs, parts, credits)
+        apply_credits(cursor, credits, using)
+    return credits
 
 
 def apply_credits(cursor, credits: dict, using: str) -> None:

@@ -25,6 +25,16 @@ from counts.items import kinds_feeding
 from counts.recomputing import claim
 from counts.triggers import MARK_TABLE, q
 
+#: Most target rows (and items) one transaction of a pass takes, by default.
+CHUNK = 5000
+#: Seconds one transaction of a target pass aims at: a pass starts with a few rows and sizes
+#: its chunks from what the previous ones cost, never over ``chunk`` rows. A station's
+#: recount reads every capture of it, a capture's its own detections: the same number of rows
+#: can cost a thousand times more, and no transaction should hold its row locks for long.
+BUDGET_S = 0.25
+#: Rows of a pass's first transaction.
+FIRST_CHUNK = 16
+
 
 @dataclass
 class ModelReport:
@@ -120,7 +130,7 @@ def _labels(models) -> list[str]:
 def reconcile(
     model=None,
     dry_run: bool = False,
-    chunk: int = 1000,
+    chunk: int = CHUNK,
     progress: Callable[[str, int], None] | None = None,
     using: str = "default",
 ) -> ReconcileReport:
@@ -137,7 +147,8 @@ def reconcile(
     Args:
         model: A model class or label (or several) to limit the pass to; every target when None.
         dry_run: Report drift without writing or locking anything.
-        chunk: Target rows per transaction (an item pass takes five times ``chunk`` items).
+        chunk: Most target rows, and items, per transaction (fewer when rows are costly:
+            :data:`BUDGET_S`).
         progress: Called with (label or item kind, rows checked so far) after each chunk.
     """
     started = time.perf_counter()
@@ -150,7 +161,9 @@ def reconcile(
     return report
 
 
-def _items_pass(report: ReconcileReport, labels, dry_run: bool, chunk, progress, using) -> None:
+def _items_pass(
+    report: ReconcileReport, labels, dry_run: bool, chunk, progress, using, lock_all=False
+) -> None:
     """Sweep the items feeding ``labels`` and audit their multiplicities (see
     :func:`reconcile`), reporting the target cells the repairs credit."""
     names = {(s.target.label, s.column): s.name for s in graph().specs}
@@ -160,7 +173,8 @@ def _items_pass(report: ReconcileReport, labels, dry_run: bool, chunk, progress,
             kind,
             None if whole else keys,
             dry_run=dry_run,
-            chunk=5 * chunk,
+            lock_all=lock_all,
+            chunk=chunk,
             using=using,
             progress=progress,
         )
@@ -213,10 +227,11 @@ def _reconcile_model(
     label = model_report.label
     statement = aggregate.compile_recompute(label, using)
     checkpoints.reach("bulk.before_model", label=label)
-    last = None
+    last, size = None, min(chunk, FIRST_CHUNK)
     while True:
+        started = time.perf_counter()
         with engine_transaction(using) as cursor:
-            ids = _next_ids(cursor, statement, last, chunk)
+            ids = _next_ids(cursor, statement, last, size)
             if not ids:
                 break
             checked = ids
@@ -224,6 +239,7 @@ def _reconcile_model(
                 checked, _held = claim(cursor, statement, label, ids)
             checkpoints.reach("recount.before_formula", label=label, ids=len(checked))
             changes = aggregate.run(cursor, statement, checked, write=not dry_run)
+        size = next_size(size, len(ids), time.perf_counter() - started, chunk)
         last = ids[-1]
         model_report.checked += len(checked)
         for change in changes:
@@ -232,6 +248,14 @@ def _reconcile_model(
         if progress:
             progress(label, model_report.checked)
         checkpoints.reach("bulk.between_transactions", label=label, last=last)
+
+
+def next_size(size: int, rows: int, seconds: float, most: int) -> int:
+    """Rows for the next transaction: what fits in :data:`BUDGET_S` at the last one's cost per
+    row, at most four times the last and at most ``most``."""
+    per_row = seconds / max(rows, 1)
+    fits = int(BUDGET_S / per_row) if per_row > 0 else most
+    return max(1, min(most, fits, 4 * size))
 
 
 def _next_ids(cursor, statement, last: int | None, chunk: int) -> list[int]:
@@ -247,7 +271,7 @@ def _next_ids(cursor, statement, last: int | None, chunk: int) -> list[int]:
 
 def rebuild(
     models=None,
-    chunk: int = 1000,
+    chunk: int = CHUNK,
     progress: Callable[[str, int], None] | None = None,
     using: str = "default",
 ) -> ReconcileReport:
@@ -276,7 +300,11 @@ def rebuild(
             [labels, whole],
         )
         covered = [row[0] for row in cursor.fetchall()]
-    report = reconcile(labels, chunk=chunk, progress=progress, using=using)
+    started = time.perf_counter()
+    report = ReconcileReport(dry_run=False)
+    _items_pass(report, labels, False, chunk, progress, using, lock_all=True)
+    for label in labels:
+        _reconcile_model(report.model(label), False, chunk, progress, using)
     # Marks a drain holds are its own to finish; the rest of what the pass covered goes.
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute(
@@ -284,6 +312,7 @@ def rebuild(
             " WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED)",
             [covered],
         )
+    report.seconds = time.perf_counter() - started
     return report
 
 

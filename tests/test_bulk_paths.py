@@ -134,6 +134,29 @@ def test_3_a_bulk_pass_racing_a_drain_on_one_item(world, harness, change, bulk):
     settle()
 
 
+@pytest.mark.parametrize("bulk", ["rebuild", "reconcile"])
+def test_3_a_bulk_pass_while_a_drain_writes_a_change_that_was_reverted_since(world, harness, bulk):
+    """A drain holds a capture's first detection, uncommitted; the detection is deleted again
+    (a mark of its own) before the pass starts. The item looks right to the pass (no ledger,
+    no detection), but the drain is about to write +1: a rebuild, which drops the marks it
+    covered, must find out by trying the lock, and leave the item marked."""
+    from project.monitoring.models import Detection, SourceImage
+
+    image = SourceImage.objects.create(
+        deployment=world.d1, event=world.e1, timestamp=world.i1.timestamp, path="a/9.jpg"
+    )
+    drain_to_empty()
+    detection = Detection.objects.create(source_image=image, bbox=[1, 2, 3, 4])
+    drainer, passer = harness.orm("drainer"), harness.orm("pass")
+    drainer.begin()
+    assert not drainer.drain(batch_size=100, max_ids=5000).empty  # +1 held, uncommitted
+    Detection.objects.filter(pk=detection.pk).delete()
+    run = passer.start(counts.rebuild if bulk == "rebuild" else counts.reconcile)
+    drainer.commit()
+    run.result()
+    settle()
+
+
 # Case 4: a valid detection committed, not yet drained, then reconcile; and reconcile dying
 # between its item pass and its target pass.
 def test_4_reconcile_with_an_undrained_detection(world):

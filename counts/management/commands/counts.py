@@ -40,7 +40,10 @@ class Command(BaseCommand):
                 "--model", help="Only this model's counts, by label (e.g. monitoring.event)"
             )
             p.add_argument(
-                "--chunk", type=int, default=1000, help="Rows per transaction (default 1000)"
+                "--chunk",
+                type=int,
+                default=5000,
+                help="Most rows per transaction (default 5000; fewer where rows are costly)",
             )
             p.add_argument(
                 "--json",
@@ -147,7 +150,7 @@ class Command(BaseCommand):
                 return counts.rebuild(model, chunk=chunk, progress=progress)
             return counts.reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
 
-    def do_reconcile(self, model=None, chunk=1000, dry_run=False, json=False, **_):
+    def do_reconcile(self, model=None, chunk=5000, dry_run=False, json=False, **_):
         from counts.signals import reconciled
 
         report = self._run_reconcile(model, chunk, dry_run)
@@ -164,7 +167,7 @@ class Command(BaseCommand):
             f" ({report.checked / max(report.seconds, 1e-9):.0f} rows/s)"
         )
 
-    def do_rebuild(self, model=None, chunk=1000, json=False, **_):
+    def do_rebuild(self, model=None, chunk=5000, json=False, **_):
         report = self._run_reconcile(model, chunk, False, rebuild=True)
         if json:
             self.stdout.write(_dumps(report.as_dict()))

@@ -49,7 +49,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--if-empty", action="store_true", help="Do nothing when any project exists"
         )
-        parser.add_argument("--chunk", type=int, default=1000, help="Rows per recompute step")
+        parser.add_argument(
+            "--chunk", type=int, default=5000, help="Most rows per transaction of the count"
+        )
 
     def handle(self, *args, scale, seed, if_empty, chunk, **options):
         if scale < 100:
