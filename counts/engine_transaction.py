@@ -32,10 +32,11 @@ def engine_transaction(
     JIT off: a batch's aggregate is estimated expensive enough to be compiled, and compiling it
     (about 135 ms for 500 capture sets) costs more than running it. No parallel workers, for
     the same reason: starting them cost more than they saved on every statement measured (a
-    bulk pass's 5,000-capture recount: 55 ms without, 80 ms with; ten stations: 365 / 395 ms). The lock timeout, when
-    given, bounds the wait for a lock that ``SKIP LOCKED`` cannot skip (a table lock taken by a
-    migration or a ``LOCK TABLE``). Generic plans, when ``counts.prepared`` may force them: the
-    hot statements then run on ``cursor.prepared``, planned once per connection.
+    bulk pass's 5,000-capture recount: 55 ms without, 80 ms with; ten stations: 365 / 395 ms).
+    The lock timeout, when given, bounds the wait for a lock that ``SKIP LOCKED`` cannot skip
+    (a table lock taken by a migration or a ``LOCK TABLE``). Generic plans, when
+    ``counts.prepared`` may force them: the hot statements then run on ``cursor.prepared``,
+    planned once per connection.
 
     ``lazy``: the settings are applied by ``cursor.engine_on()``, once there is something to
     write; a drain that finds no mark then costs one query and a commit.

@@ -251,6 +251,13 @@ COUNTS_RESCUE_AFTER_S = env_int("COUNTS_RESCUE_AFTER_S", 3)
 #: ``counts status`` exits non-zero (and ``/metrics`` shows it) once a model's oldest due mark
 #: has waited this long: an alert, not a page that says "pending" forever.
 COUNTS_STALE_ALERT_S = env_int("COUNTS_STALE_ALERT_S", 60)
+#: Seconds a count's backfill may stop renewing its lease before the workers take over what it
+#: left (``counts.backfill``): how long counts can lag after a ``migrate`` that was killed.
+COUNTS_BACKFILL_LEASE_S = float(os.environ.get("COUNTS_BACKFILL_LEASE_S", "60"))
+#: Milliseconds the trigger-install step of a migration waits for its table locks before it
+#: rolls back and tries again (``counts.operations.SyncCountTriggers``), and how many times.
+COUNTS_TRIGGER_LOCK_TIMEOUT_MS = env_int("COUNTS_TRIGGER_LOCK_TIMEOUT_MS", 2000)
+COUNTS_TRIGGER_LOCK_ATTEMPTS = env_int("COUNTS_TRIGGER_LOCK_ATTEMPTS", 8)
 #: Seconds between heartbeats of a worker process (the scheduler beats every sweep).
 COUNTS_HEARTBEAT_INTERVAL_S = env_int("COUNTS_HEARTBEAT_INTERVAL_S", 10)
 #: /readyz fails when the scheduler was last seen longer ago than this.
