@@ -31,6 +31,7 @@ from counts import multiplicity
 from counts.apps import graph
 from counts.fields import FRESHNESS_FIELD
 from counts.items import kinds_feeding
+from counts.mark import Kind, where
 from counts.modes import incremental_columns
 from counts.spec import Chain, CountSpec
 from counts.stale_items import adjustment_sql
@@ -219,7 +220,7 @@ def _formula(label: str, truth: str, columns: list[str]) -> tuple[str, list]:
     joins = [
         f"LEFT JOIN (SELECT u.id AS pk, {pending} FROM {MARK_TABLE} m"
         " CROSS JOIN LATERAL unnest(m.ids, m.deltas) AS u(id, d)"
-        f" WHERE m.target = {literal(label)} AND m.deltas IS NOT NULL"
+        f" WHERE m.target = {literal(label)} AND {where(Kind.DELTA)}"
         " AND m.ids && %s::bigint[] AND u.id = ANY(%s::bigint[]) GROUP BY u.id) p ON p.pk = f.pk"
     ]
     params += [_IDS, _IDS]

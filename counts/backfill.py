@@ -18,7 +18,7 @@ that is exact once drained if it dies part-way (``migrate`` interrupted, a deplo
   "every item" marks for those kinds (and an "every row" mark for a target with own-row
   counts) that are due only after a lease, renewed after every chunk. Drains leave them alone
   while the backfill runs; if it dies, the lease lapses and the workers take over — the marks
-  are what a TRUNCATE would write, and draining them is exact, only slower. A finished
+  are "every item" and "every row" marks, and draining them is exact, only slower. A finished
   backfill deletes them.
 
 A re-run of ``migrate`` after a failure starts the backfill again from the first chunk; what
@@ -126,10 +126,17 @@ def backfill(
         if progress:
             progress(phase, rows)
 
+    rows = 0
     for kind, keys in kinds.items():
         whole = set(keys) == {p.key for p in kind.parts}
-        item_sweep.sweep(kind, None if whole else keys, chunk=5 * chunk, using=using, progress=step)
+        swept = item_sweep.sweep(
+            kind, None if whole else keys, chunk=5 * chunk, using=using, progress=step
+        )
+        rows += swept.checked
     if recounted:
-        _reconcile_model(ModelReport(label), False, chunk, step, using)
+        recount = ModelReport(label)
+        _reconcile_model(recount, False, chunk, step, using)
+        rows += recount.checked
     end_lease(lease, using)
-    logger.info("%s: backfilled %s", label, ", ".join(s.name for s in specs))
+    if rows:  # a fresh database's first migrations have nothing to say
+        logger.info("%s: backfilled %s", label, ", ".join(s.name for s in specs))

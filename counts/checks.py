@@ -28,7 +28,7 @@ from django.db.models import Count, F, Q
 from django.db.models.query import QuerySet
 
 from counts.errors import DeclarationError, first_line
-from counts.fields import FRESHNESS_FIELD, cached_count_fields
+from counts.names import FRESHNESS_FIELD, count_fields
 
 #: Every refusal, by check id.
 CHECKS = {
@@ -558,7 +558,7 @@ def declared_counts(models=None):
     for model in apps.get_models() if models is None else models:
         if model._meta.proxy or model._meta.abstract:
             continue
-        for f in cached_count_fields(model):
+        for f in count_fields(model):
             if f.model is model:
                 yield model, f
 

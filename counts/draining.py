@@ -25,7 +25,8 @@ The shape follows Django's deletion collector (record the work first, perform it
 All of it commits together. A crash before commit rolls the deletes back, so no mark is lost.
 Every amount is, in every snapshot, either in the queue or in its row, never both: the
 transaction that deletes a delta mark adds it to the row or queues it again. A drain takes
-marks and items without waiting, and target rows first without waiting; a held target row
+marks without waiting, items in one order (waiting only for another drain's new ledger row),
+and target rows first without waiting; a held target row
 makes it start its targets again in one global order, waiting briefly for each row
 (``counts.target_locks``), so one busy row cannot stall its model, drains cannot wait in a
 circle, and no wait outlasts a short timeout. The order of acquisition is marks, items (every
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from counts import (
     aggregate,
     applying,
+    checkpoints,
     item_backfill,
     item_locks,
     items,
@@ -58,7 +60,8 @@ from counts.apps import graph
 from counts.engine_transaction import SETTINGS_SQL, engine_transaction
 from counts.item_backfill import mark_every_item, mark_items_sql
 from counts.items import item_kinds
-from counts.jobs import JOB_PREFIX, expand, jobs_by_key
+from counts.jobs import expand, jobs_by_key
+from counts.mark import Kind, Mark
 from counts.marks import defer
 from counts.modes import incremental_columns
 from counts.triggers import MARK_TABLE, q
@@ -188,40 +191,48 @@ def _plan(cursor, taken, result: DrainResult) -> _Plan:
     kinds = item_kinds(graph())
     incremental = incremental_columns()
     plan = _Plan()
-    for _mark_id, target, ids, column, deltas, payload in taken:
-        if target in kinds and column and column.startswith(JOB_PREFIX):
-            job = jobs_by_key(graph()).get(column)
-            if job is not None:  # else the count that started it is gone
-                found = expand(cursor, job, list(ids), payload)
-                if len(found) <= item_backfill.CHUNK:
-                    plan.items[target].update(found)
-                else:
-                    # A big job is recomputed by later batches, a chunk each.
-                    source = "(SELECT unnest(%s::bigint[]) AS id)"
-                    cursor.execute(mark_items_sql(kinds[target], source, "id"), [found])
-                    result.expanded[target] = result.expanded.get(target, 0) + 1
-        elif target in kinds:
-            if ids is None:
-                mark_every_item(cursor, kinds[target])
-                result.expanded[target] = result.expanded.get(target, 0) + 1
-            else:
-                plan.items[target].update(ids)
-        elif target not in known:
+    for row in taken:
+        mark = Mark.from_row(*row)
+        target, column = mark.target, mark.field
+        ids = None if mark.ids is None else list(mark.ids)  # bound as arrays, not tuples
+        if target not in kinds and target not in known:
             # A model (or item kind) whose counts were removed: its marks mean nothing any more.
             continue
-        elif ids is None:
-            result.expanded[target] = _expand(cursor, target)
-        elif deltas is None and column and column.startswith("via:"):
-            plan.recount[target].update(routes.resolve(cursor, graph(), column, ids) or ())
-        elif deltas is None:
-            plan.recount[target].update(ids)
-        elif column in incremental.get(target, ()):
-            for target_id, amount in zip(ids, deltas, strict=True):
-                plan.credits[(target, column, target_id)] += amount
-        else:
-            # The count changed mode or went away since: its amounts mean nothing, recount.
-            plan.recount[target].update(ids)
+        match mark.kind:
+            case Kind.JOB:
+                job = jobs_by_key(graph()).get(column)
+                if job is not None:  # else the count that started it is gone
+                    _plan_job(cursor, kinds[target], job, mark, plan, result)
+            case Kind.EVERY_ITEM:
+                mark_every_item(cursor, kinds[target])
+                result.expanded[target] = result.expanded.get(target, 0) + 1
+            case Kind.ITEM:
+                plan.items[target].update(ids)
+            case Kind.EVERY_ROW:
+                result.expanded[target] = _expand(cursor, target)
+            case Kind.ROUTE:
+                plan.recount[target].update(routes.resolve(cursor, graph(), column, ids) or ())
+            case Kind.RECOUNT:
+                plan.recount[target].update(ids)
+            case Kind.DELTA if column in incremental.get(target, ()):
+                for target_id, amount in zip(ids, mark.deltas, strict=True):
+                    plan.credits[(target, column, target_id)] += amount
+            case Kind.DELTA:
+                # The count changed mode or went away since: its amounts mean nothing, recount.
+                plan.recount[target].update(ids)
     return plan
+
+
+def _plan_job(cursor, kind, job, mark: Mark, plan: _Plan, result: DrainResult) -> None:
+    """The items a job mark reaches, for this batch, or for later ones when they are many."""
+    found = expand(cursor, job, list(mark.ids), mark.payload)
+    if len(found) <= item_backfill.CHUNK:
+        plan.items[mark.target].update(found)
+    else:
+        # A big job is recomputed by later batches, a chunk each.
+        source = "(SELECT unnest(%s::bigint[]) AS id)"
+        cursor.execute(mark_items_sql(kind, source, "id"), [found])
+        result.expanded[mark.target] = result.expanded.get(mark.target, 0) + 1
 
 
 def drain(
@@ -255,6 +266,8 @@ def drain(
                 kind: item_locks.lock_items(cursor, kinds[kind], sorted(plan.items[kind]))
                 for kind in sorted(plan.items)
             }
+        if taken:
+            checkpoints.reach("drain.taken", marks=len(taken))
         for kind in sorted(plan.items):
             done = items.recompute(
                 cursor, kinds[kind], sorted(plan.items[kind]), plan.credits, locked.get(kind, [])
@@ -265,7 +278,11 @@ def drain(
                 # Another drain has these items: it finishes within a batch's time.
                 defer(cursor, kind, done.held, retry_ms=BUSY_RETRY_MS)
                 result.deferred[kind] = len(done.held)
+        if taken:
+            checkpoints.reach("drain.before_targets", marks=len(taken))
         _write_targets(cursor, plan, result, using)
+        if taken:
+            checkpoints.reach("drain.before_commit", marks=len(taken))
     result.more = result.more or bool(result.expanded)
     result.ms = (time.perf_counter() - started) * 1000
     return result

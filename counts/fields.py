@@ -32,8 +32,10 @@ Instances in memory and refused declarations: see :class:`CachedCountField`.
 
 from django.db import models
 
-#: Column added to every model with cached counts.
-FRESHNESS_FIELD = "counts_updated_at"
+from counts.checks import declaration_errors
+from counts.names import FRESHNESS_FIELD, count_fields  # FRESHNESS_FIELD: re-exported
+
+__all__ = ["FRESHNESS_FIELD", "CachedCountField", "cached_count_fields"]
 
 
 class CachedCountField(models.IntegerField):
@@ -89,6 +91,8 @@ class CachedCountField(models.IntegerField):
       ``DateTimeField``: the engine's freshness column needs that name.
     """
 
+    is_cached_count = True  # ``counts.names.count_fields`` finds counts by it
+
     description = "Integer count maintained by the counts engine"
 
     def __init__(self, path=None, *, filter=None, exclude=None, distinct=False, **kwargs):
@@ -122,8 +126,6 @@ class CachedCountField(models.IntegerField):
         return name, path, args, kwargs
 
     def check(self, **kwargs):
-        from counts.checks import declaration_errors  # it reads this module
-
         return [*super().check(**kwargs), *declaration_errors(self.model, self)]
 
     def pre_save(self, model_instance, add):
@@ -166,4 +168,4 @@ def refresh_counts(self) -> None:
 
 def cached_count_fields(model) -> list[CachedCountField]:
     """The model's cached counts, in declaration order."""
-    return [f for f in model._meta.concrete_fields if isinstance(f, CachedCountField)]
+    return count_fields(model)

@@ -6,9 +6,9 @@ locks live in the rows, not in the shared lock table, so a batch may lock thousa
 
 An item with no ledger row yet gets an empty one first, so that there is a row to lock: two
 drains inserting the same *new* item meet on its key, and the second waits until the first
-ends. That is the one wait a drain can meet (bounded by a batch; items go in ``(kind, id)``
-order, so two drains cannot wait on each other in a cycle). An item that has a row is skipped
-when another drain holds it (``SKIP LOCKED``), unless the caller asks to wait.
+ends: the first of the waits a drain can meet, in the global order of docs/engine.md §3.2
+(items go in ``(kind, id)`` order, so two drains cannot wait on each other here). An item
+that has a row is skipped when another transaction holds it (``SKIP LOCKED``).
 
 One SQL text locks, whoever asks: a drain's take (:func:`lock_marked_sql`, the items its item
 marks name, in the statement that takes them: no round trip of its own), a drain that took a
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from counts import prepared
 from counts.items import LEDGER_TABLE, ItemKind
-from counts.jobs import JOB_PREFIX
+from counts.mark import Kind, where
 from counts.triggers import literal
 
 
@@ -67,7 +67,7 @@ def lock_marked_sql(marks: str) -> tuple[str, str]:
     then every item is left to :func:`lock_items`, called kind by kind in label order, the
     order in which ``counts.items.recompute`` is called.
     """
-    is_job = f"starts_with(field, {literal(JOB_PREFIX)})"
+    is_job = where(Kind.JOB, alias=None)
     ctes = (
         f"item_marks AS (SELECT target, field, ids FROM {marks} WHERE target = ANY(%s::text[])),"
         " wanted AS (SELECT DISTINCT m.target AS kind, x AS item_id FROM item_marks m"

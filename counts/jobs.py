@@ -35,10 +35,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from counts.mark import JOB_PREFIX
 from counts.spec import Table
 from counts.triggers import MARK_TABLE, literal, q
-
-JOB_PREFIX = "job:"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from django.db import connections
 
 from counts.apps import graph
 from counts.errors import UnknownTargetError
+from counts.mark import Kind, Mark, where
 from counts.triggers import MARK_TABLE, q
 
 #: How long a row someone else holds waits before a drain tries it again.
@@ -21,12 +22,9 @@ LOCKED_RETRY_MS = 1000
 
 
 def defer(cursor, label: str, ids: list[int], retry_ms: int = LOCKED_RETRY_MS) -> None:
-    """Mark ``ids`` again, due in ``retry_ms``: their rows are held by another transaction."""
-    cursor.execute(
-        f"INSERT INTO {MARK_TABLE} (target, ids, not_before)"
-        " VALUES (%s, %s, now() + make_interval(secs => %s))",
-        [label, ids, retry_ms / 1000],
-    )
+    """Mark ``ids`` again (rows of a model, or items of a kind), due in ``retry_ms``: they are
+    held by another transaction."""
+    Mark(label, tuple(ids)).insert(cursor, due_in_s=retry_ms / 1000)
 
 
 def pending_ids(label: str, ids: list[int], using: str = "default") -> set[int]:
@@ -49,10 +47,10 @@ def _pending_sql(label: str, ids: list[int]) -> tuple[str, list]:
         f"SELECT x FROM {MARK_TABLE} m CROSS JOIN LATERAL"
         f" unnest(coalesce(m.ids, %s::bigint[])) x"
         f" WHERE m.target = %s AND (m.ids IS NULL OR m.ids && %s::bigint[]) AND x = ANY(%s)"
-        " AND (m.field IS NULL OR m.field NOT LIKE 'via:%%')"
+        f" AND NOT {where(Kind.ROUTE)}"
         # A mark still to be resolved to rows: pending for every row of the model until then.
-        f" UNION SELECT x FROM unnest(%s::bigint[]) x WHERE EXISTS (SELECT 1 FROM {MARK_TABLE}"
-        " WHERE target = %s AND field LIKE 'via:%%')"
+        f" UNION SELECT x FROM unnest(%s::bigint[]) x WHERE EXISTS (SELECT 1 FROM {MARK_TABLE} m"
+        f" WHERE m.target = %s AND {where(Kind.ROUTE)})"
     )
     params: list = [ids, label, ids, ids, ids, label]
     for kind in kinds_feeding(graph(), label):
@@ -160,4 +158,4 @@ def mark_all(label: str, using: str = "default") -> None:
     if label not in graph().targets:
         raise UnknownTargetError(label)
     with connections[using].cursor() as cursor:
-        cursor.execute(f"INSERT INTO {MARK_TABLE} (target, ids) VALUES (%s, NULL)", [label])
+        Mark.every_row(label).insert(cursor)

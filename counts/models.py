@@ -11,21 +11,14 @@ from django.db.models.functions import Now
 
 
 class DirtyMark(models.Model):
-    """Rows of ``target`` whose cached counts may be stale.
+    """Rows of ``target`` whose cached counts may be stale, or items that may count differently.
 
-    Four kinds, told apart by ``target`` and ``deltas``:
+    Seven kinds (delta, recount, every row, route, item, every item, job), told apart by the
+    columns in one place only: ``counts.mark`` (its table says what each kind asks for).
 
-    - a *recount* mark (``deltas`` NULL): recompute these rows of model ``target`` in full;
-      ``ids`` NULL means every row (written by TRUNCATE and by backfills);
-    - a *delta* mark: add ``deltas[k]`` to column ``field`` of row ``ids[k]`` (own-row counts,
-      and credits for rows a drain could not lock);
-    - an *item* mark (``target`` ``item:<label>``): these items may contribute differently now
-      (``counts.items``);
-    - a *job* mark (an item kind's ``target``, ``field`` ``job:<hash>``): these rows' setting
-      or link changed; a drain expands it into the items it can affect (``counts.jobs``).
-
-    ``not_before`` is set on a mark a drain wrote again for rows another transaction held:
-    drains leave it alone until then, so a busy row is retried, not spun on.
+    ``not_before`` is set on a mark that is due later: written again for rows another
+    transaction held (drains leave it alone until then, so a busy row is retried, not spun
+    on), or a backfill's lease (``counts.backfill``).
     """
 
     id = models.BigAutoField(primary_key=True)

@@ -45,11 +45,11 @@ from dataclasses import dataclass
 from django.db import connections
 from django.db.models import F, Q
 
+from counts.mark import ITEM_PREFIX
 from counts.spec import FORWARD, REVERSE, Hop, Table
 
 OWN_ROW, ITEM, FULL = "own-row", "item", "full"
 #: What item marks' ``target`` starts with.
-ITEM_PREFIX = "item:"
 
 
 @dataclass(frozen=True)

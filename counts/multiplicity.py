@@ -17,8 +17,8 @@ adds the ledger's change to ``counts_multiplicity``, and each pair that crosses 
   the one that takes ``m`` from 0 to 1 credits +1, the other, from 1 to 2, credits nothing.
   With invariant I of ``counts.items``, stored + pending = ``#{pairs of T with m > 0}``.
 - **No deadlock**: a drain takes multiplicity rows in one statement, in key order, after its
-  items' ledger rows (taken without waiting) and before its target rows (taken without
-  waiting). Those ordered waits are the only ones it makes, so drains cannot wait in a cycle.
+  items' ledger rows and before its target rows: its place in the one global order of
+  waits (docs/engine.md §3.2), which is why drains cannot wait in a cycle.
 - **Recount**: a distinct count's recount (``counts.aggregate``) reads ``#{m > 0} - pending``
   for its rows: the same snapshot rule as every other incremental count, without reading the
   base tables' distinct values again.

@@ -30,7 +30,7 @@ def _recompute(cursor, label: str, ids: list[int], using: str) -> tuple[int, int
 def claim(cursor, statement, label: str, ids: list[int]) -> tuple[list[int], int]:
     """Lock the rows of ``ids`` nobody else holds; mark the held ones again, due a little later.
 
-    Drains, "Recompute now" and reconcile all claim rows this way, so none of them ever waits
+    "Recompute now" and the bulk passes' target recounts claim rows this way, so neither waits
     on a row lock. Returns (ids locked, rows deferred).
     """
     locked = aggregate.lock(cursor, statement, ids)

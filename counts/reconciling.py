@@ -22,6 +22,7 @@ from counts.apps import graph
 from counts.engine_transaction import engine_transaction
 from counts.errors import UnknownTargetError
 from counts.items import kinds_feeding
+from counts.mark import Kind, where
 from counts.recomputing import claim
 from counts.triggers import MARK_TABLE, q
 
@@ -295,8 +296,8 @@ def rebuild(
     whole = [k.mark_target for k in kinds if {p.label for p in k.parts} <= set(labels)]
     with connections[using].cursor() as cursor:
         cursor.execute(
-            f"SELECT id FROM {MARK_TABLE} WHERE (target = ANY(%s) AND deltas IS NULL)"
-            " OR target = ANY(%s)",
+            f"SELECT id FROM {MARK_TABLE} m WHERE (m.target = ANY(%s) AND NOT {where(Kind.DELTA)})"
+            " OR m.target = ANY(%s)",
             [labels, whole],
         )
         covered = [row[0] for row in cursor.fetchall()]

@@ -13,6 +13,7 @@ a target row, without consuming the marks:
 from __future__ import annotations
 
 from counts.items import LEDGER_TABLE, ItemKind, entry_targets_sql, truth_sql
+from counts.mark import Kind, where
 from counts.triggers import MARK_TABLE, literal, q
 
 
@@ -22,12 +23,15 @@ def stale_sql(kind: ItemKind) -> str:
     target = literal(kind.mark_target)
     selects = [
         f"SELECT DISTINCT x AS id FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
-        f" WHERE m.target = {target} AND m.field IS NULL"
+        f" WHERE m.target = {target} AND {where(Kind.ITEM)}"
     ]
     # An "every item" mark (``ids`` NULL: a TRUNCATE, a backfill's lease) makes every item
     # stale, and every item with a ledger (deleted ones included) until a drain expands it.
     # Without one, the gate is a one-time test and neither arm reads a row.
-    every = f"EXISTS (SELECT 1 FROM {MARK_TABLE} WHERE target = {target} AND ids IS NULL)"
+    every = (
+        f"EXISTS (SELECT 1 FROM {MARK_TABLE} m WHERE m.target = {target}"
+        f" AND {where(Kind.EVERY_ITEM)})"
+    )
     t = kind.table
     selects += [
         f"SELECT {q(t.pk)} FROM {q(t.db_table)} WHERE {every}",

@@ -22,6 +22,7 @@ import hashlib
 from dataclasses import dataclass
 
 from counts.graph import ROOT, Graph, Route
+from counts.mark import ROUTE_PREFIX
 from counts.spec import REVERSE, Table
 
 #: Table the triggers write to (``counts.models.DirtyMark``).
@@ -174,7 +175,7 @@ def first_hop(route: Route) -> tuple[str, list[Probe]]:
 def via_key(route: Route) -> str:
     """A stable name for a route, carried by marks the drain resolves (``via:<hash>``)."""
     hops = [(h.kind, h.parent.db_table, h.child.db_table, h.column) for h in route.chain]
-    return "via:" + hashlib.sha1(repr((route.target.label, hops)).encode()).hexdigest()[:12]
+    return ROUTE_PREFIX + hashlib.sha1(repr((route.target.label, hops)).encode()).hexdigest()[:12]
 
 
 def _routes_for(routes: tuple[Route, ...], operation: str) -> list[Route]:

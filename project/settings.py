@@ -236,7 +236,9 @@ COUNTS_DRAIN_BUDGET_S = env_int("COUNTS_DRAIN_BUDGET_S", 20)
 #: Life of the "a drainer is active" flag; renewed every batch, so only a dead drainer lets
 #: it lapse.
 COUNTS_DRAINING_TTL_MS = env_int("COUNTS_DRAINING_TTL_MS", 30_000)
-#: Milliseconds a drain waits for a locked target row before failing (and being retried).
+#: Milliseconds a drain waits for a lock ``SKIP LOCKED`` cannot skip (a table lock, another
+#: drain's new ledger row, a multiplicity row) before failing and being retried. Target rows
+#: are waited for 200 ms at most, then put back (``counts.target_locks``).
 COUNTS_LOCK_TIMEOUT_MS = env_int("COUNTS_LOCK_TIMEOUT_MS", 10_000)
 #: Most extra drain messages one recompute sends when it finds a large backlog.
 COUNTS_FANOUT = env_int("COUNTS_FANOUT", 4)

@@ -47,6 +47,7 @@ class Marks:
         from counts.apps import graph
         from counts.items import item_kinds, preview
         from counts.jobs import expand, jobs_by_key
+        from counts.mark import Kind, kind_of
         from counts.routes import resolve
 
         kinds = item_kinds(graph())
@@ -64,17 +65,18 @@ class Marks:
                 "SELECT target, ids, field, deltas, payload FROM counts_dirtymark ORDER BY id"
             )
             for target, ids, column, deltas, payload in cursor.fetchall():
-                if target in kinds and column and column.startswith("job:"):
+                kind = kind_of(target, ids, column, deltas)
+                if kind is Kind.JOB:
                     job = jobs_by_key(graph())[column]
                     preview(cursor, kinds[target], expand(cursor, job, list(ids), payload), amounts)
-                elif target in kinds and ids is not None:
+                elif kind is Kind.ITEM:
                     preview(cursor, kinds[target], list(ids), amounts)
-                elif column and column.startswith("via:"):
+                elif kind is Kind.ROUTE:
                     add(target, resolve(cursor, graph(), column, list(ids)) or [])
-                elif deltas is not None:
+                elif kind is Kind.DELTA:
                     for target_id, amount in zip(ids, deltas, strict=True):
                         amounts[(target, column, target_id)] += amount
-                else:
+                else:  # a recount, or every row (or item) of its target
                     add(target, ids)
         for (label, _column, target_id), amount in amounts.items():
             if amount:
@@ -234,3 +236,32 @@ def fresh_rate_limits():
                 client.delete(*keys)
     except redis.RedisError:
         pass  # no Redis, no counts to forget
+
+
+#: Modules whose tests start processes (workers, a scheduler, ``manage.py``, a browser, a
+#: ``redis-server`` of their own) or seed a dataset at scale: left out of ``bin/test --fast``.
+PROCESS_MODULES = {
+    "test_bench",
+    "test_bin",
+    "test_browser",
+    "test_counts_command",
+    "test_deploy_migrations",
+    "test_deploy_settings",
+    "test_docs",
+    "test_faults",
+    "test_health",
+    "test_outages",
+    "test_recovery",
+    "test_seed_demo",
+    "test_workers",
+}
+#: Fixtures that start processes wherever they are used.
+PROCESS_FIXTURES = {"own_redis", "live_processes"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that starts a process or seeds at scale (see above)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in PROCESS_MODULES or PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

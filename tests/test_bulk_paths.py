@@ -212,6 +212,7 @@ def bulk_process(checkpoint: str, command: str = "reconcile") -> subprocess.Comp
     return done
 
 
+@pytest.mark.slow  # a manage.py process per case
 @pytest.mark.parametrize("command", ["reconcile", "rebuild"])
 @pytest.mark.parametrize(
     "checkpoint",
@@ -304,3 +305,18 @@ def test_6_a_reused_graph_id_never_serves_another_graphs_kinds():
     finally:
         items._KINDS.pop(id(g), None)
         jobs._JOBS.pop(id(g), None)
+
+
+@pytest.mark.parametrize("step", ["drain.taken", "drain.before_targets", "drain.before_commit"])
+def test_a_drain_failing_at_each_named_step_loses_nothing(world, step):
+    """The drain's checkpoints are reached, and a drain that fails at one rolls back whole:
+    its marks are back, and the next drains leave the counts exact."""
+    from project.monitoring.models import Detection
+
+    Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
+    with (
+        checkpoints.at(step, checkpoints.fail),
+        pytest.raises(checkpoints.CheckpointFailure),
+    ):
+        counts.drain()
+    settle()

@@ -6,7 +6,7 @@ numbers worked out by hand from :func:`tests.conftest.build_world`, and every co
 against the truth computed from the base tables. Only writes, ``counts.drain`` and the truth
 are used, so the tests hold for any engine (marks recounted, or per-image ledgers credited).
 
-The cases are those of docs/incremental-maintenance.md §1.9:
+The cases are those of docs/engine.md §2.9:
 
 - 1a: A moves capture i to another station while B adds a valid detection on it;
 - 1b: two writers change i's detections at once (both add its first valid one, both remove one
