@@ -1,0 +1,84 @@
+"""The bulk item pass's SQL, as text: what each statement must contain, and must not.
+
+Not snapshots of the builders' output: each assertion is a property the pass's speed or
+correctness rests on (``counts.item_sweep``), stated so that a change breaking it fails here
+before a 10^6 bench or a race finds it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from counts.apps import graph
+from counts.item_locks import lock_items
+from counts.item_sweep import candidates_sql, may_count_sql, sweep_sql
+from counts.items import item_kinds, truth_sql
+
+CAPTURES = "item:monitoring.sourceimage"
+OCCURRENCES = "item:monitoring.occurrence"
+
+
+def kind(name):
+    return item_kinds(graph())[name]
+
+
+def test_candidates_read_only_the_range_of_every_table():
+    sql = candidates_sql(kind(CAPTURES), 100, 200)
+    # The ledgers and each child table are read by range of the item's id, both ends bound.
+    assert "item_id > 100 AND item_id <= 200" in sql
+    assert 'r."source_image_id" > 100 AND r."source_image_id" <= 200' in sql
+    # Stale items are restricted to the range too (a job's items otherwise cost a scan).
+    assert "s.id > 100 AND s.id <= 200" in sql
+    # The last chunk is open-ended, to take the orphans past the last item.
+    last = candidates_sql(kind(CAPTURES), 100, None)
+    assert "item_id > 100" in last and "<=" not in last
+
+
+def test_may_count_uses_range_scans_not_a_probe_per_item():
+    sql = may_count_sql(kind(CAPTURES), 0, 5000)
+    assert "EXISTS" not in sql
+    assert sql.count("SELECT r.") == sql.count("UNION") + 1
+
+
+def test_a_setting_is_joined_once_in_a_range_pass_and_probed_per_item_in_a_drain():
+    occurrences = kind(OCCURRENCES)
+    ranged = truth_sql(occurrences, "(SELECT unnest(%s::bigint[]) AS id)", within=(0, 5000))
+    assert "LEFT JOIN (SELECT h1." in ranged and "sv.value" in ranged
+    assert 'WHERE h1."id" = r."deployment_id"' not in ranged
+    probed = truth_sql(occurrences, "(SELECT unnest(%s::bigint[]) AS id)")
+    assert "sv.value" not in probed and "LATERAL" in probed
+
+
+def test_the_sweep_deletes_emptied_ledgers_by_key_and_writes_only_what_changed():
+    sql = sweep_sql(kind(CAPTURES), None, 0, 5000, write=True)
+    assert re.search(
+        r"DELETE FROM counts_ledger l WHERE l\.kind = '[^']+'\s+AND l\.item_id = ANY\(ARRAY\(", sql
+    )
+    assert "USING fresh" not in sql
+    assert "WHERE coalesce(old, '{}') IS DISTINCT FROM new" in sql
+    compare = sweep_sql(kind(CAPTURES), None, 0, 5000, write=False, ids=True)
+    assert "INSERT" not in compare and "DELETE" not in compare and "FOR UPDATE" not in compare
+
+
+def test_a_backfill_replaces_only_its_own_entries():
+    key = kind(CAPTURES).parts[0].key
+    sql = sweep_sql(kind(CAPTURES), [key], 0, 5000, write=True)
+    assert f"(coalesce(o.state, '{{}}') - ARRAY['{key}']::text[])" in sql
+
+
+def test_items_are_locked_in_one_order_skipping_those_held(monkeypatch):
+    seen = []
+
+    class Cursor:
+        prepared = None
+
+        def execute(self, sql, params=None):
+            seen.append(sql)
+
+        def fetchall(self):
+            return []
+
+    lock_items(Cursor(), kind(CAPTURES), [3, 1, 2])
+    [sql] = seen
+    assert 'ORDER BY l.kind COLLATE "C", l.item_id FOR UPDATE OF l SKIP LOCKED' in sql
+    assert 'ORDER BY w.kind COLLATE "C", w.item_id ON CONFLICT (kind, item_id) DO NOTHING' in sql
