@@ -39,13 +39,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from django.db import connections
+
 from counts import aggregate, applying, checkpoints, multiplicity
 from counts.engine_transaction import engine_transaction
 from counts.item_locks import lock_items
 from counts.items import LEDGER_TABLE, ItemKind, credit, credits_sql, hoisted, truth_sql
 from counts.marks import defer
 from counts.stale_items import stale_sql
-from counts.triggers import literal, q
+from counts.triggers import MARK_TABLE, literal, q
 
 #: Items per transaction of a bulk pass, by default.
 CHUNK = 5000
@@ -132,17 +134,62 @@ def sweep_sql(
     )
 
 
-def candidates_sql(kind: ItemKind, lo, hi) -> str:
+#: The stale items of the marks a pass found when it started (``Stale``), per session.
+STALE_TABLE = "counts_pass_stale"
+
+
+class Stale:
+    """The items of a kind covered by marks, as a pass reads them chunk by chunk.
+
+    Marks may name millions of items (a load's statement-level triggers write one mark per
+    statement and kind): unnesting them all again for each chunk cost 1-2 s a chunk at 10^7.
+    So the marks found when the pass starts are read once, into a temporary table read by
+    range; only marks written since (known by their ids: the ones not in that first list) are
+    read whole, and there are few. A mark drained meanwhile leaves its items in the table:
+    counted stale a little longer, which a pass tolerates (it only compares them again).
+    """
+
+    def __init__(self, cursor, kind: ItemKind) -> None:
+        self.kind = kind
+        cursor.execute(
+            f"SELECT coalesce(array_agg(id), '{{}}') FROM {MARK_TABLE} WHERE target = %s",
+            [kind.mark_target],
+        )
+        self.known: list[int] = cursor.fetchone()[0]
+        cursor.execute(f"DROP TABLE IF EXISTS pg_temp.{STALE_TABLE}")
+        cursor.execute(
+            f"CREATE TEMPORARY TABLE {STALE_TABLE} AS SELECT DISTINCT id"
+            f" FROM ({stale_sql(kind, 'm.id = ANY(%s::bigint[])')}) s",
+            [self.known] * stale_sql(kind, "m.id = ANY(%s::bigint[])").count("%s"),
+        )
+        cursor.execute(f"CREATE INDEX ON pg_temp.{STALE_TABLE} (id)")
+        cursor.execute(f"ANALYZE pg_temp.{STALE_TABLE}")
+
+    def sql(self, lo, hi) -> tuple[str, list]:
+        """``SELECT id``: the stale items of ``(lo, hi]`` now, and its parameters."""
+        newer = stale_sql(self.kind, "NOT (m.id = ANY(%s::bigint[]))")
+        return (
+            f"SELECT id FROM pg_temp.{STALE_TABLE} WHERE {_range('id', lo, hi)}"
+            f" UNION SELECT id FROM ({newer}) s WHERE {_range('s.id', lo, hi)}",
+            [self.known] * newer.count("%s"),
+        )
+
+    def close(self, cursor) -> None:
+        cursor.execute(f"DROP TABLE IF EXISTS pg_temp.{STALE_TABLE}")
+
+
+def candidates_sql(kind: ItemKind, lo, hi, stale: str = "") -> str:
     """One row: the items of the range a pass compares (those with a ledger, and those that
-    may count), and those of them whose marks are waiting (their ledgers may lag by design:
-    not drift)."""
+    may count), and those of the range whose marks are waiting (``stale``, a ``SELECT id``:
+    their ledgers may lag by design, not drift)."""
     k = literal(kind.mark_target)
+    # By default the range's stale items: the bounds reach each arm of the union, which then
+    # walks the item's key range instead of every item a job could reach.
+    stale = stale or f"SELECT id FROM ({stale_sql(kind)}) s WHERE {_range('s.id', lo, hi)}"
     return (
         f"SELECT ARRAY(SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {k}"
         f" AND {_range('item_id', lo, hi)} UNION {may_count_sql(kind, lo, hi)} ORDER BY 1),"
-        # Only the range's stale items: the bounds reach each arm of the union, which then
-        # walks the item's key range instead of every item a job could reach.
-        f" ARRAY(SELECT id FROM ({stale_sql(kind)}) s WHERE {_range('s.id', lo, hi)})"
+        f" ARRAY({stale})"
     )
 
 
@@ -177,38 +224,58 @@ def sweep(
     compares it may look right and still be written from the drain's older snapshot, and only
     a lock attempt tells (a held item is marked again, so it stays covered).
     """
-    report = SweepReport(kind.mark_target)
+    run = _Pass(kind, keys, dry_run, lock_all, SweepReport(kind.mark_target), using)
     lo: int | None = None
     checkpoints.reach("bulk.before_model", label=kind.mark_target)
-    while True:
-        with engine_transaction(using) as cursor:
-            hi = _next_bound(cursor, kind, lo, chunk)
-            credits = _chunk(cursor, kind, keys, lo, hi, dry_run, lock_all, report, using)
-            for key, amount in credits.items():
-                if amount:
-                    report.credits[key] += amount
-        if progress:
-            progress(kind.mark_target, report.checked)
-        if hi is None:
-            return report
-        lo = hi
-        checkpoints.reach("bulk.between_transactions", kind=kind.mark_target, lo=lo)
+    with connections[using].cursor() as cursor:
+        run.stale = Stale(cursor, kind)
+    try:
+        while True:
+            with engine_transaction(using) as cursor:
+                hi = _next_bound(cursor, kind, lo, chunk)
+                for key, amount in _chunk(cursor, run, lo, hi).items():
+                    if amount:
+                        run.report.credits[key] += amount
+            if progress:
+                progress(kind.mark_target, run.report.checked)
+            if hi is None:
+                return run.report
+            lo = hi
+            checkpoints.reach("bulk.between_transactions", kind=kind.mark_target, lo=lo)
+    finally:
+        with connections[using].cursor() as cursor:
+            run.stale.close(cursor)
 
 
-def _chunk(cursor, kind: ItemKind, keys, lo, hi, dry_run, lock_all, report, using) -> dict:
+@dataclass
+class _Pass:
+    """What one pass over an item kind is doing (see :func:`sweep`)."""
+
+    kind: ItemKind
+    keys: list[str] | None
+    dry_run: bool
+    lock_all: bool
+    report: SweepReport
+    using: str
+    stale: Stale | None = None
+
+
+def _chunk(cursor, run: _Pass, lo, hi) -> dict:
     """One chunk's work (see the module docstring); returns what it credited."""
+    kind, keys, report = run.kind, run.keys, run.report
     credits: dict = defaultdict(int)
-    cursor.execute(candidates_sql(kind, lo, hi))
+    stale_select, params = run.stale.sql(lo, hi)
+    cursor.execute(candidates_sql(kind, lo, hi, stale_select), params)
     ids, stale = cursor.fetchone()
     # A dry run leaves out the items whose marks wait: the drains' business, not drift. A
     # repair takes them too, whatever they look like now: one a drain holds (its ledger row
     # new, uncommitted) may be about to be written from an older snapshot, and only the lock
     # attempt finds out (it is then marked again).
-    ids = sorted(set(ids) - set(stale)) if dry_run else sorted(set(ids) | set(stale))
+    ids = sorted(set(ids) - set(stale)) if run.dry_run else sorted(set(ids) | set(stale))
     report.checked += len(ids)
     if not ids:
         return credits
-    if lock_all:
+    if run.lock_all:
         differ = ids
     else:
         # Compared first, in a plain read: only the items that differ are locked and written
@@ -219,7 +286,7 @@ def _chunk(cursor, kind: ItemKind, keys, lo, hi, dry_run, lock_all, report, usin
         if not differ:
             return credits
     parts = kind.parts_by_key
-    if dry_run:
+    if run.dry_run:
         cursor.execute(sweep_sql(kind, keys, lo, hi, write=False), [differ])
         pairs, _changed = credit(kind, cursor.fetchall(), credits)
         multiplicity.preview(cursor, pairs, parts, credits)
@@ -235,10 +302,10 @@ def _chunk(cursor, kind: ItemKind, keys, lo, hi, dry_run, lock_all, report, usin
         # mark the previous holder of these locks consumed (``counts.items``).
         cursor.execute(sweep_sql(kind, keys, lo, hi, write=True), [locked])
         pairs, changed = credit(kind, cursor.fetchall(), credits)
-        if lock_all:
+        if run.lock_all:
             report.differed += changed
         multiplicity.add(cursor, pairs, parts, credits)
-        apply_credits(cursor, credits, using)
+        apply_credits(cursor, credits, run.using)
     return credits
 
 

@@ -100,9 +100,10 @@ class Job:
         lo, hi = (f"{v}::{self.cast}" for v in (old, new))
         return f"r.{q(self.compared)} BETWEEN least({lo}, {hi}) AND greatest({lo}, {hi})"
 
-    def pending_items_sql(self) -> str:
-        """Item ids the job marks visible to the statement expand to (stale items)."""
-        where = f"m.target = {literal(self.kind)} AND m.field = {literal(self.key)}"
+    def pending_items_sql(self, only: str = "true") -> str:
+        """Item ids the job marks visible to the statement (and passing ``only``, a condition
+        on the mark ``m``) expand to (stale items)."""
+        where = f"m.target = {literal(self.kind)} AND m.field = {literal(self.key)} AND {only}"
         match = f"{self._anchor()} = a.id"
         if self.compared:
             old, new = "(m.payload->(a.n::int - 1)->>0)", "(m.payload->(a.n::int - 1)->>1)"

@@ -17,27 +17,30 @@ from counts.mark import Kind, where
 from counts.triggers import MARK_TABLE, literal, q
 
 
-def stale_sql(kind: ItemKind) -> str:
+def stale_sql(kind: ItemKind, only: str = "true") -> str:
     """Distinct item ids with an item mark visible to the statement (every item, for a mark
-    whose ``ids`` is NULL), or reached by a job mark visible to it (``counts.jobs``)."""
+    whose ``ids`` is NULL), or reached by a job mark visible to it (``counts.jobs``).
+
+    ``only``: a further condition on the marks read (alias ``m``), e.g. which of them a bulk
+    pass has already read (``counts.item_sweep``)."""
     target = literal(kind.mark_target)
     selects = [
         f"SELECT DISTINCT x AS id FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
-        f" WHERE m.target = {target} AND {where(Kind.ITEM)}"
+        f" WHERE m.target = {target} AND {where(Kind.ITEM)} AND {only}"
     ]
     # An "every item" mark (``ids`` NULL: a TRUNCATE, a backfill's lease) makes every item
     # stale, and every item with a ledger (deleted ones included) until a drain expands it.
     # Without one, the gate is a one-time test and neither arm reads a row.
     every = (
         f"EXISTS (SELECT 1 FROM {MARK_TABLE} m WHERE m.target = {target}"
-        f" AND {where(Kind.EVERY_ITEM)})"
+        f" AND {where(Kind.EVERY_ITEM)} AND {only})"
     )
     t = kind.table
     selects += [
         f"SELECT {q(t.pk)} FROM {q(t.db_table)} WHERE {every}",
         f"SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {target} AND {every}",
     ]
-    selects += [job.pending_items_sql() for job in kind.jobs]
+    selects += [job.pending_items_sql(only) for job in kind.jobs]
     return " UNION ".join(selects)
 
 
