@@ -1,16 +1,24 @@
 """``manage.py bench``: what the cached counts buy and what they cost, side by side, in one run.
 
-Seven sections, each "A against B" on the same data in the same run (details in each module):
+Nine sections, each "A against B" on the same data in the same run (details in each module):
 
 1. ``bench.listing`` — capture-set list page: cached columns vs. two per-request countings;
 2. ``bench.writes`` — bulk_create, single-row saves, M2M add: count triggers on vs. off;
 3. ``bench.recompute`` — 1,000 dirty sets: grouped drain vs. one recompute per set;
 4. ``bench.burst`` — 10,000 single-row writes with a real worker: messages, time to exact counts;
-5. ``bench.reconcile`` — full reconcile throughput over the dataset;
+5. ``bench.reconcile`` — a full reconcile pass, repair and dry, in target rows per second:
+   ``counts.reconcile()`` vs. hand-written set-based statements (``bench.baseline``: one
+   ``UPDATE … FROM (… GROUP BY …)`` per table plus the ledger and multiplicity checks), in one
+   statement each and in the engine's chunks;
 6. ``bench.incremental`` — drain time after small writes to the dataset itself (issue #11), and
    drain time per changed row, to compare across dataset sizes;
 7. ``bench.drainers`` — time to empty a backlog of single-row writes on the largest set with
-   1, 2 and 4 drainers (issue #27: more drainers must not make it slower).
+   1, 2 and 4 drainers (issue #27: more drainers must not make it slower);
+8. ``bench.rebuild`` — ``counts.rebuild()`` from a lost state (every count 0, no ledger) vs. the
+   same baseline in repair form, in a scratch copy of the database;
+9. ``bench.backfill`` — adding one count (``--backfill-count``) to the scratch copy:
+   ``counts.backfill.backfill()`` vs. a hand-written chunked backfill, and the p99 commit
+   latency of a concurrent single-row writer during each against idle.
 
 It prints one table (medians over repeats, the machine's core count in the header), progress on
 stderr, and with ``--json PATH`` every figure and sample; a PNG plot of list latency against
@@ -29,13 +37,19 @@ Marks already pending when it starts are drained first (what a worker would do),
 disturb the figures. The tables it churns are ``VACUUM (ANALYZE)``-ed between steps (untimed),
 so no sample pays for another's dead rows, whether autovacuum runs or not. Section 4 sends real
 messages through ``REDIS_URL`` and runs a worker in this process; stop other workers on the same
-database and namespace while it runs.
+database and namespace while it runs. Sections 8 and 9 wipe or clear the engine's state on purpose,
+so they run in a copy (``CREATE DATABASE <name>_bench_scratch TEMPLATE <name>``, ``bench.scratch``),
+made after the other sections and dropped at the end; PostgreSQL copies a database only while no
+other client is connected to it (the bench waits up to two minutes for that).
 
 Defaults (``--scale 200000``) take about five minutes on two cores (plus ~30 s to seed the first
 time), two of them the incremental section, nearly all of that today's drains (which recount
 whole sets) and the exactness checks; ``--scale 1000000`` adds the 500k-image set and took
 about eight minutes before the incremental section, which should add about six more there
-(estimated from today's drain times, not measured). Leave a section out with ``--sections``.
+(estimated from today's drain times, not measured). At 10⁶ captures one repeat of the reconcile
+section took about four minutes, of the rebuild section about six (three wipes, three
+rebuilds, three exactness checks), of the backfill section about three. Leave a section out
+with ``--sections``.
 """
 
 from __future__ import annotations
@@ -54,19 +68,34 @@ from django.db import connection
 from django.test import override_settings
 
 from bench import (
+    backfill,
     burst,
     dataset,
     drainers,
     fullpath,
     incremental,
     listing,
+    rebuild,
     recompute,
     reconcile,
     report,
+    scratch,
     writes,
 )
 
-SECTIONS = ("list", "write", "recompute", "burst", "incremental", "drainers", "reconcile")
+SECTIONS = (
+    "list",
+    "write",
+    "recompute",
+    "burst",
+    "incremental",
+    "drainers",
+    "reconcile",
+    "rebuild",
+    "backfill",
+)
+#: Sections run in the scratch copy of the database (``bench.scratch``).
+SCRATCH_SECTIONS = ("rebuild", "backfill")
 DEFAULT_PLOT = Path(settings.BASE_DIR) / "bench" / "out" / "list_latency.png"
 DEFAULT_SCALING_PLOT = Path(settings.BASE_DIR) / "bench" / "out" / "drain_per_row.png"
 
@@ -106,7 +135,36 @@ class Command(BaseCommand):
         add("--burst-writes", type=int, default=10_000, help="Single-row writes in a burst")
         add("--burst-sets", type=int, default=50, help="Capture sets the burst writes to")
         add("--burst-repeats", type=int, default=3, help="Bursts (p50/p99 over these)")
-        add("--reconcile-repeats", type=int, default=1, help="Full reconcile passes")
+        add(
+            "--reconcile-repeats",
+            type=int,
+            default=1,
+            help="Repeats of the reconcile section (6 full passes each)",
+        )
+        add(
+            "--rebuild-repeats",
+            type=int,
+            default=1,
+            help="Repeats of the rebuild section (3 rebuilds from a wiped state each)",
+        )
+        add(
+            "--backfill-repeats",
+            type=int,
+            default=1,
+            help="Repeats of the backfill section (engine, hand-written and idle samples)",
+        )
+        add(
+            "--backfill-count",
+            default=backfill.DEFAULT_COUNT,
+            choices=backfill.SUPPORTED,
+            help="The count the backfill section clears and adds again (label.column)",
+        )
+        add(
+            "--backfill-idle",
+            type=float,
+            default=10.0,
+            help="Seconds of the writer's idle sample in the backfill section",
+        )
         add("--incr-repeats", type=int, default=5, help="Repeats of each incremental case")
         add("--incr-singles", type=int, default=1_000, help="Single creates before one drain")
         add("--incr-rows", default="10,100,1000", help="Detections per bulk_create, per-row case")
@@ -134,9 +192,18 @@ class Command(BaseCommand):
         unknown = set(sections) - set(SECTIONS)
         if unknown:
             raise CommandError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-        repeats = ("repeats", "fullpath_repeats", "burst_repeats", "reconcile_repeats")
+        repeats = (
+            "repeats",
+            "fullpath_repeats",
+            "burst_repeats",
+            "reconcile_repeats",
+            "rebuild_repeats",
+            "backfill_repeats",
+        )
         if min(o[name] for name in (*repeats, "incr_repeats")) < 1:
             raise CommandError("repeats must be at least 1")
+        if not o["backfill_idle"] > 0:
+            raise CommandError("--backfill-idle must be a positive number of seconds")
         started = time.perf_counter()
         # Query logging (DEBUG) would weigh on every statement measured; the numbers should be
         # those of a production process.
@@ -216,7 +283,26 @@ class Command(BaseCommand):
             self.tidy()
         if "reconcile" in sections:
             results["reconcile"] = reconcile.measure(o["reconcile_repeats"], self.log)
+        wanted = [s for s in SCRATCH_SECTIONS if s in sections]
+        if wanted:
+            try:
+                self.in_scratch_copy(wanted, o, results)
+            except scratch.Unavailable as exc:
+                # The other sections' figures stand; these say why they are missing.
+                self.log(f"skipping {', '.join(wanted)}: {exc}")
+                for section in wanted:
+                    results[section] = {"skipped": str(exc)}
         return results
+
+    def in_scratch_copy(self, wanted: list[str], o: dict, results: dict) -> None:
+        with scratch.copy(self.log) as name:
+            results["meta"]["scratch_database"] = name
+            if "rebuild" in wanted:
+                results["rebuild"] = rebuild.measure(o["rebuild_repeats"], self.log)
+            if "backfill" in wanted:
+                results["backfill"] = backfill.measure(
+                    o["backfill_count"], o["backfill_repeats"], o["backfill_idle"], self.log
+                )
 
     def plot_scaling(self, paths: list[str], out: str) -> None:
         """Per-row drain figures of several runs, as a table and a PNG."""

@@ -1,0 +1,236 @@
+"""Section: adding a count to a live database — the engine's backfill against a hand-written one,
+and what either costs the writers meanwhile.
+
+A migration that adds a count runs ``counts.backfill.backfill(label, [name])`` on a database in
+use. The section simulates adding one count of the capture item kind (by default
+``SourceImage.detections_count``; ``--backfill-count label.column`` for another) in the bench's
+scratch copy of the database (``bench.scratch``): before each sample the count's state is
+cleared as if it had just been declared — its column set to 0 for every row (with the engine's
+setting, ``SET LOCAL counts.engine = 'on'``, which the column guards let through and the count
+triggers ignore) and its key removed from every capture's ledger (``state - '<key>'``, empty
+ledgers deleted) — then ``VACUUM (ANALYZE)`` (untimed). Then, in an order rotated per repeat:
+
+- **engine**: ``counts.backfill.backfill(label, [column])`` — a lease, then the capture kind
+  swept for that key only, 5,000 captures per transaction, each chunk claiming its ledger rows,
+  writing the entries and crediting the targets;
+- **baseline, chunked** (``bench.baseline``): per 5,000 captures one transaction and one
+  statement that builds the key's entries, merges them into the ledgers (``INSERT … ON
+  CONFLICT DO UPDATE SET state = state || …``) and adds their amounts to the column;
+- **idle**: no backfill, only the writer below, for ``--backfill-idle`` seconds.
+
+All the while a **writer** thread (its own connection) commits single-row ORM writes the
+triggers mark: a detection created on a random capture, then deleted, each its own
+transaction, one after the other. Its commit latencies while a backfill runs are compared with
+those of the idle sample: the p99 of each, and their ratio. After each sample the writer's marks
+are drained and the count's column and the captures' ledgers must equal the truth
+(``bench.baseline``'s statements; no mark left).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+from django.db import connection, connections, transaction
+
+from bench import baseline, dataset
+from bench.phases import Phases
+from bench.timing import median, ms, percentile, ratio, stopwatch
+from counts.backfill import backfill
+from counts.guards import ENGINE_SETTING
+from counts.items import LEDGER_TABLE
+from counts.marks import has_pending
+from counts.notice import quiet
+from project.monitoring.models import Detection
+
+VARIANTS = ("idle", "engine", "baseline")
+DEFAULT_COUNT = "monitoring.sourceimage.detections_count"
+#: The counts this section can clear and backfill: the capture kind's (``bench.baseline``
+#: builds their entries), i.e. every count of detections but the occurrence ones.
+SUPPORTED = (
+    "monitoring.sourceimage.detections_count",
+    "monitoring.deployment.detections_count",
+    "monitoring.event.detections_count",
+    "monitoring.sourceimagecollection.source_images_with_detections_count",
+    "monitoring.sourceimagecollection.source_images_processed_count",
+)
+#: The writer runs this long before a sample starts (its connection made, its first plans).
+WARMUP_S = 0.2
+
+
+class Count:
+    """The count being added: its table, column and ledger key."""
+
+    def __init__(self, name: str) -> None:
+        label, _, column = name.rpartition(".")
+        self.name, self.label, self.column = name, label, column
+        self.table = next(t for t in baseline.TABLES if t.label == label)
+        self.key = baseline.key(label, column)
+
+    def clear(self) -> None:
+        """The count as if just declared: column 0 everywhere, no ledger entry."""
+        kind = baseline.CAPTURE_KIND
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SELECT set_config(%s, 'on', true)", [ENGINE_SETTING])
+            cursor.execute(
+                f"UPDATE {self.table.table} SET {self.column} = 0 WHERE {self.column} <> 0"
+            )
+            cursor.execute(
+                f"UPDATE {LEDGER_TABLE} SET state = state - %s WHERE kind = %s AND state ? %s",
+                [self.key, kind, self.key],
+            )
+            cursor.execute(f"DELETE FROM {LEDGER_TABLE} WHERE kind = %s AND state = '{{}}'", [kind])
+        dataset.vacuum(LEDGER_TABLE, self.table.table, "counts_dirtymark", "monitoring_detection")
+
+    def baseline_chunk(self, lo, hi) -> str:
+        """One chunk of the hand-written backfill: the key's entries for the captures in
+        ``(lo, hi]`` merged into their ledgers, their amounts added to the column."""
+        k, kind = baseline._lit(self.key), baseline._lit(baseline.CAPTURE_KIND)
+        states = baseline._capture_states(lo, hi, keys=(self.key,))
+        col, table = self.column, self.table.table
+        return (
+            f"WITH t AS MATERIALIZED ({states}),"
+            f" w AS (INSERT INTO {LEDGER_TABLE} AS l (kind, item_id, state)"
+            f"  SELECT {kind}, item_id, state FROM t ON CONFLICT (kind, item_id)"
+            "  DO UPDATE SET state = l.state || EXCLUDED.state RETURNING 1),"
+            f" c AS (SELECT x::bigint AS id, sum((t.state->{k}->>0)::int) AS n FROM t"
+            f"  CROSS JOIN LATERAL jsonb_array_elements_text((t.state->{k}) - 0) x GROUP BY 1),"
+            f" u AS (UPDATE {table} s SET {col} = s.{col} + c.n,"
+            "  counts_updated_at = statement_timestamp() FROM c WHERE s.id = c.id RETURNING 1)"
+            " SELECT (SELECT count(*) FROM w), (SELECT count(*) FROM u)"
+        )
+
+    def exact(self) -> bool:
+        """The column and every capture's ledger equal the truth; no mark pending."""
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SET LOCAL jit = off")
+            cursor.execute(baseline.check_table(self.table))
+            _rows, wrong_rows = cursor.fetchone()
+            cursor.execute(baseline.check_ledger(baseline.KINDS[1]))
+            _items, wrong_items = cursor.fetchone()
+        return wrong_rows == 0 and wrong_items == 0 and not has_pending()
+
+
+def engine(count: Count) -> dict:
+    phases = Phases()
+    with stopwatch() as sw, phases.watching():
+        backfill(count.label, [count.column], progress=phases.progress)
+    return {"seconds": sw.seconds, "breakdown": phases.summary()}
+
+
+def hand_written(count: Count) -> dict:
+    ledgers = rows = chunks = 0
+    with stopwatch() as sw:
+        for lo, hi in baseline._bounds("monitoring_sourceimage", "id", baseline.ITEM_CHUNK):
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT set_config(%s, 'on', true), set_config('jit', 'off', true)",
+                    [ENGINE_SETTING],
+                )
+                cursor.execute(count.baseline_chunk(lo, hi))
+                written, credited = cursor.fetchone()
+            ledgers, rows, chunks = ledgers + written, rows + credited, chunks + 1
+    return {"seconds": sw.seconds, "ledgers_written": ledgers, "rows_written": rows,
+            "transactions": chunks}  # fmt: skip
+
+
+class Writer(threading.Thread):
+    """Single-row ORM writes the triggers mark, each committed alone, until stopped:
+    ``samples`` holds ``(started, seconds)`` per commit."""
+
+    def __init__(self, images: list[int], seed: int) -> None:
+        super().__init__(daemon=True)
+        self.images, self.rng = images, random.Random(seed)
+        self.stopping = threading.Event()
+        self.samples: list[tuple[float, float]] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with quiet():  # no worker runs: marks are drained by the section itself
+                while not self.stopping.is_set():
+                    image = self.rng.choice(self.images)
+                    started = time.perf_counter()
+                    made = Detection.objects.create(
+                        source_image_id=image, bbox=[1, 2, 3, 4], score=dataset.BENCH_SCORE
+                    )
+                    middle = time.perf_counter()
+                    Detection.objects.filter(pk=made.pk).delete()
+                    ended = time.perf_counter()
+                    self.samples += [(started, middle - started), (middle, ended - middle)]
+        except BaseException as exc:  # reported by the caller
+            self.error = exc
+        finally:
+            connections.close_all()
+
+    def between(self, start: float, end: float) -> list[float]:
+        return [s for at, s in self.samples if start <= at <= end]
+
+
+def _sample(variant: str, count: Count, images: list[int], idle_s: float, seed: int) -> dict:
+    if variant != "idle":
+        count.clear()
+    writer = Writer(images, seed)
+    writer.start()
+    time.sleep(WARMUP_S)
+    start = time.perf_counter()
+    if variant == "engine":
+        found = engine(count)
+    elif variant == "baseline":
+        found = hand_written(count)
+    else:
+        time.sleep(idle_s)
+        found = {"seconds": idle_s}
+    end = time.perf_counter()
+    writer.stopping.set()
+    writer.join()
+    if writer.error is not None:
+        raise writer.error
+    latencies = writer.between(start, end)
+    dataset.drain_all()
+    dataset.vacuum(LEDGER_TABLE, "monitoring_detection", "counts_dirtymark")
+    found["seconds"] = round(found["seconds"], 3)
+    found["exact"] = count.exact()
+    found["writes"] = len(latencies)
+    found["p50_ms"] = ms(percentile(latencies, 50))
+    found["p99_ms"] = ms(percentile(latencies, 99))
+    found["max_ms"] = ms(max(latencies, default=float("nan")))
+    return found
+
+
+def measure(name: str, repeats: int, idle_s: float, log) -> dict:
+    count = Count(name)
+    images = dataset.sample_images(10_000, salt=11)
+    samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for rep in range(repeats):
+        shift = rep % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            found = _sample(variant, count, images, idle_s, seed=rep * 10 + shift)
+            samples[variant].append(found)
+            log(
+                f"backfill {name} {variant}: {found['seconds']:.1f} s; writer p99"
+                f" {found['p99_ms']:.1f} ms over {found['writes']:,} commits"
+                + ("" if found["exact"] else "  (NOT EXACT)")
+            )
+    out: dict = {"count": name, "repeats": repeats, "idle_s": idle_s}
+    for variant, runs in samples.items():
+        out[variant] = {
+            "seconds": round(median([r["seconds"] for r in runs]), 3),
+            "p50_ms": round(median([r["p50_ms"] for r in runs]), 3),
+            "p99_ms": round(median([r["p99_ms"] for r in runs]), 3),
+            "writes": sum(r["writes"] for r in runs),
+            "samples": runs,
+        }
+    out["exact"] = all(r["exact"] for runs in samples.values() for r in runs)
+    out["ratio"] = round(ratio(out["engine"]["seconds"], out["baseline"]["seconds"]), 2)
+    out["p99_ratio"] = round(ratio(out["engine"]["p99_ms"], out["idle"]["p99_ms"]), 2)
+    out["p99_ratio_baseline"] = round(ratio(out["baseline"]["p99_ms"], out["idle"]["p99_ms"]), 2)
+    log(
+        f"backfill {name}: engine {out['engine']['seconds']:.1f} s vs baseline"
+        f" {out['baseline']['seconds']:.1f} s ({out['ratio']:.2f}x); writer p99"
+        f" {out['engine']['p99_ms']:.1f} ms during the engine's, {out['idle']['p99_ms']:.1f} ms"
+        f" idle ({out['p99_ratio']:.2f}x), {out['baseline']['p99_ms']:.1f} ms during the"
+        " baseline's" + ("" if out["exact"] else "  (NOT EXACT)")
+    )
+    return out
