@@ -129,13 +129,20 @@ def backfill(
     rows = 0
     for kind, keys in kinds.items():
         whole = set(keys) == {p.key for p in kind.parts}
+        # Every item of a new count differs: claim them all rather than compare first (which
+        # would build each item's truth twice).
         swept = item_sweep.sweep(
-            kind, None if whole else keys, chunk=5 * chunk, using=using, progress=step
+            kind,
+            None if whole else keys,
+            lock_all=True,
+            chunk=5 * chunk,
+            using=using,
+            progress=step,
         )
         rows += swept.checked
     if recounted:
         recount = ModelReport(label)
-        _reconcile_model(recount, False, chunk, step, using)
+        _reconcile_model(recount, False, chunk, step, using, lock_all=True)
         rows += recount.checked
     end_lease(lease, using)
     if rows:  # a fresh database's first migrations have nothing to say

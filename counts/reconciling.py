@@ -222,9 +222,15 @@ def _ledger_keys(labels: list[str]) -> dict:
 
 
 def _reconcile_model(
-    model_report: ModelReport, dry_run: bool, chunk: int, progress, using: str
+    model_report: ModelReport, dry_run: bool, chunk: int, progress, using: str, lock_all=False
 ) -> None:
-    """One target model's pass, ``chunk`` rows per transaction in id order."""
+    """One target model's pass, ``chunk`` rows per transaction in id order.
+
+    A repair compares first, without locks, and claims and writes only the rows that differ:
+    at rest it writes nothing (locking every row of 10^6 took 3 s and 200 MB of WAL a pass).
+    ``lock_all``: claim and recount every row, as a pass that then drops the marks it covered
+    must (a rebuild, a backfill ending its lease): only a lock attempt finds a row a drain is
+    still writing, and the held ones are marked again."""
     label = model_report.label
     statement = aggregate.compile_recompute(label, using)
     checkpoints.reach("bulk.before_model", label=label)
@@ -236,10 +242,18 @@ def _reconcile_model(
             if not ids:
                 break
             checked = ids
-            if not dry_run:  # rows someone holds are marked for the drain, not waited for
-                checked, _held = claim(cursor, statement, label, ids)
-            checkpoints.reach("recount.before_formula", label=label, ids=len(checked))
-            changes = aggregate.run(cursor, statement, checked, write=not dry_run)
+            if not dry_run and not lock_all:
+                differ = [c.pk for c in aggregate.run(cursor, statement, ids, write=False)]
+            else:
+                differ = ids
+            if not dry_run and differ:  # rows someone holds are marked for the drain
+                claimed, _held = claim(cursor, statement, label, differ)
+                if lock_all:
+                    checked = claimed
+            else:
+                claimed = differ
+            checkpoints.reach("recount.before_formula", label=label, ids=len(claimed))
+            changes = aggregate.run(cursor, statement, claimed, write=not dry_run)
         size = next_size(size, len(ids), time.perf_counter() - started, chunk)
         last = ids[-1]
         model_report.checked += len(checked)
@@ -310,7 +324,7 @@ def rebuild(
     # and a station's recount then read millions of items: minutes a row at 10^7).
     _drop(items, using)
     for label in labels:
-        _reconcile_model(report.model(label), False, chunk, progress, using)
+        _reconcile_model(report.model(label), False, chunk, progress, using, lock_all=True)
     _drop(rows, using)
     report.seconds = time.perf_counter() - started
     return report
