@@ -28,6 +28,7 @@ from django.db.models import Count, F, Q
 from django.db.models.query import QuerySet
 
 from counts.errors import DeclarationError, first_line
+from counts.lookups import f_refs, lookups
 from counts.names import FRESHNESS_FIELD, count_fields
 
 #: Every refusal, by check id.
@@ -372,13 +373,13 @@ def _check_filter(model, field, errors: list) -> list[tuple[str, _Walk]]:
         )
         return []
     walks, expressions = [], []
-    for child in _children(q):
+    for child in lookups(q):
         if not (isinstance(child, tuple) and len(child) == 2 and isinstance(child[0], str)):
             expressions.append(child)
             continue
         lookup, value = child
         walks.append((lookup, _walk(model, lookup, strict=False)))
-        for ref in _f_names(value):
+        for ref in f_refs(value):
             walks.append((ref, _walk(model, ref, strict=False)))
     for expression in expressions:
         errors.append(
@@ -420,22 +421,6 @@ def _expression(expression) -> str:
     query = getattr(expression, "query", None)
     model = getattr(query, "model", None)
     return f"{text} (over {model._meta.label})" if model is not None else text
-
-
-def _children(q: Q):
-    for child in q.children:
-        if isinstance(child, Q):
-            yield from _children(child)
-        else:
-            yield child
-
-
-def _f_names(value):
-    if isinstance(value, F):
-        yield value.name
-        return
-    for source in getattr(value, "get_source_expressions", lambda: [])():
-        yield from _f_names(source)
 
 
 def _check_keys(model, field, path: _Walk | None, filters, errors: list) -> None:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from django.db import connections
 from django.db.models import F, Q
 
+from counts.lookups import lookups
 from counts.mark import ITEM_PREFIX
 from counts.spec import FORWARD, REVERSE, Hop, Table
 
@@ -259,14 +260,6 @@ def _has_f(value) -> bool:
     return any(_has_f(s) for s in getattr(value, "get_source_expressions", lambda: [])())
 
 
-def _lookups(q: Q):
-    for child in q.children:
-        if isinstance(child, Q):
-            yield from _lookups(child)
-        else:
-            yield child
-
-
 def _model(table: Table):
     from django.apps import apps
 
@@ -431,7 +424,7 @@ def _item_self(spec) -> Mode:
 
 def classify(spec) -> Mode:
     """The cheapest exact way to keep ``spec`` (a ``CountSpec``) up to date."""
-    has_f = spec.filter is not None and any(_has_f(v) for _, v in _lookups(spec.filter))
+    has_f = spec.filter is not None and any(_has_f(v) for _, v in lookups(spec.filter))
     if spec.distinct or has_f:
         return _item_self(spec)
     if spec.counted != spec.path_chain:

@@ -25,10 +25,11 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from django.core.exceptions import FieldDoesNotExist
-from django.db.models import F, Q
+from django.db.models import Q
 
 from counts.errors import DeclarationError
 from counts.fields import CachedCountField, cached_count_fields
+from counts.lookups import f_refs, lookups
 
 logger = logging.getLogger(__name__)
 
@@ -186,24 +187,6 @@ def walk(model, lookup: str) -> tuple[Chain, str | None]:
     return tuple(chain), None
 
 
-def _lookups(q: Q):
-    """Every (lookup, value) pair inside a Q, however nested."""
-    for child in q.children:
-        if isinstance(child, Q):
-            yield from _lookups(child)
-        else:
-            yield child
-
-
-def _f_refs(value):
-    """``F()`` names inside a lookup's value (plain values contribute none)."""
-    if isinstance(value, F):
-        yield value.name
-        return
-    for source in getattr(value, "get_source_expressions", lambda: [])():
-        yield from _f_refs(source)
-
-
 def _add_read(reads: dict[Chain, set[str]], chain: Chain, column: str | None) -> None:
     for i in range(len(chain) + 1):
         reads.setdefault(chain[:i], set())
@@ -244,10 +227,10 @@ def resolve(model, count_field: CachedCountField) -> CountSpec:
     _add_read(reads, path_chain, None)
     below, elsewhere = False, False
     if count_field.count_filter is not None:
-        for lookup, value in _lookups(count_field.count_filter):
+        for lookup, value in lookups(count_field.count_filter):
             chain, column = walk(model, lookup)
             _add_read(reads, chain, column)
-            refs = list(_f_refs(value))
+            refs = list(f_refs(value))
             for ref in refs:
                 _add_read(reads, *walk(model, ref))
             under_path = lookup.startswith(count_field.count_path + "__") and not refs
