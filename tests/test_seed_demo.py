@@ -243,8 +243,8 @@ def test_a_write_during_the_counting_pass_keeps_its_mark(monkeypatch):
     written = {}
     kept = []
 
-    def reconcile_then_someone_writes(*args):
-        report = real(*args)
+    def reconcile_then_someone_writes(*args, **kwargs):
+        report = real(*args, **kwargs)
         if not written:
             image = SourceImage.objects.order_by("id").first()
             written["image"] = image.pk
