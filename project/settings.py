@@ -260,6 +260,8 @@ COUNTS_BACKFILL_LEASE_S = float(os.environ.get("COUNTS_BACKFILL_LEASE_S", "60"))
 #: rolls back and tries again (``counts.operations.SyncCountTriggers``), and how many times.
 COUNTS_TRIGGER_LOCK_TIMEOUT_MS = env_int("COUNTS_TRIGGER_LOCK_TIMEOUT_MS", 2000)
 COUNTS_TRIGGER_LOCK_ATTEMPTS = env_int("COUNTS_TRIGGER_LOCK_ATTEMPTS", 8)
+#: Milliseconds before the second try, doubled after each further one (with jitter).
+COUNTS_TRIGGER_LOCK_BACKOFF_MS = env_int("COUNTS_TRIGGER_LOCK_BACKOFF_MS", 500)
 #: Seconds between heartbeats of a worker process (the scheduler beats every sweep).
 COUNTS_HEARTBEAT_INTERVAL_S = env_int("COUNTS_HEARTBEAT_INTERVAL_S", 10)
 #: /readyz fails when the scheduler was last seen longer ago than this.
