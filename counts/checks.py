@@ -211,6 +211,17 @@ def _keys_of(step: _Step) -> list[tuple[object, type]]:
     return [(relation.field, step.model)]
 
 
+def _crossed(crossed, steps: list, roles: dict, role: str, where: str) -> None:
+    """Add the steps ``crossed`` to ``steps``, and the role of each model they reach (and of
+    each through model) to ``roles`` unless it has one already."""
+    for step in crossed:
+        steps.append(step)
+        roles.setdefault(step.to, role)
+        through = _through(step)
+        if through is not None:
+            roles.setdefault(through, f"is the through model of a relation {where}")
+
+
 def _through(step: _Step):
     relation = step.relation
     if not relation.many_to_many:
@@ -434,19 +445,9 @@ def _check_keys(model, field, path: _Walk | None, filters, errors: list) -> None
         ends_forward = last.forward and not field.count_distinct and len(path.steps) > 1
         counted = path.steps[-2].to if ends_forward else last.to
         roles.setdefault(counted, "is the model counted")
-        for step in path.steps:
-            steps.append(step)
-            roles.setdefault(step.to, "is on the count's path")
-            through = _through(step)
-            if through is not None:
-                roles.setdefault(through, "is the through model of a relation on the path")
+        _crossed(path.steps, steps, roles, "is on the count's path", "on the path")
     for _, walk in filters:
-        for step in walk.steps:
-            steps.append(step)
-            roles.setdefault(step.to, "is read by the count's filter")
-            through = _through(step)
-            if through is not None:
-                roles.setdefault(through, "is the through model of a relation in the filter")
+        _crossed(walk.steps, steps, roles, "is read by the count's filter", "in the filter")
     seen = set()
     for step in steps:
         for fk, points_at in _keys_of(step):

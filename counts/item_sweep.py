@@ -44,7 +44,15 @@ from django.db import connections
 from counts import aggregate, applying, checkpoints, multiplicity
 from counts.engine_transaction import engine_transaction
 from counts.item_locks import lock_items
-from counts.items import LEDGER_TABLE, ItemKind, credit, credits_sql, hoisted, truth_sql
+from counts.items import (
+    LEDGER_TABLE,
+    ItemKind,
+    credit,
+    credits_sql,
+    hoisted,
+    in_range,
+    truth_sql,
+)
 from counts.marks import defer
 from counts.stale_items import stale_sql
 from counts.triggers import MARK_TABLE, literal, q
@@ -69,13 +77,6 @@ class SweepReport:
     credits: dict = field(default_factory=lambda: defaultdict(int))
 
 
-def _range(column: str, lo: int | None, hi: int | None) -> str:
-    terms = [f"{column} > {int(lo)}" if lo is not None else "true"]
-    if hi is not None:
-        terms.append(f"{column} <= {int(hi)}")
-    return " AND ".join(terms)
-
-
 def may_count_sql(kind: ItemKind, lo: int | None, hi: int | None) -> str:
     """``SELECT item_id``: the items of ``(lo, hi]`` with a row below them that one of their
     counts measures (a child passing the count's filter; the item itself, for a count of the
@@ -86,7 +87,7 @@ def may_count_sql(kind: ItemKind, lo: int | None, hi: int | None) -> str:
         m = part.measure
         fk = f"r.{q(m.fk)}"
         rows, (predicate,) = hoisted([m.predicate], part.setting)
-        where = _range(fk, lo, hi) + (f" AND ({predicate})" if predicate else "")
+        where = in_range(fk, (lo, hi)) + (f" AND ({predicate})" if predicate else "")
         selects.add(f"SELECT {fk} AS item_id FROM {q(m.child.db_table)} r{rows} WHERE {where}")
     return " UNION ".join(sorted(selects)) or "SELECT NULL::bigint AS item_id WHERE false"
 
@@ -169,8 +170,8 @@ class Stale:
         """``SELECT id``: the stale items of ``(lo, hi]`` now, and its parameters."""
         newer = stale_sql(self.kind, "NOT (m.id = ANY(%s::bigint[]))")
         return (
-            f"SELECT id FROM pg_temp.{STALE_TABLE} WHERE {_range('id', lo, hi)}"
-            f" UNION SELECT id FROM ({newer}) s WHERE {_range('s.id', lo, hi)}",
+            f"SELECT id FROM pg_temp.{STALE_TABLE} WHERE {in_range('id', (lo, hi))}"
+            f" UNION SELECT id FROM ({newer}) s WHERE {in_range('s.id', (lo, hi))}",
             [self.known] * newer.count("%s"),
         )
 
@@ -185,10 +186,10 @@ def candidates_sql(kind: ItemKind, lo, hi, stale: str = "") -> str:
     k = literal(kind.mark_target)
     # By default the range's stale items: the bounds reach each arm of the union, which then
     # walks the item's key range instead of every item a job could reach.
-    stale = stale or f"SELECT id FROM ({stale_sql(kind)}) s WHERE {_range('s.id', lo, hi)}"
+    stale = stale or f"SELECT id FROM ({stale_sql(kind)}) s WHERE {in_range('s.id', (lo, hi))}"
     return (
         f"SELECT ARRAY(SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {k}"
-        f" AND {_range('item_id', lo, hi)} UNION {may_count_sql(kind, lo, hi)} ORDER BY 1),"
+        f" AND {in_range('item_id', (lo, hi))} UNION {may_count_sql(kind, lo, hi)} ORDER BY 1),"
         f" ARRAY({stale})"
     )
 
@@ -198,7 +199,7 @@ def _next_bound(cursor, kind: ItemKind, lo: int | None, chunk: int) -> int | Non
     the last chunk also takes the orphans beyond the last item)."""
     t = kind.table
     cursor.execute(
-        f"SELECT {q(t.pk)} FROM {q(t.db_table)} i WHERE {_range(f'i.{q(t.pk)}', lo, None)}"
+        f"SELECT {q(t.pk)} FROM {q(t.db_table)} i WHERE {in_range(f'i.{q(t.pk)}', (lo, None))}"
         f" ORDER BY {q(t.pk)} OFFSET %s LIMIT 1",
         [chunk - 1],
     )

@@ -186,7 +186,7 @@ def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
         else:
             joins.append(
                 f"LEFT JOIN (SELECT r.{q(fk)} AS id, {counts} FROM {q(table)} r{rows}"
-                f" WHERE {_in_range(f'r.{q(fk)}', within)} GROUP BY 1) c{c} ON c{c}.id = i.id"
+                f" WHERE {in_range(f'r.{q(fk)}', within)} GROUP BY 1) c{c} ON c{c}.id = i.id"
             )
         for n, pred in enumerate(preds):
             value = f"coalesce(c{c}.n{n}, 0)"
@@ -215,7 +215,7 @@ def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
             else:
                 joins.append(
                     f"LEFT JOIN (SELECT {ic} AS id, {agg} FROM {q(link.through.db_table)} x"
-                    f" WHERE {_in_range(ic, within)} GROUP BY 1) l{n} ON l{n}.id = i.id"
+                    f" WHERE {in_range(ic, within)} GROUP BY 1) l{n} ON l{n}.id = i.id"
                 )
             links[link] = f"l{n}.t"
     if own_row:
@@ -252,7 +252,7 @@ def hoisted(preds: list[str | None], setting) -> tuple[str, list[str | None]]:
     return rows, [pred.replace(value, "sv.value") if pred else pred for pred in preds]
 
 
-def _in_range(column: str, within: tuple[int | None, int | None]) -> str:
+def in_range(column: str, within: tuple[int | None, int | None]) -> str:
     """``column`` in ``(lo, hi]`` (SQL; the bounds are the engine's own integers)."""
     lo, hi = within
     terms = [f"{column} > {int(lo)}" if lo is not None else "true"]

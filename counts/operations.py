@@ -41,29 +41,20 @@ TRIGGER_LOCK_BACKOFF_MAX_MS = 15_000
 #: Errors after which the whole step is rolled back and tried again, by SQLSTATE.
 RETRIED = {"55P03": "lock timeout", "40P01": "deadlock"}
 #: Granted locks (``pg_locks.mode``) that make a request for each lock we take wait.
+_TABLE_LOCKS = (
+    "AccessShareLock",
+    "RowShareLock",
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+)
 CONFLICTS = {
-    SHARE_ROW_EXCLUSIVE: frozenset(
-        {
-            "RowExclusiveLock",
-            "ShareUpdateExclusiveLock",
-            "ShareLock",
-            "ShareRowExclusiveLock",
-            "ExclusiveLock",
-            "AccessExclusiveLock",
-        }
-    ),
-    ACCESS_EXCLUSIVE: frozenset(
-        {
-            "AccessShareLock",
-            "RowShareLock",
-            "RowExclusiveLock",
-            "ShareUpdateExclusiveLock",
-            "ShareLock",
-            "ShareRowExclusiveLock",
-            "ExclusiveLock",
-            "AccessExclusiveLock",
-        }
-    ),
+    # Every mode but the two that only readers and SELECT FOR UPDATE take.
+    SHARE_ROW_EXCLUSIVE: frozenset(_TABLE_LOCKS) - {"AccessShareLock", "RowShareLock"},
+    ACCESS_EXCLUSIVE: frozenset(_TABLE_LOCKS),
 }
 _STRENGTH = {SHARE_ROW_EXCLUSIVE: 1, ACCESS_EXCLUSIVE: 2}
 
