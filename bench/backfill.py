@@ -1,8 +1,8 @@
 """Section: adding a count to a live database — the engine's backfill against a hand-written one,
 and what either costs the writers meanwhile.
 
-A migration that adds a count runs ``counts.backfill.backfill(label, [name])`` on a database in
-use. The section simulates adding one count of the capture item kind (by default
+A migration that adds a count runs ``counts.operate.backfill.backfill(label, [name])`` on a
+database in use. The section simulates adding one count of the capture item kind (by default
 ``SourceImage.detections_count``; ``--backfill-count label.column`` for another) in the bench's
 scratch copy of the database (``bench.scratch``): before each sample the count's state is
 cleared as if it had just been declared — its column set to 0 for every row (with the engine's
@@ -10,7 +10,7 @@ setting, ``SET LOCAL counts.engine = 'on'``, which the column guards let through
 triggers ignore) and its key removed from every capture's ledger (``state - '<key>'``, empty
 ledgers deleted) — then ``VACUUM (ANALYZE)`` (untimed). Then, in an order rotated per repeat:
 
-- **engine**: ``counts.backfill.backfill(label, [column])`` — a lease, then the capture kind
+- **engine**: ``counts.operate.backfill.backfill(label, [column])`` — a lease, then the capture kind
   swept for that key only, 5,000 captures per transaction, each chunk claiming its ledger rows,
   writing the entries and crediting the targets;
 - **baseline, chunked** (``bench.baseline``): per 5,000 captures one transaction and one
@@ -37,11 +37,10 @@ from django.db import connection, connections, transaction
 from bench import baseline, dataset
 from bench.phases import Phases
 from bench.timing import median, ms, percentile, ratio, stopwatch
-from counts.backfill import backfill
-from counts.guards import ENGINE_SETTING
-from counts.items import LEDGER_TABLE
-from counts.marks import has_pending
-from counts.notice import quiet
+from counts.base.names import ENGINE_SETTING, LEDGER_TABLE
+from counts.operate.backfill import backfill
+from counts.run.marks import has_pending
+from counts.run.notice import quiet
 from project.monitoring.models import Detection
 
 VARIANTS = ("idle", "engine", "baseline")

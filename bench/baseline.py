@@ -1,16 +1,16 @@
 """Hand-written set-based statements that compute what the engine's bulk paths compute.
 
 The reconcile, rebuild and backfill sections measure ``counts.reconcile()``, ``counts.rebuild()``
-and ``counts.backfill.backfill()`` against these: the same values for the same rows, written
+and ``counts.operate.backfill.backfill()`` against these: the same values for the same rows, written
 the plain way one would by hand for this domain, without the engine's machinery (no claims, no
 marks, no credits, no lease). Like ``tests/truth.py`` they follow DESIGN.md §1 word for word and
-share nothing with the engine's compiler but the ledger keys (``counts.modes.ledger_key``):
+share nothing with the engine's compiler but the ledger keys (``counts.declare.modes.ledger_key``):
 
 - **targets**: per table, one ``SELECT`` (dry) or ``UPDATE … FROM`` (repair) joining the table
   to one ``GROUP BY`` per counted relation; the repair writes only the rows that differ and
   stamps ``counts_updated_at``, as the engine does;
 - **ledgers**: per item kind, each item's state (``{"<ledger key>": [amount, target, …]}``,
-  what ``counts.items.truth_sql`` defines) built by grouping detections and memberships per
+  what ``counts.run.items.truth_sql`` defines) built by grouping detections and memberships per
   capture, or filtering counted occurrences, compared with ``counts_ledger`` by a ``FULL
   JOIN`` (dry) or written by one ``UPDATE``, one ``INSERT`` and one ``DELETE`` (repair);
 - **multiplicities**: the (station, taxon) pairs of counted occurrences with their number,
@@ -39,10 +39,9 @@ from dataclasses import dataclass, field
 
 from django.db import connection, transaction
 
-from counts.guards import ENGINE_SETTING
-from counts.items import LEDGER_TABLE
-from counts.modes import ledger_key
-from counts.multiplicity import TABLE as MULTIPLICITY_TABLE
+from counts.base.names import ENGINE_SETTING, LEDGER_TABLE
+from counts.declare.modes import ledger_key
+from counts.run.multiplicity import TABLE as MULTIPLICITY_TABLE
 
 THROUGH = "monitoring_sourceimagecollection_images"
 CAPTURE_KIND = "item:monitoring.sourceimage"

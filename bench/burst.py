@@ -32,7 +32,7 @@ from bench.inprocess import (
     wait_until,
 )
 from bench.timing import median, percentile, stopwatch
-from counts.notice import quiet
+from counts.run.notice import quiet
 from project.monitoring.models import SourceImageCollection
 
 Through = SourceImageCollection.images.through

@@ -14,7 +14,7 @@ incremental section alone writes into the dataset itself (a few detections, memb
 threshold, each undone right after its sample); its detections carry :data:`BENCH_SCORE`, so
 the start of a run deletes those an interrupted one left.
 
-Bench writes go through :class:`counts.notice.quiet`: the triggers still write their marks (the
+Bench writes go through :class:`counts.run.notice.quiet`: the triggers still write their marks (the
 bench drains them itself, synchronously), but no recompute message is sent to Redis. Only the
 burst section (``bench.burst``) writes loudly, because messages are what it measures.
 """
@@ -29,8 +29,8 @@ from django.core.management.base import CommandError
 from django.db import connection, transaction
 
 import counts
-from counts.marks import pending_ids
-from counts.notice import quiet
+from counts.run.marks import pending_ids
+from counts.run.notice import quiet
 from project.monitoring.models import Detection, Project, SourceImageCollection
 
 #: Name prefix of every project the bench creates (and deletes).

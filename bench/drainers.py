@@ -26,8 +26,8 @@ from django.db import connection, connections
 from bench import dataset
 from bench.inprocess import booted_broker, quiet_logs
 from bench.timing import median
-from counts.marks import has_pending, pending_summary
-from counts.notice import quiet
+from counts.run.marks import has_pending, pending_summary
+from counts.run.notice import quiet
 from project.monitoring.models import Detection, SourceImage
 from workers.actors import QUEUE, drain_label
 

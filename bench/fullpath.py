@@ -1,7 +1,7 @@
 """Section 2, last figure: one row per transaction, through the whole write path.
 
 What a web request that saves one detection pays for exact counts: the count triggers inside
-its transaction, the commit, and the after-commit notice to Redis (``counts.notice`` and
+its transaction, the commit, and the after-commit notice to Redis (``counts.run.notice`` and
 ``workers.hooks``: a debounced message request per model or item kind written, skipped while
 a message or a drainer is known to be coming, ``workers.debounce``). Unlike the other write
 figures, each sample here commits, ``transactions`` times in a row, with a real worker (two
@@ -12,7 +12,7 @@ Redis again, a world no deployment runs in.
 - **on**: ``Detection.objects.create`` in autocommit, triggers and notice as in production;
 - **off**: the same with the detection table's count triggers disabled (``ALTER TABLE …
   DISABLE TRIGGER`` by name, committed, so this must run on a bench database nobody else
-  writes to) and the notice silenced (``counts.notice.quiet``): a world without cached counts.
+  writes to) and the notice silenced (``counts.run.notice.quiet``): a world without cached counts.
 
 Samples alternate on/off and off/on (ABBA) after an untimed pair; each starts once the worker
 is idle (no message queued, delayed or running), so no sample shares the CPU with a drain. The
@@ -28,7 +28,7 @@ import counts
 from bench.inprocess import queued_messages, quiet_logs, running_worker, wait_until
 from bench.timing import median, ms, ratio, stopwatch
 from bench.writes import count_triggers
-from counts.notice import quiet
+from counts.run.notice import quiet
 from project.monitoring.models import Detection
 
 TABLE = "monitoring_detection"

@@ -47,7 +47,7 @@ from django.db import connection, transaction
 import counts
 from bench import dataset
 from bench.timing import median, ms, ms_list, stopwatch
-from counts.notice import quiet
+from counts.run.notice import quiet
 from project.monitoring.models import Detection, Project, SourceImageCollection
 
 SENTINEL = dataset.BENCH_SCORE
@@ -298,7 +298,7 @@ def sample(case: Case, r: int) -> dict:
             dataset.drain_all()
         dataset.vacuum(MARKS)
         # The vacuum's new statistics invalidate the prepared take statement's plan
-        # (``counts.prepared``): a worker's connection plans it again once per (auto)vacuum of
+        # (``counts.base.prepared``): a worker's connection plans it again once per (auto)vacuum of
         # the queue, not once per drain. An untimed drain that finds nothing pays for it here.
         drain_to_empty()
         with quiet(), stopwatch() as written:

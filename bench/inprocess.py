@@ -15,7 +15,7 @@ from collections import Counter
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from workers.hooks import queue_sizes
+from workers.queued import queue_sizes
 
 _booted = {"done": False}
 

@@ -1,8 +1,8 @@
 """Where a bulk pass of the engine spends its time, read from its checkpoints and progress.
 
-``counts.reconcile()``, ``counts.rebuild()`` and ``counts.backfill.backfill()`` call their
+``counts.reconcile()``, ``counts.rebuild()`` and ``counts.operate.backfill.backfill()`` call their
 ``progress`` callback after every chunk's commit, and reach named checkpoints (a stable
-interface, ``counts.checkpoints.NAMES``) where a phase starts (``bulk.before_model``: an item
+interface, ``counts.base.checkpoints.NAMES``) where a phase starts (``bulk.before_model``: an item
 kind's sweep or a model's recount) and, inside each chunk, once its rows are locked
 (``sweep.locked``, ``recount.before_formula``). Stamping each with ``time.perf_counter()``
 splits a pass, untouched, into:
@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from counts import checkpoints
+from counts.base import checkpoints
 
 _LOCKED = ("sweep.locked", "recount.before_formula")
 

@@ -34,10 +34,9 @@ from bench import baseline
 from bench.phases import Phases
 from bench.reconcile import vacuum
 from bench.timing import median, ratio, stopwatch
-from counts.guards import ENGINE_SETTING
-from counts.items import LEDGER_TABLE
-from counts.marks import has_pending
-from counts.multiplicity import TABLE as MULTIPLICITY_TABLE
+from counts.base.names import ENGINE_SETTING, LEDGER_TABLE
+from counts.run.marks import has_pending
+from counts.run.multiplicity import TABLE as MULTIPLICITY_TABLE
 
 VARIANTS = ("engine", "baseline", "chunked")
 

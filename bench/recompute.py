@@ -11,7 +11,7 @@ three ways, rotating which goes first:
   by ``counts.drain()`` with the workers' batch size: take marks, lock, one aggregate statement
   per batch, one ``UPDATE … FROM`` of the rows that changed;
 - **per-set statement** — the engine's own compiled statement with one id, in one transaction
-  per set (:func:`counts.recomputing.recompute_rows`): the same SQL, ungrouped;
+  per set (:func:`counts.operate.recomputing.recompute_rows`): the same SQL, ungrouped;
 - **per-set ORM aggregate** — the pull request's ``update_calculated_fields``: one
   ``aggregate()`` of the set's images and one ``UPDATE`` per set.
 
@@ -26,11 +26,10 @@ from django.db.models import Count, Q
 
 from bench import dataset
 from bench.timing import median, ms, ms_list, ratio, stopwatch
-from counts.draining import drain
-from counts.guards import ENGINE_SETTING
-from counts.notice import quiet
-from counts.recomputing import recompute_rows
-from counts.triggers import MARK_TABLE
+from counts.base.names import ENGINE_SETTING, MARK_TABLE
+from counts.operate.recomputing import recompute_rows
+from counts.run.draining import drain
+from counts.run.notice import quiet
 from project.monitoring.models import SourceImage, SourceImageCollection
 
 METHODS = ("grouped", "per_set_statement", "per_set_orm")

@@ -27,7 +27,7 @@ from django.db import connection, transaction
 
 from bench import dataset
 from bench.timing import median, ms, ms_list, ratio, stopwatch
-from counts.triggers import MARK_TABLE, q
+from counts.base.names import MARK_TABLE, q
 from project.monitoring.models import Detection, SourceImageCollection
 
 

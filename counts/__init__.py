@@ -2,13 +2,13 @@
 
 The public API, importable from ``counts``:
 
-- :class:`~counts.fields.CachedCountField` — declare a count (in ``counts.fields``);
+- :class:`~counts.declare.field.CachedCountField` — declare a count (in ``counts.declare.field``);
 - :func:`recompute` — recompute given rows now (admin action, tests);
 - :func:`drain` — consume one batch of dirty marks (workers);
 - :func:`reconcile` — find and repair drift (scheduler, ``manage.py counts reconcile``);
 - :func:`rebuild` — recompute every row of some or all models now, leaving no redundant mark
   (``manage.py counts rebuild``, ``seed_demo``); :func:`target_rows` sizes such a pass;
-- :mod:`counts.rest` — list endpoints with counts and freshness, for apps that use DRF.
+- :mod:`counts.surfaces.rest` — list endpoints with counts and freshness, for apps that use DRF.
 
 The life of a mark, one step at a time, in the order to read the modules (``docs/engine.md``
 says why each step keeps the counts exact):
@@ -40,57 +40,21 @@ Around them: ``recomputing`` ("Recompute now"), ``reconciling`` (reconcile and r
 operators see), ``admin``, ``admin_change`` and ``rest`` (what users see), ``apps`` (the graph,
 sealed at startup), ``signals``, ``names`` and ``errors`` (one hierarchy).
 
-The functions import lazily so that importing ``counts.fields`` from a models module never
+The functions import lazily so that importing ``counts.declare.field`` from a models module never
 pulls in code that needs the app registry.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+_PUBLIC = frozenset({"drain", "rebuild", "recompute", "recompute_rows", "reconcile", "target_rows"})
 
 
-def recompute(rows) -> tuple[int, int]:
-    """Recompute the cached counts of a queryset or an iterable of instances, synchronously.
+def __getattr__(name: str):
+    """``counts.drain`` and the others, loaded on first use (PEP 562)."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'counts' has no attribute {name!r}")
+    # Function-local on purpose: this package is imported while Django loads its apps, before
+    # the engine's modules may be (they read models and the app registry).
+    from counts import api
 
-    Returns:
-        (rows recomputed, rows whose stored counts changed)
-    """
-    from counts.recomputing import recompute_rows
-
-    ids: dict[str, list[int]] = defaultdict(list)
-    if hasattr(rows, "model") and hasattr(rows, "values_list"):
-        ids[rows.model._meta.label_lower] = list(rows.values_list("pk", flat=True))
-    else:
-        for obj in rows:
-            ids[obj._meta.label_lower].append(obj.pk)
-    return recompute_rows(dict(ids))
-
-
-def drain(**options):
-    """Consume one batch of dirty marks; see :func:`counts.draining.drain` for the options."""
-    from counts.draining import drain as _drain
-
-    return _drain(**options)
-
-
-def reconcile(model=None, dry_run: bool = False, chunk: int = 5000, progress=None):
-    """Find and repair drift; see :func:`counts.reconciling.reconcile`."""
-    from counts.reconciling import reconcile as _reconcile
-
-    return _reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
-
-
-def rebuild(models=None, chunk: int = 5000, progress=None):
-    """Recompute every row of ``models`` (all targets when None) now; see
-    :func:`counts.reconciling.rebuild`."""
-    from counts.reconciling import rebuild as _rebuild
-
-    return _rebuild(models=models, chunk=chunk, progress=progress)
-
-
-def target_rows(models=None) -> dict[str, int]:
-    """``{label: rows}`` of ``models`` (all targets when None); see
-    :func:`counts.reconciling.target_rows`."""
-    from counts.reconciling import target_rows as _target_rows
-
-    return _target_rows(models=models)
+    return getattr(api, name)

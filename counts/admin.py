@@ -14,7 +14,8 @@ Three pieces:
   has cached counts but does not use the mixin gets it, so a count declared on a model with a
   plain admin shows up (column, freshness, "Recompute now") without touching its admin.
   Totals on its list read like its counts ("9,931 results (20,000 total)"), and a row's
-  change page shows the counts, freshness and "Recompute now" too (``counts.admin_change``).
+  change page shows the counts, freshness and "Recompute now" too
+  (``counts.surfaces.admin_change``).
 - :class:`DirtyMarkAdmin`, a read-only page for operators titled "Pending recomputes": the
   backlog per model (requests, rows, age of the oldest) above the waiting requests themselves
   (template: ``counts/templates/admin/counts/dirtymark/change_list.html``). It speaks the
@@ -36,11 +37,12 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import ngettext
 
-import counts
-from counts.admin_change import ChangePageMixin, extend_template
-from counts.fields import FRESHNESS_FIELD, cached_count_fields
-from counts.marks import flag_pending, pending_summary
+from counts.base.names import FRESHNESS_FIELD
+from counts.declare.field import cached_count_fields
 from counts.models import DirtyMark
+from counts.operate.recomputing import recompute
+from counts.run.marks import flag_pending, pending_summary
+from counts.surfaces.admin_change import ChangePageMixin, extend_template
 
 #: The permission that unlocks "Recompute now" (declared on ``DirtyMark.Meta``).
 RECOMPUTE_PERMISSION = "counts.recompute_counts"
@@ -208,7 +210,7 @@ class CachedCountsMixin(ChangePageMixin):
                 messages.ERROR,
             )
             return
-        recomputed, changed = counts.recompute(queryset)
+        recomputed, changed = recompute(queryset)
         self.message_user(
             request, f"{recomputed:,} recomputed, {changed:,} changed", messages.SUCCESS
         )

@@ -1,14 +1,18 @@
 from django.apps import AppConfig, apps
 
+from counts.declare.graph import Graph
+from counts.declare.resolve import resolve_all
+from counts.run import notice
+
 
 class CountsConfig(AppConfig):
     """Builds and seals the dependency graph once every model is loaded.
 
     A declaration the engine cannot keep exact is left out of the graph here, never raised:
-    ``CachedCountField.check()`` (``counts.checks``) reports it — with every other refused
+    ``CachedCountField.check()`` (``counts.declare.checks``) reports it — with every other refused
     declaration, as ``counts.E0xx`` system check errors naming the model and field — from
     ``manage.py check`` and every command that runs the checks, and
-    ``counts.checks.refuse_unsupported`` keeps any trigger from being written or installed
+    ``counts.declare.refusals.refuse_unsupported`` keeps any trigger from being written or installed
     while one is refused. Then every admin of a model with counts gets their columns and
     "Recompute now" (``counts.admin.augment``).
     """
@@ -18,13 +22,12 @@ class CountsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from counts import notice
-        from counts.graph import Graph
-        from counts.spec import resolve_all
 
         self.graph = Graph.build(resolve_all(apps.get_models()))
         notice.install(self.graph)
         if apps.is_installed("django.contrib.admin"):
+            # Function-local on purpose: admin modules import models, which this module (read
+            # while Django populates the registry) must not; ready() runs once it is populated.
             from django.contrib.admin import autodiscover
 
             from counts.admin import augment

@@ -14,11 +14,11 @@ class DirtyMark(models.Model):
     """Rows of ``target`` whose cached counts may be stale, or items that may count differently.
 
     Seven kinds (delta, recount, every row, route, item, every item, job), told apart by the
-    columns in one place only: ``counts.mark`` (its table says what each kind asks for).
+    columns in one place only: ``counts.base.mark`` (its table says what each kind asks for).
 
     ``not_before`` is set on a mark that is due later: written again for rows another
     transaction held (drains leave it alone until then, so a busy row is retried, not spun
-    on), or a backfill's lease (``counts.backfill``).
+    on), or a backfill's lease (``counts.operate.backfill``).
     """
 
     id = models.BigAutoField(primary_key=True)
@@ -26,7 +26,7 @@ class DirtyMark(models.Model):
     ids = ArrayField(models.BigIntegerField(), null=True, blank=True)
     field = models.CharField(max_length=100, null=True, blank=True)  # noqa: DJ001 (NULL: no delta)
     deltas = ArrayField(models.IntegerField(), null=True, blank=True)
-    #: A job mark's ``[old, new]`` per id (``counts.jobs``).
+    #: A job mark's ``[old, new]`` per id (``counts.declare.jobs``).
     payload = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     not_before = models.DateTimeField(null=True, blank=True)
@@ -42,7 +42,7 @@ class DirtyMark(models.Model):
 
 
 class Ledger(models.Model):
-    """What each item's contribution was credited as, per count (``counts.items``).
+    """What each item's contribution was credited as, per count (``counts.run.items``).
 
     ``state`` is ``{"<ledger key>": [amount, target id, ...]}``; no row means nothing was
     credited. Written only by drains (and reconcile's ledger audit), under the row's lock.
@@ -63,7 +63,7 @@ class Ledger(models.Model):
 class Multiplicity(models.Model):
     """How many counted items carry ``value`` for ``target_id``, per distinct count (``key``,
     its ledger key): the count is the number of its pairs with ``n > 0``
-    (``counts.multiplicity``). Written only by drains and reconcile, under the row's lock."""
+    (``counts.run.multiplicity``). Written only by drains and reconcile, under the row's lock."""
 
     pk = models.CompositePrimaryKey("key", "target_id", "value")
     key = models.CharField(max_length=16)

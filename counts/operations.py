@@ -5,105 +5,30 @@ doing what it did when it was written, whatever the declarations say later. A
 :class:`SyncCountTriggers` holds a difference: the new version of each trigger it adds or
 changes, and the old version of each it changes or removes, so it applies and reverses exactly.
 The first migrations written (``monitoring`` 0002 and 0003) hold complete sets on both sides,
-which is the same thing with nothing left out; ``counts.migrations_writer`` replays them all to
-know what is installed and writes only what changed since.
+which is the same thing with nothing left out; ``counts.management.migrations_writer`` replays them
+all to know what is installed and writes only what changed since.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import time
-from dataclasses import dataclass, field
 
-from django.conf import settings
-from django.db import DatabaseError, connections, transaction
+from django.db import connections
 from django.db.migrations.operations.base import Operation
 
-from counts.apps import graph
-from counts.checks import refuse_unsupported
-from counts.errors import MigrationError, first_line
-from counts.fields import FRESHNESS_FIELD
-from counts.triggers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE, CompiledTrigger, q
+from counts.base.errors import MigrationError
+from counts.base.names import FRESHNESS_FIELD
+from counts.declare.graph import app_graph
+from counts.declare.kinds import kinds_feeding
+from counts.declare.refusals import refuse_unsupported
+from counts.operate.backfill import backfill
+from counts.operate.progress import backfill_progress
+from counts.run.item_backfill import mark_every_item
+from counts.run.marks import mark_all
+from counts.surfaces import trigger_install
+from counts.surfaces.trigger_install import LockNotGranted
 
 logger = logging.getLogger(__name__)
-
-#: Milliseconds the trigger step waits, all its table locks together, before it rolls back
-#: (setting ``COUNTS_TRIGGER_LOCK_TIMEOUT_MS``). While it waits for a table, later readers and
-#: writers that conflict with the lock it asked for queue behind it: this bounds their wait.
-TRIGGER_LOCK_TIMEOUT_MS = 2000
-#: Tries before the step gives up (``COUNTS_TRIGGER_LOCK_ATTEMPTS``); one inside a transaction.
-TRIGGER_LOCK_ATTEMPTS = 8
-#: Pause after the first failed try (``COUNTS_TRIGGER_LOCK_BACKOFF_MS``), doubled after each
-#: further one up to :data:`TRIGGER_LOCK_BACKOFF_MAX_MS`, times a random 0.5-1 (jitter).
-TRIGGER_LOCK_BACKOFF_MS = 500
-TRIGGER_LOCK_BACKOFF_MAX_MS = 15_000
-#: Errors after which the whole step is rolled back and tried again, by SQLSTATE.
-RETRIED = {"55P03": "lock timeout", "40P01": "deadlock"}
-#: Granted locks (``pg_locks.mode``) that make a request for each lock we take wait.
-_TABLE_LOCKS = (
-    "AccessShareLock",
-    "RowShareLock",
-    "RowExclusiveLock",
-    "ShareUpdateExclusiveLock",
-    "ShareLock",
-    "ShareRowExclusiveLock",
-    "ExclusiveLock",
-    "AccessExclusiveLock",
-)
-CONFLICTS = {
-    # Every mode but the two that only readers and SELECT FOR UPDATE take.
-    SHARE_ROW_EXCLUSIVE: frozenset(_TABLE_LOCKS) - {"AccessShareLock", "RowShareLock"},
-    ACCESS_EXCLUSIVE: frozenset(_TABLE_LOCKS),
-}
-_STRENGTH = {SHARE_ROW_EXCLUSIVE: 1, ACCESS_EXCLUSIVE: 2}
-
-
-def _compiled(rows) -> dict[tuple[str, str], CompiledTrigger]:
-    triggers = (CompiledTrigger(**row) for row in rows)
-    return {(t.table, t.name): t for t in triggers}
-
-
-def _setting(name: str, default: int) -> int:
-    return int(getattr(settings, name, default))
-
-
-@dataclass
-class _Plan:
-    """What one application of a :class:`SyncCountTriggers` runs, and the locks it needs."""
-
-    statements: list[str] = field(default_factory=list)
-    #: ``{table: lock mode}``, the strongest any of its statements needs.
-    locks: dict[str, str] = field(default_factory=dict)
-
-    def add(self, table: str, sql: str, lock: str) -> None:
-        self.statements.append(sql)
-        if _STRENGTH[lock] > _STRENGTH.get(self.locks.get(table, ""), 0):
-            self.locks[table] = lock
-
-    @classmethod
-    def of(cls, install, remove) -> _Plan:
-        """Drop what ``remove`` has and ``install`` has not, then install what changed."""
-        wanted, gone = _compiled(install), _compiled(remove)
-        plan = cls()
-        for key, trigger in gone.items():
-            if key not in wanted:
-                plan.add(trigger.table, trigger.uninstall_sql, trigger.uninstall_lock)
-        for key, trigger in wanted.items():
-            if gone.get(key) != trigger:
-                plan.add(trigger.table, trigger.install_sql, trigger.install_lock)
-        return plan
-
-
-class LockNotGranted(MigrationError):
-    """The trigger step could not lock its tables in time; nothing of it was applied."""
-
-
-@dataclass
-class _Attempt:
-    """One try: the table it was waiting for when it failed (None: not waiting for a lock)."""
-
-    waiting_for: str | None = None
 
 
 class SyncCountTriggers(Operation):
@@ -126,9 +51,9 @@ class SyncCountTriggers(Operation):
     TRIGGER`` needs it). A lock request waits for every conflicting holder and makes every
     later conflicting request wait behind it, so behind one long transaction on a table the
     application would queue behind the migration: the step waits at most
-    ``COUNTS_TRIGGER_LOCK_TIMEOUT_MS`` (:data:`TRIGGER_LOCK_TIMEOUT_MS`) for all its locks
-    together (``lock_timeout``), then rolls back, logs a warning naming the table and the
-    sessions holding it, pauses (:data:`TRIGGER_LOCK_BACKOFF_MS`, doubling) and tries again,
+    ``COUNTS_TRIGGER_LOCK_TIMEOUT_MS`` for all its locks together (``lock_timeout``), then
+    rolls back, logs a warning naming the table and the sessions holding it, pauses
+    (``COUNTS_TRIGGER_LOCK_BACKOFF_MS``, doubling) and tries again,
     ``COUNTS_TRIGGER_LOCK_ATTEMPTS`` times in all before it raises :class:`LockNotGranted`.
 
     Inside a transaction already (a migration with ``atomic = True``, whose schema editor holds
@@ -166,57 +91,7 @@ class SyncCountTriggers(Operation):
 
     @staticmethod
     def _apply(schema_editor, install, remove) -> None:
-        plan = _Plan.of(install, remove)
-        if not plan.statements:
-            return
-        timeout = _setting("COUNTS_TRIGGER_LOCK_TIMEOUT_MS", TRIGGER_LOCK_TIMEOUT_MS)
-        if schema_editor.collect_sql:  # sqlmigrate: what would run
-            _collect(schema_editor, plan, timeout)
-            return
-        connection = schema_editor.connection
-        nested = connection.in_atomic_block or not connection.get_autocommit()
-        attempts = 1 if nested else _setting("COUNTS_TRIGGER_LOCK_ATTEMPTS", TRIGGER_LOCK_ATTEMPTS)
-        backoff = _setting("COUNTS_TRIGGER_LOCK_BACKOFF_MS", TRIGGER_LOCK_BACKOFF_MS)
-        for number in range(1, max(1, attempts) + 1):
-            attempt = _Attempt()
-            try:
-                with transaction.atomic(using=connection.alias):
-                    _run(schema_editor, plan, timeout, attempt, restore=nested)
-                return
-            except DatabaseError as exc:
-                reason = RETRIED.get(getattr(exc.__cause__, "sqlstate", None))
-                if reason is None:
-                    raise
-                tables = [attempt.waiting_for] if attempt.waiting_for else sorted(plan.locks)
-                where = ", ".join(f"{plan.locks[t]} on {t}" for t in tables)
-                held = _holders(connection, plan, tables)
-                if nested:
-                    raise LockNotGranted(
-                        f"count triggers: {reason} after {timeout} ms waiting for {where}"
-                        f" ({held}); this step runs inside a transaction (an atomic migration),"
-                        " so it was not retried and the migration is rolled back: run migrate"
-                        " again once that session is done"
-                    ) from exc
-                if number >= attempts:
-                    raise LockNotGranted(
-                        f"count triggers: {reason} waiting for {where} ({held}) on each of"
-                        f" {attempts} tries of {timeout} ms; nothing was changed: run migrate"
-                        " again once that session is done"
-                    ) from exc
-                pause = min(backoff * 2 ** (number - 1), TRIGGER_LOCK_BACKOFF_MAX_MS)
-                pause = pause * random.uniform(0.5, 1.0) / 1000
-                logger.warning(
-                    "count triggers: %s after %d ms waiting for %s (%s); rolled back, nothing"
-                    " changed; try %d of %d in %.1f s",
-                    reason,
-                    timeout,
-                    where,
-                    held,
-                    number + 1,
-                    attempts,
-                    pause,
-                )
-                time.sleep(pause)
+        trigger_install.apply(schema_editor, install, remove)
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
         # ``migrate --skip-checks`` must not install triggers for a declaration the checks
@@ -238,76 +113,6 @@ class SyncCountTriggers(Operation):
         return "count_triggers"
 
 
-def _lock_timeout(cursor, ms: int) -> None:
-    cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{max(1, ms)}ms"])
-
-
-def _run(schema_editor, plan: _Plan, timeout: int, attempt: _Attempt, restore: bool) -> None:
-    """Lock, then install, in the transaction (or savepoint) the caller opened."""
-    with schema_editor.connection.cursor() as cursor:
-        if restore:  # a savepoint: leave the enclosing transaction's setting as it was
-            cursor.execute("SELECT current_setting('lock_timeout')")
-            (before,) = cursor.fetchone()
-        # A table dropped since (with its triggers) has nothing left to drop: not locked.
-        cursor.execute(
-            "SELECT t FROM unnest(%s::text[]) t WHERE to_regclass(quote_ident(t)) IS NOT NULL",
-            [sorted(plan.locks)],
-        )
-        tables = sorted(row[0] for row in cursor.fetchall())
-        deadline = time.monotonic() + timeout / 1000
-        for table in tables:
-            # One budget for all the locks: the longest anyone queues behind this step.
-            _lock_timeout(cursor, int((deadline - time.monotonic()) * 1000))
-            attempt.waiting_for = table
-            cursor.execute(f"LOCK TABLE {q(table)} IN {plan.locks[table]} MODE")
-        attempt.waiting_for = None
-        _lock_timeout(cursor, timeout)
-        for sql in plan.statements:
-            schema_editor.execute(sql, params=None)
-        if restore:
-            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [before])
-
-
-def _collect(schema_editor, plan: _Plan, timeout: int) -> None:
-    """The statements for ``sqlmigrate``, in a transaction of their own unless in one."""
-    own = not schema_editor.atomic_migration
-    statements = [f"SET LOCAL lock_timeout = '{timeout}ms';"]
-    statements += [f"LOCK TABLE {q(t)} IN {plan.locks[t]} MODE;" for t in sorted(plan.locks)]
-    for sql in (["BEGIN;"] if own else []) + statements + plan.statements:
-        schema_editor.execute(sql, params=None)
-    if own:
-        schema_editor.execute("COMMIT;", params=None)
-
-
-def _holders(connection, plan: _Plan, tables: list[str]) -> str:
-    """The sessions holding a lock that conflicts with ours on ``tables``, as one phrase."""
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT DISTINCT c.relname, l.pid, l.mode, a.state,"
-                " extract(epoch FROM now() - a.xact_start), left(a.query, 80)"
-                " FROM pg_locks l"
-                " JOIN pg_class c ON c.oid = l.relation"
-                " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
-                " WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()"
-                " AND l.database ="
-                " (SELECT oid FROM pg_database WHERE datname = current_database())"
-                " AND l.relation IN (SELECT to_regclass(quote_ident(t)) FROM unnest(%s::text[]) t)"
-                " ORDER BY 1, 2",
-                [tables],
-            )
-            rows = cursor.fetchall()
-    except DatabaseError as exc:  # the warning matters more than its details
-        return f"holders unknown: {first_line(exc)}"
-    found = []
-    for table, pid, mode, state, seconds, query in rows:
-        if mode not in CONFLICTS[plan.locks[table]]:
-            continue
-        age = f" for {seconds:.0f} s" if seconds is not None else ""
-        found.append(f"pid {pid} holds {mode} on {table}, {state or 'unknown'}{age}: {query!r}")
-    return "; ".join(found) or "no holder seen any more"
-
-
 def _columns(state) -> dict[str, set[str]]:
     """Columns of every table in a migration state (auto-created M2M tables included)."""
     return {
@@ -327,7 +132,7 @@ def computable(label: str, state) -> bool:
     if state is None:
         return True
     columns = _columns(state)
-    for spec in graph().specs_for(label):
+    for spec in app_graph().specs_for(label):
         needed = {spec.target.db_table: {spec.column, FRESHNESS_FIELD}}
         for chain, read in spec.reads.items():
             table = chain[-1].child if chain else spec.target
@@ -377,12 +182,6 @@ class BackfillCounts(Operation):
         return [key.rsplit(".", 1)[1] for key in self.counts if key.rsplit(".", 1)[0] == label]
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        from counts.backfill import backfill  # the app graph is read at run time
-        from counts.item_backfill import mark_every_item
-        from counts.items import kinds_feeding
-        from counts.marks import mark_all
-        from counts.progress import backfill_progress
-
         alias = schema_editor.connection.alias
         if connections[alias].in_atomic_block:
             raise MigrationError(
@@ -390,7 +189,7 @@ class BackfillCounts(Operation):
                 f" ({app_label}: it commits chunk by chunk)"
             )
         for label in self.targets:
-            if label not in graph().targets:
+            if label not in app_graph().targets:
                 continue  # the count was removed later: nothing to fill
             if computable(label, to_state):
                 with backfill_progress(label, using=alias) as progress:
@@ -400,7 +199,7 @@ class BackfillCounts(Operation):
             else:
                 mark_all(label, using=alias)
                 with connections[alias].cursor() as cursor:
-                    for kind in kinds_feeding(graph(), label):
+                    for kind in kinds_feeding(app_graph(), label):
                         mark_every_item(cursor, kind)
                 logger.warning(
                     "%s: counts not backfilled here (a later migration changes their columns);"
@@ -413,3 +212,6 @@ class BackfillCounts(Operation):
 
     def describe(self):
         return f"Backfill cached counts of {', '.join(self.targets)}"
+
+
+__all__ = ["BackfillCounts", "LockNotGranted", "SyncCountTriggers", "computable"]

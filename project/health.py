@@ -2,7 +2,7 @@
 
 - ``/healthz``: the process is alive and serving (touches nothing else), for a liveness probe.
 - ``/readyz``: this deployment can do its job: PostgreSQL answers, Redis answers, every count
-  trigger is INSTALLED (``counts.status.trigger_states``) and the scheduler was seen within
+  trigger is INSTALLED (``counts.operate.status.trigger_states``) and the scheduler was seen within
   ``COUNTS_SCHEDULER_STALE_S`` (``workers.heartbeat``). 200 when all pass, 503 naming the check
   that failed, always JSON.
 - ``/metrics``: Prometheus text from ``workers.metrics.REGISTRY``.
@@ -28,7 +28,7 @@ from django.urls import NoReverseMatch, reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
-from counts.errors import first_line
+from counts.base.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _postgresql() -> str:
 
 
 def _triggers() -> str:
-    from counts.status import trigger_states
+    from counts.operate.status import trigger_states
 
     states = trigger_states()
     bad = [f"{r['table']}.{r['name']} {r['state']}" for r in states if r["state"] != "INSTALLED"]

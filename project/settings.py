@@ -238,11 +238,11 @@ COUNTS_DRAIN_BUDGET_S = env_int("COUNTS_DRAIN_BUDGET_S", 20)
 COUNTS_DRAINING_TTL_MS = env_int("COUNTS_DRAINING_TTL_MS", 30_000)
 #: Milliseconds a drain waits for a lock ``SKIP LOCKED`` cannot skip (a table lock, another
 #: drain's new ledger row, a multiplicity row) before failing and being retried. Target rows
-#: are waited for 200 ms at most, then put back (``counts.target_locks``).
+#: are waited for 200 ms at most, then put back (``counts.run.target_locks``).
 COUNTS_LOCK_TIMEOUT_MS = env_int("COUNTS_LOCK_TIMEOUT_MS", 10_000)
 #: Most extra drain messages one recompute sends when it finds a large backlog.
 COUNTS_FANOUT = env_int("COUNTS_FANOUT", 4)
-#: Drains prepare their hot statements once per connection (``counts.prepared``). Off behind
+#: Drains prepare their hot statements once per connection (``counts.base.prepared``). Off behind
 #: a pooler that cannot keep prepared statements (PgBouncer in transaction mode before 1.21).
 COUNTS_PREPARED_STATEMENTS = env_bool("COUNTS_PREPARED_STATEMENTS", True)
 #: Seconds between scheduler sweeps for marks that have no message (raw SQL, lost messages).
@@ -254,7 +254,7 @@ COUNTS_RESCUE_AFTER_S = env_int("COUNTS_RESCUE_AFTER_S", 3)
 #: has waited this long: an alert, not a page that says "pending" forever.
 COUNTS_STALE_ALERT_S = env_int("COUNTS_STALE_ALERT_S", 60)
 #: Seconds a count's backfill may stop renewing its lease before the workers take over what it
-#: left (``counts.backfill``): how long counts can lag after a ``migrate`` that was killed.
+#: left (``counts.operate.backfill``): how long counts can lag after a ``migrate`` that was killed.
 COUNTS_BACKFILL_LEASE_S = float(os.environ.get("COUNTS_BACKFILL_LEASE_S", "60"))
 #: Milliseconds the trigger-install step of a migration waits for its table locks before it
 #: rolls back and tries again (``counts.operations.SyncCountTriggers``), and how many times.

@@ -37,7 +37,7 @@ from django.utils.connection import ConnectionProxy
 from rest_framework import throttling
 from rest_framework.settings import api_settings
 
-from counts.errors import first_line
+from counts.base.errors import first_line
 from workers.redis_client import Breaker, where
 
 logger = logging.getLogger("project.throttling")

@@ -40,15 +40,16 @@ class Marks:
 
         A recount mark names its rows; delta marks name the rows their amounts do not cancel
         out on; item marks ("capture 17 may count differently now") name the targets a drain
-        would credit now, read without writing (``counts.items.preview``).
+        would credit now, read without writing (``counts.run.items.preview``).
         """
         from collections import defaultdict
 
         from counts.apps import graph
-        from counts.items import item_kinds, preview
-        from counts.jobs import expand, jobs_by_key
-        from counts.mark import Kind, kind_of
-        from counts.routes import resolve
+        from counts.base.mark import Kind, kind_of
+        from counts.declare.jobs import jobs_by_key
+        from counts.declare.kinds import item_kinds
+        from counts.run.items import expand, preview
+        from counts.run.routes import resolve
 
         kinds = item_kinds(graph())
         merged: dict[str, set[int] | str] = {}

@@ -3,7 +3,7 @@
 Comparing cached counts with the truth (``tests.truth``) only works at rest, once every mark is
 drained, and a drift found then says nothing of when it began: a ledger credited twice stays
 invisible until a drain credits the difference it holds against the next change. The engine's
-correctness argument (``counts.items``, ``counts.multiplicity``) rests instead on invariants
+correctness argument (``counts.run.items``, ``counts.run.multiplicity``) rests instead on invariants
 that hold at *every* commit, marks pending or not, writers and drains running or not. This
 module checks them, set-based, in one REPEATABLE READ snapshot (a separate connection), so a
 test can call it in the middle of a race as well as at the end. A test whose rows live in its
@@ -12,7 +12,7 @@ connection instead: nobody else can see, so nobody else can change, its rows.
 
 A mark is *visible* when it is committed in the snapshot. Marks table: ``counts_dirtymark``.
 
-- **I** (per target row T, per incremental column c: ``counts.modes.incremental_columns``):
+- **I** (per target row T, per incremental column c: ``counts.declare.modes.incremental_columns``):
   ``stored(T.c) + Σ pending deltas of (T, c)`` equals, for a summed item count, the amounts
   its kind's ledgers credit T under the count's key; for a distinct count, T's multiplicity
   pairs with ``n > 0``; for an own-row count, ``COUNT(*)`` of the counted rows holding T's key,
@@ -22,8 +22,8 @@ A mark is *visible* when it is committed in the snapshot. Marks table: ``counts_
   nothing: their ids are link values of the route's first table, not target ids, and they
   are written only for counts kept in full, which I is not about.
 - **J** (per item kind): an item no visible item mark or pending job mark covers
-  (``counts.stale_items.stale_sql``; an item mark with ``ids`` NULL covers every item, which
-  ``stale_sql`` does not see) has a ledger equal to its truth (``counts.items.truth_sql``,
+  (``counts.compile.stale_items.stale_sql``; an item mark with ``ids`` NULL covers every item, which
+  ``stale_sql`` does not see) has a ledger equal to its truth (``counts.run.items.truth_sql``,
   current keys only; no row = ``{}``); a ledger row of an item that no longer exists is kept
   only while a mark covers it.
 - **M** (per distinct count): ``counts_multiplicity.n`` = the ledger entries
@@ -41,11 +41,12 @@ from django.db import connections, transaction
 from django.db.models import Count, Q
 
 from counts.apps import graph
-from counts.items import LEDGER_TABLE, ItemKind, Part, item_kinds, truth_sql
-from counts.modes import ItemCount, OwnRow, incremental_columns
-from counts.multiplicity import TABLE as MULTIPLICITY_TABLE
-from counts.stale_items import stale_sql
-from counts.triggers import MARK_TABLE, literal, q
+from counts.base.names import LEDGER_TABLE, MARK_TABLE, literal, q
+from counts.compile.item_sql import truth_sql
+from counts.compile.stale_items import stale_sql
+from counts.declare.kinds import ItemKind, Part, item_kinds
+from counts.declare.modes import ItemCount, OwnRow, incremental_columns
+from counts.run.multiplicity import TABLE as MULTIPLICITY_TABLE
 
 #: Violations listed by :func:`assert_invariants`; the rest are counted.
 SHOWN = 20

@@ -18,9 +18,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from counts.admin import ago, verbose_name_of
-from counts.fields import cached_count_fields
-from counts.marks import mark_all
+from counts.declare.field import cached_count_fields
 from counts.models import DirtyMark
+from counts.run.marks import mark_all
 from project.monitoring.models import (
     Deployment,
     Event,
@@ -391,7 +391,7 @@ def test_pending_page_needs_a_permission(client, catalogue):
 def test_a_row_flagged_fresh_shows_the_counts_of_that_moment(catalogue):
     """A drain committing between a list's query and its freshness flags must not leave
     "updated" beside the numbers from before it (seen in the browser test under load)."""
-    from counts.marks import flag_pending
+    from counts.run.marks import flag_pending
 
     bravo = catalogue.sets["Bravo"]
     bravo.images.add(SourceImage.objects.create(deployment=catalogue.north, timestamp=T0, path="x"))

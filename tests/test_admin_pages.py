@@ -22,7 +22,7 @@ from django.contrib import admin
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from counts.marks import mark_all
+from counts.run.marks import mark_all
 from project.monitoring.models import Event, SourceImage, SourceImageCollection
 from tests.api_fixtures import T0, drift
 from tests.test_admin import (  # noqa: F401 (catalogue, operator, viewer: its fixtures)

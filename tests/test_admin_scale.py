@@ -21,7 +21,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import path
 
 from counts.admin import CachedCountsMixin, augment
-from counts.fields import cached_count_fields
+from counts.declare.field import cached_count_fields
 from project.monitoring.models import (
     Detection,
     Event,

@@ -15,8 +15,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from counts.fields import cached_count_fields
-from counts.marks import mark_all
+from counts.declare.field import cached_count_fields
+from counts.run.marks import mark_all
 from project.monitoring.models import (
     Deployment,
     Event,

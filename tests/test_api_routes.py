@@ -13,7 +13,7 @@ from django.contrib.auth.models import User
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from counts.marks import mark_all
+from counts.run.marks import mark_all
 from project.monitoring.models import Deployment, Event, Project, SourceImageCollection
 from tests.api_fixtures import build_catalogue, member
 

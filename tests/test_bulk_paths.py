@@ -2,7 +2,7 @@
 writers and drains, stopped half-way, or meeting writes the triggers never saw.
 
 Each numbered case is one that ended with wrong counts and an empty queue (rows that looked
-fresh) before the bulk passes became drains of every item (``counts.item_sweep``). Each test
+fresh) before the bulk passes became drains of every item (``counts.operate.item_sweep``). Each test
 ends by draining to empty, comparing every cached count with the truth computed from the base
 tables (``tests.truth``), and checking invariants I, J and M (``tests.invariants``), so a wrong
 ledger is caught before it becomes a wrong count.
@@ -17,7 +17,7 @@ import pytest
 from django.db import connection, transaction
 
 import counts
-from counts import checkpoints
+from counts.base import checkpoints
 from tests.interleave import Harness, drain_to_empty
 from tests.truth import assert_all_counts_exact, cached
 from tests.worker_harness import worker_subprocess_env
@@ -291,20 +291,31 @@ def test_5_an_ordinary_update_of_a_counted_row_passes(world):
     settle()
 
 
-# Case 6c: the engine's per-graph caches are keyed by the graph's id but only serve that graph.
-def test_6_a_reused_graph_id_never_serves_another_graphs_kinds():
-    from counts import items, jobs
+# Case 6c: kinds, jobs and compiled recount statements live on the graph they were built from
+# (``Graph.kinds``, ``Graph.jobs``, ``Graph.memo``): no cache keyed by ``id(graph)`` is left to
+# serve a dead graph's after its id is reused.
+def test_6_each_graph_keeps_its_own_kinds_jobs_and_statements():
     from counts.apps import graph
+    from counts.declare.graph import Graph
+    from counts.run.aggregate import compile_recompute
 
     g = graph()
-    stale = object()
-    items._KINDS[id(g)], jobs._JOBS[id(g)] = (stale, {}), (stale, ())
-    try:
-        assert items.item_kinds(g), "the graph's own kinds, not the dead graph's"
-        assert jobs.jobs(g), "the graph's own jobs"
-    finally:
-        items._KINDS.pop(id(g), None)
-        jobs._JOBS.pop(id(g), None)
+    label = "monitoring.deployment"
+    without_sets = Graph.build(
+        [s for s in g.specs if s.target.label != "monitoring.sourceimagecollection"]
+    )
+    assert g.kinds and g.jobs, "the app's graph has item kinds and jobs"
+    assert without_sets.kinds.keys() <= g.kinds.keys()
+    assert any(
+        p.label == "monitoring.sourceimagecollection" for k in g.kinds.values() for p in k.parts
+    )
+    assert not any(
+        p.label == "monitoring.sourceimagecollection"
+        for k in without_sets.kinds.values()
+        for p in k.parts
+    ), "a graph built without the capture sets' counts has none of their parts"
+    assert compile_recompute(g, label) is compile_recompute(g, label), "built once per graph"
+    assert compile_recompute(without_sets, label) is not compile_recompute(g, label)
 
 
 @pytest.mark.parametrize("step", ["drain.taken", "drain.before_targets", "drain.before_commit"])

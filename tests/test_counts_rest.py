@@ -12,9 +12,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIRequestFactory, force_authenticate
 
-from counts.fields import cached_count_fields
-from counts.marks import mark_all
-from counts.rest import CountedDetailView, CountedListView
+from counts.declare.field import cached_count_fields
+from counts.run.marks import mark_all
+from counts.surfaces.rest import CountedDetailView, CountedListView
 from project.monitoring.models import Event
 from tests.api_fixtures import build_catalogue
 from tests.truth import assert_all_counts_exact, drain_all, truth

@@ -4,8 +4,8 @@ Refused declarations are built on throwaway models (``isolate_apps``: nothing re
 project's app registry, graph or migrations) and checked the way ``manage.py check`` checks
 them: each refusal is a system check error with a ``counts.E0xx`` id, naming the model and
 field, what was given, why, and what to write instead; graph building leaves them out instead
-of failing, and :func:`counts.checks.refuse_unsupported` stops trigger migrations while any is
-refused. The last tests are about instances in memory, on the real domain models:
+of failing, and :func:`counts.declare.refusals.refuse_unsupported` stops trigger migrations
+while any is refused. The last tests are about instances in memory, on the real domain models:
 ``refresh_counts()`` and an ORM insert (a clone) that starts from 0.
 """
 
@@ -23,16 +23,11 @@ from django.db import models
 from django.db.models import Exists, F, OuterRef, Q
 from django.test.utils import isolate_apps
 
-from counts.checks import (
-    CHECKS,
-    RefusedDeclarations,
-    declaration_errors,
-    refuse_unsupported,
-    refused,
-)
-from counts.errors import DeclarationError
-from counts.fields import CachedCountField, cached_count_fields
-from counts.spec import resolve, resolve_all
+from counts.base.errors import DeclarationError
+from counts.declare.checks import CHECKS, declaration_errors
+from counts.declare.field import CachedCountField, cached_count_fields
+from counts.declare.refusals import RefusedDeclarations, refuse_unsupported, refused
+from counts.declare.resolve import resolve, resolve_all
 from project.monitoring.models import Deployment, SourceImageCollection
 from tests.truth import assert_all_counts_exact, cached, drain_all, truth
 
@@ -479,13 +474,13 @@ def test_accepted_shapes_raise_nothing():
 def test_without_refusals_the_graph_is_what_resolving_every_declaration_gave(monkeypatch):
     """The checks change nothing for a project with no refused declaration: the graph (and so
     every trigger) equals the one built by resolving every declaration with no check at all."""
-    from counts import checks as counts_checks
     from counts.apps import graph
-    from counts.graph import Graph
-    from counts.modes import fold_into_items
-    from counts.triggers import compile_triggers
+    from counts.compile.triggers import compile_triggers
+    from counts.declare import resolve as counts_resolve
+    from counts.declare.classify import fold_into_items
+    from counts.declare.graph import Graph
 
-    monkeypatch.setattr(counts_checks, "declaration_errors", lambda model, field: [])
+    monkeypatch.setattr(counts_resolve, "declaration_errors", lambda model, field: [])
     models_ = sorted(apps.get_models(), key=lambda m: m._meta.label_lower)
     unchecked = Graph.build(
         fold_into_items([resolve(m, f) for m in models_ for f in cached_count_fields(m)])
@@ -499,12 +494,12 @@ def test_without_refusals_the_graph_is_what_resolving_every_declaration_gave(mon
 def test_makemigrations_with_skip_checks_writes_no_trigger_for_a_refused_declaration(
     monkeypatch,
 ):
-    from counts import checks as counts_checks
-    from counts.migrations_writer import pending_migrations
+    from counts.declare import refusals
+    from counts.management.migrations_writer import pending_migrations
 
     shelf, book = shelf_and_books(CachedCountField("books", filter={"books__pages": 1}))
     registry = type("Registry", (), {"get_models": staticmethod(lambda: [shelf, book])})
-    monkeypatch.setattr(counts_checks, "apps", registry)
+    monkeypatch.setattr(refusals, "apps", registry)
     with pytest.raises(RefusedDeclarations, match=r"counts_testapp\.Shelf\.n: \(counts\.E002\)"):
         pending_migrations()
     with pytest.raises(RefusedDeclarations):

@@ -13,9 +13,9 @@ import pytest
 from django.db import connection
 
 import counts
-from counts import aggregate, applying, draining
-from counts import marks as marks_module
-from counts.errors import UnknownTargetError
+from counts.base.errors import UnknownTargetError
+from counts.run import aggregate, applying, draining
+from counts.run import marks as marks_module
 from project.monitoring.models import Detection, Event, SourceImage
 from tests.engine_app.models import Author
 from tests.truth import assert_all_counts_exact, drain_all, triggers_off

@@ -13,13 +13,13 @@ import re
 
 import pytest
 
-from counts.aggregate import compile_recompute
 from counts.apps import graph
-from counts.errors import UnknownTargetError
-from counts.graph import ROOT
-from counts.notice import WriteWatcher
-from counts.spec import FORWARD, REVERSE
-from counts.triggers import compile_mark_triggers
+from counts.base.errors import UnknownTargetError
+from counts.compile.triggers import compile_mark_triggers
+from counts.declare.graph import ROOT
+from counts.declare.spec import FORWARD, REVERSE
+from counts.run.aggregate import compile_recompute
+from counts.run.notice import WriteWatcher
 from tests import truth as domain_truth
 from tests.engine_app import truth as engine_truth
 
@@ -97,7 +97,7 @@ def test_members_with_a_valid_child_are_probed_not_joined():
 
 
 def test_a_probe_starts_at_the_table_below_the_counted_rows():
-    sql = compile_recompute(f"{APP}.tag").sql
+    sql = compile_recompute(graph(), f"{APP}.tag").sql
     probes = re.findall(r"EXISTS\(SELECT .*? FROM (\S+) U0 WHERE (.*?) LIMIT 1\)", sql)
     assert [table for table, _ in probes] == ['"counts_testapp_review"']
     assert '"stars" IS NOT NULL' in probes[0][1]
@@ -131,7 +131,7 @@ def test_write_watcher_notices_writes_to_watched_tables_only():
         books,
         library,
     }
-    # A library's setting: one job over the books it can flip (``counts.jobs``).
+    # A library's setting: one job over the books it can flip (``counts.declare.jobs``).
     assert watcher.targets_of("WITH x AS (SELECT 1) UPDATE counts_testapp_library SET a = 1") == {
         books
     }

@@ -19,8 +19,8 @@ from django.contrib.auth.models import User
 from django.db import connection
 
 from counts.apps import graph
-from counts.fields import cached_count_fields
-from counts.guards import compile_guards
+from counts.compile.guards import compile_guards
+from counts.declare.field import cached_count_fields
 from project.monitoring.models import (
     Deployment,
     Detection,

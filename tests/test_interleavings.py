@@ -19,7 +19,7 @@ Three of them (1a with the mover committing first, in both statement orders, and
 set) were wrong on the first engine: its mark triggers climbed from their own rows to the
 targets reading a capture's station and sets in the writer's snapshot, so a concurrent move or
 membership left a count one off until something marked it again. Writers now record only
-their own rows, and drains credit each capture against its ledger (``counts.items``).
+their own rows, and drains credit each capture against its ledger (``counts.run.items``).
 """
 
 from __future__ import annotations

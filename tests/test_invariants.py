@@ -14,7 +14,7 @@ import pytest
 from django.db import connection
 
 import counts
-from counts.modes import ledger_key
+from counts.declare.modes import ledger_key
 from project.monitoring.models import Detection, Occurrence, SourceImage
 from tests.interleave import Harness, drain_to_empty
 from tests.invariants import assert_invariants, violations

@@ -1,7 +1,7 @@
 """The bulk item pass's SQL, as text: what each statement must contain, and must not.
 
 Not snapshots of the builders' output: each assertion is a property the pass's speed or
-correctness rests on (``counts.item_sweep``), stated so that a change breaking it fails here
+correctness rests on (``counts.operate.item_sweep``), stated so that a change breaking it fails here
 before a 10^6 bench or a race finds it.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 
 from counts.apps import graph
-from counts.item_locks import lock_items
-from counts.item_sweep import candidates_sql, may_count_sql, sweep_sql
-from counts.items import item_kinds, truth_sql
+from counts.compile.item_sql import truth_sql
+from counts.declare.kinds import item_kinds
+from counts.operate.item_sweep import candidates_sql, may_count_sql, sweep_sql
+from counts.run.item_locks import lock_items
 
 CAPTURES = "item:monitoring.sourceimage"
 OCCURRENCES = "item:monitoring.occurrence"

@@ -1,8 +1,8 @@
-"""``counts.mark``: a mark's kind is decoded in one place, and its SQL fragments agree with it.
+"""``counts.base.mark``: a mark's kind is decoded in one place, and its SQL fragments agree with it.
 
 Every reader of the queue (drains, the recount's formula, freshness flags, stale items, the
-rebuild's covered marks) selects marks by :func:`counts.mark.where`; the drain's plan and the
-tests decode them with :func:`counts.mark.kind_of`. Both must say the same of every mark.
+rebuild's covered marks) selects marks by :func:`counts.base.mark.where`; the drain's plan and the
+tests decode them with :func:`counts.base.mark.kind_of`. Both must say the same of every mark.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from django.db import connection
 
-from counts.mark import Kind, Mark, kind_of, where
+from counts.base.mark import Kind, Mark, kind_of, where
 
 pytestmark = pytest.mark.django_db
 

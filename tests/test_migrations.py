@@ -18,16 +18,21 @@ from django.db import connection, migrations
 from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.writer import MigrationWriter
 
-from counts.aggregate import _count_expression
 from counts.apps import graph
-from counts.errors import MigrationError
-from counts.fields import CachedCountField
-from counts.graph import Graph
-from counts.migrations_writer import installed_after, pending_migrations, trigger_operations
+from counts.base.errors import MigrationError
+from counts.compile.compiled import CompiledTrigger
+from counts.compile.triggers import compile_triggers
+from counts.declare.field import CachedCountField
+from counts.declare.graph import Graph
+from counts.declare.resolve import resolve, resolve_all
+from counts.management.migrations_writer import (
+    installed_after,
+    pending_migrations,
+    trigger_operations,
+)
+from counts.operate.status import trigger_states
 from counts.operations import BackfillCounts, SyncCountTriggers
-from counts.spec import resolve, resolve_all
-from counts.status import trigger_states
-from counts.triggers import CompiledTrigger, compile_triggers
+from counts.run.aggregate import _count_expression
 from tests.engine_app.models import Shelf
 from tests.truth import LABELS, mismatches, triggers_off
 
@@ -190,7 +195,7 @@ def test_trigger_migrations_reverse_to_nothing_and_reapply_exactly():
 
 def installed_after_first(ops) -> dict[tuple[str, str], str]:
     """``{(table, name): hash}`` that applying ``ops`` in order installs."""
-    from counts.migrations_writer import Installed
+    from counts.management.migrations_writer import Installed
 
     state = Installed()
     for app_label, op in ops:

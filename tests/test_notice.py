@@ -16,10 +16,10 @@ import pytest
 from django.db import connection, transaction
 
 from counts.apps import graph
-from counts.graph import OPERATIONS
-from counts.items import item_kinds
-from counts.notice import WriteWatcher, _Notice, quiet
-from counts.statements import ANY_TABLE, HEAD, statement_writes
+from counts.base.names import OPERATIONS
+from counts.declare.kinds import item_kinds
+from counts.run.notice import WriteWatcher, _Notice, quiet
+from counts.run.statements import ANY_TABLE, HEAD, statement_writes
 from project.monitoring.models import (
     Deployment,
     Detection,
@@ -38,10 +38,11 @@ D, E, S, C = (
 )
 EVERY = {D, E, S, C}
 ITEM = "item:monitoring.sourceimage"
-#: What a project's threshold change announces: a job over its occurrences (``counts.jobs``).
+#: What a project's threshold change announces: a job over its occurrences
+#: (``counts.declare.jobs``).
 OCC = "item:monitoring.occurrence"
 #: What a write to detections announces: the captures as items (their own detections count
-#: included, ``counts.modes.fold_into_items``).
+#: included, ``counts.declare.modes.fold_into_items``).
 DETECTIONS = {ITEM}
 #: Stands for every target of every installed app.
 ALL_TARGETS = object()

@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 
 import counts
-from counts.recomputing import recompute_rows
+from counts.operate.recomputing import recompute_rows
 from project.monitoring.models import Deployment, Detection, Event, Occurrence, Project
 from tests.interleave import Harness, drain_to_empty
 from tests.truth import assert_all_counts_exact, drain_all
@@ -137,7 +137,7 @@ def test_two_drains_each_adding_a_first_counted_occurrence_of_a_taxon(make_world
         assert step.result().marks == 1
     else:
         # Other multiplicity rows: drain 2 waits for the station and night drain 1 holds only
-        # briefly (counts.target_locks), puts their credits back and finishes, drain 1 open.
+        # briefly (counts.run.target_locks), puts their credits back and finishes, drain 1 open.
         assert step.result(timeout=5).marks == 1
         one.commit()
     drain_to_empty()

@@ -1,5 +1,5 @@
 """A drain's hot statements are prepared once per connection and planned generically
-(``counts.prepared``); turned off, they run as before; either way the counts are exact, and
+(``counts.base.prepared``); turned off, they run as before; either way the counts are exact, and
 Django's own queries are never prepared."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Progress of the bulk passes (``counts.progress``): bars on a terminal, lines elsewhere, and
-never a byte of it on stdout, where ``--json`` reports go."""
+"""Progress of the bulk passes (``counts.operate.progress``): bars on a terminal, lines elsewhere,
+and never a byte of it on stdout, where ``--json`` reports go."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from django.core.management import call_command
 
 import counts
-from counts.progress import Progress, backfill_progress, phase_name
+from counts.operate.progress import Progress, backfill_progress, phase_name
 
 #: The line a phase leaves when the output is no terminal.
 LINE = re.compile(r"^(?P<phase>.+): (?P<rows>\d+) rows in \d+\.\d s \(\d+ rows/s\)$")

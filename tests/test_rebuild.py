@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 import counts
-from counts.errors import UnknownTargetError
-from counts.marks import mark_all
+from counts.base.errors import UnknownTargetError
+from counts.run.marks import mark_all
 from project.monitoring.models import Event
 from tests.test_reconcile import write_behind_the_triggers
 from tests.truth import assert_all_counts_exact, drain_all, mismatches

@@ -18,7 +18,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 import counts
-from counts.errors import UnknownTargetError
+from counts.base.errors import UnknownTargetError
 from project.monitoring.models import Detection, SourceImage
 from tests.truth import assert_all_counts_exact, cached, drain_all, mismatches, triggers_off
 
@@ -272,7 +272,7 @@ def test_command_drain_until_empty(world, marks):
 
 def test_public_reconcile_stays_callable_once_its_module_is_imported(world):
     """The scheduler calls ``counts.reconcile()`` every few hours in one long-lived process."""
-    importlib.import_module("counts.reconciling")
+    importlib.import_module("counts.operate.reconciling")
     assert callable(counts.reconcile)
     report = counts.reconcile(dry_run=True)
     assert report.drifted_rows == 0

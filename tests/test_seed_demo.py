@@ -238,7 +238,7 @@ def test_if_empty_seeds_an_empty_database():
 def test_a_write_during_the_counting_pass_keeps_its_mark(monkeypatch):
     """Only marks that existed before the pass are deleted: a concurrent write stays queued,
     and is counted (the seed drains what is left once the pass is done)."""
-    engine = importlib.import_module("counts.reconciling")
+    engine = importlib.import_module("counts.operate.reconciling")
     real = engine._reconcile_model
     written = {}
     kept = []

@@ -13,12 +13,14 @@ from django.apps import apps
 from django.db.models import F, Q
 
 from counts.apps import graph
-from counts.errors import DeclarationError
-from counts.fields import FRESHNESS_FIELD, CachedCountField, cached_count_fields
-from counts.graph import OPERATIONS, ROOT, Graph
-from counts.items import item_kinds
-from counts.spec import FORWARD, REVERSE, resolve, resolve_all, walk
-from counts.triggers import compile_mark_triggers
+from counts.base.errors import DeclarationError
+from counts.base.names import FRESHNESS_FIELD, OPERATIONS
+from counts.compile.triggers import compile_mark_triggers
+from counts.declare.field import CachedCountField, cached_count_fields
+from counts.declare.graph import ROOT, Graph
+from counts.declare.kinds import item_kinds
+from counts.declare.resolve import resolve, resolve_all
+from counts.declare.spec import FORWARD, REVERSE, walk
 from project.monitoring.models import (
     Deployment,
     Event,

@@ -1,4 +1,4 @@
-"""Drains meeting on hot target rows (``counts.target_locks``; issue 27, case 5).
+"""Drains meeting on hot target rows (``counts.run.target_locks``; issue 27, case 5).
 
 Each test holds a drain open on one connection and runs another on a second, with the lock
 waits seen in ``pg_stat_activity`` (``tests/interleave.py``). What a user would notice: work
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from counts import target_locks
 from counts.models import DirtyMark
+from counts.run import target_locks
 from tests.interleave import Harness, drain_to_empty
 from tests.test_interleavings import insert_detection
 from tests.truth import assert_all_counts_exact

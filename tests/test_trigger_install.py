@@ -23,9 +23,9 @@ from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.recorder import MigrationRecorder
 from django.db.migrations.state import ProjectState
 
-from counts.migrations_writer import installed_after
+from counts.compile.compiled import CompiledTrigger
+from counts.management.migrations_writer import installed_after
 from counts.operations import LockNotGranted, SyncCountTriggers
-from counts.triggers import CompiledTrigger
 from tests.interleave import connect
 
 TABLE = "monitoring_detection"

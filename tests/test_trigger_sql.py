@@ -1,6 +1,6 @@
 """The trigger compiler: pure SQL text first, then what PostgreSQL actually has installed.
 
-``counts.triggers`` turns the dependency graph into SQL without a database, so most of these
+``counts.compile.triggers`` turns the dependency graph into SQL without a database, so most of these
 tests read the text: PostgreSQL's rules for transition tables (one event per trigger, no
 ``UPDATE OF``), index-friendly ``= ANY(ids)`` probes, one mark per target model. The last tests
 check the database: the migrations installed exactly the compiled triggers, and a statement
@@ -17,16 +17,12 @@ from django.apps import apps
 from django.db import connection
 
 from counts.apps import graph
-from counts.graph import Graph
-from counts.spec import resolve_all
-from counts.status import trigger_states
-from counts.triggers import (
-    MARK_TABLE,
-    OPERATIONS,
-    compile_mark_triggers,
-    compile_triggers,
-    object_name,
-)
+from counts.base.names import MARK_TABLE, OPERATIONS
+from counts.compile.compiled import object_name
+from counts.compile.triggers import compile_mark_triggers, compile_triggers
+from counts.declare.graph import Graph
+from counts.declare.resolve import resolve_all
+from counts.operate.status import trigger_states
 from tests.truth import assert_all_counts_exact, cached, drain_all
 
 REFERENCING = {

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from django.db import connection, transaction
 
-from counts.notice import _Notice, quiet
+from counts.run.notice import _Notice, quiet
 from project.monitoring.models import (
     Deployment,
     Detection,
@@ -95,7 +95,7 @@ def test_bulk_create_writes_one_mark_per_target_model(world, marks):
         marks, S=[world.i3, world.i4], E=[world.e2, world.e3], D=[world.d1, world.d2], C=[world.c1]
     )
     # One mark per item kind, however many rows (the captures' own count is credited from the
-    # same item recompute: ``counts.modes.fold_into_items``).
+    # same item recompute: ``counts.declare.modes.fold_into_items``).
     assert sorted(target for target, _ids in marks.rows()) == [ITEMS]
     settle()
 

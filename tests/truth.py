@@ -175,7 +175,7 @@ def triggers_off(conn=connection):
 
     This is how a restore, a bulk load or a hand repair with ``session_replication_role =
     replica`` changes a database: the drift that only a recompute or reconcile can see. Tests
-    use it to make cached counts wrong on purpose; nothing else can (``counts.guards``).
+    use it to make cached counts wrong on purpose; nothing else can (``counts.compile.guards``).
     """
     with transaction.atomic(using=conn.alias), conn.cursor() as cursor:
         cursor.execute("SET LOCAL session_replication_role = replica")

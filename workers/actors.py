@@ -19,21 +19,24 @@ from django.conf import settings
 from django.db import close_old_connections
 from dramatiq.middleware import CurrentMessage
 
-import counts
-from counts.apps import graph
-from counts.draining import drain
-from counts.errors import first_line
-from counts.items import item_kinds
-from counts.marks import LOCKED_RETRY_MS, next_due_seconds, pending_summary
-from counts.signals import reconciled
+from counts.api import (
+    LOCKED_RETRY_MS,
+    drain,
+    drain_labels,
+    first_line,
+    next_due_seconds,
+    pending_summary,
+    reconcile,
+    reconciled,
+)
 from workers import debounce, metrics
 from workers.encoding import DEAD_LETTER_ACTOR
 from workers.errors import MalformedMessage
+from workers.names import QUEUE, RECOMPUTE_ACTOR
 
 logger = logging.getLogger("workers.drain")
 
 #: The queue every counts actor uses.
-QUEUE = "counts"
 
 #: A backlog worth this many batches per extra drainer is worth fanning out for.
 FANOUT_BATCHES = 10
@@ -62,7 +65,7 @@ DEFERRED_RETRY_MS = LOCKED_RETRY_MS + 100
 
 def _known_label(label) -> str:
     """A target model's label, or an item kind's (``item:<label>``): what marks are for."""
-    known = isinstance(label, str) and (label in graph().targets or label in item_kinds(graph()))
+    known = isinstance(label, str) and label in drain_labels()
     if not known:
         raise MalformedMessage(f"unknown target model {label!r}")
     return label
@@ -105,6 +108,27 @@ def _drain(label: str):
     return result
 
 
+def _waited_for_deferred(label: str, deadline: float) -> bool:
+    """Wait for work put back a moment ago (an item or row another drain held), due within a
+    second, rather than leave it to the sweep; False when none is due that soon (a row held
+    for longer, an admin form left open, is the sweep's)."""
+    due = next_due_seconds(label)
+    if due is None or time.monotonic() + due >= deadline or due > DEFERRED_RETRY_MS / 1000:
+        return False
+    time.sleep(due + 0.01)
+    return True
+
+
+def _fan_out(label: str) -> None:
+    """A full batch means a backlog: send more drainers for it, one per few batches of it."""
+    backlog = sum(p.marks for p in pending_summary() if p.label == label)
+    helpers = min(settings.COUNTS_FANOUT, backlog // (FANOUT_BATCHES * settings.COUNTS_DRAIN_BATCH))
+    for _ in range(helpers):
+        drain_backlog.send(label)
+    if helpers:
+        logger.info("fanned out %s to %d more drainers (%d marks)", label, helpers, backlog)
+
+
 def drain_label(label: str, *, fan_out: bool) -> int:
     """Drain ``label``'s marks until quiet for a debounce window, or the time budget ends.
 
@@ -134,18 +158,8 @@ def drain_label(label: str, *, fan_out: bool) -> int:
             _redis_quietly(debounce.drop_draining, label)
             result = _drain(label)
             if result.idle:
-                # Work put back a moment ago (an item or row another drain held) is due
-                # within a second: wait for it a few times rather than leave it to the sweep.
-                # A row held for longer (an admin form left open) is the sweep's.
-                due = next_due_seconds(label)
-                if (
-                    due is not None
-                    and waits_left
-                    and time.monotonic() + due < deadline
-                    and due <= DEFERRED_RETRY_MS / 1000
-                ):
+                if waits_left and _waited_for_deferred(label, deadline):
                     waits_left -= 1
-                    time.sleep(due + 0.01)
                     quiet_until = None
                     continue
                 return batches
@@ -155,14 +169,7 @@ def drain_label(label: str, *, fan_out: bool) -> int:
         logger.info("drained %s", json.dumps({"target": label, **result.as_log()}))
         if not fanned and result.marks >= settings.COUNTS_DRAIN_BATCH:
             fanned = True
-            backlog = sum(p.marks for p in pending_summary() if p.label == label)
-            helpers = min(
-                settings.COUNTS_FANOUT, backlog // (FANOUT_BATCHES * settings.COUNTS_DRAIN_BATCH)
-            )
-            for _ in range(helpers):
-                drain_backlog.send(label)
-            if helpers:
-                logger.info("fanned out %s to %d more drainers (%d marks)", label, helpers, backlog)
+            _fan_out(label)
         if time.monotonic() > deadline:
             # Hand over to a fresh message so one long backlog never pins a worker thread.
             _redis_quietly(debounce.request, [label], delay_ms=0, force=True)
@@ -174,7 +181,9 @@ def drain_label(label: str, *, fan_out: bool) -> int:
             time.sleep(poll)
 
 
-@dramatiq.actor(queue_name=QUEUE, throws=(MalformedMessage,), **_RETRIES)
+@dramatiq.actor(
+    actor_name=RECOMPUTE_ACTOR, queue_name=QUEUE, throws=(MalformedMessage,), **_RETRIES
+)
 def recompute_pending(*args, **kwargs) -> None:
     """Free the debounce key, then drain its model's marks (see ``workers.debounce``)."""
     with _dead_letter_on_malformed():
@@ -253,7 +262,7 @@ def reconcile_counts(*args, **kwargs) -> None:
         if args or kwargs:
             raise MalformedMessage(f"reconcile_counts takes no arguments, got {args!r} {kwargs!r}")
     close_old_connections()
-    report = counts.reconcile()
+    report = reconcile()
     reconciled.send(sender=reconcile_counts, report=report)
     level = logging.WARNING if report.drifted_rows else logging.INFO
     logger.log(level, "reconciled %s", json.dumps(report.as_dict()))

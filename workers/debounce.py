@@ -40,8 +40,10 @@ import time
 import uuid
 from collections.abc import Iterable
 
+import dramatiq
 from django.conf import settings
 
+from workers.names import RECOMPUTE_ACTOR
 from workers.redis_client import client, key
 
 logger = logging.getLogger(__name__)
@@ -143,8 +145,6 @@ def request(
     Returns:
         The labels a message was sent for.
     """
-    from workers.actors import recompute_pending
-
     labels = sorted(set(labels))
     if not force:
         labels = _uncovered(labels)
@@ -167,7 +167,7 @@ def request(
                 _cover(label, covered, settings.COUNTS_DEBOUNCE_MS)
             continue
         try:
-            recompute_pending.send_with_options(args=(debounce_key(label), token), delay=window)
+            send(args=(debounce_key(label), token), delay=window)
         except Exception:
             # No message went out: free the key so the next writer or the sweep sends one.
             release(debounce_key(label), token)
@@ -179,6 +179,12 @@ def request(
     if sent:
         logger.debug("sent recompute_pending for %s (force=%s)", ", ".join(sent), force)
     return sent
+
+
+def send(args: tuple, delay: int) -> None:
+    """Send one drain message. The actor is looked up by name in the broker (every process
+    that runs Django declares it: ``workers.apps``), so this module need not import it."""
+    dramatiq.get_broker().get_actor(RECOMPUTE_ACTOR).send_with_options(args=args, delay=delay)
 
 
 def release(debounce_key_: str, token: str) -> bool:

@@ -1,6 +1,6 @@
-"""Errors of the workers layer, in the engine's one hierarchy (``counts.errors``)."""
+"""Errors of the workers layer, in the engine's one hierarchy (``counts.base.errors``)."""
 
-from counts.errors import CountsError
+from counts.api import CountsError
 
 
 class MalformedMessage(CountsError):

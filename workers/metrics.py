@@ -13,7 +13,7 @@ configured): Prometheus' ``rate()`` and ``increase()`` handle that as a counter 
 raw ``_total`` read across it drops to zero.
 
 Read at scrape time, not stored: pending marks and the oldest mark's age per model (one grouped
-query, ``counts.marks.pending_summary``), dead-lettered messages (the broker's own keys) and
+query, ``counts.run.marks.pending_summary``), dead-lettered messages (the broker's own keys) and
 when each process was last seen (``workers.heartbeat``). A source that does not answer is
 reported by ``countdown_source_up{source=...} 0`` and the rest of the scrape still works.
 
@@ -39,8 +39,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from counts.apps import graph
-from counts.items import item_kinds
+from counts.api import drain_labels, pending_summary
+from workers import heartbeat
+from workers.queued import queue_sizes
 from workers.redis_client import Breaker, client, key
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _bucket(bounds: tuple[float, ...], seconds: float) -> str:
 
 
 def record_drain(result) -> None:
-    """One committed drain batch (a ``counts.draining.DrainResult``)."""
+    """One committed drain batch (a ``counts.run.draining.DrainResult``)."""
     if result.empty:
         return
     seconds = result.ms / 1000
@@ -132,7 +133,7 @@ def record_drain(result) -> None:
 
 
 def on_reconciled(sender, report, **kwargs) -> None:
-    """A reconcile pass finished (``counts.signals.reconciled``); dry runs repair nothing."""
+    """A reconcile pass finished (``counts.base.signals.reconciled``); dry runs repair nothing."""
     if report.dry_run:
         return
     increments: dict[str, float] = {_field("countdown_reconcile_runs"): 1}
@@ -218,8 +219,6 @@ class CountsCollector(Collector):
         yield up
 
     def _pending(self):
-        from counts.marks import pending_summary
-
         marks = GaugeMetricFamily(
             "countdown_pending_marks", "Dirty marks waiting, per target model.", labels=["model"]
         )
@@ -237,7 +236,7 @@ class CountsCollector(Collector):
         found = {row.label: row for row in pending_summary()}
         # Every model and item kind, 0 when nothing waits: a series that vanished at 0 would
         # read as "no data" to an alert, and its last value as still pending to a graph.
-        for label in sorted({*graph().targets, *item_kinds(graph()), *found}):
+        for label in sorted({*drain_labels(), *found}):
             row = found.get(label)
             marks.add_metric([label], row.marks if row else 0)
             oldest.add_metric([label], row.oldest_seconds if row else 0)
@@ -245,9 +244,6 @@ class CountsCollector(Collector):
         yield from (marks, oldest, due)
 
     def _redis(self):
-        from workers import heartbeat
-        from workers.hooks import queue_sizes
-
         stored = _stored()
         for name, (doc, labels) in COUNTERS.items():
             family = CounterMetricFamily(name, doc, labels=list(labels))

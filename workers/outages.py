@@ -21,7 +21,7 @@ import redis
 from dramatiq.common import dq_name
 from dramatiq.middleware import Middleware
 
-from counts.errors import first_line
+from counts.api import first_line
 
 logger = logging.getLogger("workers.outages")
 

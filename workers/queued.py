@@ -27,10 +27,12 @@ import time
 from dataclasses import dataclass
 
 import dramatiq
+import redis
 from django.conf import settings
 from dramatiq.common import dq_name
 
 from workers import debounce
+from workers.names import QUEUE
 
 
 def _plain(label) -> str | None:
@@ -62,8 +64,6 @@ class Held:
 
 def held_messages() -> list[Held]:
     """Every drain message the broker holds, with the worker (if any) that fetched it."""
-    from workers.actors import QUEUE
-
     broker = dramatiq.get_broker()
     r, ns = broker.client, broker.namespace
     queues = (QUEUE, dq_name(QUEUE))
@@ -117,3 +117,35 @@ def _decode(payload: bytes) -> tuple[str, str | None, int, str]:
         return actor, label, int(eta), str(message.get("message_id", ""))
     except (ValueError, TypeError, KeyError, AttributeError):
         return "", None, 0, ""
+
+
+def queue_sizes() -> dict[str, int]:
+    """Messages of the counts queue by state, read from the Redis broker's own keys.
+
+    ``pending`` counts enqueued and running messages, ``delayed`` the debounced ones waiting
+    for their time, ``dead`` the dead-lettered ones.
+    """
+    broker = dramatiq.get_broker()
+    r, ns = broker.client, getattr(broker, "namespace", "dramatiq")
+    return {
+        "ready": r.llen(f"{ns}:{QUEUE}"),
+        "pending": r.hlen(f"{ns}:{QUEUE}.msgs"),
+        "delayed": r.hlen(f"{ns}:{QUEUE}.DQ.msgs"),
+        "dead": r.zcard(f"{ns}:{QUEUE}.XQ"),
+    }
+
+
+def queue_depths(sender, **kwargs) -> dict:
+    """Queue depths for ``counts status`` (ready, delayed, dead-lettered)."""
+    try:
+        sizes = queue_sizes()
+    except redis.RedisError as exc:
+        return {"queues": {"redis unavailable": str(exc)}}
+    return {
+        "queues": {
+            f"{QUEUE} (ready)": sizes["ready"],
+            f"{QUEUE} (enqueued or running)": sizes["pending"],
+            f"{QUEUE} (delayed)": sizes["delayed"],
+            f"{QUEUE} (dead letters)": sizes["dead"],
+        }
+    }

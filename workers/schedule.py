@@ -55,7 +55,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
-from counts.marks import PendingSummary, pending_summary
+from counts.api import PendingSummary, pending_summary
 from workers import debounce, heartbeat
 from workers.actors import reconcile_counts, rescue_drain
 from workers.outages import Outage, postgres_where

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 
-from counts.fields import CachedCountField
+from counts.declare.field import CachedCountField
 
 
 def _counted_occurrences(prefix: str, threshold_path: str) -> Q:
@@ -155,7 +155,7 @@ class Occurrence(TimestampedModel):
         ordering = ["id"]
         indexes = [
             # A threshold change is expanded into the occurrences it can flip by a range scan
-            # per station (``counts.jobs``): work in proportion to the flips.
+            # per station (``counts.declare.jobs``): work in proportion to the flips.
             models.Index(
                 fields=["deployment", "determination_score"], name="occurrence_station_score"
             )

@@ -23,7 +23,7 @@ Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
 from django.db import models
 from django.db.models import F, Q
 
-from counts.fields import CachedCountField
+from counts.declare.field import CachedCountField
 
 
 class Library(models.Model):

@@ -17,7 +17,7 @@ Nine sections, each "A against B" on the same data in the same run (details in e
 8. ``bench.rebuild`` — ``counts.rebuild()`` from a lost state (every count 0, no ledger) vs. the
    same baseline in repair form, in a scratch copy of the database;
 9. ``bench.backfill`` — adding one count (``--backfill-count``) to the scratch copy:
-   ``counts.backfill.backfill()`` vs. a hand-written chunked backfill, and the p99 commit
+   ``counts.operate.backfill.backfill()`` vs. a hand-written chunked backfill, and the p99 commit
    latency of a concurrent single-row writer during each against idle.
 
 It prints one table (medians over repeats, the machine's core count in the header), progress on

@@ -11,7 +11,7 @@
 - ``drain [--until-empty]``: drain marks in this process (no workers needed);
 - ``makemigrations [--check]``: the count-trigger migration, if one is due.
 
-``reconcile`` and ``rebuild`` show their progress on stderr (``counts.progress``): a bar per
+``reconcile`` and ``rebuild`` show their progress on stderr (``counts.operate.progress``): a bar per
 model on a terminal, one line per model when it finishes elsewhere; stdout carries only the
 report (with ``--json``, only the JSON).
 """
@@ -21,8 +21,13 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from counts.draining import BATCH_SIZE
-from counts.errors import CountsError
+from counts.base.errors import CountsError
+from counts.base.signals import reconciled
+from counts.management.migrations_writer import pending_migrations, write
+from counts.operate import reconciling
+from counts.operate.progress import command_progress
+from counts.operate.status import stale_alert_s, status, unreachable_in_one_line
+from counts.run.draining import BATCH_SIZE, drain
 
 
 class Command(BaseCommand):
@@ -72,8 +77,6 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, action, **options):
-        from counts.status import unreachable_in_one_line
-
         # ("status" reports a database that does not answer itself, beside what Redis says.)
         with unreachable_in_one_line():
             try:
@@ -82,8 +85,6 @@ class Command(BaseCommand):
                 raise CommandError(str(exc)) from exc
 
     def do_status(self, json=False, **_):
-        from counts.status import stale_alert_s, status
-
         report = status()
         unreachable = report["unreachable"]
         if json:
@@ -140,19 +141,16 @@ class Command(BaseCommand):
                 self.stdout.write(f"  {row['state']:<10} {row['table']} ({columns}): {where}")
 
     def _run_reconcile(self, model, chunk, dry_run, rebuild=False):
-        import counts
-        from counts.progress import command_progress
-
         # Progress goes to stderr only (a bar on a terminal, a line per model elsewhere):
         # stdout carries the report, which --json tooling parses.
         with command_progress(self.stderr._out, model) as progress:
             if rebuild:
-                return counts.rebuild(model, chunk=chunk, progress=progress)
-            return counts.reconcile(model=model, dry_run=dry_run, chunk=chunk, progress=progress)
+                return reconciling.rebuild(model, chunk=chunk, progress=progress)
+            return reconciling.reconcile(
+                model=model, dry_run=dry_run, chunk=chunk, progress=progress
+            )
 
     def do_reconcile(self, model=None, chunk=5000, dry_run=False, json=False, **_):
-        from counts.signals import reconciled
-
         report = self._run_reconcile(model, chunk, dry_run)
         reconciled.send(sender=type(self), report=report)
         if json:
@@ -175,8 +173,6 @@ class Command(BaseCommand):
             self.stdout.write(f"Rebuilt {report.checked} rows ({report.drifted_rows} changed)")
 
     def do_drain(self, until_empty=False, batch_size=BATCH_SIZE, **_):
-        from counts.draining import drain
-
         total = 0
         while True:
             result = drain(batch_size=batch_size)
@@ -188,8 +184,6 @@ class Command(BaseCommand):
         self.stdout.write(f"Drained {total} marks")
 
     def do_makemigrations(self, check=False, **_):
-        from counts.migrations_writer import pending_migrations, write
-
         pending = pending_migrations()
         if not pending:
             self.stdout.write("Count triggers are in sync with the declarations.")

@@ -2,12 +2,12 @@
 
 So that adding a cached count stays one declaration plus ``manage.py makemigrations``: the
 schema migration adds the column, this adds the triggers and the backfill (one migration per
-app whose triggers or counts changed; see ``counts.migrations_writer``).
+app whose triggers or counts changed; see ``counts.management.migrations_writer``).
 """
 
 from django.core.management.commands.makemigrations import Command as DjangoMakemigrations
 
-from counts.migrations_writer import pending_migrations, write
+from counts.management.migrations_writer import pending_migrations, write
 
 
 class Command(DjangoMakemigrations):

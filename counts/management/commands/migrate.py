@@ -9,7 +9,7 @@ or a database that answers and refuses, keeps Django's traceback.
 
 from django.core.management.commands.migrate import Command as DjangoMigrate
 
-from counts.status import unreachable_in_one_line
+from counts.operate.status import unreachable_in_one_line
 
 
 class Command(DjangoMigrate):

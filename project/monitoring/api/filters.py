@@ -3,7 +3,7 @@
 Filtering and ordering are a django-filter ``FilterSet`` per endpoint, built from three filters:
 :class:`IdFilter` (``?project_id=``, ``?deployment_id=``: a positive bigint, and a row the caller
 may read), :class:`SearchFilter` (``?search=``: DRF ``SearchFilter`` terms over names) and the
-engine's :class:`counts.rest.SortFilter` (``?ordering=``: comma-separated keys, ``-`` for
+engine's :class:`counts.surfaces.rest.SortFilter` (``?ordering=``: comma-separated keys, ``-`` for
 descending, ties broken by id). :class:`StrictFilterBackend` turns the first invalid value into
 the API's 400 naming it, before any query runs. Each filter publishes its schema (bounds,
 choices, pattern) through drf-spectacular's django-filter support, with the same bounds and

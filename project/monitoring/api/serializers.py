@@ -1,15 +1,15 @@
 """What the endpoints return: ids, names, cached counts and their freshness; projects.
 
 The counts, ``counts_pending`` and ``counts_updated_at`` come from the engine's DRF support
-(:mod:`counts.rest`); this module only picks each model's leading fields. Lists and details of
-a model share one serializer, so a row has the same fields in both.
+(:mod:`counts.surfaces.rest`); this module only picks each model's leading fields. Lists and
+details of a model share one serializer, so a row has the same fields in both.
 """
 
 from __future__ import annotations
 
 from rest_framework import serializers
 
-from counts.rest import CountedSerializer, counted_fields
+from counts.surfaces.rest import CountedSerializer, counted_fields
 from project.monitoring.models import Deployment, Event, Project, SourceImageCollection
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import django_filters
 from rest_framework.generics import RetrieveAPIView
 
-from counts.rest import CountedDetailView, CountedListView, SortFilter, counted_filterset
+from counts.surfaces.rest import CountedDetailView, CountedListView, SortFilter, counted_filterset
 from project.monitoring.api import access
 from project.monitoring.api.base import (
     ScopedDetailView,
@@ -38,7 +38,7 @@ _FRESHNESS_NOTE = (
 
 
 class CountedScopedListView(ScopedListView, CountedListView):
-    """A scoped, strict list (``base``) of a model with cached counts (``counts.rest``)."""
+    """A scoped, strict list (``base``) of a model with cached counts (``counts.surfaces.rest``)."""
 
 
 def _project_id(path: str = "project_id") -> IdFilter:

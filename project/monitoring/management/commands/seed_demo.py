@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from tqdm import tqdm
 
 import counts
-from counts.notice import quiet
+from counts.run.notice import quiet
 from project.monitoring.demo import load, make_plan
 from project.monitoring.models import Project
 

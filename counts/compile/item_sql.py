@@ -1,0 +1,222 @@
+"""The SQL of items: an item's truth, the ledger write and its credits, marks for many items.
+
+Pure text from an item kind (``counts.declare.kinds``); the drain (``counts.run.items``), the
+recount formula (``counts.compile.stale_items``) and the bulk item pass
+(``counts.operate.item_sweep``) execute it. ``tests/counts/compile/test_item_sql.py`` states what
+each text must and must not contain.
+"""
+
+from __future__ import annotations
+
+from counts.base.names import LEDGER_TABLE, MARK_TABLE, literal, q
+from counts.declare.kinds import ItemKind
+from counts.declare.modes import Link
+
+#: Item ids per mark when every item of a kind is marked (TRUNCATE, a new count's backfill).
+CHUNK = 2000
+
+
+def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
+    """``SELECT id, state`` of the items listed by the relation ``items`` (column ``id``).
+
+    ``state`` is what the ledger would hold if every item were credited now; an item that
+    contributes nothing has ``'{}'``. By default one index probe per item and child table or
+    through table: the cost follows the items, never the targets. ``within`` (``(lo, hi]``,
+    either end None for open) says every listed item lies in that id range: the children and
+    through rows of the range are then read in one grouped pass each, which is what a bulk
+    pass over every item wants (one range scan, not a probe per item).
+    """
+    joins, measures = _measure_joins(kind, within)
+    links, own_row = _link_joins(kind, within, joins)
+    if own_row:
+        t = kind.table
+        joins.insert(0, f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id")
+    entries = ", ".join(_entries(kind, measures, links))
+    return (
+        f"SELECT i.id, jsonb_strip_nulls(jsonb_build_object({entries})) AS state"
+        f" FROM {items} i {' '.join(joins)}"
+    )
+
+
+def _measure_joins(kind: ItemKind, within: tuple | None) -> tuple[list[str], dict[tuple, str]]:
+    """One join per (child table, foreign key) counting the item's children under each of its
+    predicates, and ``{(child, fk, predicate, exists): expression}`` over those counts."""
+    joins: list[str] = []
+    measures: dict[tuple, str] = {}
+    # One count per (child table, predicate): "how many" and "any" of the same children share it.
+    children: dict[tuple, list[str | None]] = {}
+    settings: dict[tuple, object] = {}
+    for p in kind.parts:
+        m = p.measure
+        slot = children.setdefault((m.child.db_table, m.fk), [])
+        if m.predicate not in slot:
+            slot.append(m.predicate)
+        if p.setting is not None:
+            settings.setdefault((m.child.db_table, m.fk), p.setting)
+    for c, ((table, fk), preds) in enumerate(sorted(children.items())):
+        setting = settings.get((table, fk)) if within is not None else None
+        rows, filters = hoisted(preds, setting)
+        counts = ", ".join(
+            f"count(*) FILTER (WHERE {pred}) AS n{n}" if pred else f"count(*) AS n{n}"
+            for n, pred in enumerate(filters)
+        )
+        if within is None:
+            joins.append(
+                f"LEFT JOIN LATERAL (SELECT {counts} FROM {q(table)} r WHERE r.{q(fk)} = i.id)"
+                f" c{c} ON true"
+            )
+        else:
+            joins.append(
+                f"LEFT JOIN (SELECT r.{q(fk)} AS id, {counts} FROM {q(table)} r{rows}"
+                f" WHERE {in_range(f'r.{q(fk)}', within)} GROUP BY 1) c{c} ON c{c}.id = i.id"
+            )
+        for n, pred in enumerate(preds):
+            value = f"coalesce(c{c}.n{n}, 0)"
+            measures[(table, fk, pred, True)] = f"({value} > 0)::int"
+            measures[(table, fk, pred, False)] = value
+    return joins, measures
+
+
+def _link_joins(kind: ItemKind, within: tuple | None, joins: list[str]) -> tuple[dict, bool]:
+    """``{link: the item's targets as a bigint[] expression}``, joining each through table
+    (into ``joins``); and whether a link is the item's own column (the item row is joined)."""
+    links: dict[Link, str] = {}
+    own_row = False
+    for p in kind.parts:
+        link = p.link
+        if link in links:
+            continue
+        if link.through is None:
+            own_row = True
+            col = f"j.{q(link.target_column)}"
+            links[link] = f"CASE WHEN {col} IS NOT NULL THEN ARRAY[{col}]::bigint[] END"
+            continue
+        n = len(joins)
+        tc = f"x.{q(link.target_column)}"
+        agg = f"array_agg(DISTINCT {tc} ORDER BY {tc}) FILTER (WHERE {tc} IS NOT NULL) AS t"
+        ic = f"x.{q(link.item_column)}"
+        if within is None:
+            joins.append(
+                f"LEFT JOIN LATERAL (SELECT {agg} FROM {q(link.through.db_table)} x"
+                f" WHERE {ic} = i.id) l{n} ON true"
+            )
+        else:
+            joins.append(
+                f"LEFT JOIN (SELECT {ic} AS id, {agg} FROM {q(link.through.db_table)} x"
+                f" WHERE {in_range(ic, within)} GROUP BY 1) l{n} ON l{n}.id = i.id"
+            )
+        links[link] = f"l{n}.t"
+    return links, own_row
+
+
+def _entries(kind: ItemKind, measures: dict, links: dict) -> list[str]:
+    """Each count's ledger entry, ``key, [amount, target, ...]`` (``[1, target, value]`` for a
+    distinct count), or NULL when the item contributes nothing to it."""
+    entries = []
+    for p in kind.parts:
+        m = p.measure
+        value = measures[(m.child.db_table, m.fk, m.predicate, m.exists)]
+        targets = links[p.link]
+        tail = f"to_jsonb({targets})"
+        if p.distinct:
+            tail = f"jsonb_build_array(({targets})[1], j.{q(p.distinct)})"
+        entries.append(
+            f"{literal(p.key)}, CASE WHEN {value} > 0 AND cardinality({targets}) > 0"
+            f" THEN jsonb_build_array({value}) || {tail} END"
+        )
+    return entries
+
+
+def hoisted(preds: list[str | None], setting) -> tuple[str, list[str | None]]:
+    """A join that reads ``setting`` for every child row at once, and ``preds`` reading it
+    there instead of through a subquery per row: for a pass over a range of items, where a
+    probe per row (two, when two counts compare with it) cost more than the rest of the
+    truth. ``("", preds)`` when there is no setting."""
+    if setting is None:
+        return "", preds
+    value = setting.value_sql()
+    if not any(pred and value in pred for pred in preds):
+        return "", preds
+    rows = f" LEFT JOIN ({setting.rows_sql()}) sv ON sv.anchor = r.{q(setting.hops[0].column)}"
+    return rows, [pred.replace(value, "sv.value") if pred else pred for pred in preds]
+
+
+def in_range(column: str, within: tuple[int | None, int | None]) -> str:
+    """``column`` in ``(lo, hi]`` (SQL; the bounds are the engine's own integers)."""
+    lo, hi = within
+    terms = [f"{column} > {int(lo)}" if lo is not None else "true"]
+    if hi is not None:
+        terms.append(f"{column} <= {int(hi)}")
+    return " AND ".join(terms)
+
+
+def recompute_sql(kind: ItemKind) -> str:
+    """Read the locked items' truth, write their ledgers, return what the changes credit
+    (:func:`credits_sql`). Parameters: the ids, twice."""
+    truth = truth_sql(kind, "(SELECT DISTINCT unnest(%s::bigint[]) AS id)")
+    kind_sql = literal(kind.mark_target)
+    return (
+        f"WITH truth AS ({truth}),"
+        f" old AS (SELECT l.item_id, l.state FROM unnest(%s::bigint[]) i(id)"
+        f"  JOIN {LEDGER_TABLE} l ON l.kind = {kind_sql} AND l.item_id = i.id),"
+        f" changed AS (SELECT t.id, o.state AS old, t.state AS new FROM truth t"
+        f"  LEFT JOIN old o ON o.item_id = t.id"
+        f"  WHERE coalesce(o.state, '{{}}') IS DISTINCT FROM t.state),"
+        f" kept AS (INSERT INTO {LEDGER_TABLE} (kind, item_id, state)"
+        f"  SELECT {kind_sql}, id, new FROM changed WHERE new <> '{{}}'"
+        f"  ON CONFLICT (kind, item_id) DO UPDATE SET state = EXCLUDED.state),"
+        f" dropped AS (DELETE FROM {LEDGER_TABLE} l USING truth t"
+        f"  WHERE l.kind = {kind_sql} AND l.item_id = t.id AND t.state = '{{}}')"
+        f" {credits_sql(kind, 'changed')}"
+    )
+
+
+def credits_sql(kind: ItemKind, changed: str) -> str:
+    """``SELECT key, target, value, amount``: what the ledgers of the relation ``changed``
+    (columns ``old``, ``new``) going from old to new credit, summed per ledger key and target
+    (and per counted value, for a distinct count's multiplicity), zero sums left out; then one
+    row ``(NULL, NULL, NULL, number of rows in changed)``.
+
+    Summed in the statement that wrote the ledgers: a batch's thousands of ledger states never
+    travel to Python, only a row per target touched. Keys of counts that no longer exist are
+    left out.
+    """
+    keys = ", ".join(literal(p.key) for p in kind.parts)
+    distinct = [literal(p.key) for p in kind.parts if p.distinct]
+    value = f"CASE WHEN e.key IN ({', '.join(distinct)}) THEN (e.value->>2)::bigint END"
+    return (
+        f"SELECT e.key, t::bigint, {value if distinct else 'NULL::bigint'},"
+        " sum(s.sign * (e.value->>0)::bigint)::bigint"
+        f" FROM {changed} c CROSS JOIN LATERAL (VALUES (c.old, -1), (c.new, 1)) s(state, sign)"
+        " CROSS JOIN LATERAL jsonb_each(coalesce(s.state, '{}'::jsonb)) e"
+        f" CROSS JOIN LATERAL jsonb_array_elements_text({entry_targets_sql('e', kind)}) t"
+        f" WHERE e.key IN ({keys}) GROUP BY 1, 2, 3 HAVING sum(s.sign * (e.value->>0)::bigint) <> 0"
+        f" UNION ALL SELECT NULL, NULL, NULL, count(*) FROM {changed} n"
+    )
+
+
+def entry_targets_sql(entry: str, kind: ItemKind) -> str:
+    """The target ids of a ledger entry ``entry`` (``jsonb_each`` row) as a jsonb array."""
+    distinct = [literal(p.key) for p in kind.parts if p.distinct]
+    if not distinct:
+        return f"{entry}.value - 0"
+    return (
+        f"CASE WHEN {entry}.key IN ({', '.join(distinct)})"
+        f" THEN jsonb_build_array({entry}.value->1) ELSE {entry}.value - 0 END"
+    )
+
+
+def mark_items_sql(kind: ItemKind, source: str, column: str) -> str:
+    """Item marks for every id in ``column`` of ``source``, ``CHUNK`` ids per mark."""
+    return (
+        f"INSERT INTO {MARK_TABLE} (target, ids) SELECT {literal(kind.mark_target)},"
+        f" array_agg(id ORDER BY id) FROM (SELECT s.{q(column)} AS id,"
+        f" (row_number() OVER (ORDER BY s.{q(column)}) - 1) / {CHUNK} AS chunk"
+        f" FROM {source} s) c GROUP BY chunk"
+    )
+
+
+def mark_ledgered_sql(kind: ItemKind) -> str:
+    """Item marks for every item with a ledger row (what a TRUNCATE may have changed)."""
+    source = f"(SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {literal(kind.mark_target)})"
+    return mark_items_sql(kind, source, "item_id")

@@ -1,0 +1,108 @@
+"""What the stale items mean for targets: items whose change is marked but not yet credited.
+
+An item mark that no drain has taken yet (or a job mark, ``counts.declare.jobs``) means the item's
+ledger may lag its truth (``counts.run.items``). Two readers need to know what that lag means for
+a target row, without consuming the marks:
+
+- the full recount (``counts.run.aggregate``) writes ``truth - pending - adjustment``, where the
+  adjustment is what the stale items would credit now (:func:`adjustment_sql`), so that
+  invariant I (stored + pending = sum of the ledgers) holds after it;
+- ``counts.run.marks`` tells which targets have work pending (:func:`pending_targets_sql`).
+"""
+
+from __future__ import annotations
+
+from counts.base.mark import Kind, where
+from counts.base.names import LEDGER_TABLE, MARK_TABLE, literal, q
+from counts.compile.item_sql import entry_targets_sql, truth_sql
+from counts.declare.kinds import ItemKind
+
+
+def stale_sql(kind: ItemKind, only: str = "true") -> str:
+    """Distinct item ids with an item mark visible to the statement (every item, for a mark
+    whose ``ids`` is NULL), or reached by a job mark visible to it (``counts.declare.jobs``).
+
+    ``only``: a further condition on the marks read (alias ``m``), e.g. which of them a bulk
+    pass has already read (``counts.operate.item_sweep``)."""
+    target = literal(kind.mark_target)
+    selects = [
+        f"SELECT DISTINCT x AS id FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
+        f" WHERE m.target = {target} AND {where(Kind.ITEM)} AND {only}"
+    ]
+    # An "every item" mark (``ids`` NULL: a TRUNCATE, a backfill's lease) makes every item
+    # stale, and every item with a ledger (deleted ones included) until a drain expands it.
+    # Without one, the gate is a one-time test and neither arm reads a row.
+    every = (
+        f"EXISTS (SELECT 1 FROM {MARK_TABLE} m WHERE m.target = {target}"
+        f" AND {where(Kind.EVERY_ITEM)} AND {only})"
+    )
+    t = kind.table
+    selects += [
+        f"SELECT {q(t.pk)} FROM {q(t.db_table)} WHERE {every}",
+        f"SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {target} AND {every}",
+    ]
+    selects += [job.pending_items_sql(only) for job in kind.jobs]
+    return " UNION ".join(selects)
+
+
+def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
+    """``SELECT pk, a0, a1, …``: per target of ``label`` among the bound ids, what the stale
+    items of ``kind`` would change in each of its counts of this kind if credited now.
+
+    The recount writes ``truth - pending - adjustment``: for an item whose change is not yet
+    credited (its mark is visible), the truth already contains the change but the ledgers do
+    not, and invariant I is about the ledgers. Only stale items related to the targets — by
+    their current links or by their ledger — are read. ``n`` numbers the CTE aliases. Returns
+    the SQL and how many times it binds the target ids.
+    """
+    parts = kind.summed_parts(label)
+    related, binds = [], 0
+    for link in sorted({p.link for p in parts}, key=repr):
+        table, item_col, target_col = link.rows(kind.table)
+        related.append(
+            f"EXISTS (SELECT 1 FROM {q(table.db_table)} x WHERE x.{q(item_col)} = s.id"
+            f" AND x.{q(target_col)} = ANY(%s::bigint[]))"
+        )
+        binds += 1
+    kind_sql = literal(kind.mark_target)
+    related.append(
+        f"EXISTS (SELECT 1 FROM {LEDGER_TABLE} l WHERE l.kind = {kind_sql} AND l.item_id = s.id)"
+    )
+    cand = f"(SELECT s.id FROM ({stale_sql(kind)}) s WHERE {' OR '.join(related)})"
+    truth = truth_sql(kind, cand)
+    entries = (
+        f"SELECT kv.key, (kv.value->>0)::bigint AS v, t::bigint AS t"
+        f" FROM ({truth}) tr, jsonb_each(tr.state) kv, jsonb_array_elements_text(kv.value - 0) t"
+        f" UNION ALL SELECT kv.key, -(kv.value->>0)::bigint, t::bigint"
+        f" FROM {LEDGER_TABLE} l JOIN {cand} c ON l.item_id = c.id AND l.kind = {kind_sql},"
+        f" jsonb_each(l.state) kv, jsonb_array_elements_text(kv.value - 0) t"
+    )
+    sums = ", ".join(
+        f"(sum(e.v) FILTER (WHERE e.key = {literal(p.key)}))::bigint AS a{n}_{i}"
+        for i, p in enumerate(parts)
+    )
+    sql = f"SELECT e.t AS pk, {sums} FROM ({entries}) e WHERE e.t = ANY(%s::bigint[]) GROUP BY e.t"
+    # The candidate list appears twice (truth and ledger), each binding the ids per link.
+    return sql, binds * 2 + 1
+
+
+def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
+    """``SELECT id`` of the targets of ``label`` among the bound ids that an item mark of
+    ``kind`` may change: stale items' current links and ledger entries. Returns the SQL and
+    how many times it binds the ids."""
+    stale = f"({stale_sql(kind)})"
+    selects = []
+    for link in sorted({p.link for p in kind.parts_for(label)}, key=repr):
+        table, where, col = link.rows(kind.table)
+        selects.append(
+            f"SELECT x.{q(col)} FROM {q(table.db_table)} x WHERE x.{q(where)} IN {stale}"
+            f" AND x.{q(col)} = ANY(%s::bigint[])"
+        )
+    keys = ", ".join(literal(p.key) for p in kind.parts_for(label))
+    selects.append(
+        f"SELECT t::bigint FROM {LEDGER_TABLE} l, jsonb_each(l.state) kv,"
+        f" jsonb_array_elements_text({entry_targets_sql('kv', kind)}) t"
+        f" WHERE l.kind = {literal(kind.mark_target)}"
+        f" AND l.item_id IN {stale} AND kv.key IN ({keys}) AND t::bigint = ANY(%s::bigint[])"
+    )
+    return " UNION ".join(selects), len(selects)

@@ -1,0 +1,280 @@
+"""Deciding how each count is kept (``counts.declare.modes``), from its spec's shape.
+
+Own-row when every input of a counted row's contribution is a column of that row; an item
+count when a junction table's items measure it (through their children, or by their own filter
+and a setting reached from them); full otherwise, with the reason ``counts status`` shows.
+
+One decision looks at all declarations at once (:func:`fold_into_items`): an own-row count of
+a row that is an item anyway, over children its kind already measures, is kept through that
+item kind, so the children's writes record one mark rather than two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from django.apps import apps
+from django.db import connections
+from django.db.models import F, Q
+
+from counts.base.names import q, sql_value
+from counts.declare.lookups import lookups
+from counts.declare.modes import (
+    Full,
+    ItemCount,
+    Link,
+    Measure,
+    Mode,
+    OwnRow,
+    Setting,
+    predicate_columns,
+)
+from counts.declare.spec import FORWARD, REVERSE, Hop, Table, table_of, walk
+
+
+def row_predicate(model, conditions: Q | None) -> str | None:
+    """``conditions`` (lookups on ``model``'s own columns) as SQL over the alias ``r``.
+
+    Raises ValueError when the conditions join other tables or use values that cannot be
+    written into a trigger's text (the count then stays full).
+    """
+    if conditions is None or not conditions.children:
+        return None
+    qs = model._base_manager.filter(conditions)
+    compiler = qs.query.get_compiler(connection=connections["default"])
+    sql, params = compiler.compile(qs.query.where)
+    if set(qs.query.alias_map) - {model._meta.db_table}:
+        raise ValueError("the filter joins other tables")
+    table = f'"{model._meta.db_table}".'
+    if '"' + model._meta.db_table + '"' in sql.replace(table, ""):
+        raise ValueError("the filter refers to its own table")
+    sql = sql.replace(table, "r.")
+    if "%s" in sql and len(params) != sql.count("%s"):
+        raise ValueError("unexpected parameters")
+    for value in params:
+        sql = sql.replace("%s", sql_value(value), 1)
+    return sql
+
+
+def _relative(q: Q, prefix: str) -> Q | None:
+    """The conditions with ``prefix`` stripped, or None when one does not start with it."""
+    children = []
+    for child in q.children:
+        if isinstance(child, Q):
+            inner = _relative(child, prefix)
+            if inner is None:
+                return None
+            children.append(inner)
+        else:
+            lookup, value = child
+            if not lookup.startswith(prefix) or _has_f(value):
+                return None
+            children.append((lookup[len(prefix) :], value))
+    return Q(*children, _connector=q.connector, _negated=q.negated)
+
+
+def _has_f(value) -> bool:
+    if isinstance(value, F):
+        return True
+    return any(_has_f(s) for s in getattr(value, "get_source_expressions", lambda: [])())
+
+
+def _model(table: Table):
+    return apps.get_model(table.label)
+
+
+def _own_row(spec) -> Mode:
+    chain = spec.counted
+    if spec.filter is None:
+        conditions = None
+    else:
+        conditions = _relative(spec.filter, spec.path + "__")
+        if conditions is None:
+            return Full("its filter reads more than the counted rows")
+    if len(chain) == 1:
+        hop = chain[0]
+        try:
+            predicate = row_predicate(_model(hop.child), conditions)
+        except ValueError as exc:
+            return Full(str(exc))
+        return OwnRow(hop.child, hop.column, predicate, frozenset({hop.column}) | _cols(predicate))
+    # An M2M without a filter: the through rows are what is counted.
+    if conditions is not None:
+        return Full("a filtered M2M count")
+    return OwnRow(chain[0].child, chain[0].column, None, frozenset({chain[0].column}))
+
+
+def _cols(predicate):
+    return predicate_columns(predicate)
+
+
+def _link(chain) -> tuple[Table, Link] | None:
+    """The junction reached by ``chain`` from the target and how it links back."""
+    if len(chain) == 1 and chain[0].kind == REVERSE:
+        return chain[0].child, Link(None, chain[0].child.pk, chain[0].column)
+    if len(chain) == 2 and chain[0].kind == REVERSE and chain[1].kind == FORWARD and chain[1].m2m:
+        return chain[1].child, Link(chain[0].child, chain[1].column, chain[0].column)
+    return None
+
+
+def _item_below(spec) -> Mode:
+    """An EXISTS below the counted rows: the counted rows are the items."""
+    linked = _link(spec.counted)
+    if linked is None:
+        return Full("the counted rows are more than one hop away")
+    kind, link = linked
+    conditions = _relative(spec.filter, spec.path + "__")
+    if conditions is None:
+        return Full("its filter reads more than the counted rows' children")
+    flat = not conditions.negated and conditions.connector == Q.AND
+    if not flat or any(isinstance(c, Q) for c in conditions.children):
+        return Full("its filter is not a plain AND below one relation")
+    names = {lookup.split("__", 1)[0] for lookup, _ in conditions.children}
+    if len(names) != 1:
+        return Full("its filter looks below more than one relation")
+    relation = _model(kind)._meta.get_field(names.pop())
+    if not relation.one_to_many:
+        return Full("its filter looks below a relation that is not a reverse foreign key")
+    rest = [c for c in conditions.children if c != (f"{relation.name}__isnull", False)]
+    inner = _relative(Q(*rest), relation.name + "__")
+    if inner is None:
+        return Full("its filter reads more than the children's own columns")
+    child_model = relation.related_model
+    try:
+        predicate = row_predicate(child_model, inner)
+    except ValueError as exc:
+        return Full(str(exc))
+    measure = Measure(table_of(child_model), relation.field.column, predicate, exists=True)
+    return ItemCount(kind, link, measure)
+
+
+def _item_two_hops(spec) -> Mode:
+    """Children of children (detections of a station's captures): the middle rows are items."""
+    first, second = spec.counted
+    conditions = None
+    if spec.filter is not None:
+        conditions = _relative(spec.filter, spec.path + "__")
+        if conditions is None:
+            return Full("its filter reads more than the counted rows")
+    try:
+        predicate = row_predicate(_model(second.child), conditions)
+    except ValueError as exc:
+        return Full(str(exc))
+    kind = first.child
+    link = Link(None, kind.pk, first.column)
+    return ItemCount(kind, link, Measure(second.child, second.column, predicate, exists=False))
+
+
+_COMPARISONS = {"exact": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def _setting(spec, item_model, prefix: str, lookup: str, ref: str) -> Setting | str:
+    """The setting ``F(ref)`` compared by ``lookup`` (relative to the item), or why not."""
+    if ref.startswith(prefix):
+        hops, column = walk(item_model, ref[len(prefix) :])
+    else:
+        # Relative to the target, which the item reaches through its own link column.
+        hops, column = walk(_model(spec.target), ref)
+        link = spec.counted[0]
+        hops = (Hop(FORWARD, link.child, link.parent, link.column), *hops)
+    if column is None or not hops or any(h.kind != FORWARD or h.m2m for h in hops):
+        return "its F() is not a column reached by forward foreign keys"
+    name, _, op = lookup.partition("__")
+    field = item_model._meta.get_field(name)
+    if field.is_relation or (op and op not in _COMPARISONS) or "__" in op:
+        return "its F() comparison is not =, <, <=, > or >= on one of the counted rows' columns"
+    cast = field.db_type(connections["default"])
+    return Setting(tuple(hops), column, field.column, cast)
+
+
+def _item_self(spec) -> Mode:
+    """The counted rows are the items, measured by their own filter (which may compare with a
+    setting reached by ``F()``); for a distinct count, their foreign key's values are counted."""
+    chain = spec.counted[:1] if spec.distinct else spec.counted
+    if len(chain) != 1 or chain[0].kind != REVERSE:
+        return Full("the counted rows are more than one relation away")
+    kind = chain[0].child
+    item_model = _model(kind)
+    prefix = spec.path.split("__", 1)[0] + "__"
+    distinct = None
+    if spec.distinct:
+        if len(spec.path_chain) != 2 or spec.path_chain[1].kind != FORWARD:
+            return Full("a distinct count of something other than a foreign key's values")
+        distinct = spec.path_chain[1].column
+    plain, setting = [], None
+    if spec.filter is not None:
+        flat = not spec.filter.negated and spec.filter.connector == Q.AND
+        if not flat or any(isinstance(c, Q) for c in spec.filter.children):
+            return Full("its filter is not a plain AND of conditions")
+        for lookup, value in spec.filter.children:
+            if not lookup.startswith(prefix):
+                return Full("its filter reads more than the counted rows")
+            relative = lookup[len(prefix) :]
+            if not _has_f(value):
+                plain.append((relative, value))
+                continue
+            if not isinstance(value, F) or setting is not None:
+                return Full("its filter compares with more than one value reached by F()")
+            found = _setting(spec, item_model, prefix, relative, value.name)
+            if isinstance(found, str):
+                return Full(found)
+            setting = found
+            op = _COMPARISONS[relative.partition("__")[2] or "exact"]
+            compare = f"r.{q(setting.compared)} {op} {setting.value_sql()}"
+    try:
+        predicate = row_predicate(item_model, Q(*plain)) if plain else None
+    except ValueError as exc:
+        return Full(str(exc))
+    if setting is not None:
+        predicate = compare if predicate is None else f"({predicate}) AND {compare}"
+    if distinct is not None:
+        present = f"r.{q(distinct)} IS NOT NULL"
+        predicate = present if predicate is None else f"({predicate}) AND {present}"
+    link = Link(None, kind.pk, chain[0].column)
+    measure = Measure(kind, kind.pk, predicate, exists=False)
+    return ItemCount(kind, link, measure, setting, distinct)
+
+
+def classify(spec) -> Mode:
+    """The cheapest exact way to keep ``spec`` (a ``CountSpec``) up to date."""
+    has_f = spec.filter is not None and any(_has_f(v) for _, v in lookups(spec.filter))
+    if spec.distinct or has_f:
+        return _item_self(spec)
+    if spec.counted != spec.path_chain:
+        return Full("its path ends in a foreign key")
+    chain = spec.counted
+    if spec.probes:
+        return _item_below(spec)
+    if len(chain) == 1 and chain[0].kind == REVERSE:
+        return _own_row(spec)
+    if len(chain) == 2 and chain[0].kind == REVERSE and chain[1].kind == FORWARD and chain[1].m2m:
+        return _own_row(spec)
+    if len(chain) == 2 and all(h.kind == REVERSE for h in chain):
+        return _item_two_hops(spec)
+    return Full("its path crosses more than two relations")
+
+
+def fold_into_items(specs: list) -> list:
+    """Own-row counts of a row that is an item anyway, over children an item count of its
+    kind already measures (a capture's own valid detections, beside the detections its
+    station's count reads through it), become item counts with the item as their own target.
+
+    The writer then records one mark per statement instead of two (the children's item mark
+    already names the item), and the drain, which recomputes the item anyway, credits the
+    item's own count from the same probe. Decided from all the declarations at once, so the
+    result does not depend on their order.
+    """
+    measured = {
+        (m.mode.kind, m.mode.measure.child, m.mode.measure.fk)
+        for m in specs
+        if isinstance(m.mode, ItemCount)
+    }
+    folded = []
+    for spec in specs:
+        mode = spec.mode
+        if isinstance(mode, OwnRow) and (spec.target, mode.table, mode.fk) in measured:
+            pk = spec.target.pk
+            measure = Measure(mode.table, mode.fk, mode.predicate, exists=False)
+            spec = replace(spec, mode=ItemCount(spec.target, Link(None, pk, pk), measure))
+        folded.append(spec)
+    return folded

@@ -1,0 +1,197 @@
+"""How each count is maintained: from its own rows' deltas, through an item's ledger, or in full.
+
+A declaration's shape decides how cheaply the engine can keep it exact after a change:
+
+- **own-row** (:class:`OwnRow`): every input of a counted row's contribution is a column of
+  that row — ``Count("captures")``, ``Count("detections", filter=Q(detections__bbox__isnull=
+  False))``, an M2M without a filter (its through rows are the counted rows). A statement's
+  change to the count is ``Σ [filter(new rows)] - Σ [filter(old rows)]`` grouped by the foreign
+  key, which a trigger computes from its transition tables alone: the writer records exact
+  amounts (*delta marks*) and a drain adds them up. Nothing is ever recounted.
+- **item** (:class:`ItemCount`): the contribution depends on rows joined to the counted chain.
+  The engine picks a **junction** table J (the *item kind*: captures for the detection counts of
+  a station, and for "captures with a detection" of a capture set) such that an item's
+  contribution is a function of the item row and its children alone: the targets it belongs to
+  (its own foreign key, or its rows in an M2M through table) times a measure (how many of its
+  children pass the filter, or whether any does). Writers record only "item i may have changed"
+  (*item marks*); a drain recomputes the item from the base tables and credits the difference
+  from what its **ledger** says was credited before (``counts.run.items``).
+  The item may also be the counted row itself, measured by its own filter — including a
+  comparison with a **setting** reached from it by forward foreign keys (``F("project__
+  default_filters_score_threshold")``): a change to the setting, or to a link on the way to
+  it, writes one *job* mark that a drain expands into the items it can flip
+  (``counts.declare.jobs``). A **distinct** count over the counted rows' foreign key (distinct taxa
+  of a station) is an
+  item count too: items credit a per-(target, value) multiplicity, and the count moves when a
+  multiplicity crosses zero.
+- **full** (:class:`Full`): anything else (filters mixing branches, paths of three relations
+  or more). Writers mark target rows, and the drain recounts them with today's aggregate.
+  ``counts status`` names these counts and says why.
+
+Which mode a declaration gets is decided once, from model metadata, when the specs are built
+(``counts.declare.classify``); the modes here are plain frozen data that the trigger and drain
+compilers read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from counts.base.mark import ITEM_PREFIX
+from counts.base.names import q
+from counts.declare.spec import Hop, Table
+
+OWN_ROW, ITEM, FULL = "own-row", "item", "full"
+#: What item marks' ``target`` starts with.
+
+
+@dataclass(frozen=True)
+class OwnRow:
+    """Rows of ``table`` hold the target's id in ``fk``; each row passing ``predicate`` adds 1.
+
+    ``predicate`` is SQL over the row, written against the alias ``r`` (None: every row).
+    ``columns`` are the row's columns the count reads, which decide when an UPDATE matters.
+    """
+
+    table: Table
+    fk: str
+    predicate: str | None
+    columns: frozenset[str]
+
+    mode = OWN_ROW
+
+
+@dataclass(frozen=True)
+class Link:
+    """How an item reaches the targets it counts towards.
+
+    ``through`` None: the item row's own column ``target_column`` holds the target id (a
+    capture's station). Otherwise rows of ``through`` with ``item_column`` = the item's id hold
+    target ids in ``target_column`` (a capture's sets).
+    """
+
+    through: Table | None
+    item_column: str
+    target_column: str
+
+    def rows(self, kind: Table) -> tuple[Table, str, str]:
+        """``(table, column holding item ids, column holding target ids)`` of the rows that
+        link items of ``kind`` to targets: the item rows themselves, or the through rows."""
+        if self.through is None:
+            return kind, kind.pk, self.target_column
+        return self.through, self.item_column, self.target_column
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What one item is worth: its children in ``child`` (by ``fk``) passing ``predicate``,
+    counted, or — ``exists`` — 1 when there is any."""
+
+    child: Table
+    fk: str
+    predicate: str | None
+    exists: bool
+
+    @property
+    def columns(self) -> frozenset[str]:
+        return frozenset({self.fk}) | predicate_columns(self.predicate)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A value an item's filter compares with, reached from the item by forward foreign keys
+    (an occurrence's project's threshold: occurrence → deployment → project).
+
+    ``compared`` is the item column compared with it by ``=``, ``<``, ``<=``, ``>``, ``>=``
+    (None for any other comparison); a change of the setting from a to b can then flip only
+    items whose ``compared`` lies between a and b, which is what keeps a threshold change's
+    drain proportional to the flips. ``cast`` is that column's SQL type.
+    """
+
+    hops: tuple[Hop, ...]
+    column: str
+    compared: str | None
+    cast: str | None
+
+    def rows_sql(self) -> str:
+        """``SELECT anchor, value``: the setting of every row an item's first hop reaches (a
+        station's threshold, for each station), to join once instead of probing per item."""
+        first = self.hops[0]
+        sql = (
+            f"SELECT h1.{q(first.child.pk)} AS anchor, h{len(self.hops)}.{q(self.column)}"
+            f" AS value FROM {q(first.child.db_table)} h1"
+        )
+        for n, hop in enumerate(self.hops[1:], start=2):
+            sql += (
+                f" JOIN {q(hop.child.db_table)} h{n}"
+                f" ON h{n}.{q(hop.child.pk)} = h{n - 1}.{q(hop.column)}"
+            )
+        return sql
+
+    def value_sql(self, alias: str = "r") -> str:
+        """The setting of the item row ``alias``, as a scalar subquery (index probes)."""
+        first = self.hops[0]
+        sql = f"SELECT h{len(self.hops)}.{q(self.column)} FROM {q(first.child.db_table)} h1"
+        for n, hop in enumerate(self.hops[1:], start=2):
+            sql += (
+                f" JOIN {q(hop.child.db_table)} h{n}"
+                f" ON h{n}.{q(hop.child.pk)} = h{n - 1}.{q(hop.column)}"
+            )
+        return f"({sql} WHERE h1.{q(first.child.pk)} = {alias}.{q(first.column)})"
+
+
+@dataclass(frozen=True)
+class ItemCount:
+    """A count kept through the ledgers of items of ``kind`` (the junction table).
+
+    ``setting``: the measure compares with a value reached by ``F()`` (changes to it become
+    jobs). ``distinct``: the item column whose distinct values are counted per target.
+    """
+
+    kind: Table
+    link: Link
+    measure: Measure
+    setting: Setting | None = None
+    distinct: str | None = None
+
+    mode = ITEM
+
+    @property
+    def mark_target(self) -> str:
+        """What its item marks name: ``item:<label>`` of the junction."""
+        return ITEM_PREFIX + self.kind.label
+
+
+@dataclass(frozen=True)
+class Full:
+    """A count recounted in full from its targets; ``why`` is what ``counts status`` shows."""
+
+    why: str
+
+    mode = FULL
+
+
+Mode = OwnRow | ItemCount | Full
+
+
+def predicate_columns(predicate: str | None) -> frozenset[str]:
+    if not predicate:
+        return frozenset()
+    # Columns are written as r."name" by row_predicate.
+    parts = predicate.split('r."')[1:]
+    return frozenset(p.split('"', 1)[0] for p in parts)
+
+
+def ledger_key(count_key: str) -> str:
+    """The short, stable key an item's ledger files a count's credit under."""
+    return hashlib.sha1(count_key.encode()).hexdigest()[:8]
+
+
+def incremental_columns(graph) -> dict[str, frozenset[str]]:
+    """``{label: cached columns}`` kept by deltas and credits rather than recounts."""
+    out: dict[str, set[str]] = {}
+    for spec in graph.specs:
+        if isinstance(spec.mode, OwnRow | ItemCount):
+            out.setdefault(spec.target.label, set()).add(spec.column)
+    return {label: frozenset(cols) for label, cols in out.items()}

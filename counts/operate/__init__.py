@@ -1,0 +1,2 @@
+"""Operators' passes over whole tables: "Recompute now", reconcile, rebuild, a new count's
+backfill, their progress, and the status operators read."""
