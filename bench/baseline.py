@@ -10,7 +10,8 @@ share nothing with the engine's compiler but the ledger keys (``counts.declare.m
   to one ``GROUP BY`` per counted relation; the repair writes only the rows that differ and
   stamps ``counts_updated_at``, as the engine does;
 - **ledgers**: per item kind, each item's state (``{"<ledger key>": [amount, target, …]}``,
-  what ``counts.run.items.truth_sql`` defines) built by grouping detections and memberships per
+  what ``counts.compile.item_sql.truth_sql`` defines) built by grouping detections and memberships
+  per
   capture, or filtering counted occurrences, compared with ``counts_ledger`` by a ``FULL
   JOIN`` (dry) or written by one ``UPDATE``, one ``INSERT`` and one ``DELETE`` (repair);
 - **multiplicities**: the (station, taxon) pairs of counted occurrences with their number,

@@ -28,7 +28,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection, transaction
 
-import counts
+from counts.api import drain_until_empty
 from counts.run.marks import pending_ids
 from counts.run.notice import quiet
 from project.monitoring.models import Detection, Project, SourceImageCollection
@@ -95,13 +95,7 @@ def ensure(scale: int, seed: int, reseed: bool, log) -> dict:
 
 def drain_all(limit: int = 100_000) -> int:
     """Drain marks in this process until none is left; returns the marks consumed."""
-    consumed = 0
-    for _ in range(limit):
-        result = counts.drain()
-        if result.empty:
-            return consumed
-        consumed += result.marks
-    raise CommandError(f"marks still pending after {limit} drain batches")
+    return sum(result.marks for result in drain_until_empty(limit))
 
 
 def new_project(name: str) -> int:

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from django.db import connection
 
-import counts
 from bench.inprocess import queued_messages, quiet_logs, running_worker, wait_until
 from bench.timing import median, ms, ratio, stopwatch
 from bench.writes import count_triggers
+from counts.api import drain_until_empty
 from counts.run.notice import quiet
 from project.monitoring.models import Detection
 
@@ -67,8 +67,7 @@ def _sample(images: list[int], on: bool) -> float:
             Detection.objects.filter(score=SENTINEL).delete()
         if not on:
             _toggle(True)
-        while not counts.drain().empty:
-            pass
+        drain_until_empty()
 
 
 def measure(images: list[int], repeats: int, log) -> dict:

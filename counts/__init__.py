@@ -1,47 +1,34 @@
 """countdown's counts engine: exact cached counts from declarations, triggers and drains.
 
-The public API, importable from ``counts``:
+The public API is ``counts.api``; these names are also served lazily from ``counts`` itself:
 
-- :class:`~counts.declare.field.CachedCountField` — declare a count (in ``counts.declare.field``);
+- ``counts.fields.CachedCountField`` — declare a count;
 - :func:`recompute` — recompute given rows now (admin action, tests);
 - :func:`drain` — consume one batch of dirty marks (workers);
 - :func:`reconcile` — find and repair drift (scheduler, ``manage.py counts reconcile``);
 - :func:`rebuild` — recompute every row of some or all models now, leaving no redundant mark
   (``manage.py counts rebuild``, ``seed_demo``); :func:`target_rows` sizes such a pass;
-- :mod:`counts.surfaces.rest` — list endpoints with counts and freshness, for apps that use DRF.
+- ``counts.surfaces.rest`` — list endpoints with counts and freshness, for apps that use DRF.
 
-The life of a mark, one step at a time, in the order to read the modules (``docs/engine.md``
-says why each step keeps the counts exact):
+The package's folders are its layers, each importing only the ones below it
+(``pyproject.toml``'s ``[tool.importlinter]``; ``docs/engine.md`` §7):
 
-1. ``fields`` — the declaration: ``CachedCountField(path, filter=Q(...), distinct=...)``;
-   ``checks`` refuses what cannot be kept exact.
-2. ``spec`` — each declaration becomes frozen data: chains of hops and the columns it reads.
-3. ``modes`` — how each count is kept: *own-row* (the writer records exact amounts), *item*
-   (items credited against their ledgers, distinct counts through ``multiplicity``), or *full*.
-4. ``graph`` — all specs become routes: which table changes reach which counts (pure).
-5. ``triggers`` — statement-level triggers that read only their own rows and write marks
-   (pure SQL); ``jobs`` adds one job mark for a changed setting; ``guards`` keeps cached
-   columns and keys the engine's; ``operations`` and ``migrations_writer`` put them into
-   migrations.
-6. ``mark`` — what a mark is: delta, recount, every row, route, item, every item, job
-   (``models.DirtyMark``); ``marks`` — the queue as others use it: deferral, pending flags.
-7. ``notice`` — after commit, "this transaction wrote these targets", from what each statement
-   writes (``statements``); ``workers`` turns it into a debounced message.
-8. ``draining`` — a worker's transaction (``engine_transaction``, ``prepared``): take due marks
-   and lock their items (``item_locks``); resolve routes (``routes``), expand jobs and
-   "every" marks (``item_backfill``); recompute items against their ledgers (``items``,
-   ``multiplicity``); write target rows: amounts added (``applying``), marked rows recounted
-   (``aggregate``, whose formula ``truth - pending - adjustment`` reads ``stale_items``), rows
-   another drain holds waited for briefly in one order (``target_locks``) or put back.
+- ``base`` — names and SQL quoting, what a mark means (``mark``), errors, checkpoints;
+- ``declare`` — a declaration (``field``, refused by ``checks``) becomes a spec (``spec``,
+  ``resolve``), is kept own-row, through items or in full (``modes``, ``classify``), and all of
+  them a graph (``graph``) with its item kinds (``kinds``) and jobs (``jobs``);
+- ``compile`` — SQL text: mark triggers reading only their own rows (``triggers``,
+  ``trigger_rows``), guards keeping cached columns the engine's (``guards``), items' truth and
+  ledgers (``item_sql``), what waiting items mean for a recount (``stale_items``);
+- ``run`` — the queue (``marks``), the after-commit notice (``notice``), and the drain
+  (``draining``): take marks and lock items (``item_locks``), credit items against their
+  ledgers (``items``, ``multiplicity``), write targets (``applying``, ``aggregate``,
+  ``target_locks``), all in ``engine_transaction``;
+- ``operate`` — "Recompute now" (``recomputing``), reconcile and rebuild (``reconciling``,
+  ``item_sweep``), a new count's backfill (``backfill``), ``progress``, ``status``;
+- ``surfaces`` — the admin change page, DRF support, installing trigger migrations.
 
-Around them: ``recomputing`` ("Recompute now"), ``reconciling`` (reconcile and rebuild, over
-``item_sweep``), ``backfill`` (a new count's, under a lease),
-``checkpoints`` (named steps for tests), ``progress`` (bulk passes on stderr), ``status`` (what
-operators see), ``admin``, ``admin_change`` and ``rest`` (what users see), ``apps`` (the graph,
-sealed at startup), ``signals``, ``names`` and ``errors`` (one hierarchy).
-
-The functions import lazily so that importing ``counts.declare.field`` from a models module never
-pulls in code that needs the app registry.
+``docs/engine.md`` says why each step keeps the counts exact.
 """
 
 from __future__ import annotations

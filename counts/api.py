@@ -13,7 +13,7 @@ from counts.base.signals import reconciled, status_extras
 from counts.declare.graph import Graph, app_graph
 from counts.operate.recomputing import recompute, recompute_rows
 from counts.operate.reconciling import rebuild, reconcile, target_rows
-from counts.run.draining import drain
+from counts.run.draining import drain, drain_until_empty
 from counts.run.marks import (
     LOCKED_RETRY_MS,
     PendingSummary,
@@ -38,6 +38,7 @@ __all__ = [
     "app_graph",
     "drain",
     "drain_labels",
+    "drain_until_empty",
     "first_line",
     "has_pending",
     "marks_committed",

@@ -242,6 +242,7 @@ def fresh_rate_limits():
 #: Modules whose tests start processes (workers, a scheduler, ``manage.py``, a browser, a
 #: ``redis-server`` of their own) or seed a dataset at scale: left out of ``bin/test --fast``.
 PROCESS_MODULES = {
+    "test_actors",
     "test_bench",
     "test_bin",
     "test_browser",
@@ -254,7 +255,6 @@ PROCESS_MODULES = {
     "test_outages",
     "test_recovery",
     "test_seed_demo",
-    "test_workers",
 }
 #: Fixtures that start processes wherever they are used.
 PROCESS_FIXTURES = {"own_redis", "live_processes"}

@@ -32,6 +32,7 @@ import psycopg
 from django.db import connection, transaction
 
 import counts
+from counts.api import drain_until_empty
 
 
 class Stuck(Exception):
@@ -263,8 +264,8 @@ def drain_to_empty(timeout: float = 20.0) -> None:
         )
         (has_due_time,) = cursor.fetchone()
     while True:
-        while not counts.drain().empty:
-            check(time.monotonic() < deadline, "drain() never found the queue empty")
+        drain_until_empty()
+        check(time.monotonic() < deadline, "drain() never found the queue empty")
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM counts_dirtymark")
             if cursor.fetchone()[0] == 0:

@@ -23,7 +23,8 @@ A mark is *visible* when it is committed in the snapshot. Marks table: ``counts_
   are written only for counts kept in full, which I is not about.
 - **J** (per item kind): an item no visible item mark or pending job mark covers
   (``counts.compile.stale_items.stale_sql``; an item mark with ``ids`` NULL covers every item, which
-  ``stale_sql`` does not see) has a ledger equal to its truth (``counts.run.items.truth_sql``,
+  ``stale_sql`` does not see) has a ledger equal to its truth
+  (``counts.compile.item_sql.truth_sql``,
   current keys only; no row = ``{}``); a ledger row of an item that no longer exists is kept
   only while a mark covers it.
 - **M** (per distinct count): ``counts_multiplicity.n`` = the ledger entries

@@ -19,7 +19,8 @@ import time
 
 from django.db import connection, transaction
 
-import counts
+from counts.api import drain_until_empty
+from tests.invariants import assert_invariants
 
 #: Valid detections (``d``) whose image is ``si``.
 _VALID_DETECTION = "d.source_image_id = si.id AND d.bbox IS NOT NULL"
@@ -145,18 +146,23 @@ def drain_all(limit: int = 1000, patience: float = 5.0, **kwargs) -> list:
     seconds. ``limit`` guards against a drain that never empties the queue (itself a bug).
     """
     results, patience = [], time.monotonic() + patience
-    for _ in range(limit):
-        result = counts.drain(**kwargs)
-        if result.empty:
-            # Marks put back for later (an item or row another drain held): wait until due,
-            # for a few seconds (a row a test holds on purpose stays marked).
-            due_in = _next_due_seconds()
-            if due_in is None or time.monotonic() + due_in > patience:
-                return results
-            time.sleep(due_in + 0.01)
-            continue
-        results.append(result)
-    raise AssertionError(f"drain() still found marks after {limit} batches")
+    while True:
+        results += drain_until_empty(limit, **kwargs)
+        # Marks put back for later (an item or row another drain held): wait until due, for a
+        # few seconds (a row a test holds on purpose stays marked).
+        due_in = _next_due_seconds()
+        if due_in is None or time.monotonic() + due_in > patience:
+            return results
+        time.sleep(due_in + 0.01)
+
+
+def settle(exact=None) -> None:
+    """The end of a test that wrote: drain to empty, then every cached count equals the truth
+    (``exact``: another check of it, such as the engine test app's) and invariants I, J and M
+    hold (``tests.invariants``), so a wrong ledger is caught before it becomes a wrong count."""
+    drain_all()
+    (exact or assert_all_counts_exact)()
+    assert_invariants()
 
 
 def _next_due_seconds() -> float | None:

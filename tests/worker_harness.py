@@ -27,10 +27,10 @@ from bench.inprocess import (  # noqa: F401  (re-exported for the tests)
     running_worker,
 )
 from counts.models import DirtyMark
+from tests.paths import ROOT
 from workers import debounce
 from workers.redis_client import client
 
-ROOT = Path(__file__).resolve().parent.parent
 broker = booted_broker
 
 

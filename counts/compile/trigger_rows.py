@@ -2,7 +2,7 @@
 own-row counts, the ids of items, and the first hop of each route a full count's marks take.
 
 Pure text, read only from ``old_rows``/``new_rows``: a trigger never joins a transition table to
-a big table (``docs/engine.md`` §2). ``counts.run.routes`` resolves route marks with
+a big table (``docs/engine.md`` §2.2). ``counts.run.routes`` resolves route marks with
 :func:`first_hop` and :func:`via_key` at drain time.
 """
 

@@ -3,7 +3,7 @@
 Which items exist and which counts each credits is a fact of the declarations, so it is built
 with the graph (``Graph.kinds``) and passed; the SQL that reads an item's truth is
 ``counts.compile.item_sql``, and what a drain does with it ``counts.run.items``. Why crediting
-items keeps counts exact is ``docs/engine.md`` §3-§4.
+items keeps counts exact is ``docs/engine.md`` §2.1-§2.3.
 """
 
 from __future__ import annotations

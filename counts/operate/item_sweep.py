@@ -104,7 +104,8 @@ def sweep_sql(
     kind: ItemKind, keys: list[str] | None, lo, hi, write: bool, ids: bool = False
 ) -> str:
     """Read the bound items' truth, compare with their ledgers and (``write``) rewrite the
-    ledgers that changed; returns :func:`counts.run.items.credits_sql`'s rows, or (``ids``) one
+    ledgers that changed; returns :func:`counts.compile.item_sql.credits_sql`'s rows, or (``ids``)
+    one
     row: the ids whose ledger differs. One parameter: the item ids, all within ``(lo, hi]``."""
     k = literal(kind.mark_target)
     truth = truth_sql(kind, "(SELECT unnest(%s::bigint[]) AS id)", within=(lo, hi))

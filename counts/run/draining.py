@@ -13,8 +13,8 @@ The shape follows Django's deletion collector (record the work first, perform it
    into the items they can flip (``counts.declare.jobs``); "every row" marks expand into chunked
    marks for later batches;
 3. **items**, per kind: lock each item without waiting, read its truth in a later statement,
-   credit the difference from its ledger and write the ledger (``counts.run.items``, where the
-   correctness argument is); items someone holds are marked again, due a little later;
+   credit the difference from its ledger and write the ledger (``counts.run.items``); items
+   someone holds are marked again, due a little later;
 4. **targets**: models that only get amounts are written together, in one statement
    (``counts.run.applying``); then, per model in label order, lock the rows nobody else holds
    (``FOR NO KEY UPDATE SKIP LOCKED``, id order); recount the rows marked for it with the formula
@@ -22,17 +22,10 @@ The shape follows Django's deletion collector (record the work first, perform it
    them, which are not added on top); add the credits to the others in one statement
    (``counts.run.applying``); queue both again, due a little later, for rows someone holds.
 
-All of it commits together. A crash before commit rolls the deletes back, so no mark is lost.
-Every amount is, in every snapshot, either in the queue or in its row, never both: the
-transaction that deletes a delta mark adds it to the row or queues it again. A drain takes
-marks without waiting, items in one order (waiting only for another drain's new ledger row),
-and target rows first without waiting; a held target row
-makes it start its targets again in one global order, waiting briefly for each row
-(``counts.run.target_locks``), so one busy row cannot stall its model, drains cannot wait in a
-circle, and no wait outlasts a short timeout. The order of acquisition is marks, items (every
-item of the batch, by kind and id, before any is recomputed: the only waits among them, for a
-new item's ledger row, come in one order), multiplicity rows (by key), targets (by label, by
-id).
+All of it commits together: a crash before commit rolls the deletes back, so no mark is lost.
+Why this keeps invariants I, J and M at every commit is ``docs/engine.md`` §2.3; the locks it
+takes, in one global order (marks, items, multiplicities, targets), and why no wait forms a
+circle, §3.
 
 Every write runs in :func:`engine_transaction`, under the engine's setting: the only writes to
 cached columns the guard triggers let through.
@@ -46,6 +39,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from counts.base import checkpoints, prepared
+from counts.base.errors import CountsError
 from counts.base.mark import Kind, Mark
 from counts.base.names import MARK_TABLE, q
 from counts.compile.item_sql import CHUNK, mark_items_sql
@@ -281,6 +275,23 @@ def drain(
     result.more = result.more or bool(result.expanded)
     result.ms = (time.perf_counter() - started) * 1000
     return result
+
+
+def drain_until_empty(limit: int = 100_000, **options) -> list[DrainResult]:
+    """Call :func:`drain` in this process until a batch takes no mark; the batches that took
+    some, in order. Marks put back for later (a row someone holds) stay for when they are due.
+
+    The one drain-to-empty of everything that is not a worker: ``seed_demo``, the bench, the
+    tests. ``limit`` batches at most: a drain that keeps finding marks it cannot take is a bug,
+    reported, not an endless loop.
+    """
+    results = []
+    for _ in range(limit):
+        result = drain(**options)
+        if result.empty:
+            return results
+        results.append(result)
+    raise CountsError(f"marks still pending after {limit:,} drain batches")
 
 
 class _Contended(Exception):

@@ -21,35 +21,12 @@ To recompute items, a drain (:func:`recompute`):
    item's truth from the base tables, compares it with the ledger, and writes the new ledger;
 3. credits, per target, ``contribution(truth) - contribution(ledger)``.
 
-Why this is exact under concurrency (the correctness argument, in full):
-
-- *Marking is complete.* Every transaction that changes an input of an item's contribution
-  (the item's link column, one of its children, one of its through rows) writes an item mark
-  for it, from the changed rows' own old and new values, in the same transaction. So every
-  snapshot that sees a change sees its mark.
-- *Invariant I.* In every committed state, for every target T and item count X:
-  ``stored(T) + pending deltas(T) = Σ_i contribution_T(ledger_i)``. A writer changes neither
-  side. A drain writes a ledger and, in the same transaction, the credit for the difference
-  (applied to T under T's row lock, or queued as a delta mark). Two drains never write one
-  ledger at once (the ledger row lock), and the second reads the first's committed ledger:
-  ``FOR UPDATE`` returns the newest committed version, and its truth-reading statement starts
-  after it got the lock, which the first released only by committing.
-- *Invariant J.* An item with no item mark visible in state S has ``ledger_i = truth_i(S)``:
-  the last change to it is visible with its mark; a mark disappears only when a drain that
-  held the item's lock read the truth in a snapshot taken after the mark (and so after the
-  change) had committed, and committed that ledger in the same transaction as the deletion.
-- *At rest* (no marks) I and J give ``stored(T) = Σ_i contribution_T(truth_i) = truth(T)``.
-- Order never matters: marks carry no amounts, so any number of them, taken by any drains in
-  any order, lead to the same ledgers; the credits telescope.
-
-This is what makes the interleavings of issue 11 exact: a detection inserted while its capture
-moves, two first detections on one capture, a detection racing a membership, and two drains
-each holding one of an item's marks (the second finds the first's credit in the ledger).
-
-The full recount (``counts.run.aggregate``) keeps I true without consuming marks; see
-``counts.compile.stale_items``. Whole-kind work (every item marked after a TRUNCATE or for a new
-count, ledgers filled from the truth by a backfill or reconcile's audit) is
-``counts.run.item_backfill``.
+Why this is exact under concurrency — marking is complete, invariants I (stored + pending =
+what the ledgers credited) and J (an unmarked item's ledger is its truth) hold at every commit,
+and so at rest stored = truth whatever the order of drains — is ``docs/engine.md`` §2.1-§2.3,
+with the interleavings that test it in §2.9. The recount formula (``counts.run.aggregate``)
+keeps I without consuming marks (§2.4); the bulk pass over every item of a kind is
+``counts.operate.item_sweep`` (§2.5).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from django.db import connection, transaction
 from tqdm import tqdm
 
 import counts
+from counts.api import drain_until_empty
 from counts.run.notice import quiet
 from project.monitoring.demo import load, make_plan
 from project.monitoring.models import Project
@@ -96,6 +97,5 @@ class Command(BaseCommand):
         # Amounts the load queued for the rows (own-row deltas) are left by the rebuild for
         # the drains: its recount counted them as on their way. Add them now, so the data
         # set opens with nothing pending.
-        while not counts.drain(max_ids=50_000).empty:
-            pass
+        drain_until_empty(max_ids=50_000)
         return report

@@ -30,7 +30,7 @@ from project.monitoring.models import (
     SourceImageCollection,
 )
 from tests.api_fixtures import T0, build_catalogue, drift
-from tests.test_admin import ChangeList, messages_of, run_action, staff
+from tests.project.test_admin import ChangeList, messages_of, run_action, staff
 from tests.truth import assert_all_counts_exact, drain_all, truth
 
 #: Captures added to station North so that deleting Vermont is a large cascade.

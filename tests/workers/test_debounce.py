@@ -13,14 +13,14 @@ from django.test import override_settings
 
 from counts.models import DirtyMark
 from tests import worker_harness as wh
-from tests.test_workers import (  # noqa: F401  (clean_slate: the same autouse reset)
+from tests.truth import assert_all_counts_exact, mismatches
+from tests.workers.test_actors import (  # noqa: F401  (clean_slate: the same autouse reset)
     COLLECTION,
     ITEMS,
     Through,
     clean_slate,
     make_sets,
 )
-from tests.truth import assert_all_counts_exact, mismatches
 from workers import debounce
 from workers.redis_client import client
 

@@ -21,8 +21,8 @@ from django.db import connection
 
 from counts.models import DirtyMark
 from tests import worker_harness as wh
-from tests.test_workers import make_sets, raw_connection
 from tests.truth import assert_all_counts_exact, mismatches
+from tests.workers.test_actors import make_sets, raw_connection
 from workers.queued import label_of_message
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]

@@ -29,8 +29,8 @@ from project.monitoring.models import (
     SourceImage,
 )
 from tests import worker_harness as wh
-from tests.test_workers import converged, make_sets, raw_connection
 from tests.truth import assert_all_counts_exact
+from tests.workers.test_actors import converged, make_sets, raw_connection
 from workers import redis_client as workers_redis
 from workers.queued import label_of_message
 from workers.schedule import sweep

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 from django.db import connection
 
+from tests import truth
 from tests.engine_app.models import Author, Book, Library, Review, Shelf, Tag
 from tests.engine_app.truth import assert_engine_counts_exact
 from tests.truth import drain_all
@@ -34,8 +35,7 @@ def expect(marks, **wanted) -> None:
 
 
 def settle() -> None:
-    drain_all()
-    assert_engine_counts_exact()
+    truth.settle(assert_engine_counts_exact)
 
 
 def value(obj, field: str) -> int:

@@ -13,18 +13,16 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import redis
 from django.test import override_settings
 
 from tests import worker_harness as wh
+from tests.paths import ROOT
 from workers import heartbeat
 from workers import redis_client as workers_redis
 from workers.schedule import Scheduler
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:

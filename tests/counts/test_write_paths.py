@@ -24,7 +24,7 @@ from project.monitoring.models import (
     SourceImageCollection,
 )
 from tests.conftest import ALL, build_world
-from tests.truth import assert_all_counts_exact, cached, drain_all
+from tests.truth import assert_all_counts_exact, cached, drain_all, settle
 
 D, E, S, C = (
     "monitoring.deployment",
@@ -45,12 +45,6 @@ def expect(marks, **wanted) -> None:
     want = {labels[k]: v if v == ALL else {o.pk for o in v} for k, v in wanted.items()}
     have = {label: ids for label, ids in marks.by_target().items() if label in labels.values()}
     assert have == want
-
-
-def settle() -> None:
-    """Drain everything, then compare every cached count with the truth."""
-    drain_all()
-    assert_all_counts_exact()
 
 
 def count(obj, field: str) -> int:

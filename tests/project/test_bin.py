@@ -24,7 +24,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
+
 #: The database bin/run gets: created by the script, dropped by the test.
 RUN_DB_SUFFIX = "_binrun"
 

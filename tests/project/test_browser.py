@@ -24,6 +24,7 @@ from counts.models import DirtyMark
 from project.monitoring.models import SourceImage, SourceImageCollection
 from tests import worker_harness as wh
 from tests.api_fixtures import T0, build_catalogue, drift
+from tests.paths import ROOT
 from tests.truth import assert_all_counts_exact, truth
 
 CHROMIUM = "/usr/bin/chromium"
@@ -38,7 +39,7 @@ CHROMIUM_ARGS = [
 PASSWORD = "correct horse battery staple"
 #: A laptop screen: the admin's lists must fit it without sideways scrolling.
 VIEWPORT = {"width": 1400, "height": 900}
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "var" / "screenshots"
+SCREENSHOTS = ROOT / "var" / "screenshots"
 SETS = "/admin/monitoring/sourceimagecollection/"
 
 

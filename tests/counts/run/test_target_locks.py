@@ -12,8 +12,8 @@ import pytest
 
 from counts.models import DirtyMark
 from counts.run import target_locks
+from tests.counts.test_interleavings import insert_detection
 from tests.interleave import Harness, drain_to_empty
-from tests.test_interleavings import insert_detection
 from tests.truth import assert_all_counts_exact
 
 pytestmark = pytest.mark.django_db(transaction=True)

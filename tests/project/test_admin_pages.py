@@ -25,7 +25,7 @@ from django.test.utils import CaptureQueriesContext
 from counts.run.marks import mark_all
 from project.monitoring.models import Event, SourceImage, SourceImageCollection
 from tests.api_fixtures import T0, drift
-from tests.test_admin import (  # noqa: F401 (catalogue, operator, viewer: its fixtures)
+from tests.project.test_admin import (  # noqa: F401 (catalogue, operator, viewer: its fixtures)
     BASE_PERMISSIONS,
     PENDING_URL,
     SETS_URL,

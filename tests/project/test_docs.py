@@ -16,7 +16,7 @@ import pytest
 from django.core.management import call_command
 from django.test import Client
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.project.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 #: src= and href= values in a page.
 ASSET = re.compile(r"""(?:src|href)=["']([^"']+)["']""")

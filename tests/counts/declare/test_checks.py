@@ -29,6 +29,7 @@ from counts.declare.field import CachedCountField, cached_count_fields
 from counts.declare.refusals import RefusedDeclarations, refuse_unsupported, refused
 from counts.declare.resolve import resolve, resolve_all
 from project.monitoring.models import Deployment, SourceImageCollection
+from tests.paths import ROOT
 from tests.truth import assert_all_counts_exact, cached, drain_all, truth
 
 #: The engine's test app: throwaway models take its label inside an isolated registry.
@@ -87,9 +88,8 @@ def test_the_project_declares_nothing_refused():
 
 
 def test_every_check_id_is_documented_in_the_field_and_the_readme():
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     section = readme.split("## Adding a count", 1)[1].split("\n## ", 1)[0]
     for check_id in CHECKS:
         assert check_id in CachedCountField.__doc__, check_id

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from tests import worker_harness as wh
-from tests.test_health import ROOT, run_manage
+from tests.project.test_health import ROOT, run_manage
 
 #: A browser's requests over plain HTTP and, behind a TLS proxy, over HTTPS.
 HTTP_PROBE = """

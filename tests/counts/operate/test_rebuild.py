@@ -13,7 +13,7 @@ import counts
 from counts.base.errors import UnknownTargetError
 from counts.run.marks import mark_all
 from project.monitoring.models import Event
-from tests.test_reconcile import write_behind_the_triggers
+from tests.counts.operate.test_reconciling import write_behind_the_triggers
 from tests.truth import assert_all_counts_exact, drain_all, mismatches
 
 D, E, S, C = (

@@ -21,7 +21,8 @@ import psycopg
 import pytest
 from django.db import connection
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
+
 THRESHOLD_LINE = "    default_filters_score_threshold = models.FloatField(default=0.5)\n"
 COUNTS = [
     'deploy_check_captures_count = CachedCountField("deployments__captures")',
