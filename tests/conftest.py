@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 from django.db import connection
 
+from counts.base.mark import Kind, kind_of
 from tests.engine_app.world import library  # noqa: F401  (the engine test app's dataset)
 
 #: Stands for "every row" in :meth:`Marks.by_target` (a mark whose ``ids`` is NULL).
@@ -45,7 +46,6 @@ class Marks:
         from collections import defaultdict
 
         from counts.apps import graph
-        from counts.base.mark import Kind, kind_of
         from counts.declare.jobs import jobs_by_key
         from counts.declare.kinds import item_kinds
         from counts.run.items import expand, preview
@@ -87,9 +87,11 @@ class Marks:
     def items(self) -> dict[str, set[int]]:
         """``{item kind: ids}`` of the item marks waiting."""
         merged: dict[str, set[int]] = {}
-        for target, ids in self.rows():
-            if target.startswith("item:"):
-                merged.setdefault(target, set()).update(ids or ())
+        with self.conn.cursor() as cursor:
+            cursor.execute("SELECT target, ids, field, deltas FROM counts_dirtymark ORDER BY id")
+            for target, ids, column, deltas in cursor.fetchall():
+                if kind_of(target, ids, column, deltas) in (Kind.ITEM, Kind.EVERY_ITEM):
+                    merged.setdefault(target, set()).update(ids or ())
         return merged
 
     def of(self, label: str) -> set[int] | str:

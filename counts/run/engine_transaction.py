@@ -12,7 +12,7 @@ import contextlib
 from django.db import connections, transaction
 
 from counts.base import prepared
-from counts.base.names import ENGINE_SETTING
+from counts.base.names import ENGINE_SETTING, literal
 from counts.run.notice import quiet
 
 
@@ -47,6 +47,9 @@ def engine_transaction(
     nested = connections[using].in_atomic_block
     with transaction.atomic(using=using), quiet(using):
         cursor = connections[using].cursor()
+        # Inside a caller's transaction, its own settings are put back at the end: a lock
+        # timeout it set must outlive a "Recompute now" it ran.
+        saved = _current(cursor) if nested else None
         on = []
         plans = GENERIC if prepared.generic_plans(using) else None
 
@@ -65,14 +68,13 @@ def engine_transaction(
             engine_on()
         yield cursor
         if on and nested:
-            # The plan cache mode goes back to the session's reset value (a plain ``SET``
-            # earlier in the session is not known here: such a session keeps its parameters
-            # client-bound anyway, see ``counts.base.prepared``).
-            cursor.execute(
-                "SELECT set_config(%s, 'off', true), set_config('plan_cache_mode',"
-                " (SELECT reset_val FROM pg_settings WHERE name = 'plan_cache_mode'), true)",
-                [ENGINE_SETTING],
-            )
+            cursor.execute(f"SELECT {RESTORE_SQL}", [ENGINE_SETTING, *saved])
+
+
+def _current(cursor) -> tuple:
+    """The caller's values of the settings :data:`SETTINGS_SQL` changes besides the engine's."""
+    cursor.execute("SELECT " + ", ".join(f"current_setting({literal(name)})" for name in _RESTORED))
+    return cursor.fetchone()
 
 
 #: The engine's transaction settings as one expression (parameters: the engine setting's
@@ -86,3 +88,11 @@ SETTINGS_SQL = (
 #: The plan cache mode of an engine transaction whose hot statements are prepared
 #: (``counts.base.prepared``): one plan per connection, never one per batch.
 GENERIC = "force_generic_plan"
+#: What a nested block puts back (parameters: the engine setting's name, then the caller's
+#: values of :data:`_RESTORED`): the engine's setting off, the caller's own settings as they were.
+_RESTORED = ("jit", "max_parallel_workers_per_gather", "lock_timeout", "plan_cache_mode")
+RESTORE_SQL = (
+    "concat(set_config(%s, 'off', true), "
+    + ", ".join(f"set_config({literal(name)}, %s, true)" for name in _RESTORED)
+    + ")"
+)

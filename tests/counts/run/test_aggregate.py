@@ -1,0 +1,212 @@
+"""The recount formula (``counts.run.aggregate``): what "Recompute now", reconcile and a drain's
+recounts store, and the row locks they take first.
+
+Cached values are corrupted with triggers off (as a restore would) and compared with the
+independent truth of ``tests.truth``. What is pinned: the statement is compiled once per graph;
+a dry run reports exactly the rows that differ and writes nothing; a write stores the truth and
+stamps only the rows it changed; with an amount or an item change still queued, the recount
+stores ``truth - pending - adjustment`` (a distinct count: its multiplicities), so that the
+drain which follows ends exact rather than counting the change twice (invariant I); a count kept
+in full stores its truth; ``lock`` skips rows held elsewhere, never a row a writer only
+references, and ``held_elsewhere`` names the skipped rows that exist.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+
+import pytest
+from django.db import connection
+
+from counts.apps import graph
+from counts.base.mark import Kind, where
+from counts.declare.graph import Graph
+from counts.run import aggregate
+from counts.run.engine_transaction import engine_transaction
+from project.monitoring.models import Detection, Event, Occurrence, SourceImage, Taxon
+from tests.engine_app.models import Review
+from tests.engine_app.truth import assert_engine_counts_exact
+from tests.engine_app.truth import cached as library_cached
+from tests.interleave import Harness
+from tests.invariants import assert_invariants
+from tests.truth import assert_all_counts_exact, cached, drain_all, triggers_off, truth
+
+D, E = "monitoring.deployment", "monitoring.event"
+LONG_AGO = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+#: A wait here would be a bug: it fails after this long instead of hanging the run.
+NO_WAIT_MS = 2000
+
+
+def corrupt(table: str, pk: int, **values) -> None:
+    sets = ", ".join(f"{column} = %s" for column in values)
+    with triggers_off() as cursor:
+        cursor.execute(f"UPDATE {table} SET {sets} WHERE id = %s", [*values.values(), pk])
+
+
+def recount(label: str, ids: list[int]) -> list[aggregate.Change]:
+    """Lock and recount ``ids`` with the formula, as "Recompute now" does."""
+    statement = aggregate.compile_recompute(graph(), label)
+    with engine_transaction() as cursor:
+        locked = aggregate.lock(cursor, statement, ids)
+        assert locked == sorted(ids)
+        return aggregate.run(cursor, statement, locked, write=True)
+
+
+def test_compiled_once_per_graph_one_subquery_per_join_signature():
+    g = graph()
+    statement = aggregate.compile_recompute(g, D)
+    assert aggregate.compile_recompute(g, D) is statement
+    other = Graph.build(list(g.specs))
+    assert aggregate.compile_recompute(other, D) is not statement  # a graph of its own
+    for label in g.targets:
+        specs = g.specs_for(label)
+        counted = {s.join_signature for s in specs if not getattr(s.mode, "distinct", None)}
+        sql = aggregate.compile_recompute(g, label).sql
+        assert len(re.findall(r"\) g(\d+) ON g\1\.pk", sql)) == len(counted), label
+    deployment = aggregate.compile_recompute(g, D).sql
+    assert len({s.join_signature for s in g.specs_for(D)}) > 1  # several joins, kept apart
+    assert "counts_dirtymark" in deployment and where(Kind.DELTA) in deployment  # pending
+    full = aggregate.compile_recompute(g, "counts_testapp.library").sql
+    assert "counts_dirtymark" not in full  # a count kept in full stores its truth
+
+
+def test_a_dry_run_reports_the_rows_that_differ_and_writes_nothing(world, marks):
+    corrupt("monitoring_event", world.e1.pk, captures_count=99)
+    corrupt("monitoring_event", world.e2.pk, detections_count=7, occurrences_count=5)
+    before = cached("monitoring_event")
+    statement = aggregate.compile_recompute(graph(), E)
+    ids = list(Event.objects.values_list("pk", flat=True))
+    with engine_transaction() as cursor:  # as reconcile's dry run: a write would land here
+        changes = aggregate.run(cursor, statement, ids, write=False)
+    want = truth("monitoring_event")
+    assert [c.pk for c in changes] == [world.e1.pk, world.e2.pk]
+    for change in changes:
+        assert change.old == before[change.pk] and change.new == want[change.pk]
+    assert changes[0].fields == ["captures_count"]
+    assert sorted(changes[1].fields) == ["detections_count", "occurrences_count"]
+    assert cached("monitoring_event") == before
+
+
+def test_a_write_stores_the_truth_and_stamps_only_the_rows_it_changed(world, marks):
+    corrupt("monitoring_event", world.e2.pk, captures_count=99)
+    with triggers_off() as cursor:
+        cursor.execute("UPDATE monitoring_event SET counts_updated_at = %s", [LONG_AGO])
+    ids = sorted(Event.objects.values_list("pk", flat=True))
+    changes = recount(E, ids)
+    assert [(c.pk, c.fields) for c in changes] == [(world.e2.pk, ["captures_count"])]
+    stamps = dict(Event.objects.values_list("pk", "counts_updated_at"))
+    assert stamps.pop(world.e2.pk) > LONG_AGO and set(stamps.values()) == {LONG_AGO}
+    assert_all_counts_exact()
+    statement = aggregate.compile_recompute(graph(), E)
+    with connection.cursor() as cursor:
+        assert aggregate.run(cursor, statement, ids, write=False) == []
+
+
+def test_an_amount_still_queued_is_left_out_of_the_recount(world, marks):
+    """A capture's +1 waits as a delta mark: the recount stores truth - 1, the drain adds it."""
+    corrupt("monitoring_deployment", world.d1.pk, captures_count=50)
+    corrupt("monitoring_event", world.e1.pk, captures_count=50)
+    SourceImage.objects.create(
+        deployment=world.d1, event=world.e1, timestamp=world.i1.timestamp, path="a/new.jpg"
+    )
+    recount(D, [world.d1.pk])
+    recount(E, [world.e1.pk])
+    want = {"d": truth("monitoring_deployment"), "e": truth("monitoring_event")}
+    assert cached("monitoring_deployment")[world.d1.pk]["captures_count"] == (
+        want["d"][world.d1.pk]["captures_count"] - 1
+    )
+    assert cached("monitoring_event")[world.e1.pk]["captures_count"] == (
+        want["e"][world.e1.pk]["captures_count"] - 1
+    )
+    assert_invariants()
+    drain_all()
+    assert_all_counts_exact()
+
+
+def test_an_item_change_still_queued_is_left_out_of_the_recount(world, marks):
+    """A detection on i3 waits as an item mark: every count it will credit stores truth - 1
+    (its adjustment), and the drain that credits it ends exact, not one too many."""
+    Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
+    rows = {
+        "monitoring_deployment": (D, world.d1.pk, "detections_count"),
+        "monitoring_event": (E, world.e2.pk, "detections_count"),
+        "monitoring_sourceimage": ("monitoring.sourceimage", world.i3.pk, "detections_count"),
+        "monitoring_sourceimagecollection": (
+            "monitoring.sourceimagecollection",
+            world.c1.pk,
+            "source_images_with_detections_count",
+        ),
+    }
+    for table, (label, pk, column) in rows.items():
+        corrupt(table, pk, **{column: 40})
+        recount(label, [pk])
+        assert cached(table)[pk][column] == truth(table)[pk][column] - 1, table
+    assert_invariants()
+    drain_all()
+    assert_all_counts_exact()
+
+
+def test_a_distinct_count_is_read_from_the_multiplicities(world, marks):
+    """A new taxon at d1 is not counted until its item is drained: the recount stores the
+    pairs the ledgers credit now, not a fresh distinct count of the base tables."""
+    corrupt("monitoring_deployment", world.d1.pk, taxa_count=30)
+    moth_like = Taxon.objects.create(name="Hyalophora cecropia")
+    Occurrence.objects.create(
+        deployment=world.d1, event=world.e2, determination=moth_like, determination_score=0.95
+    )
+    recount(D, [world.d1.pk])
+    want = truth("monitoring_deployment")[world.d1.pk]["taxa_count"]
+    assert cached("monitoring_deployment")[world.d1.pk]["taxa_count"] == want - 1
+    assert_invariants()
+    drain_all()
+    assert_all_counts_exact()
+
+
+def test_a_count_kept_in_full_stores_its_truth(library, marks):
+    """Its triggers leave route marks, which exempt nothing: no pending term applies."""
+    corrupt("counts_testapp_library", library.city.pk, reviews_count=70)
+    Review.objects.create(book=library.sense, stars=2)  # a route mark, not drained
+    recount("counts_testapp.library", [library.city.pk, library.school.pk])
+    assert library_cached("counts_testapp_library")[library.city.pk]["reviews_count"] == 4
+    drain_all()
+    assert_engine_counts_exact()
+
+
+@pytest.fixture
+def harness():
+    h = Harness()
+    yield h
+    h.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lock_skips_rows_held_elsewhere_and_held_elsewhere_names_them(world, marks, harness):
+    holder, writer, probe = harness.sql("holder"), harness.sql("writer"), harness.sql("probe")
+    holder.execute("UPDATE monitoring_event SET updated_at = now() WHERE id = %s", [world.e2.pk])
+    # A capture under e1, not committed: its foreign-key check holds e1 FOR KEY SHARE.
+    writer.execute("SET CONSTRAINTS ALL IMMEDIATE")  # checked now, not at commit
+    writer.execute(
+        "INSERT INTO monitoring_sourceimage (deployment_id, event_id, timestamp, path,"
+        " detections_count, created_at, updated_at) VALUES (%s, %s, now(), 'w.jpg', 0,"
+        " now(), now())",
+        [world.d1.pk, world.e1.pk],
+    )
+    gone = world.e3.pk + 1000
+    statement = aggregate.compile_recompute(graph(), E)
+    ids = [world.e3.pk, gone, world.e1.pk, world.e2.pk]
+    with engine_transaction(lock_timeout_ms=NO_WAIT_MS) as cursor:
+        locked = aggregate.lock(cursor, statement, ids)
+        assert locked == [world.e1.pk, world.e3.pk], "in id order, e1 although referenced"
+        assert aggregate.held_elsewhere(cursor, statement, ids, locked) == [world.e2.pk]
+        free = probe.execute(
+            "SELECT id FROM monitoring_event WHERE id = ANY(%s) FOR NO KEY UPDATE SKIP LOCKED",
+            [[world.e1.pk, world.e3.pk]],
+        )
+        assert free == [], "lock returned rows it does not hold"
+        aggregate.run(cursor, statement, locked, write=True)
+    probe.rollback()
+    holder.rollback()
+    writer.commit()
+    drain_all()
+    assert_all_counts_exact()
