@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from django.core.exceptions import FieldDoesNotExist
 from django.db.models import Q
 
 from counts.base.errors import DeclarationError
+from counts.declare.check_walk import unfollowable, walk_lookup
 
 FORWARD = "forward"
 REVERSE = "reverse"
@@ -160,23 +160,20 @@ def _hops_for(model, relation) -> tuple[list[Hop], type]:
 def walk(model, lookup: str) -> tuple[Chain, str | None]:
     """Follow a lookup from ``model``: the chain it crosses and the column it ends on, if any.
 
-    Trailing parts that are not fields (``isnull``, ``gte``, transforms) are ignored: they
-    change how a value is compared, not which values are read.
+    The relations are followed as the checks follow them (``counts.declare.check_walk``), then
+    each becomes its hops. Trailing parts that are not fields (``isnull``, ``gte``, transforms)
+    are ignored: they change how a value is compared, not which values are read.
     """
+    found = walk_lookup(model, lookup, strict=True)
     chain: list[Hop] = []
-    current = model
-    for part in lookup.split("__"):
-        opts = current._meta
-        try:
-            f = opts.pk if part == "pk" else opts.get_field(part)
-        except FieldDoesNotExist:
-            if not chain and current is model:
-                raise DeclarationError(
-                    opts.label_lower, f"{lookup!r}: {part!r} is not a field"
-                ) from None
-            return tuple(chain), None
-        if not f.is_relation:
-            return tuple(chain), f.column
-        hops, current = _hops_for(current, f)
-        chain.extend(hops)
-    return tuple(chain), None
+    for step in found.steps:
+        chain.extend(_hops_for(step.model, step.relation)[0])
+    stop = found.stop or (None,)
+    if stop[0] == "unknown" and not found.steps:
+        raise DeclarationError(model._meta.label_lower, f"{lookup!r}: {stop[2]!r} is not a field")
+    if stop[0] == "unfollowable":
+        step = stop[1]
+        raise DeclarationError(
+            model._meta.label_lower, f"{lookup!r}: {step.part!r} is {unfollowable(step.relation)}"
+        )
+    return tuple(chain), stop[2].column if stop[0] == "column" else None
