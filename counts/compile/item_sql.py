@@ -29,8 +29,15 @@ def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
     joins, measures = _measure_joins(kind, within)
     links, own_row = _link_joins(kind, within, joins)
     if own_row:
-        t = kind.table
-        joins.insert(0, f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id")
+        t, row = kind.table, f"SELECT * FROM {q(kind.table.db_table)} j"
+        # Per item, the row is probed by its key (LATERAL): however many items the planner
+        # expects, a probe form never hashes the whole item table.
+        joins.insert(
+            0,
+            f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id"
+            if within is not None
+            else f"LEFT JOIN LATERAL ({row} WHERE j.{q(t.pk)} = i.id LIMIT 1) j ON true",
+        )
     entries = ", ".join(_entries(kind, measures, links))
     return (
         f"SELECT i.id, jsonb_strip_nulls(jsonb_build_object({entries})) AS state"

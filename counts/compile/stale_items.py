@@ -54,6 +54,12 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
     not, and invariant I is about the ledgers. Only stale items related to the targets — by
     their current links or by their ledger — are read. ``n`` numbers the CTE aliases. Returns
     the SQL and how many times it binds the target ids.
+
+    Every stale item is probed on its own (``LATERAL``, by primary key, behind ``LIMIT`` or
+    ``OFFSET 0`` so the planner cannot flatten the probe into a join): its ledger, its links,
+    its truth. The planner cannot know how few items are stale (the "every item" and job arms
+    of :func:`stale_sql` look like all of them), and left to choose it hashed every ledger of
+    the kind for each recount: 1.1 s for one night at 10^6 captures, 7 ms probed.
     """
     parts = kind.summed_parts(label)
     related, binds = [], 0
@@ -65,44 +71,53 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
         )
         binds += 1
     kind_sql = literal(kind.mark_target)
-    related.append(
-        f"EXISTS (SELECT 1 FROM {LEDGER_TABLE} l WHERE l.kind = {kind_sql} AND l.item_id = s.id)"
+    # The candidates with their ledgers, materialized once: the truth and the ledger side both
+    # read them. An item with a ledger may be related through it (it moved away).
+    candidates = (
+        f"SELECT s.id, l.state FROM ({stale_sql(kind)}) s"
+        f" LEFT JOIN LATERAL (SELECT l.state FROM {LEDGER_TABLE} l WHERE l.kind = {kind_sql}"
+        f" AND l.item_id = s.id LIMIT 1) l ON true"
+        f" WHERE l.state IS NOT NULL OR {' OR '.join(related)}"
     )
-    cand = f"(SELECT s.id FROM ({stale_sql(kind)}) s WHERE {' OR '.join(related)})"
-    truth = truth_sql(kind, cand)
+    c = f"c{n}"
     entries = (
         f"SELECT kv.key, (kv.value->>0)::bigint AS v, t::bigint AS t"
-        f" FROM ({truth}) tr, jsonb_each(tr.state) kv, jsonb_array_elements_text(kv.value - 0) t"
+        f" FROM ({truth_sql(kind, c)}) tr, jsonb_each(tr.state) kv,"
+        f" jsonb_array_elements_text({entry_targets_sql('kv', kind)}) t"
         f" UNION ALL SELECT kv.key, -(kv.value->>0)::bigint, t::bigint"
-        f" FROM {LEDGER_TABLE} l JOIN {cand} c ON l.item_id = c.id AND l.kind = {kind_sql},"
-        f" jsonb_each(l.state) kv, jsonb_array_elements_text(kv.value - 0) t"
+        f" FROM {c}, jsonb_each({c}.state) kv,"
+        f" jsonb_array_elements_text({entry_targets_sql('kv', kind)}) t"
     )
     sums = ", ".join(
         f"(sum(e.v) FILTER (WHERE e.key = {literal(p.key)}))::bigint AS a{n}_{i}"
         for i, p in enumerate(parts)
     )
-    sql = f"SELECT e.t AS pk, {sums} FROM ({entries}) e WHERE e.t = ANY(%s::bigint[]) GROUP BY e.t"
-    # The candidate list appears twice (truth and ledger), each binding the ids per link.
-    return sql, binds * 2 + 1
+    sql = (
+        f"WITH {c} AS MATERIALIZED ({candidates})"
+        f" SELECT e.t AS pk, {sums} FROM ({entries}) e WHERE e.t = ANY(%s::bigint[]) GROUP BY e.t"
+    )
+    return sql, binds + 1
 
 
 def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
     """``SELECT id`` of the targets of ``label`` among the bound ids that an item mark of
     ``kind`` may change: stale items' current links and ledger entries. Returns the SQL and
-    how many times it binds the ids."""
-    stale = f"({stale_sql(kind)})"
+    how many times it binds the ids. Each stale item is probed on its own, as in
+    :func:`adjustment_sql`: a list page's pending flags never hash every ledger of the kind."""
+    stale = f"({stale_sql(kind)}) s"
     selects = []
     for link in sorted({p.link for p in kind.parts_for(label)}, key=repr):
         table, where, col = link.rows(kind.table)
         selects.append(
-            f"SELECT x.{q(col)} FROM {q(table.db_table)} x WHERE x.{q(where)} IN {stale}"
-            f" AND x.{q(col)} = ANY(%s::bigint[])"
+            f"SELECT x.{q(col)} FROM {stale} CROSS JOIN LATERAL (SELECT x.{q(col)}"
+            f" FROM {q(table.db_table)} x WHERE x.{q(where)} = s.id"
+            f" AND x.{q(col)} = ANY(%s::bigint[]) OFFSET 0) x"
         )
     keys = ", ".join(literal(p.key) for p in kind.parts_for(label))
     selects.append(
-        f"SELECT t::bigint FROM {LEDGER_TABLE} l, jsonb_each(l.state) kv,"
-        f" jsonb_array_elements_text({entry_targets_sql('kv', kind)}) t"
-        f" WHERE l.kind = {literal(kind.mark_target)}"
-        f" AND l.item_id IN {stale} AND kv.key IN ({keys}) AND t::bigint = ANY(%s::bigint[])"
+        f"SELECT t::bigint FROM {stale} CROSS JOIN LATERAL (SELECT l.state FROM {LEDGER_TABLE} l"
+        f" WHERE l.kind = {literal(kind.mark_target)} AND l.item_id = s.id LIMIT 1) l,"
+        f" jsonb_each(l.state) kv, jsonb_array_elements_text({entry_targets_sql('kv', kind)}) t"
+        f" WHERE kv.key IN ({keys}) AND t::bigint = ANY(%s::bigint[])"
     )
     return " UNION ".join(selects), len(selects)
