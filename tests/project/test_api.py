@@ -333,6 +333,21 @@ def test_the_format_override_is_accepted_besides_the_documented_parameters(clien
     assert response["Content-Type"] == "application/json"
 
 
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_antennas_with_counts_is_accepted_and_changes_nothing(client, catalogue, value):
+    """Antenna's clients send ``with_counts=true`` to the capture-set list: answered like the
+    plain list (counts are always there), not refused as an unknown parameter."""
+    plain = get_ok(client, COLLECTIONS, project_id=catalogue.vermont.pk)
+    asked = get_ok(client, COLLECTIONS, project_id=catalogue.vermont.pk, with_counts=value)
+    assert asked == plain and asked["results"][0]["source_images_count"] >= 0
+
+
+def test_a_with_counts_that_is_not_a_boolean_is_a_400_naming_it(client, catalogue):
+    response = client.get(COLLECTIONS, {"with_counts": "sometimes"})
+    assert response.status_code == 400
+    assert response.json()["parameter"] == "with_counts"
+
+
 def test_the_largest_page_is_accepted(client, catalogue):
     assert len(get_ok(client, COLLECTIONS, limit=1000)["results"]) == 5
 

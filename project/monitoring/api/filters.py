@@ -181,6 +181,21 @@ def _described(path: str) -> str:
     return path.replace("__", "'s ")
 
 
+class WithCountsFilter(django_filters.ChoiceFilter):
+    """``?with_counts=true|false``, which Antenna's clients send to its capture-set list: the
+    counts are cached columns here and always in the response, so it changes nothing. Accepted
+    rather than refused as unknown; a value that is not one of these is still a 400."""
+
+    CHOICES = (("true", "true"), ("false", "false"), ("1", "1"), ("0", "0"))
+
+    def __init__(self) -> None:
+        super().__init__(
+            choices=self.CHOICES,
+            method=lambda queryset, name, value: queryset,
+            help_text="Accepted for Antenna's clients; counts are always included.",
+        )
+
+
 class StrictFilterBackend(DjangoFilterBackend):
     """django-filter's backend, answering an invalid value with the API's 400 naming it."""
 

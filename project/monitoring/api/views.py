@@ -22,7 +22,7 @@ from project.monitoring.api.base import (
     documented_detail,
     documented_list,
 )
-from project.monitoring.api.filters import IdFilter, SearchFilter
+from project.monitoring.api.filters import IdFilter, SearchFilter, WithCountsFilter
 from project.monitoring.api.serializers import (
     CollectionSerializer,
     DeploymentSerializer,
@@ -60,6 +60,7 @@ class CollectionList(CountedScopedListView):
         "name",
         project_id=_project_id(),
         search=SearchFilter(fields=("name",)),
+        with_counts=WithCountsFilter(),
     )
 
 
