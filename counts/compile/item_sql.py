@@ -16,7 +16,9 @@ from counts.declare.modes import Link
 CHUNK = 2000
 
 
-def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
+def truth_sql(
+    kind: ItemKind, items: str, within: tuple | None = None, probe_rows: bool = False
+) -> str:
     """``SELECT id, state`` of the items listed by the relation ``items`` (column ``id``).
 
     ``state`` is what the ledger would hold if every item were credited now; an item that
@@ -25,18 +27,20 @@ def truth_sql(kind: ItemKind, items: str, within: tuple | None = None) -> str:
     either end None for open) says every listed item lies in that id range: the children and
     through rows of the range are then read in one grouped pass each, which is what a bulk
     pass over every item wants (one range scan, not a probe per item).
+
+    ``probe_rows``: the item's own row too is probed by its key (``LATERAL``), for a list of
+    items whose size the planner cannot know (the stale items of a recount,
+    ``counts.compile.stale_items``), so that it never hashes the whole item table.
     """
     joins, measures = _measure_joins(kind, within)
     links, own_row = _link_joins(kind, within, joins)
     if own_row:
         t, row = kind.table, f"SELECT * FROM {q(kind.table.db_table)} j"
-        # Per item, the row is probed by its key (LATERAL): however many items the planner
-        # expects, a probe form never hashes the whole item table.
         joins.insert(
             0,
-            f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id"
-            if within is not None
-            else f"LEFT JOIN LATERAL ({row} WHERE j.{q(t.pk)} = i.id LIMIT 1) j ON true",
+            f"LEFT JOIN LATERAL ({row} WHERE j.{q(t.pk)} = i.id LIMIT 1) j ON true"
+            if probe_rows
+            else f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id",
         )
     entries = ", ".join(_entries(kind, measures, links))
     return (

@@ -82,7 +82,7 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
     c = f"c{n}"
     entries = (
         f"SELECT kv.key, (kv.value->>0)::bigint AS v, t::bigint AS t"
-        f" FROM ({truth_sql(kind, c)}) tr, jsonb_each(tr.state) kv,"
+        f" FROM ({truth_sql(kind, c, probe_rows=True)}) tr, jsonb_each(tr.state) kv,"
         f" jsonb_array_elements_text({entry_targets_sql('kv', kind)}) t"
         f" UNION ALL SELECT kv.key, -(kv.value->>0)::bigint, t::bigint"
         f" FROM {c}, jsonb_each({c}.state) kv,"
