@@ -1,3 +1,3 @@
-"""What users and deployments meet: the admin change page, DRF support, migration operations
-and the migrations writer. Django's fixed places (``counts/admin.py``, ``apps.py``,
-``models.py``, ``management/commands/``) sit beside this package at the same level."""
+"""What users and deployments meet: the admin change page, DRF support, and installing a
+trigger migration's SQL without queueing the application. Django's fixed places
+(``counts/admin.py``, ``apps.py``, ``models.py``, ``management/``) sit one level up."""
