@@ -9,12 +9,18 @@ every item to its truth itself, for reconcile, rebuild and backfills, is
 
 from __future__ import annotations
 
-from counts.base.names import q
-from counts.compile.item_sql import mark_items_sql, mark_ledgered_sql
+from counts.base.names import LEDGER_TABLE, literal, q
+from counts.compile.item_sql import mark_items_sql
 from counts.declare.kinds import ItemKind
 
 
 def mark_every_item(cursor, kind: ItemKind) -> None:
-    """Mark every item of ``kind``, with or without a ledger (a new count's backfill)."""
-    cursor.execute(mark_items_sql(kind, q(kind.table.db_table), kind.table.pk))
-    cursor.execute(mark_ledgered_sql(kind))
+    """Mark every item of ``kind``, with or without a ledger (a new count's backfill): the
+    items that exist and those only a ledger names (deleted ones), each id once, so a drain
+    recomputes each item once."""
+    t = kind.table
+    every = (
+        f"(SELECT {q(t.pk)} AS id FROM {q(t.db_table)} UNION SELECT item_id FROM {LEDGER_TABLE}"
+        f" WHERE kind = {literal(kind.mark_target)})"
+    )
+    cursor.execute(mark_items_sql(kind, every, "id"))
