@@ -1,6 +1,6 @@
 from django.apps import AppConfig, apps
 
-from counts.declare.graph import Graph
+from counts.declare.graph import Graph, app_graph
 from counts.declare.resolve import resolve_all
 from counts.run import notice
 
@@ -36,6 +36,6 @@ class CountsConfig(AppConfig):
             augment()
 
 
-def graph():
-    """The sealed dependency graph of every cached count in the project."""
-    return apps.get_app_config("counts").graph
+#: The sealed dependency graph of every cached count in the project (one lookup, the
+#: declarations' own: ``counts.declare.graph.app_graph``).
+graph = app_graph

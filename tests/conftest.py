@@ -47,11 +47,10 @@ class Marks:
 
         from counts.apps import graph
         from counts.declare.jobs import jobs_by_key
-        from counts.declare.kinds import item_kinds
         from counts.run.items import expand, preview
         from counts.run.routes import resolve
 
-        kinds = item_kinds(graph())
+        kinds = graph().kinds
         merged: dict[str, set[int] | str] = {}
         amounts: dict = defaultdict(int)
 

@@ -45,7 +45,7 @@ from counts.apps import graph
 from counts.base.names import LEDGER_TABLE, MARK_TABLE, literal, q
 from counts.compile.item_sql import truth_sql
 from counts.compile.stale_items import stale_sql
-from counts.declare.kinds import ItemKind, Part, item_kinds
+from counts.declare.kinds import ItemKind, Part
 from counts.declare.modes import ItemCount, OwnRow, incremental_columns
 from counts.run.multiplicity import TABLE as MULTIPLICITY_TABLE
 
@@ -94,7 +94,7 @@ def _snapshot(using: str):
 def violations(using: str = "default") -> list[Violation]:
     """Every violation of I, J and M in one snapshot of ``using``'s database."""
     g = graph()
-    kinds = item_kinds(g)
+    kinds = g.kinds
     with _snapshot(using) as cursor:
         found = _check_i(cursor, g, kinds, using)
         for kind in kinds.values():

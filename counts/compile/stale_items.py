@@ -45,6 +45,15 @@ def stale_sql(kind: ItemKind, only: str = "true") -> str:
     return " UNION ".join(selects)
 
 
+def _ledger_of_stale(kind: ItemKind) -> str:
+    """The ledger of the stale item ``s``, probed by its key; ``LIMIT 1`` (it is unique) keeps
+    the planner from flattening the probe into a join over every ledger of the kind."""
+    return (
+        f"(SELECT l.state FROM {LEDGER_TABLE} l WHERE l.kind = {literal(kind.mark_target)}"
+        f" AND l.item_id = s.id LIMIT 1)"
+    )
+
+
 def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
     """``SELECT pk, a0, a1, …``: per target of ``label`` among the bound ids, what the stale
     items of ``kind`` would change in each of its counts of this kind if credited now.
@@ -70,13 +79,11 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
             f" AND x.{q(target_col)} = ANY(%s::bigint[]))"
         )
         binds += 1
-    kind_sql = literal(kind.mark_target)
     # The candidates with their ledgers, materialized once: the truth and the ledger side both
     # read them. An item with a ledger may be related through it (it moved away).
     candidates = (
         f"SELECT s.id, l.state FROM ({stale_sql(kind)}) s"
-        f" LEFT JOIN LATERAL (SELECT l.state FROM {LEDGER_TABLE} l WHERE l.kind = {kind_sql}"
-        f" AND l.item_id = s.id LIMIT 1) l ON true"
+        f" LEFT JOIN LATERAL {_ledger_of_stale(kind)} l ON true"
         f" WHERE l.state IS NOT NULL OR {' OR '.join(related)}"
     )
     c = f"c{n}"
@@ -115,8 +122,7 @@ def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
         )
     keys = ", ".join(literal(p.key) for p in kind.parts_for(label))
     selects.append(
-        f"SELECT t::bigint FROM {stale} CROSS JOIN LATERAL (SELECT l.state FROM {LEDGER_TABLE} l"
-        f" WHERE l.kind = {literal(kind.mark_target)} AND l.item_id = s.id LIMIT 1) l,"
+        f"SELECT t::bigint FROM {stale} CROSS JOIN LATERAL {_ledger_of_stale(kind)} l,"
         f" jsonb_each(l.state) kv, jsonb_array_elements_text({entry_targets_sql('kv', kind)}) t"
         f" WHERE kv.key IN ({keys}) AND t::bigint = ANY(%s::bigint[])"
     )

@@ -32,8 +32,7 @@ from counts.compile.trigger_rows import (
     via_key,
 )
 from counts.declare.graph import Graph, Route
-from counts.declare.jobs import jobs, jobs_on
-from counts.declare.kinds import item_kinds
+from counts.declare.jobs import jobs_on
 from counts.declare.modes import ItemCount, OwnRow
 from counts.declare.spec import Table
 
@@ -83,7 +82,7 @@ def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -
         f"INSERT INTO {MARK_TABLE} (target, ids) VALUES ({literal(label)}, NULL);"
         for label in sorted(labels)
     ]
-    all_kinds = item_kinds(graph)
+    all_kinds = graph.kinds
     lines += [mark_ledgered_sql(all_kinds[kind]) + ";" for kind in sorted(set(kinds) - set(every))]
     # Rows on the way to a setting are gone: every item of the kind may read another now.
     lines += [
@@ -173,7 +172,7 @@ def watched_tables(graph: Graph) -> dict[str, Table]:
     """Every table whose writes can change a count: full routes, own rows, items' inputs."""
 
     tables = {routes[0].table.db_table: routes[0].table for routes in graph.routes.values()}
-    for job in jobs(graph):
+    for job in graph.jobs:
         tables.setdefault(job.table.db_table, job.table)
     for spec in graph.specs:
         mode = spec.mode

@@ -112,7 +112,7 @@ class Graph:
         (``counts.declare.kinds``)."""
         return build_kinds(self)
 
-    @property
+    @functools.cached_property
     def targets(self) -> dict[str, Table]:
         """Every table holding cached counts, by model label."""
         return {s.target.label: s.target for s in self.specs}

@@ -134,11 +134,6 @@ class Job:
         )
 
 
-def jobs(graph) -> tuple[Job, ...]:
-    """Every job of the graph's item counts that compare with a setting (built with the graph)."""
-    return graph.jobs
-
-
 def build_jobs(graph) -> tuple[Job, ...]:
     """Every job of the graph's item counts that compare with a setting, deduplicated."""
     found: dict[str, Job] = {}
@@ -167,9 +162,9 @@ def build_jobs(graph) -> tuple[Job, ...]:
 
 
 def jobs_by_key(graph) -> dict[str, Job]:
-    return {job.key: job for job in jobs(graph)}
+    return {job.key: job for job in graph.jobs}
 
 
 def jobs_on(graph, table: Table) -> list[Job]:
     """The jobs a change to ``table`` can start."""
-    return [job for job in jobs(graph) if job.table == table]
+    return [job for job in graph.jobs if job.table == table]

@@ -58,11 +58,6 @@ class ItemKind:
         return tuple(p for p in self.parts_for(label) if not p.distinct)
 
 
-def item_kinds(graph) -> dict[str, ItemKind]:
-    """``{mark target: ItemKind}`` for every item count of the graph (built with the graph)."""
-    return graph.kinds
-
-
 def build_kinds(graph) -> dict[str, ItemKind]:
     """``{mark target: ItemKind}`` for every item count of the graph."""
     parts: dict[Table, list[Part]] = defaultdict(list)
@@ -89,4 +84,4 @@ def build_kinds(graph) -> dict[str, ItemKind]:
 
 
 def kinds_feeding(graph, label: str) -> list[ItemKind]:
-    return [k for k in item_kinds(graph).values() if k.parts_for(label)]
+    return [k for k in graph.kinds.values() if k.parts_for(label)]

@@ -12,7 +12,6 @@ from counts.base.errors import first_line
 from counts.base.signals import status_extras
 from counts.compile.triggers import compile_triggers
 from counts.declare.graph import app_graph
-from counts.declare.jobs import jobs
 from counts.run.marks import pending_summary
 
 
@@ -67,7 +66,7 @@ def job_indexes() -> list[dict]:
     instead of those between the old and new settings: still exact, no longer cheap."""
     rows = []
     with connection.cursor() as cursor:
-        for job in jobs(app_graph()):
+        for job in app_graph().jobs:
             if job.range_index is None:
                 continue
             cursor.execute(

@@ -18,7 +18,6 @@ from counts.base.names import FRESHNESS_FIELD, OPERATIONS
 from counts.compile.triggers import compile_mark_triggers
 from counts.declare.field import CachedCountField, cached_count_fields
 from counts.declare.graph import ROOT, Graph
-from counts.declare.kinds import item_kinds
 from counts.declare.resolve import resolve, resolve_all
 from counts.declare.spec import FORWARD, REVERSE, walk
 from project.monitoring.models import (
@@ -226,7 +225,7 @@ def test_the_notice_names_exactly_what_each_trigger_can_mark():
     less leaves counts stale until the sweep.
     """
     labels = sorted(graph().targets)
-    kinds = item_kinds(graph())
+    kinds = graph().kinds
     compiled = {(t.table, t.operation): t.sql for t in compile_mark_triggers(graph())}
     for table in graph().routes:
         for op in OPERATIONS:

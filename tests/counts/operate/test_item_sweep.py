@@ -11,7 +11,6 @@ import re
 
 from counts.apps import graph
 from counts.compile.item_sql import truth_sql
-from counts.declare.kinds import item_kinds
 from counts.operate.item_sweep import candidates_sql, may_count_sql, sweep_sql
 from counts.run.item_locks import lock_items
 
@@ -20,7 +19,7 @@ OCCURRENCES = "item:monitoring.occurrence"
 
 
 def kind(name):
-    return item_kinds(graph())[name]
+    return graph().kinds[name]
 
 
 def test_candidates_read_only_the_range_of_every_table():

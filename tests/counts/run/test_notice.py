@@ -17,7 +17,6 @@ from django.db import connection, transaction
 
 from counts.apps import graph
 from counts.base.names import OPERATIONS
-from counts.declare.kinds import item_kinds
 from counts.run.notice import WriteWatcher, _Notice, quiet
 from counts.run.statements import ANY_TABLE, HEAD, statement_writes
 from project.monitoring.models import (
@@ -269,7 +268,7 @@ def announced(writes) -> set[str]:
 def test_hand_written_sql_announces_what_it_writes(sql, writes, targets):
     assert statement_writes(sql) == writes
     if targets is ALL_TARGETS:  # every item kind and every model marked by its own rows
-        targets = set(item_kinds(graph())) | {
+        targets = set(graph().kinds) | {
             label for label in graph().targets if label != "monitoring.sourceimage"
         }
     assert watcher().targets_of(sql) == announced(writes) >= targets
