@@ -156,11 +156,14 @@ def drain_all(limit: int = 1000, patience: float = 5.0, **kwargs) -> list:
         time.sleep(due_in + 0.01)
 
 
-def settle(exact=None) -> None:
+def settle(exact=None, drain=None) -> None:
     """The end of a test that wrote: drain to empty, then every cached count equals the truth
     (``exact``: another check of it, such as the engine test app's) and invariants I, J and M
-    hold (``tests.invariants``), so a wrong ledger is caught before it becomes a wrong count."""
-    drain_all()
+    hold (``tests.invariants``), so a wrong ledger is caught before it becomes a wrong count.
+
+    ``drain``: how to empty the queue, :func:`drain_all` by default (deferred marks waited for);
+    ``tests.interleave.drain_to_empty`` makes them due at once, once every client is done."""
+    (drain or drain_all)()
     (exact or assert_all_counts_exact)()
     assert_invariants()
 

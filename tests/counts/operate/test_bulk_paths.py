@@ -18,8 +18,9 @@ from django.db import connection, transaction
 
 import counts
 from counts.base import checkpoints
+from tests import truth
 from tests.interleave import Harness, drain_to_empty
-from tests.truth import assert_all_counts_exact, cached
+from tests.truth import cached
 from tests.worker_harness import worker_subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -34,11 +35,7 @@ def harness():
 
 def settle() -> None:
     """Drain to empty, then every count equals the truth and the invariants hold."""
-    from tests.invariants import assert_invariants
-
-    drain_to_empty()
-    assert_all_counts_exact()
-    assert_invariants()
+    truth.settle(drain=drain_to_empty)
 
 
 def without_triggers(sql: str, params=()) -> None:

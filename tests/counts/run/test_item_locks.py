@@ -24,9 +24,8 @@ from counts.base.mark import Mark
 from counts.run import applying, item_locks, items
 from counts.run.engine_transaction import engine_transaction
 from project.monitoring.models import Detection, SourceImage
+from tests import truth
 from tests.interleave import Harness, drain_to_empty
-from tests.invariants import assert_invariants
-from tests.truth import assert_all_counts_exact
 
 pytestmark = pytest.mark.django_db(transaction=True)  # other connections see the world
 
@@ -97,9 +96,7 @@ def blockers(harness, client, expected: list[int], timeout: float = 5.0) -> list
 
 
 def settle() -> None:
-    drain_to_empty()
-    assert_all_counts_exact()
-    assert_invariants()
+    truth.settle(drain=drain_to_empty)
 
 
 def test_held_items_are_skipped_without_waiting_and_new_ones_get_a_row(world, harness):
