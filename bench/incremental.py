@@ -17,6 +17,8 @@ The cases, with the goals the issue set for the drain:
 5. the set's project changes ``default_filters_score_threshold`` (+0.05 and back): the
    *writer's* statement and commit — ≤ 10 ms; the drain has no goal but is reported per
    occurrence whose score lies between the two thresholds (the counted/uncounted flips);
+5b. one detection joining a counted occurrence on one of its members — ≤ 5 ms; 10 such,
+   bulk-created — ≤ 20 ms (the set's ``occurrences_count`` and ``taxa_count``, issue 26);
 6. k (10, 100, 1,000) detections bulk-created on random captures: drain time per changed row,
    the figure that should stay flat from 10⁵ to 10⁷ captures (see ``--plot-scaling``).
 
@@ -236,6 +238,7 @@ def cases(big: SourceImageCollection, rounds: int, singles: int, ks: list[int]) 
             lambda r: in_set_exact(sorted(set(single_images(r)))),
         ),
         threshold_case(big.project_id),
+        *occurrence_cases(big, inside, rounds),
     ]
     for k in ks:
         out.append(
@@ -249,6 +252,55 @@ def cases(big: SourceImageCollection, rounds: int, singles: int, ks: list[int]) 
             )
         )
     return out
+
+
+def occurrence_cases(big: SourceImageCollection, inside: list[int], rounds: int) -> list[Case]:
+    """Detections joining a counted occurrence that had none on the set's captures: the set's
+    ``occurrences_count`` (and maybe ``taxa_count``) moves, kept through the occurrence's
+    links (occurrence → its detections' captures → their sets), never by recounting the set."""
+    sid = big.pk
+    counted = dataset.counted_occurrences_off(sid, 10 * rounds, salt=14)
+    size = f"the {big.source_images_count:,}-image set"
+
+    def joining(r: int, k: int) -> list[Detection]:
+        pairs = zip(window(inside, r, k), window(counted, r, k), strict=False)
+        return [
+            Detection(source_image_id=i, bbox=BBOX, score=SENTINEL, occurrence_id=o)
+            for i, o in pairs
+        ]
+
+    def one(r: int) -> None:
+        joining(r, 1)[0].save()
+
+    def ten(r: int) -> None:
+        with transaction.atomic():
+            Detection.objects.bulk_create(joining(r, 10))
+
+    def check(_r: int) -> bool:
+        return dataset.set_occurrences_exact([sid])
+
+    if not counted:
+        return []
+    return [
+        Case(
+            "one_occurrence",
+            f"one detection joining an occurrence, in {size}",
+            5,
+            1,
+            one,
+            _delete_ours,
+            check,
+        ),
+        Case(
+            "ten_occurrences",
+            f"10 detections joining occurrences, in {size}",
+            20,
+            10,
+            ten,
+            _delete_ours,
+            check,
+        ),
+    ]
 
 
 def threshold_case(project_id: int) -> Case:

@@ -29,6 +29,8 @@ _COUNTS = (
     "source_images_count",
     "source_images_with_detections_count",
     "source_images_processed_count",
+    "occurrences_count",
+    "taxa_count",
 )
 
 
@@ -78,7 +80,8 @@ def measure(made: dict[int, dict], repeats: int, log) -> dict:
                         client.get(PATHS[approach], query)
                     samples[approach].append(sw.seconds)
             truth = dataset.set_counts(info["page"], truth=True)
-            expected = sorted((pk, *truth[pk]) for pk in info["page"])
+            occurrences = dataset.set_occurrence_counts(info["page"])
+            expected = sorted((pk, *truth[pk], *occurrences[pk]) for pk in info["page"])
             agree = all(sorted(p) == expected for p in pages.values())
             medians = {a: median(s) for a, s in samples.items()}
             row = {

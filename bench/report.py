@@ -307,7 +307,8 @@ def _incremental_rows(inc: dict) -> list[tuple[str, ...]]:
     def note(case: dict) -> str:
         return "" if case["exact"] else " (NOT EXACT)"
 
-    for key in ("add_members", "bulk_detections", "one_detection", "single_creates"):
+    keys = ("add_members", "bulk_detections", "one_detection", "single_creates")
+    for key in (*keys, "one_occurrence", "ten_occurrences"):
         if key not in cases:
             continue
         c = cases[key]

@@ -21,6 +21,7 @@ from counts.run.marks import (
     next_due_seconds,
     pending_summary,
 )
+from counts.run.multiplicity import value_counts as _value_counts
 from counts.run.notice import marks_committed
 
 
@@ -28,6 +29,12 @@ def drain_labels(graph: Graph | None = None) -> set[str]:
     """Every label a drain message may name: target models and item kinds (``item:<label>``)."""
     graph = graph or app_graph()
     return {*graph.targets, *graph.kinds}
+
+
+def value_counts(model, field: str, graph: Graph | None = None):
+    """Per target and counted value, how many counted items carry it: the grouped count a
+    distinct count keeps (``counts.run.multiplicity.value_counts``)."""
+    return _value_counts(graph or app_graph(), model, field)
 
 
 __all__ = [
@@ -51,4 +58,5 @@ __all__ = [
     "reconciled",
     "status_extras",
     "target_rows",
+    "value_counts",
 ]

@@ -81,6 +81,8 @@ class SyncCountTriggers(Operation):
         self.counts = dict(counts or {})
 
     def deconstruct(self):
+        # The SQL is written clause by clause (``SqlText``): a diff of the next migration shows
+        # which clauses changed.
         kwargs = {"triggers": self.triggers, "counts": self.counts}
         if self.previous:
             kwargs["previous"] = self.previous

@@ -43,15 +43,18 @@ def build_catalogue() -> SimpleNamespace:
 
     Capture sets (project Vermont unless noted), by image membership:
 
-    ========  ======  ================  =========
-    set       images  with detections   processed
-    ========  ======  ================  =========
-    Alpha     6       2                 3
-    Bravo     2       1                 2
-    Charlie   0       0                 0
-    Delta     2       1                 1          (project Panama)
-    Echo      1       1                 1
-    ========  ======  ================  =========
+    ========  ======  ================  =========  ===========  ====
+    set       images  with detections   processed  occurrences  taxa
+    ========  ======  ================  =========  ===========  ====
+    Alpha     6       2                 3          2            2
+    Bravo     2       1                 2          1            1
+    Charlie   0       0                 0          0            0
+    Delta     2       1                 1          1            1     (project Panama)
+    Echo      1       1                 1          0            0
+    ========  ======  ================  =========  ===========  ====
+
+    Taxa with counted occurrences: Vermont: Moth 1, Beetle 1 (and one counted occurrence with
+    no taxon); Panama: Moth 1; Empty: none.
     """
     clear_marks()
     c = SimpleNamespace()
@@ -74,33 +77,36 @@ def build_catalogue() -> SimpleNamespace:
     north = [image(c.north, c.night1 if n < 4 else c.night2, n) for n in range(6)]
     south = [image(c.south, c.night3 if n else None, 10 + n) for n in range(2)]
     canal = [image(c.canal, c.night4, 20 + n) for n in range(2)]
-    box = {"x": 1, "y": 2, "w": 3, "h": 4}
-    # north[0]: two valid + a marker; north[1]: marker only; north[2], south[0], canal[0]: one
-    # valid each; the rest: never processed.
-    for img, bbox in [
-        (north[0], box),
-        (north[0], box),
-        (north[0], None),
-        (north[1], None),
-        (north[2], box),
-        (south[0], box),
-        (south[1], None),
-        (canal[0], box),
-    ]:
-        Detection.objects.create(source_image=img, bbox=bbox, score=0.9)
-
     moth, beetle = Taxon.objects.create(name="Moth"), Taxon.objects.create(name="Beetle")
-    for deployment, event, taxon, score in [
-        (c.north, c.night1, moth, 0.9),
-        (c.north, c.night1, beetle, 0.6),
-        (c.north, c.night2, moth, 0.4),  # under Vermont's 0.5: not counted
-        (c.north, None, None, 0.95),  # counted, no taxon
-        (c.south, c.night3, beetle, None),  # no score: not counted
-        (c.canal, c.night4, moth, 0.4),  # over Panama's 0.3: counted
-    ]:
+    c.moth, c.beetle = moth, beetle
+    occurrences = [
         Occurrence.objects.create(
             deployment=deployment, event=event, determination=taxon, determination_score=score
         )
+        for deployment, event, taxon, score in [
+            (c.north, c.night1, moth, 0.9),
+            (c.north, c.night1, beetle, 0.6),
+            (c.north, c.night2, moth, 0.4),  # under Vermont's 0.5: not counted
+            (c.north, None, None, 0.95),  # counted, no taxon
+            (c.south, c.night3, beetle, None),  # no score: not counted
+            (c.canal, c.night4, moth, 0.4),  # over Panama's 0.3: counted
+        ]
+    ]
+    box = {"x": 1, "y": 2, "w": 3, "h": 4}
+    # north[0]: two valid + a marker; north[1]: marker only; north[2], south[0], canal[0]: one
+    # valid each; the rest: never processed. Detections of counted occurrences: on north[0]
+    # (the moth) and north[2] (the beetle), in Alpha; on canal[0] (Panama's moth), in Delta.
+    for img, bbox, occurrence in [
+        (north[0], box, occurrences[0]),
+        (north[0], box, occurrences[2]),  # the uncounted moth
+        (north[0], None, None),
+        (north[1], None, None),
+        (north[2], box, occurrences[1]),
+        (south[0], box, occurrences[4]),  # not counted
+        (south[1], None, None),
+        (canal[0], box, occurrences[5]),
+    ]:
+        Detection.objects.create(source_image=img, bbox=bbox, score=0.9, occurrence=occurrence)
 
     sets = {
         "Alpha": (c.vermont, north),

@@ -93,8 +93,8 @@ def keep_key(table: str, pk: str) -> CompiledTrigger:
 
 
 def keyed_tables(graph) -> dict[str, str]:
-    """``{table: pk}`` of the rows the engine keeps state under: targets, items, and the rows
-    on the way to a setting."""
+    """``{table: pk}`` of the rows the engine keeps state under: targets, items, the rows on
+    the way to a setting, and link rows named by id."""
     tables = {t.db_table: t.pk for t in graph.targets.values()}
     for spec in graph.specs:
         mode = spec.mode
@@ -104,6 +104,10 @@ def keyed_tables(graph) -> dict[str, str]:
         setting = getattr(mode, "setting", None)
         for hop in setting.hops if setting is not None else ():
             tables[hop.child.db_table] = hop.child.pk
+    # A link job whose marks name its rows by id (a station, for its project's taxa).
+    for job in graph.jobs:
+        if job.values == job.table.pk:
+            tables[job.table.db_table] = job.table.pk
     return tables
 
 

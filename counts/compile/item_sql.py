@@ -103,26 +103,26 @@ def _link_joins(kind: ItemKind, within: tuple | None, joins: list[str]) -> tuple
             links[link] = f"CASE WHEN {col} IS NOT NULL THEN ARRAY[{col}]::bigint[] END"
             continue
         n = len(joins)
-        tc = f"x.{q(link.target_column)}"
+        rows, ic, tc = link.rows_sql(kind.table)
         agg = f"array_agg(DISTINCT {tc} ORDER BY {tc}) FILTER (WHERE {tc} IS NOT NULL) AS t"
-        ic = f"x.{q(link.item_column)}"
         if within is None:
             joins.append(
-                f"LEFT JOIN LATERAL (SELECT {agg} FROM {q(link.through.db_table)} x"
-                f" WHERE {ic} = i.id) l{n} ON true"
+                f"LEFT JOIN LATERAL (SELECT {agg} FROM {rows} WHERE {ic} = i.id) l{n} ON true"
             )
         else:
+            # The same rows for a range of items at once: one grouped pass.
             joins.append(
-                f"LEFT JOIN (SELECT {ic} AS id, {agg} FROM {q(link.through.db_table)} x"
+                f"LEFT JOIN (SELECT {ic} AS id, {agg} FROM {rows}"
                 f" WHERE {in_range(ic, within)} GROUP BY 1) l{n} ON l{n}.id = i.id"
             )
         links[link] = f"l{n}.t"
-    return links, own_row
+    # A distinct count reads the value it counts from the item's own row.
+    return links, own_row or any(p.distinct for p in kind.parts)
 
 
 def _entries(kind: ItemKind, measures: dict, links: dict) -> list[str]:
-    """Each count's ledger entry, ``key, [amount, target, ...]`` (``[1, target, value]`` for a
-    distinct count), or NULL when the item contributes nothing to it."""
+    """Each count's ledger entry, ``key, [amount, target, ...]`` (``[1, target, ..., value]``
+    for a distinct count: the value last), or NULL when the item contributes nothing to it."""
     entries = []
     for p in kind.parts:
         m = p.measure
@@ -130,7 +130,7 @@ def _entries(kind: ItemKind, measures: dict, links: dict) -> list[str]:
         targets = links[p.link]
         tail = f"to_jsonb({targets})"
         if p.distinct:
-            tail = f"jsonb_build_array(({targets})[1], j.{q(p.distinct)})"
+            tail = f"to_jsonb({targets}) || jsonb_build_array(j.{q(p.distinct)})"
         entries.append(
             f"{literal(p.key)}, CASE WHEN {value} > 0 AND cardinality({targets}) > 0"
             f" THEN jsonb_build_array({value}) || {tail} END"
@@ -194,7 +194,7 @@ def credits_sql(kind: ItemKind, changed: str) -> str:
     """
     keys = ", ".join(literal(p.key) for p in kind.parts)
     distinct = [literal(p.key) for p in kind.parts if p.distinct]
-    value = f"CASE WHEN e.key IN ({', '.join(distinct)}) THEN (e.value->>2)::bigint END"
+    value = f"CASE WHEN e.key IN ({', '.join(distinct)}) THEN (e.value->>-1)::bigint END"
     return (
         f"SELECT e.key, t::bigint, {value if distinct else 'NULL::bigint'},"
         " sum(s.sign * (e.value->>0)::bigint)::bigint"
@@ -213,7 +213,7 @@ def entry_targets_sql(entry: str, kind: ItemKind) -> str:
         return f"{entry}.value - 0"
     return (
         f"CASE WHEN {entry}.key IN ({', '.join(distinct)})"
-        f" THEN jsonb_build_array({entry}.value->1) ELSE {entry}.value - 0 END"
+        f" THEN ({entry}.value - 0) - -1 ELSE {entry}.value - 0 END"
     )
 
 

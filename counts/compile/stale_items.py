@@ -73,10 +73,10 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
     parts = kind.summed_parts(label)
     related, binds = [], 0
     for link in sorted({p.link for p in parts}, key=repr):
-        table, item_col, target_col = link.rows(kind.table)
+        rows, item_col, target_col = link.rows_sql(kind.table)
         related.append(
-            f"EXISTS (SELECT 1 FROM {q(table.db_table)} x WHERE x.{q(item_col)} = s.id"
-            f" AND x.{q(target_col)} = ANY(%s::bigint[]))"
+            f"EXISTS (SELECT 1 FROM {rows} WHERE {item_col} = s.id"
+            f" AND {target_col} = ANY(%s::bigint[]))"
         )
         binds += 1
     # The candidates with their ledgers, materialized once: the truth and the ledger side both
@@ -114,11 +114,10 @@ def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
     stale = f"({stale_sql(kind)}) s"
     selects = []
     for link in sorted({p.link for p in kind.parts_for(label)}, key=repr):
-        table, where, col = link.rows(kind.table)
+        rows, where, col = link.rows_sql(kind.table)
         selects.append(
-            f"SELECT x.{q(col)} FROM {stale} CROSS JOIN LATERAL (SELECT x.{q(col)}"
-            f" FROM {q(table.db_table)} x WHERE x.{q(where)} = s.id"
-            f" AND x.{q(col)} = ANY(%s::bigint[]) OFFSET 0) x"
+            f"SELECT x.t FROM {stale} CROSS JOIN LATERAL (SELECT {col} AS t"
+            f" FROM {rows} WHERE {where} = s.id AND {col} = ANY(%s::bigint[]) OFFSET 0) x"
         )
     keys = ", ".join(literal(p.key) for p in kind.parts_for(label))
     selects.append(

@@ -46,10 +46,11 @@ def _incremental_statements(graph: Graph, table: Table, operation: str) -> list[
             " SELECT s.target, s.field, array_agg(s.id ORDER BY s.id), array_agg(s.d ORDER BY s.id)"
             f" FROM ({' UNION ALL '.join(deltas)}) s GROUP BY s.target, s.field;"
         )
-    if operation == "update":
-        # A setting, or a link on the way to it, changed: one job mark per job, expanded into
-        # items by the drain (``counts.declare.jobs``).
-        lines += [job.trigger_sql() for job in jobs_on(graph, table)]
+    # A setting, a link on the way to it, or a link row several steps from the items changed:
+    # one job mark per job, expanded into items by the drain (``counts.declare.jobs``).
+    lines += [
+        job.trigger_sql(operation) for job in jobs_on(graph, table) if operation in job.operations
+    ]
     items = item_rows(graph, table, operation)
     if items:
         lines.append(
@@ -66,7 +67,8 @@ def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -
     """
     labels = {r.target.label for r in full_routes}
     kinds = set()
-    every = sorted({job.kind for job in jobs_on(graph, table)})
+    # A link job's rows are gone: its items can only lose targets, so the credited ones do.
+    every = sorted({job.kind for job in jobs_on(graph, table) if not job.values})
     for spec in graph.specs:
         mode = spec.mode
         if isinstance(mode, OwnRow) and mode.table == table:
@@ -75,7 +77,7 @@ def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -
         # triggers mark the items; it matters by itself only where it holds the link.
         if isinstance(mode, ItemCount) and (
             (mode.kind == table and mode.link.through is None)
-            or table in (mode.measure.child, mode.link.through)
+            or table in (mode.measure.child, *mode.link.tables)
         ):
             kinds.add(mode.mark_target)
     lines = [
@@ -180,9 +182,7 @@ def watched_tables(graph: Graph) -> dict[str, Table]:
         if isinstance(mode, OwnRow):
             found = [mode.table]
         elif isinstance(mode, ItemCount):
-            found = [mode.kind, mode.measure.child] + (
-                [mode.link.through] if mode.link.through else []
-            )
+            found = [mode.kind, mode.measure.child, *mode.link.tables]
         for t in found:
             tables.setdefault(t.db_table, t)
     return dict(sorted(tables.items()))

@@ -27,6 +27,7 @@ from counts.declare.modes import (
     Mode,
     OwnRow,
     Setting,
+    Step,
     predicate_columns,
 )
 from counts.declare.spec import FORWARD, REVERSE, Hop, Table, table_of, walk
@@ -168,10 +169,12 @@ def _item_two_hops(spec) -> Mode:
 _COMPARISONS = {"exact": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 
 
-def _setting(spec, item_model, prefix: str, lookup: str, ref: str) -> Setting | str:
+def _setting(spec, item_model, prefix: str, lookup: str, ref: str, link: Link) -> Setting | str:
     """The setting ``F(ref)`` compared by ``lookup`` (relative to the item), or why not."""
     if ref.startswith(prefix):
         hops, column = walk(item_model, ref[len(prefix) :])
+    elif link.through is not None:
+        return "its F() is read from the target, which the counted rows reach through many rows"
     else:
         # Relative to the target, which the item reaches through its own link column.
         hops, column = walk(_model(spec.target), ref)
@@ -187,20 +190,69 @@ def _setting(spec, item_model, prefix: str, lookup: str, ref: str) -> Setting | 
     return Setting(tuple(hops), column, field.column, cast)
 
 
+def _back_link(chain) -> Link | None:
+    """How an item at the end of ``chain`` (hops from the target) reaches its targets: the
+    chain walked backwards as index probes (``Step``), each reading rows of one table by a
+    foreign key and giving another (the first may read the item's own row: an occurrence's
+    station, then the station's project); None for a forward hop out of the target."""
+    kind = chain[-1].child
+    steps: list[Step] = []
+    pending = None  # (table, where): rows in hand, their next column not yet chosen
+    for hop in reversed(chain):
+        if hop.kind == FORWARD:
+            if pending is not None:
+                steps.append(Step(pending[0], pending[1], pending[0].pk))
+            pending = (hop.parent, hop.column)
+        else:
+            table, where = pending if pending is not None else (hop.child, hop.child.pk)
+            steps.append(Step(table, where, hop.column))
+            pending = None
+    if pending is not None or not steps:
+        return None
+    first, last = steps[0], steps[-1]
+    if len(steps) == 1 and first.table == kind and first.where == kind.pk:
+        return Link(None, kind.pk, first.select)  # the item's own column (a capture's station)
+    return Link(last.table, last.where, last.select, tuple(steps[:-1]))
+
+
+def _items_of(spec) -> tuple | str:
+    """``(chain to the items, lookup prefix of their columns, distinct column)``, or why the
+    count has none. A distinct count of the rows at a path's end whose filter reads them (a
+    capture set's counted occurrences) makes those rows the items, each worth one to every
+    target it reaches; any other distinct count counts the values of the foreign key at the
+    path's end held by the rows before it (taxa of occurrences)."""
+    path, chain = spec.path, spec.path_chain
+    if not spec.distinct:
+        if len(spec.counted) != 1 or spec.counted[0].kind != REVERSE:
+            return "the counted rows are more than one relation away"
+        return spec.counted, path.split("__", 1)[0] + "__", None
+    last = chain[-1]
+    if last.kind != FORWARD:
+        return "a distinct count of something other than a foreign key's values"
+    # (An M2M's last hop is its through rows' foreign key: those rows hold the values.)
+    own = path + "__"
+    if spec.filter is not None and all(
+        lookup.startswith(own) for lookup, _ in lookups(spec.filter)
+    ):
+        return chain, own, None
+    if len(chain) < 2:
+        return "a distinct count of the target's own foreign key"
+    return chain[:-1], path.rsplit("__", 1)[0] + "__", last.column
+
+
 def _item_self(spec) -> Mode:
     """The counted rows are the items, measured by their own filter (which may compare with a
-    setting reached by ``F()``); for a distinct count, their foreign key's values are counted."""
-    chain = spec.counted[:1] if spec.distinct else spec.counted
-    if len(chain) != 1 or chain[0].kind != REVERSE:
-        return Full("the counted rows are more than one relation away")
-    kind = chain[0].child
+    setting reached by ``F()``); for a distinct count, their foreign key's values are counted,
+    or the rows at the path's end are the items themselves."""
+    found = _items_of(spec)
+    if isinstance(found, str):
+        return Full(found)
+    chain, prefix, distinct = found
+    link = _back_link(chain)
+    if link is None:
+        return Full("its counted rows reach the target by a path the engine does not follow")
+    kind = chain[-1].child
     item_model = _model(kind)
-    prefix = spec.path.split("__", 1)[0] + "__"
-    distinct = None
-    if spec.distinct:
-        if len(spec.path_chain) != 2 or spec.path_chain[1].kind != FORWARD:
-            return Full("a distinct count of something other than a foreign key's values")
-        distinct = spec.path_chain[1].column
     plain, setting = [], None
     if spec.filter is not None:
         flat = not spec.filter.negated and spec.filter.connector == Q.AND
@@ -215,7 +267,7 @@ def _item_self(spec) -> Mode:
                 continue
             if not isinstance(value, F) or setting is not None:
                 return Full("its filter compares with more than one value reached by F()")
-            found = _setting(spec, item_model, prefix, relative, value.name)
+            found = _setting(spec, item_model, prefix, relative, value.name, link)
             if isinstance(found, str):
                 return Full(found)
             setting = found
@@ -230,7 +282,6 @@ def _item_self(spec) -> Mode:
     if distinct is not None:
         present = f"r.{q(distinct)} IS NOT NULL"
         predicate = present if predicate is None else f"({predicate}) AND {present}"
-    link = Link(None, kind.pk, chain[0].column)
     measure = Measure(kind, kind.pk, predicate, exists=False)
     return ItemCount(kind, link, measure, setting, distinct)
 

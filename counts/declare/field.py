@@ -16,9 +16,11 @@ status`` prints each count's mode): **own-row** when every input is a column of 
 rows (plain and filtered reverse-FK counts, M2M counts); **item** when the counted rows' worth
 depends on rows joined to one *item* row — their children (detections of a station's captures,
 "captures with a valid detection" of a set), a setting reached by ``F()`` through forward
-foreign keys (a project's threshold), or a distinct foreign key (taxa); **full** otherwise
-(paths of three relations or more, filters mixing relations with OR): those are recounted
-from their target rows after every change, at a cost that follows the target's size.
+foreign keys (a project's threshold), or a distinct foreign key (taxa) — including counted rows
+that reach the target through several rows, forward, reverse or M2M (a capture set's distinct
+occurrences and taxa, through its captures' detections); **full** otherwise (other paths of
+three relations or more, filters mixing relations with OR): those are recounted from their
+target rows after every change, at a cost that follows the target's size.
 
 The first cached count on a model also gives it a ``counts_updated_at`` column: the time its
 counts last changed value. Freshness is part of what users see, so every counted model has it.
@@ -55,7 +57,9 @@ class CachedCountField(models.IntegerField):
             Accepted here only so that ``manage.py check`` can say so.
         distinct: When the path ends in a forward foreign key, count distinct targets of it
             (distinct taxa) rather than rows that point at one. Rows at the end of a to-many
-            path are always counted once each, however many rows the filter joins.
+            path are always counted once each, however many rows the filter joins. A
+            distinct count also keeps, per target and counted value, how many counted rows
+            carry it: a grouped count, read with ``counts.api.value_counts(model, name)``.
 
     **Instances in memory.** Counts are read from the database: an instance holds what it loaded,
     and nothing refreshes it. After ``save()`` — or after a drain recomputed the row — the instance

@@ -14,6 +14,15 @@ between old and new (an index range scan on ``(link, compared column)``: proport
 occurrences that can flip, not to the project). The items are then recomputed like any item
 mark (``counts.run.items``), at the current setting.
 
+**Link jobs** do the same for a link several rows from the items: an occurrence reaches the
+capture sets of the captures its detections are on, so a capture joining or leaving a set
+changes the sets of every occurrence with a detection on it. The membership rows' trigger
+records their ``sourceimage_id`` values (old and new) in one job mark; the drain expands them
+through the detections into occurrences, as for a setting. The argument below holds word for
+word, with "a link on the way to the setting" read as "a link row on the way to the targets":
+an item still reached through the recorded values is found by the join; one whose first step
+moved away (a detection re-pointed) has an item mark of its own from that step's trigger.
+
 Why that is exact (adding to the argument of ``counts.run.items``):
 
 - *Marking is complete.* A change to an item's setting, or to a link on its way to the
@@ -36,7 +45,7 @@ from dataclasses import dataclass
 
 from counts.base.mark import JOB_PREFIX
 from counts.base.names import MARK_TABLE, literal, q
-from counts.declare.modes import ItemCount
+from counts.declare.modes import ItemCount, Step
 from counts.declare.spec import Table
 
 
@@ -52,11 +61,30 @@ class Job:
     anchor: str  # column of the last joined row (or of the item) holding ``table``'s ids
     compared: str | None  # item column that a change of the setting bounds, if any
     cast: str | None
+    #: A *link job*: rows of ``table`` are link rows several steps from the items (a capture
+    #: set's membership rows, for occurrences reached through their detections). Their
+    #: ``values`` column (old and new) is recorded on insert, delete, and an update of it or of
+    #: ``column``; ``anchor`` holds those values. None: a setting job (ids of rows whose
+    #: ``column`` changed, on update).
+    values: str | None = None
 
     @property
     def key(self) -> str:
         shape = (self.kind, self.table.db_table, self.column, self.joins, self.anchor)
+        if self.values:
+            shape += (self.values,)
         return JOB_PREFIX + hashlib.sha1(repr(shape).encode()).hexdigest()[:12]
+
+    @property
+    def operations(self) -> frozenset[str]:
+        """Statements on ``table`` that start it (a TRUNCATE marks every item instead)."""
+        if self.values == self.table.pk:
+            # No row names a new one yet (a row inserted earlier under a deferred constraint
+            # marked its own item when it was written).
+            return frozenset({"update", "delete"})
+        if self.values:
+            return frozenset({"insert", "update", "delete"})
+        return frozenset({"update"})
 
     @property
     def range_index(self) -> tuple[str, str] | None:
@@ -117,8 +145,11 @@ class Job:
             f" WHERE {where} AND {match}"
         )
 
-    def trigger_sql(self) -> str:
-        """The UPDATE trigger's statement: one job mark for the rows whose column changed."""
+    def trigger_sql(self, operation: str = "update") -> str:
+        """The trigger's statement: one job mark for the rows whose column changed (for a link
+        job, the values of the rows inserted, deleted or re-linked)."""
+        if self.values:
+            return self._link_trigger_sql(operation)
         pk, col = q(self.table.pk), q(self.column)
         payload = (
             f"jsonb_agg(jsonb_build_array(o.{col}, n.{col}) ORDER BY n.{pk})"
@@ -133,12 +164,35 @@ class Job:
             f" WHERE o.{col} IS DISTINCT FROM n.{col} HAVING count(*) > 0;"
         )
 
+    def _link_trigger_sql(self, operation: str) -> str:
+        val = q(self.values)
+        if operation == "update":
+            # Versions of the rows whose link columns changed, old and new: a set difference
+            # of the transition tables, which no concurrent writer can change.
+            cols = ", ".join(q(c) for c in dict.fromkeys((self.table.pk, self.values, self.column)))
+            rows = (
+                f"(SELECT {cols} FROM new_rows EXCEPT SELECT {cols} FROM old_rows) UNION ALL"
+                f" (SELECT {cols} FROM old_rows EXCEPT SELECT {cols} FROM new_rows)"
+            )
+            rows = f"SELECT c.{val} AS v FROM ({rows}) c"
+        else:
+            rows = f"SELECT {val} AS v FROM {'new_rows' if operation == 'insert' else 'old_rows'}"
+        return (
+            f"INSERT INTO {MARK_TABLE} (target, field, ids)"
+            f" SELECT {literal(self.kind)}, {literal(self.key)},"
+            f" array_agg(DISTINCT s.v ORDER BY s.v) FROM ({rows}) s"
+            " WHERE s.v IS NOT NULL HAVING count(*) > 0;"
+        )
+
 
 def build_jobs(graph) -> tuple[Job, ...]:
     """Every job of the graph's item counts that compare with a setting, deduplicated."""
     found: dict[str, Job] = {}
     for spec in graph.specs:
         mode = spec.mode
+        if isinstance(mode, ItemCount):
+            for job in _link_jobs(mode):
+                found.setdefault(job.key, job)
         if not isinstance(mode, ItemCount) or mode.setting is None:
             continue
         setting = mode.setting
@@ -159,6 +213,37 @@ def build_jobs(graph) -> tuple[Job, ...]:
             )
             found.setdefault(job.key, job)
     return tuple(found[k] for k in sorted(found))
+
+
+def _link_jobs(mode: ItemCount) -> list[Job]:
+    """A job per link table after the first step of a link with ``via`` steps: a row there
+    changes the targets of every item whose steps reach it (a capture joining a set changes
+    the sets of each occurrence with a detection on it), which the writer cannot list."""
+    link = mode.link
+    if not link.via:
+        return []
+    steps = (*link.via, Step(link.through, link.item_column, link.target_column))
+    jobs = []
+    for k in range(1, len(steps)):
+        # From the item to the step before: each join is ``(table, its column, previous one)``.
+        joins, prev = [], mode.kind.pk
+        for step in steps[:k]:
+            joins.append((step.table, step.where, prev))
+            prev = step.select
+        jobs.append(
+            Job(
+                kind=mode.mark_target,
+                item=mode.kind,
+                table=steps[k].table,
+                column=steps[k].select,
+                joins=tuple(joins),
+                anchor=prev,
+                compared=None,
+                cast=None,
+                values=steps[k].where,
+            )
+        )
+    return jobs
 
 
 def jobs_by_key(graph) -> dict[str, Job]:

@@ -63,24 +63,60 @@ class OwnRow:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One step from rows towards the targets: rows of ``table`` whose ``where`` column holds
+    the values in hand, giving their ``select`` column's values (both indexed foreign keys)."""
+
+    table: Table
+    where: str
+    select: str
+
+
+@dataclass(frozen=True)
 class Link:
     """How an item reaches the targets it counts towards.
 
     ``through`` None: the item row's own column ``target_column`` holds the target id (a
     capture's station). Otherwise rows of ``through`` with ``item_column`` = the item's id hold
-    target ids in ``target_column`` (a capture's sets).
+    target ids in ``target_column`` (a capture's sets). ``via``: steps walked from the item's id
+    before ``through``, whose ``item_column`` then holds the last step's values: an occurrence
+    reaches the capture sets of the captures its detections are on (occurrence → detections'
+    ``source_image_id`` → the sets' through rows).
     """
 
     through: Table | None
     item_column: str
     target_column: str
+    via: tuple[Step, ...] = ()
 
     def rows(self, kind: Table) -> tuple[Table, str, str]:
         """``(table, column holding item ids, column holding target ids)`` of the rows that
-        link items of ``kind`` to targets: the item rows themselves, or the through rows."""
+        link items of ``kind`` to targets: the item rows themselves, or the through rows.
+        Only for a link without ``via`` steps (see :meth:`targets_sql`)."""
+        assert not self.via, "a link with via steps has no single table of link rows"
         if self.through is None:
             return kind, kind.pk, self.target_column
         return self.through, self.item_column, self.target_column
+
+    @property
+    def tables(self) -> tuple[Table, ...]:
+        """The tables, besides the item's own, whose rows make the link."""
+        return tuple(s.table for s in self.via) + ((self.through,) if self.through else ())
+
+    def rows_sql(self, kind: Table) -> tuple[str, str, str]:
+        """``(FROM text, item id column, target column)`` of the rows linking items of ``kind``
+        to their targets: rows ``x``, after the steps ``v1``, ``v2``, … joined by their foreign
+        keys. A caller adds ``WHERE <item id column> = …`` (an index probe) or a range."""
+        if not self.via:
+            table, where, column = self.rows(kind)
+            return f"{q(table.db_table)} x", f"x.{q(where)}", f"x.{q(column)}"
+        sql, prev = "", None
+        for n, step in enumerate(self.via, start=1):
+            on = f" JOIN {q(step.table.db_table)} v{n} ON v{n}.{q(step.where)} = {prev}"
+            sql += on if prev else f"{q(step.table.db_table)} v{n}"
+            prev = f"v{n}.{q(step.select)}"
+        sql += f" JOIN {q(self.through.db_table)} x ON x.{q(self.item_column)} = {prev}"
+        return sql, f"v1.{q(self.via[0].where)}", f"x.{q(self.target_column)}"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ on A's new migration, so the triggers feeding B's count are live before it is ba
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from django.db.migrations.autodetector import MigrationAutodetector
 from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.writer import MigrationWriter
 
+from counts.base.sql_text import pieces
 from counts.compile.triggers import compile_triggers
 from counts.declare.graph import app_graph
 from counts.declare.refusals import refuse_unsupported
@@ -204,12 +206,49 @@ def pending_migrations(app_labels=()) -> list[tuple[str, migrations.Migration]]:
     return result
 
 
+@contextlib.contextmanager
+def _sql_placeholders(migration):
+    """While the migration is written, each trigger's SQL is a unique token, which
+    :func:`write` then replaces by the SQL cut into clauses (``counts.base.sql_text``): a
+    reviewer's diff of the next migration shows the clauses that changed, not one 20 KB line.
+    Yields ``{token: sql}``; the operations get their SQL back afterwards."""
+    found: dict[str, str] = {}
+    saved = []
+    for op in migration.operations:
+        if not isinstance(op, SyncCountTriggers):
+            continue
+        saved.append((op, op.triggers, op.previous))
+        op.triggers, op.previous = _tokens(op.triggers, found), _tokens(op.previous, found)
+    try:
+        yield found
+    finally:
+        for op, triggers, previous in saved:
+            op.triggers, op.previous = triggers, previous
+
+
+def _tokens(triggers: list, found: dict[str, str]) -> list:
+    out = []
+    for trigger in triggers:
+        if isinstance(trigger, dict) and "sql" in trigger:
+            token = f"@@counts-sql-{len(found)}@@"
+            found[token] = trigger["sql"]
+            trigger = {**trigger, "sql": token}
+        out.append(trigger)
+    return out
+
+
 def write(app_label: str, migration) -> str:
     """Write the migration file, ``atomic = False``: the backfill commits chunk by chunk, and
     the trigger step runs in a transaction of its own, which it can roll back and retry when a
     long transaction holds one of its tables (``SyncCountTriggers``)."""
     writer = MigrationWriter(migration)
-    text = writer.as_string().replace(
+    with _sql_placeholders(migration) as sql:
+        text = writer.as_string()
+    for token, statement in sql.items():
+        # One literal per clause, joined back by Python into exactly the compiled text.
+        lines = "".join(f"\n                    {p!r}" for p in pieces(statement))
+        text = text.replace(repr(token), f"({lines}\n                )", 1)
+    text = text.replace(
         "class Migration(migrations.Migration):\n",
         "class Migration(migrations.Migration):\n    atomic = False\n",
         1,

@@ -5,7 +5,7 @@ occurrences) is not a sum over items, so an item cannot credit it directly. What
 the multiplicity of each ``(target, value)`` pair — ``m(station, taxon)`` = the station's
 counted occurrences of that taxon — and the count is the number of pairs with ``m > 0``.
 
-So an item's ledger entry for a distinct count is ``[1, target, value]`` (or nothing), a drain
+So an item's ledger entry for a distinct count is ``[1, target, ..., value]`` (or nothing), a drain
 adds the ledger's change to ``counts_multiplicity``, and each pair that crosses zero credits
 ±1 to its target. Per count, keyed by its ledger key:
 
@@ -29,7 +29,11 @@ holds only pairs that exist.
 
 from __future__ import annotations
 
+from django.apps import apps
+
+from counts.base.errors import CountsError
 from counts.base.names import literal
+from counts.declare.modes import ItemCount, ledger_key
 
 TABLE = "counts_multiplicity"
 
@@ -107,11 +111,12 @@ def drift(cursor, key: str, kind_target: str) -> dict[tuple[str, int, int], int]
     the ledgers (invariant M). Reconcile adds each difference with :func:`add` (which credits
     the pairs crossing zero, like a drain) or previews it; added as amounts, so a drain
     committing meanwhile keeps its own change."""
+    entry = f"(l.state->{literal(key)})"
     wanted = (
-        f"SELECT (l.state->{literal(key)}->>1)::bigint AS target_id,"
-        f" (l.state->{literal(key)}->>2)::bigint AS value,"
-        f" sum((l.state->{literal(key)}->>0)::int)::int AS n"
-        f" FROM counts_ledger l WHERE l.kind = {literal(kind_target)} AND l.state ? {literal(key)}"
+        f"SELECT t::bigint AS target_id, ({entry}->>-1)::bigint AS value,"
+        f" sum(({entry}->>0)::int)::int AS n"
+        f" FROM counts_ledger l CROSS JOIN LATERAL jsonb_array_elements_text(({entry} - 0) - -1) t"
+        f" WHERE l.kind = {literal(kind_target)} AND l.state ? {literal(key)}"
         " GROUP BY 1, 2"
     )
     cursor.execute(
@@ -122,3 +127,21 @@ def drift(cursor, key: str, kind_target: str) -> dict[tuple[str, int, int], int]
         " WHERE coalesce(w.n, 0) <> coalesce(m.n, 0) OR m.n = 0"
     )
     return {(key, target, value): d for target, value, d in cursor.fetchall()}
+
+
+def value_counts(graph, model, field: str):
+    """The grouped count a distinct count keeps: for ``model.field`` (distinct taxa of a
+    project), a queryset of ``counts.models.Multiplicity`` rows ``(target_id, value, n)``, one
+    per target and counted value with ``n > 0`` (a project's counted occurrences of each
+    taxon). Rows appear with the first counted item of a pair and go with the last, like a
+    ``GROUP BY`` view; like the count, they are exact once the count's marks are drained.
+
+    Raises ``CountsError`` for a field that is not a distinct count kept through items.
+    """
+    label = model._meta.label_lower
+    spec = next((s for s in graph.specs_for(label) if s.name == field), None)
+    if spec is None or not isinstance(spec.mode, ItemCount) or spec.mode.distinct is None:
+        raise CountsError(f"{label}.{field} is not a distinct count kept per value")
+    # Looked up, not imported: the drain's modules load before the app registry is ready.
+    multiplicity = apps.get_model("counts", "Multiplicity")
+    return multiplicity.objects.filter(key=ledger_key(spec.key), n__gt=0)

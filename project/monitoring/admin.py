@@ -173,7 +173,7 @@ class StationFilter(admin.SimpleListFilter):
 
 
 @admin.register(Project)
-class ProjectAdmin(SummarisedDeleteMixin, admin.ModelAdmin):
+class ProjectAdmin(SummarisedDeleteMixin, CachedCountsAdmin):
     list_display = ("name", "is_public", "default_filters_score_threshold", "created_at")
     list_filter = ("is_public",)
     search_fields = ("name",)
@@ -242,6 +242,8 @@ class SourceImageCollectionAdmin(SummarisedDeleteMixin, CachedCountsAdmin):
         "source_images_count": "images",
         "source_images_with_detections_count": "with detections",
         "source_images_processed_count": "processed",
+        "occurrences_count": "occurrences",
+        "taxa_count": "taxa",
     }
     #: Members shown on the set's page; the rest are a click away, paginated.
     members_preview = 20

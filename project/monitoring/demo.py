@@ -180,6 +180,13 @@ def collection_plans(plan: Plan) -> list[CollectionPlan]:
         CollectionPlan(1, "Random sample 10%", _sample(4), {"f": 0.1}),
         CollectionPlan(2, "All captures", "TRUE"),
         CollectionPlan(2, "One night", "s.event_id = %(e)s", {"e": night.id}),
+        # Captures but no occurrence, so no taxon: the occurrence counts of a set can be 0
+        # while its image counts are not.
+        CollectionPlan(
+            2,
+            "Unprocessed captures",
+            "NOT EXISTS (SELECT 1 FROM monitoring_detection d WHERE d.source_image_id = s.id)",
+        ),
     ]
 
 

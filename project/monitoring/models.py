@@ -46,6 +46,17 @@ class Project(TimestampedModel):
         help_text="Users who may read this project's rows through the API.",
     )
 
+    #: Distinct taxa among the project's counted occurrences. Its multiplicities are the
+    #: grouped count per (project, taxon) the taxa list serves (``counts.api.value_counts``).
+    taxa_count = CachedCountField(
+        "deployments__occurrences__determination",
+        distinct=True,
+        filter=_counted_occurrences(
+            "deployments__occurrences",
+            "deployments__occurrences__deployment__project__default_filters_score_threshold",
+        ),
+    )
+
     class Meta:
         ordering = ["name", "id"]
 
@@ -94,6 +105,13 @@ class Event(TimestampedModel):
     )
     occurrences_count = CachedCountField(
         "occurrences",
+        filter=_counted_occurrences(
+            "occurrences", "occurrences__deployment__project__default_filters_score_threshold"
+        ),
+    )
+    taxa_count = CachedCountField(
+        "occurrences__determination",
+        distinct=True,
         filter=_counted_occurrences(
             "occurrences", "occurrences__deployment__project__default_filters_score_threshold"
         ),
@@ -195,6 +213,23 @@ class SourceImageCollection(TimestampedModel):
     )
     source_images_processed_count = CachedCountField(
         "images", filter=Q(images__detections__isnull=False)
+    )
+    # The threshold is the occurrence's own project's (through its station), not the set's.
+    occurrences_count = CachedCountField(
+        "images__detections__occurrence",
+        distinct=True,
+        filter=_counted_occurrences(
+            "images__detections__occurrence",
+            "images__detections__occurrence__deployment__project__default_filters_score_threshold",
+        ),
+    )
+    taxa_count = CachedCountField(
+        "images__detections__occurrence__determination",
+        distinct=True,
+        filter=_counted_occurrences(
+            "images__detections__occurrence",
+            "images__detections__occurrence__deployment__project__default_filters_score_threshold",
+        ),
     )
 
     class Meta:

@@ -122,10 +122,12 @@ def test_m2m_remove_from_the_reverse_side(library, marks):
 
 def test_m2m_clear_from_both_sides(library, marks):
     library.emma.tags.clear()
+    # City keeps classics through Sense: its distinct tags do not change.
     expect(marks, BK=[library.emma], TG=[library.classics])
     drain_all()
     library.nature.books.clear()
-    expect(marks, BK=[library.origin, library.beagle], TG=[library.nature])
+    # The membership rows are also the items of the libraries' distinct tags: School loses nature.
+    expect(marks, BK=[library.origin, library.beagle], TG=[library.nature], LB=[library.school])
     settle()
     assert value(library.classics, "books_count") == 2
 
@@ -133,10 +135,10 @@ def test_m2m_clear_from_both_sides(library, marks):
 def test_m2m_set_from_both_sides(library, marks):
     library.beagle.tags.set([library.classics])
     # beagle loses one tag and gains one: its own tags_count does not change.
-    expect(marks, TG=[library.classics, library.nature])
+    expect(marks, TG=[library.classics, library.nature])  # School still has both tags
     drain_all()
     library.unused.books.set([library.sense])
-    expect(marks, BK=[library.sense], TG=[library.unused])
+    expect(marks, BK=[library.sense], TG=[library.unused], LB=[library.city])
     settle()
     assert value(library.unused, "rated_books_count") == 0  # Sense's review has no stars
 
@@ -165,7 +167,8 @@ def test_a_shelf_moved_to_another_library_is_recounted_under_its_threshold(libra
 
 def test_a_book_losing_its_author_leaves_the_distinct_count(library, marks):
     Book.objects.filter(author=library.darwin).update(author=None)
-    expect(marks, SH=[library.science])
+    # Also the distinct authors of Origin's and Beagle's tags.
+    expect(marks, SH=[library.science], TG=[library.classics, library.nature])
     settle()
     assert value(library.science, "authors_count") == 0
 
@@ -177,3 +180,36 @@ def test_a_deleted_library_cascades_and_its_counts_stay_exact(library, marks):
     assert not Shelf.objects.filter(library_id=library.school.pk).exists()
     assert value(library.nature, "books_count") == 0
     assert Tag.objects.count() == 3
+
+
+def test_a_librarys_distinct_tags_follow_memberships_books_and_shelves(library, marks):
+    """Tags reached through two foreign keys and an M2M: City's books are tagged classics;
+    School's classics and nature."""
+    libraries = (library.city, library.school)
+    assert [value(lib, "tags_count") for lib in libraries] == [1, 2]
+    library.beagle.tags.add(library.unused)
+    settle()
+    assert value(library.school, "tags_count") == 3
+    Book.objects.filter(pk=library.origin.pk).update(shelf=library.poetry)  # to City
+    settle()
+    assert [value(lib, "tags_count") for lib in libraries] == [2, 2]
+    library.poetry.library = library.school  # the shelf, and Origin with it, back to School
+    library.poetry.save()
+    settle()
+    assert [value(lib, "tags_count") for lib in libraries] == [1, 3]
+
+
+def test_a_tags_distinct_authors_follow_each_books_own_library_threshold(library, marks):
+    """Authors of a tag's long books, long by the threshold of the book's library (City 300,
+    School 100): classics has Emma (Austen) and Origin (Darwin), nature Origin."""
+    tags = (library.classics, library.nature, library.unused)
+    assert [value(tag, "authors_count") for tag in tags] == [2, 1, 0]
+    Library.objects.filter(pk=library.school.pk).update(long_book_pages=250)
+    settle()
+    assert [value(tag, "authors_count") for tag in tags] == [1, 0, 0]
+    Book.objects.filter(pk=library.sense.pk).update(pages=300)  # Austen again: one author
+    settle()
+    assert value(library.classics, "authors_count") == 1
+    library.unused.books.add(library.emma, library.sense)
+    settle()
+    assert value(library.unused, "authors_count") == 1

@@ -70,10 +70,12 @@ def test_saving_a_null_marker_with_a_bbox_makes_it_a_valid_detection(world, mark
 
 def test_deleted_detection_dirties_its_image_and_ancestors(world, marks):
     world.det1.delete()
-    # i1 keeps det2: its capture sets still count it as a capture with a detection.
-    expect(marks, S=[world.i1], E=[world.e1], D=[world.d1])
+    # i1 keeps det2: its capture sets still count it as a capture with a detection, but c1
+    # loses o1, whose only detection it was.
+    expect(marks, S=[world.i1], E=[world.e1], D=[world.d1], C=[world.c1])
     settle()
     assert count(world.i1, "detections_count") == 1
+    assert count(world.c1, "occurrences_count") == 0
 
 
 def test_bulk_create_writes_one_mark_per_target_model(world, marks):
@@ -123,10 +125,18 @@ def test_queryset_delete_of_images_dirties_nights_stations_and_sets(world, marks
 def test_moved_detection_dirties_both_images(world, marks):
     world.det1.source_image = world.i4
     world.det1.save()
-    # i1 keeps det2 and i4 had det4: no capture set changes.
-    expect(marks, S=[world.i1, world.i4], E=[world.e1, world.e3], D=[world.d1, world.d2])
+    # i1 keeps det2 and i4 had det4: no set's captures change, but o1 (counted) moves from
+    # c1's captures to c2's.
+    expect(
+        marks,
+        S=[world.i1, world.i4],
+        E=[world.e1, world.e3],
+        D=[world.d1, world.d2],
+        C=[world.c1, world.c2],
+    )
     settle()
     assert (count(world.i1, "detections_count"), count(world.i4, "detections_count")) == (1, 2)
+    assert (count(world.c1, "occurrences_count"), count(world.c2, "occurrences_count")) == (0, 1)
 
 
 def test_moved_image_dirties_both_nights_and_both_stations(world, marks):
@@ -224,17 +234,20 @@ def test_deleting_a_night_detaches_its_captures_and_occurrences(world, marks):
 def test_raised_score_counts_the_occurrence_for_station_and_night(world, marks):
     world.o2.determination_score = 0.8
     world.o2.save()
-    expect(marks, D=[world.d1], E=[world.e1])
+    expect(marks, D=[world.d1], E=[world.e1], C=[world.c1])  # o2 is on i1, in c1
     settle()
     assert (count(world.d1, "taxa_count"), count(world.e1, "occurrences_count")) == (2, 2)
+    assert (count(world.c1, "occurrences_count"), count(world.c1, "taxa_count")) == (2, 2)
 
 
 def test_changed_determination_dirties_only_the_station_taxa(world, marks):
     world.o1.determination = None
     world.o1.save()
-    expect(marks, D=[world.d1])
+    expect(marks, D=[world.d1], E=[world.e1], C=[world.c1])  # the taxa of each
     settle()
     assert (count(world.d1, "taxa_count"), count(world.d1, "occurrences_count")) == (0, 1)
+    assert (count(world.e1, "taxa_count"), count(world.c1, "taxa_count")) == (0, 0)
+    assert count(world.c1, "occurrences_count") == 1
 
 
 def test_moved_occurrence_dirties_both_stations_and_nights(world, marks):
@@ -249,7 +262,7 @@ def test_project_threshold_change_dirties_the_stations_and_nights_it_can_flip(wo
     # One job mark, however many occurrences the project holds; it can flip only o2 (0.4):
     # o3 has no score, and o1 (0.9) counts at either threshold.
     assert marks.count() == 1
-    expect(marks, D=[world.d1], E=[world.e1])
+    expect(marks, D=[world.d1], E=[world.e1], C=[world.c1])
     settle()
     assert (count(world.d1, "occurrences_count"), count(world.e1, "occurrences_count")) == (2, 2)
 
@@ -257,7 +270,7 @@ def test_project_threshold_change_dirties_the_stations_and_nights_it_can_flip(wo
 def test_station_moved_to_another_project_uses_its_threshold(world, marks):
     world.d1.project = world.p2
     world.d1.save()
-    expect(marks, D=[world.d1], E=[world.e1])
+    expect(marks, D=[world.d1], E=[world.e1], C=[world.c1])
     settle()
     assert count(world.d1, "taxa_count") == 2
 
@@ -273,8 +286,11 @@ def test_truncate_marks_every_row_and_drain_expands_it(world, marks):
     with connection.cursor() as cursor:
         cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # TRUNCATE refuses pending FK checks
         cursor.execute("TRUNCATE monitoring_detection")
-    # Every capture with a ledger is recomputed as an item: nothing is recounted in full.
-    assert [(t, ids) for t, ids in marks.rows() if t != ITEMS] == []
+    # Every capture and occurrence with a ledger is recomputed as an item: nothing is
+    # recounted in full.
+    assert [(t, ids) for t, ids in marks.rows() if not t.startswith("item:")] == []
+    # o2 and o3 (not counted) have no ledger.
+    assert marks.items()["item:monitoring.occurrence"] == {world.o1.pk, world.o4.pk}
     assert marks.items()[ITEMS] == {world.i1.pk, world.i2.pk, world.i4.pk, world.i5.pk}
     drain_all()
     assert_all_counts_exact()
@@ -310,7 +326,7 @@ def test_raw_sql_through_a_plain_cursor_is_captured(world, marks):
         S=[world.i3, world.i5],
         E=[world.e1, world.e2, world.e3],
         D=[world.d1, world.d2, world.d3],
-        C=[world.c1, world.c3],
+        C=[world.c1, world.c2, world.c3],  # c2: o3, on i4, now counts
     )
     settle()
     assert count(world.c3, "source_images_count") == 1

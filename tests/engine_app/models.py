@@ -16,6 +16,10 @@ Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
 | ``Tag.books_count`` | count through an M2M, from its declaring side |
 | ``Tag.rated_books_count`` | M2M members with at least one valid child (EXISTS below) |
 | ``Library.reviews_count`` | a path of three relations: the one shape kept by a full recount |
+| ``Library.tags_count`` | distinct values at the end of an M2M reached through two FKs: the |
+|   | membership rows are the items, reaching the library through their book and its shelf |
+| ``Tag.authors_count`` | distinct authors of the tag's books, filtered by a setting (the |
+|   | shelf's library's threshold): items linked to many targets by an M2M |
 
 ``Author`` has no counts and nothing reads its columns: the model no trigger watches.
 """
@@ -32,6 +36,7 @@ class Library(models.Model):
     long_book_pages = models.IntegerField(default=300)
 
     reviews_count = CachedCountField("shelves__books__reviews")
+    tags_count = CachedCountField("shelves__books__tags", distinct=True)
 
 
 class Author(models.Model):
@@ -75,3 +80,8 @@ class Tag(models.Model):
 
     books_count = CachedCountField("books")
     rated_books_count = CachedCountField("books", filter=Q(books__reviews__stars__isnull=False))
+    authors_count = CachedCountField(
+        "books__author",
+        distinct=True,
+        filter=Q(books__pages__gte=F("books__shelf__library__long_book_pages")),
+    )

@@ -19,6 +19,11 @@ TRUTH: dict[str, dict[str, str]] = {
             " ON b.id = r.book_id JOIN counts_testapp_shelf s ON s.id = b.shelf_id"
             " WHERE s.library_id = t.id"
         ),
+        "tags_count": (
+            "SELECT count(DISTINCT m.tag_id) FROM counts_testapp_tag_books m"
+            " JOIN counts_testapp_book b ON b.id = m.book_id"
+            " JOIN counts_testapp_shelf s ON s.id = b.shelf_id WHERE s.library_id = t.id"
+        ),
     },
     "counts_testapp_shelf": {
         "books_count": "SELECT count(*) FROM counts_testapp_book b WHERE b.shelf_id = t.id",
@@ -43,6 +48,13 @@ TRUTH: dict[str, dict[str, str]] = {
             "SELECT count(*) FROM counts_testapp_tag_books m WHERE m.tag_id = t.id"
             " AND EXISTS (SELECT 1 FROM counts_testapp_review r WHERE r.book_id = m.book_id"
             " AND r.stars IS NOT NULL)"
+        ),
+        "authors_count": (
+            "SELECT count(DISTINCT b.author_id) FROM counts_testapp_tag_books m"
+            " JOIN counts_testapp_book b ON b.id = m.book_id"
+            " JOIN counts_testapp_shelf s ON s.id = b.shelf_id"
+            " JOIN counts_testapp_library l ON l.id = s.library_id"
+            " WHERE m.tag_id = t.id AND b.pages >= l.long_book_pages"
         ),
     },
 }

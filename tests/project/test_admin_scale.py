@@ -225,6 +225,7 @@ def test_a_plain_admin_of_a_counted_model_gets_columns_freshness_and_recompute(
         "captures_count",
         "detections_count",
         "occurrences_count",
+        "taxa_count",
         "freshness",
     ]
     assert "recompute_now" in page.action_options

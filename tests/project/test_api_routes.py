@@ -62,6 +62,7 @@ def test_the_v2_root_links_every_list_without_signing_in(client, db):
         "deployments": f"http://testserver{DEPLOYMENTS}",
         "events": f"http://testserver{EVENTS}",
         "projects": f"http://testserver{PROJECTS}",
+        "taxa": "http://testserver/api/v2/taxa/",
     }
     page = client.get("/api/v2/", HTTP_ACCEPT="text/html")
     assert page.status_code == 200

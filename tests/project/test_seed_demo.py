@@ -150,6 +150,27 @@ def test_capture_sets_range_from_empty_to_half_of_everything(seeded):
     assert foreign == [(0,)]
 
 
+def test_capture_sets_differ_in_occurrences_and_share_taxa(seeded):
+    """Antenna's set columns vary: sets with captures and no occurrence, sets with many, and
+    taxa counted in several sets at once."""
+    rows = list(
+        SourceImageCollection.objects.values_list(
+            "source_images_count", "occurrences_count", "taxa_count"
+        )
+    )
+    assert any(images > 0 and occurrences == 0 for images, occurrences, _ in rows)
+    assert sum(occurrences > 0 for _, occurrences, _ in rows) >= 4
+    assert all(taxa <= occurrences for _, occurrences, taxa in rows)
+    shared = fetch(
+        "SELECT count(*) FROM (SELECT o.determination_id FROM monitoring_occurrence o"
+        " JOIN monitoring_detection d ON d.occurrence_id = o.id"
+        " JOIN monitoring_sourceimagecollection_images m ON m.sourceimage_id = d.source_image_id"
+        " WHERE o.determination_id IS NOT NULL GROUP BY 1"
+        " HAVING count(DISTINCT m.sourceimagecollection_id) > 1) t"
+    )
+    assert shared[0][0] > 0
+
+
 def test_every_cached_count_is_exact_and_nothing_is_pending(seeded):
     assert_all_counts_exact()
     assert scalar("SELECT count(*) FROM counts_dirtymark") == 0

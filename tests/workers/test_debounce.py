@@ -27,9 +27,10 @@ from workers.redis_client import client
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
 WINDOW_MS = 400
-#: Labels a membership insert announces (the capture set and the capture as an item): one
-#: EVAL each when a writer asks.
-ANNOUNCED = [COLLECTION, ITEMS]
+#: Labels a membership insert announces (the capture set, the capture as an item, and the
+#: occurrences on the capture, which reach the set through it): one EVAL each when a writer
+#: asks.
+ANNOUNCED = [COLLECTION, ITEMS, "item:monitoring.occurrence"]
 LABELS = len(ANNOUNCED)
 
 
@@ -100,7 +101,10 @@ def test_a_trickle_across_many_windows_converges_without_the_sweep_and_few_calls
     images, sets = make_sets(n_sets=10, n_images=200)
     before = evals()
     writes = 0
-    with wh.running_worker(threads=2):
+    # A thread per label a write announces: each drainer lingers on its label, and a label
+    # whose message waits behind the others' lingering is overdue, so its writers ask again.
+    # (The Procfile's worker has four.)
+    with wh.running_worker(threads=LABELS):
         deadline = time.monotonic() + 4
         while time.monotonic() < deadline:
             add_members(sets, images, 1, start=writes)

@@ -24,7 +24,7 @@ from functools import reduce
 import django_filters
 from django import forms
 from django.core.exceptions import ValidationError
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.contrib.django_filters import DjangoFilterExtension
 from drf_spectacular.utils import extend_schema_field
@@ -220,4 +220,30 @@ class StrictFilterExtension(DjangoFilterExtension):
 
     def resolve_filter_field(self, *args, **kwargs):
         parameters = super().resolve_filter_field(*args, **kwargs)
-        return [{**parameter, "allowEmptyValue": True} for parameter in parameters]
+        # A required filter (the taxa list's project) has no "no filter": empty is a 400.
+        return [
+            parameter if parameter.get("required") else {**parameter, "allowEmptyValue": True}
+            for parameter in parameters
+        ]
+
+
+class ProjectTaxaFilter(IdFilter):
+    """``?project_id=`` of the taxa list, required: a taxon's count is per project, and never
+    summed across projects a caller may not all read. Keeps the taxa with a counted occurrence
+    in the project and annotates each with their number, ``occurrences_count``, read from
+    ``counts``' grouped count (``grouped(project_id)``: ``{taxon id: n}`` rows as a queryset
+    with ``value`` and ``n``)."""
+
+    def __init__(self, *, grouped: Callable[[int], object], **kwargs) -> None:
+        super().__init__(required=True, **kwargs)
+        self.grouped = grouped
+
+    def filter(self, qs, value):
+        if value is None:
+            raise BadParameter(
+                "project_id", "project_id is required: taxa are counted per project."
+            )
+        self.require(self.parent.request.user, value)
+        rows = self.grouped(value)
+        count = rows.filter(value=OuterRef("pk")).values("n")[:1]
+        return qs.filter(pk__in=rows.values("value")).annotate(occurrences_count=Subquery(count))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from counts.surfaces.rest import CountedSerializer, counted_fields
-from project.monitoring.models import Deployment, Event, Project, SourceImageCollection
+from project.monitoring.models import Deployment, Event, Project, SourceImageCollection, Taxon
 
 
 class CollectionSerializer(CountedSerializer):
@@ -46,4 +46,20 @@ class ProjectSerializer(serializers.ModelSerializer):
     class Meta:
         model = Project
         fields = ("id", "name", "is_public", "default_filters_score_threshold")
+        read_only_fields = fields
+
+
+class TaxonSerializer(serializers.ModelSerializer):
+    """A taxon with its counted occurrences in the project the list is for (Antenna's
+    ``occurrences_count``): read from the grouped count ``Project.taxa_count`` keeps."""
+
+    occurrences_count = serializers.IntegerField(
+        read_only=True,
+        help_text="Occurrences of the project determined as this taxon with a score at or above"
+        " the project's threshold.",
+    )
+
+    class Meta:
+        model = Taxon
+        fields = ("id", "name", "occurrences_count")
         read_only_fields = fields

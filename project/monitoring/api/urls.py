@@ -23,6 +23,7 @@ from project.monitoring.api.views import (
     EventList,
     ProjectDetail,
     ProjectList,
+    TaxonList,
 )
 
 #: Root name -> URL name, as a router would list them at /api/v2/.
@@ -31,6 +32,7 @@ V2_ROOT = {
     "deployments": "api-deployment-list",
     "events": "api-event-list",
     "projects": "api-project-list",
+    "taxa": "api-taxon-list",
 }
 #: What /api/ links to: the v2 root, the schema and the two renderings of it, the token form.
 API_INDEX = {
@@ -56,6 +58,7 @@ urlpatterns = [
     path("v2/events/<str:id>/", EventDetail.as_view(), name="api-event-detail"),
     path("v2/projects/", ProjectList.as_view(), name="api-project-list"),
     path("v2/projects/<str:id>/", ProjectDetail.as_view(), name="api-project-detail"),
+    path("v2/taxa/", TaxonList.as_view(), name="api-taxon-list"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("redoc/", SpectacularRedocView.as_view(url_name="api-schema"), name="api-redoc"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import django_filters
 from rest_framework.generics import RetrieveAPIView
 
+from counts.api import value_counts
 from counts.surfaces.rest import CountedDetailView, CountedListView, SortFilter, counted_filterset
 from project.monitoring.api import access
 from project.monitoring.api.base import (
@@ -22,14 +23,20 @@ from project.monitoring.api.base import (
     documented_detail,
     documented_list,
 )
-from project.monitoring.api.filters import IdFilter, SearchFilter, WithCountsFilter
+from project.monitoring.api.filters import (
+    IdFilter,
+    ProjectTaxaFilter,
+    SearchFilter,
+    WithCountsFilter,
+)
 from project.monitoring.api.serializers import (
     CollectionSerializer,
     DeploymentSerializer,
     EventSerializer,
     ProjectSerializer,
+    TaxonSerializer,
 )
-from project.monitoring.models import Deployment, Event, Project, SourceImageCollection
+from project.monitoring.models import Deployment, Event, Project, SourceImageCollection, Taxon
 
 _FRESHNESS_NOTE = (
     " Counts are exact once `counts_pending` is false; `counts_updated_at` is when they last"
@@ -165,3 +172,40 @@ class ProjectDetail(ScopedDetailView, RetrieveAPIView):
     serializer_class = ProjectSerializer
     project_path = "pk"
     noun = "project"
+
+
+class TaxonFilter(django_filters.FilterSet):
+    # Declared first: it annotates ``occurrences_count``, which the ordering then reads.
+    project_id = ProjectTaxaFilter(
+        field_name="project_id",
+        require=access.require_project,
+        grouped=lambda project_id: value_counts(Project, "taxa_count").filter(target_id=project_id),
+    )
+    search = SearchFilter(fields=("name",))
+    ordering = SortFilter(
+        keys={"name": "name", "occurrences_count": "occurrences_count"}, default="name"
+    )
+
+    class Meta:
+        model = Taxon
+        fields: list[str] = []
+
+
+@documented_list(
+    "Taxa of a project with their counted occurrences",
+    TaxonSerializer,
+    "The taxa with at least one counted occurrence (score at or above the project's threshold)"
+    " in the project `project_id` (required), each with `occurrences_count` in that project."
+    " The counts are kept by the engine per (project, taxon) and are exact once the project's"
+    " counts are (`counts_pending` of its stations)."
+    " Bad parameters are answered with 400 and the parameter's name.",
+)
+class TaxonList(ScopedListView):
+    queryset = Taxon.objects.all()
+    serializer_class = TaxonSerializer
+    filterset_class = TaxonFilter
+
+    def get_queryset(self):
+        # Taxa belong to no project: the required ``project_id`` scopes them (and refuses a
+        # project the caller may not read) in ``ProjectTaxaFilter``.
+        return Taxon.objects.all()

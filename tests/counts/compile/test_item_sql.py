@@ -49,9 +49,14 @@ def key_of(name, label, column):
 
 
 def reads(k) -> set[tuple[str, str, str]]:
-    """``(table, column holding the item's id, alias)`` of every child and through table."""
+    """``(table, column holding the item's id, alias)`` of every child and through table, and
+    of the first step of a link with steps (the rest are joined to it by their keys)."""
     found = {(p.measure.child.db_table, p.measure.fk, "r") for p in k.parts}
-    found |= {(p.link.through.db_table, p.link.item_column, "x") for p in k.parts if p.link.through}
+    for link in {p.link for p in k.parts if p.link.through}:
+        if link.via:
+            found.add((link.via[0].table.db_table, link.via[0].where, "v1"))
+        else:
+            found.add((link.through.db_table, link.item_column, "x"))
     return found
 
 
@@ -73,7 +78,9 @@ def test_probe_form_reads_each_child_and_through_table_once_per_item_by_its_key(
     for table, column, alias in reads(k):
         # One join per table, shared by every count of the kind ("how many" and "any").
         assert sql.count(f'FROM "{table}" {alias} ') == 1, table
-        probe = rf'FROM "{table}" {alias} WHERE {alias}\."{column}" = i\.id\) [cl]\d+ ON true'
+        # (A link's steps are joined to its first by their keys, before the WHERE.)
+        where = rf'WHERE {alias}\."{column}" = i\.id\) [cl]\d+ ON true'
+        probe = rf'FROM "{table}" {alias} (JOIN [^()]* )?{where}'
         assert re.search(probe, sql), table
     assert sql.count("LEFT JOIN LATERAL") == len(reads(k))
     # Never a grouped pass: that would read a whole child table for a handful of items.

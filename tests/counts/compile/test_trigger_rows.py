@@ -150,9 +150,13 @@ def test_items_are_marked_from_their_children_memberships_and_own_links():
         sql = " ".join(item_rows(g, tables[table], operation))
         return set(re.findall(r"'(item:[\w.]+)' AS target, r\.\"(\w+)\" AS id", sql))
 
-    captures = "item:monitoring.sourceimage"
+    captures, occurrences = "item:monitoring.sourceimage", "item:monitoring.occurrence"
     for operation in ("insert", "update", "delete"):
-        assert marked("monitoring_detection", operation) == {(captures, "source_image_id")}
+        # A detection names its occurrence too: the first step from it to the capture sets.
+        assert marked("monitoring_detection", operation) == {
+            (captures, "source_image_id"),
+            (occurrences, "occurrence_id"),
+        }
         assert marked("monitoring_sourceimagecollection_images", operation) == {
             (captures, "sourceimage_id")
         }

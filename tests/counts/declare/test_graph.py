@@ -39,16 +39,18 @@ def app_specs():
     return [s for s in graph().specs if s.target.label.startswith(f"{APP}.")]
 
 
-def test_the_test_app_declares_eight_counts_on_four_models():
+def test_the_test_app_declares_ten_counts_on_four_models():
     assert [s.key for s in app_specs()] == [
         f"{APP}.book.good_reviews_count",
         f"{APP}.book.tags_count",
         f"{APP}.library.reviews_count",
+        f"{APP}.library.tags_count",
         f"{APP}.shelf.books_count",
         f"{APP}.shelf.long_books_count",
         f"{APP}.shelf.authors_count",
         f"{APP}.tag.books_count",
         f"{APP}.tag.rated_books_count",
+        f"{APP}.tag.authors_count",
     ]
 
 
@@ -123,13 +125,22 @@ def test_write_watcher_notices_writes_to_watched_tables_only():
     # library's reviews, kept in full.
     books, library = f"item:{APP}.book", f"{APP}.library"
     assert watcher.targets_of('INSERT INTO "counts_testapp_review" ...') == {books, library}
-    assert watcher.targets_of(f'DELETE FROM "{THROUGH}" WHERE ...') == {book, tag, books}
+    # A membership: its book as an item, and itself as an item of the libraries' distinct tags.
+    memberships = f"item:{APP}.tag_books"
+    assert watcher.targets_of(f'DELETE FROM "{THROUGH}" WHERE ...') == {
+        book,
+        tag,
+        books,
+        memberships,
+    }
     assert watcher.targets_of('SELECT * FROM "counts_testapp_review"') == frozenset()
     assert watcher.targets_of('UPDATE "counts_testapp_author" SET name = 1') == frozenset()
-    # A shelf moving libraries: a job over its books (their threshold), and both libraries.
+    # A shelf moving libraries: a job over its books (their threshold), one over its books'
+    # memberships (the libraries' tags), and both libraries.
     assert watcher.targets_of("UPDATE counts_testapp_shelf SET library_id = 1") == {
         books,
         library,
+        memberships,
     }
     # A library's setting: one job over the books it can flip (``counts.declare.jobs``).
     assert watcher.targets_of("WITH x AS (SELECT 1) UPDATE counts_testapp_library SET a = 1") == {

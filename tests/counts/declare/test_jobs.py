@@ -27,17 +27,24 @@ from counts.declare.modes import ItemCount
 from counts.declare.resolve import resolve_all
 from counts.operate.status import job_indexes
 from counts.run.items import expand
+from tests.truth import settle
 
 OCCURRENCES = "item:monitoring.occurrence"
 
 
-def job_on(table: str):
-    [job] = [j for j in graph().jobs if j.kind == OCCURRENCES and j.table.db_table == table]
+def job_on(table: str, link: bool = False):
+    """The setting job (``link``: the link job) of the occurrences on ``table``."""
+    [job] = [
+        j
+        for j in graph().jobs
+        if j.kind == OCCURRENCES and j.table.db_table == table and bool(j.values) == link
+    ]
     return job
 
 
 THRESHOLD = "monitoring_project"  # the setting itself: ranged on the occurrence's score
 STATION = "monitoring_deployment"  # a station's project: the link on the way
+MEMBERSHIP = "monitoring_sourceimagecollection_images"  # a link several steps from the items
 
 
 def fetch(sql, params=None) -> set[int]:
@@ -54,11 +61,18 @@ def test_jobs_are_deduplicated_and_keyed_stably_by_their_shape():
     assert kind_of(OCCURRENCES, [1], keys[0], None) is Kind.JOB
     rebuilt = Graph.build(resolve_all(apps.get_models()))
     assert [dataclasses.asdict(j) for j in rebuilt.jobs] == [dataclasses.asdict(j) for j in g.jobs]
-    # Three occurrence counts compare with one threshold: two tables on the way, two jobs.
+    # Seven occurrence counts compare with one threshold: two tables on the way, two jobs.
     counts = [s for s in g.specs if isinstance(s.mode, ItemCount) and s.mode.setting]
-    assert len([s for s in counts if s.mode.mark_target == OCCURRENCES]) == 3
-    assert {j.table.db_table for j in g.kinds[OCCURRENCES].jobs} == {THRESHOLD, STATION}
-    assert len(g.kinds[OCCURRENCES].jobs) == 2
+    assert len([s for s in counts if s.mode.mark_target == OCCURRENCES]) == 7
+    setting_jobs = [j for j in g.kinds[OCCURRENCES].jobs if j.values is None]
+    assert sorted(j.table.db_table for j in setting_jobs) == [STATION, THRESHOLD]
+    # Two link tables several steps from an occurrence: a capture set's membership rows (for
+    # the sets' counts) and a station's project (for the project's taxa).
+    link_jobs = [j for j in g.kinds[OCCURRENCES].jobs if j.values]
+    assert sorted((j.table.db_table, j.values) for j in link_jobs) == [
+        (STATION, "id"),
+        (MEMBERSHIP, "sourceimage_id"),
+    ]
     # The key names the job's shape: another column or path is another job.
     job = job_on(THRESHOLD)
     assert dataclasses.replace(job, column="name").key != job.key
@@ -75,7 +89,7 @@ def test_every_table_on_the_way_to_a_setting_has_exactly_one_job():
             last = n == len(setting.hops) - 1
             column = setting.column if last else setting.hops[n + 1].column
             shape = (spec.mode.mark_target, hop.child, column)
-            found = [j for j in g.jobs if (j.kind, j.table, j.column) == shape]
+            found = [j for j in g.jobs if (j.kind, j.table, j.column) == shape and j.values is None]
             assert len(found) == 1, (spec.key, hop.child.db_table)
             # Only the setting itself is compared (ranged); a link change reaches them all.
             assert (found[0].compared == setting.compared) if last else not found[0].compared
@@ -191,3 +205,20 @@ def test_a_waiting_job_mark_stands_for_the_items_its_expansion_finds(world, mark
         cursor.execute("UPDATE counts_dirtymark SET payload = NULL WHERE field = %s", [job.key])
     assert fetch(job.pending_items_sql()) == {w.o1.pk, w.o2.pk, w.o3.pk, w.o4.pk}
     assert fetch(job_on(STATION).pending_items_sql()) == set()  # another job's marks only
+
+
+@pytest.mark.django_db
+def test_a_membership_change_writes_one_link_job_expanded_to_the_occurrences_on_its_captures(
+    world,
+):
+    """Two captures joining a set: the writer records the captures, never their occurrences;
+    the drain finds the occurrences with a detection on them (o1 and o2 on i1, o3 on i4)."""
+    job = job_on(MEMBERSHIP, link=True)
+    world.c3.images.add(world.i1, world.i4)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT ids FROM counts_dirtymark WHERE field = %s", [job.key])
+        [(ids,)] = cursor.fetchall()
+        assert sorted(ids) == sorted([world.i1.pk, world.i4.pk])
+        found = expand(cursor, job, list(ids), None)
+    assert found == sorted([world.o1.pk, world.o2.pk, world.o3.pk])
+    settle()

@@ -31,11 +31,12 @@ from tests.truth import drain_all, settle
 pytestmark = pytest.mark.django_db
 
 CAPTURES, OCCURRENCES = "item:monitoring.sourceimage", "item:monitoring.occurrence"
-D, E, S, C = (
+D, E, S, C, P = (
     "monitoring.deployment",
     "monitoring.event",
     "monitoring.sourceimage",
     "monitoring.sourceimagecollection",
+    "monitoring.project",
 )
 BOX = [1, 2, 3, 4]
 
@@ -197,15 +198,24 @@ def test_a_rescored_occurrence_credits_its_counts_and_a_new_taxon_once(world):
     """o2 (beetle, 0.4) now reaches d1's threshold 0.5: beetle is a new taxon at d1."""
     Occurrence.objects.filter(pk=world.o2.pk).update(determination_score=0.8)
     _result, credits = recompute(OCCURRENCES, [world.o2.pk])
+    # o2 is on i1, in c1; its project is p1.
     assert credits == {
         (D, "occurrences_count", world.d1.pk): 1,
         (E, "occurrences_count", world.e1.pk): 1,
+        (C, "occurrences_count", world.c1.pk): 1,
         (D, "taxa_count", world.d1.pk): 1,
+        (E, "taxa_count", world.e1.pk): 1,
+        (C, "taxa_count", world.c1.pk): 1,
+        (P, "taxa_count", world.p1.pk): 1,
     }
     assert ledger(OCCURRENCES, world.o2.pk) == {
         key(OCCURRENCES, D, "occurrences_count"): [1, world.d1.pk],
         key(OCCURRENCES, E, "occurrences_count"): [1, world.e1.pk],
+        key(OCCURRENCES, C, "occurrences_count"): [1, world.c1.pk],
         key(OCCURRENCES, D, "taxa_count"): [1, world.d1.pk, world.beetle.pk],
+        key(OCCURRENCES, E, "taxa_count"): [1, world.e1.pk, world.beetle.pk],
+        key(OCCURRENCES, C, "taxa_count"): [1, world.c1.pk, world.beetle.pk],
+        key(OCCURRENCES, P, "taxa_count"): [1, world.p1.pk, world.beetle.pk],
     }
     settle()
 
@@ -236,16 +246,25 @@ def test_preview_reports_what_recompute_will_credit_and_writes_nothing(world):
     _result, captures = recompute(CAPTURES, [world.i3.pk, world.i4.pk])
     _result, occurrences = recompute(OCCURRENCES, [world.o1.pk])
     assert {k: v for k, v in previewed.items() if v} == captures | occurrences
-    assert occurrences == {(D, "taxa_count", world.d1.pk): -1}  # o1 still counts, no taxon
+    # o1 still counts, with no taxon: each taxa count of its targets loses the moth.
+    assert occurrences == {
+        (D, "taxa_count", world.d1.pk): -1,
+        (E, "taxa_count", world.e1.pk): -1,
+        (C, "taxa_count", world.c1.pk): -1,
+        (P, "taxa_count", world.p1.pk): -1,
+    }
     settle()
 
 
 def queued_job(cursor):
-    """The one job mark in the queue, and its job."""
+    """The one setting job mark in the queue, and its job (a station's move to another
+    project also writes a link job mark, for the project's taxa: not this test's)."""
     cursor.execute("SELECT id, target, ids, field, deltas, payload FROM counts_dirtymark")
-    (mark,) = [Mark.from_row(*row) for row in cursor.fetchall()]
-    assert mark.kind is Kind.JOB
-    return mark, next(j for j in kind(OCCURRENCES).jobs if j.key == mark.field)
+    jobs = {j.key: j for j in kind(OCCURRENCES).jobs}
+    marks = [Mark.from_row(*row) for row in cursor.fetchall()]
+    assert all(mark.kind is Kind.JOB for mark in marks)
+    (mark,) = [m for m in marks if jobs[m.field].values is None]
+    return mark, jobs[mark.field]
 
 
 def expand_queued_job() -> list[int]:

@@ -36,8 +36,8 @@ def kind():
 
 
 def taxa_key() -> str:
-    (part,) = [p for p in kind().parts if p.distinct]
-    assert (part.label, part.column) == TAXA
+    (part,) = [p for p in kind().parts if (p.label, p.column) == TAXA]
+    assert part.distinct
     return part.key
 
 

@@ -148,10 +148,14 @@ def test_two_drains_each_adding_a_first_counted_occurrence_of_a_taxon(make_world
 def test_moving_a_station_to_another_project_recounts_its_occurrences_there(make_world, marks):
     world = make_world()
     Deployment.objects.filter(pk=world.d1.pk).update(project=world.p2)  # threshold 0.3
-    assert marks.count() == 1
+    # Two job marks, whatever the station holds: its occurrences read another threshold, and
+    # count towards another project's taxa.
+    assert marks.count() == 2
     drain_all()
     assert_all_counts_exact()
     assert station(world.d1) == (2, 2)
+    assert Project.objects.get(pk=world.p2.pk).taxa_count == 2  # its beetle, and d1's moth
+    assert Project.objects.get(pk=world.p1.pk).taxa_count == 0  # d2's moth has no score
 
 
 def test_a_determination_change_moves_the_taxon_and_a_delete_removes_it(make_world):
