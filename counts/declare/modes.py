@@ -110,12 +110,19 @@ class Link:
         if not self.via:
             table, where, column = self.rows(kind)
             return f"{q(table.db_table)} x", f"x.{q(where)}", f"x.{q(column)}"
-        sql, prev = "", None
-        for n, step in enumerate(self.via, start=1):
-            on = f" JOIN {q(step.table.db_table)} v{n} ON v{n}.{q(step.where)} = {prev}"
-            sql += on if prev else f"{q(step.table.db_table)} v{n}"
-            prev = f"v{n}.{q(step.select)}"
-        sql += f" JOIN {q(self.through.db_table)} x ON x.{q(self.item_column)} = {prev}"
+        # Each later step is probed per row of the one before (``LATERAL ... OFFSET 0``, which
+        # the planner cannot turn into a join): a range of items reads its rows' links by
+        # index, where a hash join read the whole membership table for each range (1.9k items/s
+        # against ~30k/s at 10⁶ captures).
+        sql, prev = f"{q(self.via[0].table.db_table)} v1", f"v1.{q(self.via[0].select)}"
+        later = [(f"v{n}", s) for n, s in enumerate(self.via[1:], start=2)]
+        last = Step(self.through, self.item_column, self.target_column)
+        for alias, step in [*later, ("x", last)]:
+            sql += (
+                f" CROSS JOIN LATERAL (SELECT * FROM {q(step.table.db_table)} {alias}"
+                f" WHERE {alias}.{q(step.where)} = {prev} OFFSET 0) {alias}"
+            )
+            prev = f"{alias}.{q(step.select)}"
         return sql, f"v1.{q(self.via[0].where)}", f"x.{q(self.target_column)}"
 
 
