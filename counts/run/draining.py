@@ -177,6 +177,9 @@ def _plan(cursor, graph: Graph, taken, result: DrainResult) -> _Plan:
     known, kinds = graph.targets, graph.kinds
     incremental = incremental_columns(graph)
     plan = _Plan(graph)
+    # Job marks without values to bound (a link job, a station's move) are expanded together,
+    # one query per job for the batch: a burst of membership writes is a job mark each.
+    plain_jobs: dict[tuple[str, str], set] = defaultdict(set)
     for row in taken:
         mark = Mark.from_row(*row)
         target, column = mark.target, mark.field
@@ -187,8 +190,10 @@ def _plan(cursor, graph: Graph, taken, result: DrainResult) -> _Plan:
         match mark.kind:
             case Kind.JOB:
                 job = jobs_by_key(graph).get(column)
-                if job is not None:  # else the count that started it is gone
-                    _plan_job(cursor, kinds[target], job, mark, plan, result)
+                if job is not None and mark.payload is None:
+                    plain_jobs[(target, column)].update(ids)
+                elif job is not None:  # else the count that started it is gone
+                    _plan_job(cursor, kinds[target], job, (target, ids, mark.payload), plan, result)
             case Kind.EVERY_ITEM:
                 mark_every_item(cursor, kinds[target])
                 result.expanded[target] = result.expanded.get(target, 0) + 1
@@ -206,19 +211,24 @@ def _plan(cursor, graph: Graph, taken, result: DrainResult) -> _Plan:
             case Kind.DELTA:
                 # The count changed mode or went away since: its amounts mean nothing, recount.
                 plan.recount[target].update(ids)
+    jobs = jobs_by_key(graph)
+    for (target, key), ids in sorted(plain_jobs.items()):
+        _plan_job(cursor, kinds[target], jobs[key], (target, sorted(ids), None), plan, result)
     return plan
 
 
-def _plan_job(cursor, kind, job, mark: Mark, plan: _Plan, result: DrainResult) -> None:
-    """The items a job mark reaches, for this batch, or for later ones when they are many."""
-    found = expand(cursor, job, list(mark.ids), mark.payload)
+def _plan_job(cursor, kind, job, mark: tuple, plan: _Plan, result: DrainResult) -> None:
+    """The items a job's marks (``(target, ids, payload)``) reach, for this batch, or for later
+    ones when they are many."""
+    target, ids, payload = mark
+    found = expand(cursor, job, list(ids), payload)
     if len(found) <= CHUNK:
-        plan.items[mark.target].update(found)
+        plan.items[target].update(found)
     else:
         # A big job is recomputed by later batches, a chunk each.
         source = "(SELECT unnest(%s::bigint[]) AS id)"
         cursor.execute(mark_items_sql(kind, source, "id"), [found])
-        result.expanded[mark.target] = result.expanded.get(mark.target, 0) + 1
+        result.expanded[target] = result.expanded.get(target, 0) + 1
 
 
 def drain(
