@@ -154,8 +154,13 @@ DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
 #: through arms the planner sizes as whole tables, and compiling them cost 0.5-1.6 s a request
 #: against 5-70 ms run without (measured in the tests and at 10⁶). The engine's own
 #: transactions turn it off anyway (``counts.run.engine_transaction``).
+#: Added to ``PGOPTIONS``, which a connection's ``options`` would otherwise replace (an operator's
+#: ``PGOPTIONS="-c lock_timeout=300"`` keeps working).
 if os.environ.get("DB_JIT", "off") != "on":
-    DATABASES["default"]["OPTIONS"].setdefault("options", "-c jit=off")
+    _pgoptions = os.environ.get("PGOPTIONS", "")
+    DATABASES["default"]["OPTIONS"].setdefault(
+        "options", _pgoptions if "jit" in _pgoptions else f"{_pgoptions} -c jit=off".strip()
+    )
 if not DATABASES["default"]["ENGINE"].endswith("postgresql"):
     raise ImproperlyConfigured(
         "countdown needs PostgreSQL: its dirty marks are written by triggers."
