@@ -199,7 +199,7 @@ def with_query_defaults(url: str, **defaults: str) -> str:
 
 
 DRAMATIQ_BROKER = {
-    "BROKER": "dramatiq.brokers.redis.RedisBroker",
+    "BROKER": "workers.broker.RedisBroker",
     "OPTIONS": {
         # RedisBroker builds its pool from the URL alone: timeouts go in its query string.
         "url": with_query_defaults(

@@ -32,6 +32,7 @@ from tests import worker_harness as wh
 from tests.truth import assert_all_counts_exact
 from tests.workers.test_actors import converged, make_sets, raw_connection
 from workers import redis_client as workers_redis
+from workers.names import QUEUE
 from workers.queued import label_of_message
 from workers.schedule import sweep
 
@@ -246,4 +247,33 @@ def test_undecodable_payloads_are_dead_lettered_once_and_the_worker_goes_on(capl
     assert not crashes, "the consumer never crashed"
     sets[0].refresh_from_db()
     assert sets[0].source_images_count == 3
+    assert_all_counts_exact()
+
+
+def test_messages_a_fetch_moved_to_a_live_workers_ack_set_unseen_are_put_back_and_run(caplog):
+    """A fetch Redis ran after the client gave up on its reply (a stall): its messages sit in
+    this worker's ack set and no thread has them. Without the put-back they wait for the worker
+    to die; no scheduler runs here to rescue them."""
+    images, sets = make_sets(n_sets=2, n_images=6)
+    sets[0].images.add(*images)
+    sets[1].images.add(*images[:2])
+    broker = wh.broker()
+    delayed = f"{QUEUE}.DQ"
+    wh.wait_until(lambda: broker.client.llen(f"{broker.namespace}:{delayed}") > 0, timeout=10)
+    # The lost replies: the dispatch script run under this worker's id, its result dropped.
+    lost = [
+        json.loads(data)["message_id"]
+        for queue in (delayed, QUEUE)
+        for data in RedisBroker._dispatch(broker, "fetch")(queue, 100)
+    ]
+    assert lost, "the debounced drain messages were fetched"
+    broker._doubt()  # what a failed command (the timed-out fetch) does
+    with caplog.at_level(logging.INFO), wh.running_worker():
+        wh.wait_until(converged, timeout=30)
+    for message_id in lost:
+        assert any(
+            message_id in r.getMessage() and "put back" in r.getMessage() for r in caplog.records
+        ), f"message {message_id} named in the log"
+    acks = list(broker.client.scan_iter(f"{broker.namespace}:__acks__.*"))
+    assert not any(broker.client.scard(k) for k in acks), "no message left in an ack set"
     assert_all_counts_exact()

@@ -133,11 +133,16 @@ def test_counts_are_exact_within_seconds_after_a_30s_redis_stall(system, own_red
     print(f"\nexact {took:.1f} s after the later of Redis's return and the last commit")
     assert took <= BOUND_S, system.log("scheduler")
     assert_all_counts_exact()
-    time.sleep(1)
-    stranded = stranded_messages(own_redis.client())
-    print(f"{len(stranded)} drain messages stranded in live workers' ack sets")
-    for message_id in stranded:
-        assert message_id in system.log("scheduler"), "a message taken as lost is named"
+
+    # A fetch Redis ran after the stall strands its messages in a live worker's ack set: the
+    # worker puts them back and names them (workers.broker), within the same bound.
+    def nothing_stranded():
+        """no drain message left in a live worker's ack set"""
+        return not stranded_messages(own_redis.client())
+
+    wh.wait_until(nothing_stranded, timeout=max(1.0, back + 2 * BOUND_S - time.time()))
+    named = system.log("worker1") + system.log("worker2")
+    print(f"{named.count('put back on the queue')} lost messages put back")
 
 
 def stranded_messages(r) -> set[str]:
