@@ -15,7 +15,7 @@ from collections import Counter
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from workers.queued import queue_sizes
+from workers.queued import label_of_message, queue_sizes
 
 _booted = {"done": False}
 
@@ -40,19 +40,30 @@ class MessageCounter(Middleware):
 
     def __init__(self) -> None:
         self.ids: dict[str, set] = {}
+        #: Drain messages' ids per target model (``workers.queued.label_of_message``).
+        self.label_ids: dict[str, set] = {}
         self.retries: Counter = Counter()
 
     def after_enqueue(self, broker, message, delay):
         if message.options.get("retries"):
             self.retries[message.actor_name] += 1
         self.ids.setdefault(message.actor_name, set()).add(message.message_id)
+        label = label_of_message(message.encode())
+        if label:
+            self.label_ids.setdefault(label, set()).add(message.message_id)
 
     @property
     def sent(self) -> Counter:
         return Counter({actor: len(ids) for actor, ids in self.ids.items()})
 
+    @property
+    def by_label(self) -> Counter:
+        """Drain messages sent per target model."""
+        return Counter({label: len(ids) for label, ids in self.label_ids.items()})
+
     def clear(self) -> None:
         self.ids.clear()
+        self.label_ids.clear()
         self.retries.clear()
 
 

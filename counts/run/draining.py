@@ -85,8 +85,11 @@ class DrainResult:
 
     @property
     def idle(self) -> bool:
-        """Nothing was recomputed or expanded: the batch found no marks, or only busy rows."""
-        return not any(self.targets.values()) and not self.expanded
+        """No progress: no marks, or only marks for rows someone holds (marked again). Marks
+        naming nothing to recompute (occurrences of a capture that has none) are progress."""
+        if any(self.targets.values()) or self.expanded:
+            return False
+        return self.marks == 0 or bool(self.deferred)
 
     def as_log(self) -> dict:
         return {
