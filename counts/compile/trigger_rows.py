@@ -129,13 +129,9 @@ def item_rows(graph: Graph, table: Table, operation: str) -> list[str]:
         link, measure = mode.link, mode.measure
         if measure.child == table:
             sources.setdefault((kind, measure.fk), set()).update(measure.columns)
-        if link.via and link.via[0].table == table:
-            # The first step's rows name the items (an occurrence's detections).
-            step = link.via[0]
-            sources.setdefault((kind, step.where), set()).update({step.where, step.select})
-        elif link.through == table and not link.via:
-            cols = {link.item_column, link.target_column}
-            sources.setdefault((kind, link.item_column), set()).update(cols)
+        first = link.first  # through rows, or an occurrence's detections
+        if first is not None and first.table == table:
+            sources.setdefault((kind, first.where), set()).update({first.where, first.select})
         if link.through is None and mode.kind == table and operation != "insert":
             # An inserted item has no children or memberships yet: nothing to credit.
             sources.setdefault((kind, table.pk), set()).add(link.target_column)

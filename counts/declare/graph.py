@@ -149,11 +149,10 @@ class Graph:
             if isinstance(mode, OwnRow) and mode.table.db_table == db_table:
                 labels.add(spec.target.label)
             elif isinstance(mode, ItemCount):
-                # The rows that name items: children, and the link's first table (the
-                # through rows, or the first step's); later steps start link jobs, below.
-                link = mode.link
-                first = link.via[0].table if link.via else link.through
-                feeds = db_table in (mode.measure.child.db_table, first and first.db_table)
+                # The rows that name items: children, and the link's first rows; later
+                # steps start link jobs, below.
+                first = mode.link.first
+                feeds = db_table in (mode.measure.child.db_table, first and first.table.db_table)
                 own_link = mode.kind.db_table == db_table and mode.link.through is None
                 if feeds or (own_link and operation != "insert"):
                     labels.add(mode.mark_target)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from counts.base.mark import JOB_PREFIX
 from counts.base.names import MARK_TABLE, literal, q
-from counts.declare.modes import ItemCount, Step
+from counts.declare.modes import ItemCount
 from counts.declare.spec import Table
 
 
@@ -219,10 +219,7 @@ def _link_jobs(mode: ItemCount) -> list[Job]:
     """A job per link table after the first step of a link with ``via`` steps: a row there
     changes the targets of every item whose steps reach it (a capture joining a set changes
     the sets of each occurrence with a detection on it), which the writer cannot list."""
-    link = mode.link
-    if not link.via:
-        return []
-    steps = (*link.via, Step(link.through, link.item_column, link.target_column))
+    steps = mode.link.steps
     jobs = []
     for k in range(1, len(steps)):
         # From the item to the step before: each join is ``(table, its column, previous one)``.

@@ -103,6 +103,25 @@ class Link:
         """The tables, besides the item's own, whose rows make the link."""
         return tuple(s.table for s in self.via) + ((self.through,) if self.through else ())
 
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """Every step from an item's id to its targets when the link has ``via`` steps: those,
+        then the through rows (``item_column`` → ``target_column``); () without them."""
+        if not self.via:
+            return ()
+        return (*self.via, Step(self.through, self.item_column, self.target_column))
+
+    @property
+    def first(self) -> Step | None:
+        """The rows that name items by a column of theirs (``where``): the first step, or the
+        through rows; None for the item's own column. A write to them marks those items;
+        a write to a later step starts a link job (``counts.declare.jobs``)."""
+        if self.via:
+            return self.via[0]
+        if self.through is None:
+            return None
+        return Step(self.through, self.item_column, self.target_column)
+
     def rows_sql(self, kind: Table) -> tuple[str, str, str]:
         """``(FROM text, item id column, target column)`` of the rows linking items of ``kind``
         to their targets: rows ``x``, after the steps ``v1``, ``v2``, … joined by their foreign
@@ -114,9 +133,9 @@ class Link:
         # the planner cannot turn into a join): a range of items reads its rows' links by
         # index, where a hash join read the whole membership table for each range (1.9k items/s
         # against ~30k/s at 10⁶ captures).
-        sql, prev = f"{q(self.via[0].table.db_table)} v1", f"v1.{q(self.via[0].select)}"
-        later = [(f"v{n}", s) for n, s in enumerate(self.via[1:], start=2)]
-        last = Step(self.through, self.item_column, self.target_column)
+        first, *rest, last = self.steps
+        sql, prev = f"{q(first.table.db_table)} v1", f"v1.{q(first.select)}"
+        later = [(f"v{n}", step) for n, step in enumerate(rest, start=2)]
         for alias, step in [*later, ("x", last)]:
             sql += (
                 f" CROSS JOIN LATERAL (SELECT * FROM {q(step.table.db_table)} {alias}"
