@@ -38,24 +38,60 @@ from django.db.migrations.writer import MigrationWriter
 from counts.base.sql_text import pieces
 from counts.compile.triggers import compile_triggers
 from counts.declare.graph import app_graph
+from counts.declare.modes import FULL, ITEM, OWN_ROW
 from counts.declare.refusals import refuse_unsupported
 from counts.operations import BackfillCounts, SyncCountTriggers
 
 Key = tuple[str, str]  # (table, trigger name)
+MODES = (OWN_ROW, ITEM, FULL)
+
+
+def describe(mode) -> str:
+    """How a count is kept, as ``counts status`` says it."""
+    if mode.mode == ITEM:
+        return f"{ITEM} ({mode.kind.label})"
+    if mode.mode == FULL:
+        return f"{FULL} ({mode.why})"
+    return mode.mode
+
+
+def fingerprint(spec, mode: str) -> str:
+    """A short hash of a count's declaration and of how it is kept (``mode``): a changed one
+    needs a backfill (a count that becomes incremental needs its ledgers filled)."""
+    declared = (spec.path, spec.filter.deconstruct() if spec.filter else None, spec.distinct)
+    kept = (mode,) if mode != FULL else ()
+    return hashlib.sha1(repr(declared + kept).encode()).hexdigest()[:12]
 
 
 def fingerprints() -> dict[str, str]:
-    """A short hash of each count's declaration; a changed one needs a backfill."""
-    return {
-        spec.key: hashlib.sha1(
-            repr(
-                (spec.path, spec.filter.deconstruct() if spec.filter else None, spec.distinct)
-                # How it is kept: a count that becomes incremental needs its ledgers filled.
-                + ((spec.mode.mode,) if spec.mode.mode != "full" else ())
-            ).encode()
-        ).hexdigest()[:12]
-        for spec in app_graph().specs
-    }
+    """Each count's :func:`fingerprint` as declared and kept today."""
+    return {spec.key: fingerprint(spec, spec.mode.mode) for spec in app_graph().specs}
+
+
+def mode_change_notices(app_labels=()) -> list[str]:
+    """:func:`mode_changes` of the migration graph on disk, for the apps ``app_labels`` (all
+    when empty)."""
+    lines = mode_changes(installed_after(MigrationLoader(None, ignore_no_migrations=True)))
+    return [line for line in lines if not app_labels or line.split(".")[0] in app_labels]
+
+
+def mode_changes(installed: Installed) -> list[str]:
+    """One line for each count whose declaration is unchanged but which the next trigger
+    migration keeps another way (another count's declaration, or a new engine version, moved
+    it): its backfill rewrites the column, which nobody asked for, so makemigrations says so."""
+    lines = []
+    for spec in app_graph().specs:
+        was, now = installed.counts.get(spec.key), spec.mode.mode
+        if was is None or was == fingerprint(spec, now):
+            continue
+        for mode in MODES:
+            if mode != now and was == fingerprint(spec, mode):
+                lines.append(
+                    f"{spec.key} was kept as {mode} and will be kept as {describe(spec.mode)},"
+                    " though its declaration did not change; the migration recomputes it"
+                    " (see `manage.py counts status`)"
+                )
+    return lines
 
 
 def _key(row: dict) -> Key:
@@ -260,4 +296,4 @@ def write(app_label: str, migration) -> str:
     return path
 
 
-__all__ = ["installed_after", "pending_migrations", "write"]
+__all__ = ["installed_after", "mode_change_notices", "mode_changes", "pending_migrations", "write"]

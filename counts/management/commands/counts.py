@@ -23,7 +23,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from counts.base.errors import CountsError
 from counts.base.signals import reconciled
-from counts.management.migrations_writer import pending_migrations, write
+from counts.management.migrations_writer import mode_change_notices, pending_migrations, write
 from counts.operate import reconciling
 from counts.operate.progress import command_progress
 from counts.operate.status import stale_alert_s, status, unreachable_in_one_line
@@ -188,6 +188,8 @@ class Command(BaseCommand):
         if not pending:
             self.stdout.write("Count triggers are in sync with the declarations.")
             return
+        for line in mode_change_notices():
+            self.stderr.write(self.style.WARNING(f"Count kept another way: {line}"))
         if check:
             for app_label, migration in pending:
                 self.stderr.write(

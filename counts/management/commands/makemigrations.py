@@ -7,7 +7,7 @@ app whose triggers or counts changed; see ``counts.management.migrations_writer`
 
 from django.core.management.commands.makemigrations import Command as DjangoMakemigrations
 
-from counts.management.migrations_writer import pending_migrations, write
+from counts.management.migrations_writer import mode_change_notices, pending_migrations, write
 
 
 class Command(DjangoMakemigrations):
@@ -16,6 +16,8 @@ class Command(DjangoMakemigrations):
         pending = pending_migrations(app_labels)
         if not pending:
             return
+        for line in mode_change_notices(app_labels):
+            self.stderr.write(self.style.WARNING(f"Count kept another way: {line}"))
         if options.get("check_changes") or options.get("dry_run"):
             for app_label, migration in pending:
                 self.stdout.write(

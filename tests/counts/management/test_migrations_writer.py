@@ -25,8 +25,11 @@ from counts.compile.triggers import compile_triggers
 from counts.declare.field import CachedCountField
 from counts.declare.graph import Graph
 from counts.declare.resolve import resolve, resolve_all
+from counts.management import migrations_writer as writer_module
 from counts.management.migrations_writer import (
+    fingerprint,
     installed_after,
+    mode_changes,
     pending_migrations,
     trigger_operations,
 )
@@ -261,3 +264,33 @@ def test_a_count_trigger_no_declaration_compiles_to_is_reported_unexpected():
     assert {state for key, state in states.items() if key[0] != "counts_testapp_author"} == {
         "INSTALLED"
     }
+
+
+def test_makemigrations_says_when_a_count_whose_declaration_did_not_change_is_kept_another_way(
+    monkeypatch,
+):
+    """Installed as an item count, declared the same, kept today from its own rows (as when
+    another count's declaration, or a new engine version, moved it): the trigger migration
+    recomputes the column, and makemigrations says which count and how it was and will be kept."""
+    spec = next(s for s in graph().specs if s.key == "monitoring.deployment.captures_count")
+    assert spec.mode.mode == "own-row"
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    installed = installed_after(loader)
+    assert installed.counts[spec.key] == fingerprint(spec, "own-row")
+    installed.counts[spec.key] = fingerprint(spec, "item")
+    assert mode_changes(installed) == [
+        "monitoring.deployment.captures_count was kept as item and will be kept as own-row,"
+        " though its declaration did not change; the migration recomputes it"
+        " (see `manage.py counts status`)"
+    ]
+    monkeypatch.setattr(writer_module, "installed_after", lambda _loader: installed)
+    [(app_label, migration)] = pending_migrations()
+    assert app_label == "monitoring"
+    assert migration.operations[-1].counts == [spec.key]  # its backfill
+    err = StringIO()
+    with pytest.raises(SystemExit):
+        call_command("counts", "makemigrations", "--check", stdout=StringIO(), stderr=err)
+    assert "Count kept another way: monitoring.deployment.captures_count was kept" in (
+        err.getvalue()
+    )
+    assert mode_changes(installed_after(loader)) == [], "none on the migrations as they are"
