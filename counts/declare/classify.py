@@ -44,7 +44,12 @@ def row_predicate(model, conditions: Q | None) -> str | None:
     qs = model._base_manager.filter(conditions)
     compiler = qs.query.get_compiler(connection=connections["default"])
     sql, params = compiler.compile(qs.query.where)
-    if set(qs.query.alias_map) - {model._meta.db_table}:
+    # A join Django trimmed (``fk__isnull``, ``fk=None``: the row's own column) stays in the
+    # alias map with no reference; only joins the condition still reads count.
+    joined = {alias for alias, refs in qs.query.alias_refcount.items() if refs}
+    if joined - {model._meta.db_table} or any(
+        f'"{alias}".' in sql for alias in set(qs.query.alias_map) - {model._meta.db_table}
+    ):
         raise ValueError("the filter joins other tables")
     table = f'"{model._meta.db_table}".'
     if '"' + model._meta.db_table + '"' in sql.replace(table, ""):
