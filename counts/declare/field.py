@@ -13,7 +13,8 @@ that recomputes it — is derived from these declarations in ``counts.declare.sp
 
 How cheaply a count is kept follows from its shape (``counts.declare.modes``; ``manage.py counts
 status`` prints each count's mode): **own-row** when every input is a column of the counted
-rows (plain and filtered reverse-FK counts, M2M counts); **item** when the counted rows' worth
+rows (plain and filtered reverse-FK counts, M2M counts; ``fk__isnull`` and ``fk=None`` test the
+row's own foreign-key column, no join); **item** when the counted rows' worth
 depends on rows joined to one *item* row — their children (detections of a station's captures,
 "captures with a valid detection" of a set), a setting reached by ``F()`` through forward
 foreign keys (a project's threshold), or a distinct foreign key (taxa) — including counted rows

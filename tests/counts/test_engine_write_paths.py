@@ -213,3 +213,26 @@ def test_a_tags_distinct_authors_follow_each_books_own_library_threshold(library
     library.unused.books.add(library.emma, library.sense)
     settle()
     assert value(library.unused, "authors_count") == 1
+
+
+def test_books_with_an_author_follow_every_way_an_author_id_changes(library, marks):
+    """``filter=Q(books__author__isnull=False)`` reads the book's own ``author_id``: kept from
+    the books' own rows (amounts, no recount), through a save, a queryset update, and an
+    author's deletion (``SET_NULL``: Django's UPDATE of the books)."""
+    from counts.apps import graph
+
+    spec = next(s for s in graph().specs if s.key.endswith("shelf.authored_books_count"))
+    assert spec.mode.mode == "own-row"
+    assert value(library.fiction, "authored_books_count") == 2  # Emma, Sense; not Anonymous
+    anon = Book.objects.get(pk=library.anon.pk)
+    anon.author = library.darwin
+    anon.save()
+    expect(marks, SH=[library.fiction])  # the shelf alone: the library counts no authors
+    settle()
+    assert value(library.fiction, "authored_books_count") == 3
+    Book.objects.filter(shelf=library.science).update(author=None)
+    settle()
+    assert value(library.science, "authored_books_count") == 0
+    Author.objects.filter(pk=library.austen.pk).delete()  # Emma and Sense lose their author
+    settle()
+    assert value(library.fiction, "authored_books_count") == 1  # Anonymous, now Darwin's

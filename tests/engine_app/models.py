@@ -52,6 +52,8 @@ class Shelf(models.Model):
         "books", filter=Q(books__pages__gte=F("library__long_book_pages"))
     )
     authors_count = CachedCountField("books__author", distinct=True)
+    #: A filter on a foreign key's own column: the book's ``author_id``, no join.
+    authored_books_count = CachedCountField("books", filter=Q(books__author__isnull=False))
 
 
 class Book(models.Model):

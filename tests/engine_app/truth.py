@@ -35,6 +35,10 @@ TRUTH: dict[str, dict[str, str]] = {
         "authors_count": (
             "SELECT count(DISTINCT b.author_id) FROM counts_testapp_book b WHERE b.shelf_id = t.id"
         ),
+        "authored_books_count": (
+            "SELECT count(*) FROM counts_testapp_book b WHERE b.shelf_id = t.id"
+            " AND b.author_id IS NOT NULL"
+        ),
     },
     "counts_testapp_book": {
         "good_reviews_count": (
