@@ -104,9 +104,10 @@ def _own_row(spec) -> Mode:
         except ValueError as exc:
             return Full(str(exc))
         return OwnRow(hop.child, hop.column, predicate, frozenset({hop.column}) | _cols(predicate))
-    # An M2M without a filter: the through rows are what is counted.
+    # An M2M without a filter: the through rows are what is counted. With one on the related
+    # rows' columns, those rows are items, each worth 1 to every row it is linked to.
     if conditions is not None:
-        return Full("a filtered M2M count")
+        return _item_self(spec)
     return OwnRow(chain[0].child, chain[0].column, None, frozenset({chain[0].column}))
 
 
@@ -220,6 +221,13 @@ def _back_link(chain) -> Link | None:
     return Link(last.table, last.where, last.select, tuple(steps[:-1]))
 
 
+def _m2m(chain) -> bool:
+    """An M2M crossed once: its through rows, then the related rows."""
+    return (
+        len(chain) == 2 and chain[0].kind == REVERSE and chain[1].kind == FORWARD and chain[1].m2m
+    )
+
+
 def _items_of(spec) -> tuple | str:
     """``(chain to the items, lookup prefix of their columns, distinct column)``, or why the
     count has none. A distinct count of the rows at a path's end whose filter reads them (a
@@ -227,6 +235,21 @@ def _items_of(spec) -> tuple | str:
     target it reaches; any other distinct count counts the values of the foreign key at the
     path's end held by the rows before it (taxa of occurrences)."""
     path, chain = spec.path, spec.path_chain
+    if not spec.distinct and _m2m(spec.counted):
+        # The related rows, filtered on their own columns, are the items: each is worth one
+        # to every row it is linked to, which is the count when a pair is linked at most once.
+        through = _model(spec.counted[0].child)._meta
+        pair = {spec.counted[0].column, spec.counted[1].column}
+        unique = [
+            {through.get_field(name).column for name in names}
+            for names in [
+                *through.unique_together,
+                *(c.fields for c in through.constraints if getattr(c, "fields", None)),
+            ]
+        ]
+        if not through.auto_created and pair not in unique:
+            return "a filtered M2M count through a model that can link a pair twice"
+        return spec.counted, path + "__", None
     if not spec.distinct:
         if len(spec.counted) != 1 or spec.counted[0].kind != REVERSE:
             return "the counted rows are more than one relation away"

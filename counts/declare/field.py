@@ -17,7 +17,9 @@ rows (plain and filtered reverse-FK counts, M2M counts; ``fk__isnull`` and ``fk=
 row's own foreign-key column, no join); **item** when the counted rows' worth
 depends on rows joined to one *item* row — their children (detections of a station's captures,
 "captures with a valid detection" of a set), a setting reached by ``F()`` through forward
-foreign keys (a project's threshold), or a distinct foreign key (taxa) — including counted rows
+foreign keys (a project's threshold), or a distinct foreign key (taxa), or an M2M filtered on
+the related rows' own columns (each related row an item, worth one to every row it is linked
+to, when the through table links a pair at most once) — including counted rows
 that reach the target through several rows, forward, reverse or M2M (a capture set's distinct
 occurrences and taxa, through its captures' detections); **full** otherwise (other paths of
 three relations or more, filters mixing relations with OR): those are recounted from their

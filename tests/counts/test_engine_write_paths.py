@@ -236,3 +236,35 @@ def test_books_with_an_author_follow_every_way_an_author_id_changes(library, mar
     Author.objects.filter(pk=library.austen.pk).delete()  # Emma and Sense lose their author
     settle()
     assert value(library.fiction, "authored_books_count") == 1  # Anonymous, now Darwin's
+
+
+def test_tags_count_their_books_with_an_author_through_every_m2m_write(library, marks):
+    """``Tag.authored_books_count``: an M2M filtered on the related books' own column. The books
+    are its items (each worth one to every tag it carries), so a book's author changing, a book
+    joining or leaving a tag from either side, and an author's deletion each credit the change,
+    with no recount of the tag."""
+    from counts.apps import graph
+
+    spec = next(s for s in graph().specs if s.key.endswith("tag.authored_books_count"))
+    assert (spec.mode.mode, spec.mode.kind.label) == ("item", "counts_testapp.book")
+    assert value(library.classics, "authored_books_count") == 3  # Emma, Sense, Origin
+    assert value(library.nature, "authored_books_count") == 2  # Origin, Beagle
+    library.classics.books.add(library.anon)  # no author: it does not count
+    settle()
+    assert value(library.classics, "authored_books_count") == 3
+    anon = Book.objects.get(pk=library.anon.pk)
+    anon.author = library.darwin
+    anon.save()
+    settle()
+    assert value(library.classics, "authored_books_count") == 4
+    anon.tags.remove(library.classics)  # from the book's side
+    settle()
+    assert value(library.classics, "authored_books_count") == 3
+    Author.objects.filter(pk=library.austen.pk).delete()  # Emma and Sense lose their author
+    settle()
+    assert value(library.classics, "authored_books_count") == 1  # Origin
+    library.nature.books.clear()
+    Book.objects.filter(pk=library.origin.pk).delete()
+    settle()
+    assert value(library.nature, "authored_books_count") == 0
+    assert value(library.classics, "authored_books_count") == 0

@@ -87,3 +87,5 @@ class Tag(models.Model):
         distinct=True,
         filter=Q(books__pages__gte=F("books__shelf__library__long_book_pages")),
     )
+    #: An M2M filtered on the related rows' own columns: the books are its items.
+    authored_books_count = CachedCountField("books", filter=Q(books__author__isnull=False))

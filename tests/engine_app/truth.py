@@ -60,6 +60,11 @@ TRUTH: dict[str, dict[str, str]] = {
             " JOIN counts_testapp_library l ON l.id = s.library_id"
             " WHERE m.tag_id = t.id AND b.pages >= l.long_book_pages"
         ),
+        "authored_books_count": (
+            "SELECT count(*) FROM counts_testapp_tag_books m"
+            " JOIN counts_testapp_book b ON b.id = m.book_id"
+            " WHERE m.tag_id = t.id AND b.author_id IS NOT NULL"
+        ),
     },
 }
 

@@ -17,7 +17,7 @@ from django.db.models import Q
 from counts.declare.field import CachedCountField
 from counts.declare.resolve import resolve
 from project.monitoring.models import Deployment, Event, SourceImageCollection
-from tests.engine_app.models import Library, Shelf
+from tests.engine_app.models import Library, Shelf, Tag
 
 
 def declared(model, path: str, **kwargs):
@@ -55,6 +55,7 @@ def declared(model, path: str, **kwargs):
             "item",
             'r."occurrence_id" IS NOT NULL',
         ),
+        (Tag, "books", Q(books__author__isnull=False), "item", 'r."author_id" IS NOT NULL'),
         (
             Library,
             "shelves__books",
