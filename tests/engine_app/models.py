@@ -89,3 +89,17 @@ class Tag(models.Model):
     )
     #: An M2M filtered on the related rows' own columns: the books are its items.
     authored_books_count = CachedCountField("books", filter=Q(books__author__isnull=False))
+
+
+class Reader(models.Model):
+    """Readers borrow books from shelves through :class:`Loan`, a through model that may link a
+    shelf and a reader twice (two loans): no count is declared over it; tests declare them on
+    the side, to see which shapes such a through model allows."""
+
+    name = models.CharField(max_length=100)
+    shelves = models.ManyToManyField(Shelf, through="Loan", related_name="readers")
+
+
+class Loan(models.Model):
+    shelf = models.ForeignKey(Shelf, on_delete=models.CASCADE)
+    reader = models.ForeignKey(Reader, on_delete=models.CASCADE)

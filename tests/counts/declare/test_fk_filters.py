@@ -17,7 +17,7 @@ from django.db.models import Q
 from counts.declare.field import CachedCountField
 from counts.declare.resolve import resolve
 from project.monitoring.models import Deployment, Event, SourceImageCollection
-from tests.engine_app.models import Library, Shelf, Tag
+from tests.engine_app.models import Library, Reader, Shelf, Tag
 
 
 def declared(model, path: str, **kwargs):
@@ -78,3 +78,20 @@ def test_a_filter_that_reads_the_related_row_still_joins_it():
     """``author__name`` reads the author's row, not the book's: that is a join, kept apart."""
     spec = declared(Shelf, "books", filter=Q(books__author__name="Darwin"))
     assert spec.mode.mode != "own-row"
+
+
+@pytest.mark.parametrize(
+    ("model", "path", "filter_"),
+    [
+        (Shelf, "readers", Q(readers__name="Ada")),
+        (Reader, "shelves", Q(shelves__name="Fiction")),
+    ],
+)
+def test_a_filtered_m2m_through_a_model_that_can_link_a_pair_twice_is_recounted_in_full(
+    model, path, filter_
+):
+    """Two loans of one shelf to one reader are two counted rows; as items, the reader would
+    be worth one to the shelf. Such a count stays full, and says why."""
+    spec = declared(model, path, filter=filter_)
+    assert spec.mode.mode == "full"
+    assert "can link a pair twice" in spec.mode.why
