@@ -119,7 +119,7 @@ def _link(chain) -> tuple[Table, Link] | None:
     """The junction reached by ``chain`` from the target and how it links back."""
     if len(chain) == 1 and chain[0].kind == REVERSE:
         return chain[0].child, Link(None, chain[0].child.pk, chain[0].column)
-    if len(chain) == 2 and chain[0].kind == REVERSE and chain[1].kind == FORWARD and chain[1].m2m:
+    if _m2m(chain):
         return chain[1].child, Link(chain[0].child, chain[1].column, chain[0].column)
     return None
 
@@ -326,7 +326,7 @@ def classify(spec) -> Mode:
         return _item_below(spec)
     if len(chain) == 1 and chain[0].kind == REVERSE:
         return _own_row(spec)
-    if len(chain) == 2 and chain[0].kind == REVERSE and chain[1].kind == FORWARD and chain[1].m2m:
+    if _m2m(chain):
         return _own_row(spec)
     if len(chain) == 2 and all(h.kind == REVERSE for h in chain):
         return _item_two_hops(spec)

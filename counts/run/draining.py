@@ -180,6 +180,7 @@ def _plan(cursor, graph: Graph, taken, result: DrainResult) -> _Plan:
     known, kinds = graph.targets, graph.kinds
     incremental = incremental_columns(graph)
     plan = _Plan(graph)
+    jobs = jobs_by_key(graph)
     # Job marks without values to bound (a link job, a station's move) are expanded together,
     # one query per job for the batch: a burst of membership writes is a job mark each.
     plain_jobs: dict[tuple[str, str], set] = defaultdict(set)
@@ -192,11 +193,11 @@ def _plan(cursor, graph: Graph, taken, result: DrainResult) -> _Plan:
             continue
         match mark.kind:
             case Kind.JOB:
-                job = jobs_by_key(graph).get(column)
+                job = jobs.get(column)
                 if job is not None and mark.payload is None:
                     plain_jobs[(target, column)].update(ids)
                 elif job is not None:  # else the count that started it is gone
-                    _plan_job(cursor, kinds[target], job, (target, ids, mark.payload), plan, result)
+                    _plan_job(cursor, kinds[target], job, target, ids, mark.payload, plan, result)
             case Kind.EVERY_ITEM:
                 mark_every_item(cursor, kinds[target])
                 result.expanded[target] = result.expanded.get(target, 0) + 1
@@ -214,16 +215,14 @@ def _plan(cursor, graph: Graph, taken, result: DrainResult) -> _Plan:
             case Kind.DELTA:
                 # The count changed mode or went away since: its amounts mean nothing, recount.
                 plan.recount[target].update(ids)
-    jobs = jobs_by_key(graph)
     for (target, key), ids in sorted(plain_jobs.items()):
-        _plan_job(cursor, kinds[target], jobs[key], (target, sorted(ids), None), plan, result)
+        _plan_job(cursor, kinds[target], jobs[key], target, sorted(ids), None, plan, result)
     return plan
 
 
-def _plan_job(cursor, kind, job, mark: tuple, plan: _Plan, result: DrainResult) -> None:
-    """The items a job's marks (``(target, ids, payload)``) reach, for this batch, or for later
-    ones when they are many."""
-    target, ids, payload = mark
+def _plan_job(cursor, kind, job, target, ids, payload, plan: _Plan, result: DrainResult) -> None:
+    """The items a job's marks (``ids``, ``payload``) reach, for this batch, or for later ones
+    when they are many."""
     found = expand(cursor, job, list(ids), payload)
     if len(found) <= CHUNK:
         plan.items[target].update(found)
