@@ -116,6 +116,7 @@ class RedisBroker(dramatiq_redis.RedisBroker):
             return
         holding.update(_broker_id_of_payload(data) for data in fetched if data)
         acks = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+        payloads = []
         try:
             lost = [i for i in (m.decode() for m in self.client.smembers(acks)) if i not in holding]
             if lost:
@@ -125,7 +126,7 @@ class RedisBroker(dramatiq_redis.RedisBroker):
             return  # still doubtful: the next fetch tries again
         with self._lock:
             self._doubtful.discard(queue_name)
-        for payload in payloads if lost else []:
+        for payload in payloads:
             logger.warning(
                 "message %s was fetched from %s by this worker but never reached it (Redis"
                 " stalled or the consumer restarted); put back on the queue",
