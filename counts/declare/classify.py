@@ -155,21 +155,55 @@ def _item_below(spec) -> Mode:
     return ItemCount(kind, link, measure)
 
 
-def _item_two_hops(spec) -> Mode:
-    """Children of children (detections of a station's captures): the middle rows are items."""
-    first, second = spec.counted
+def _item_hops(spec) -> Mode:
+    """Rows counted through a run of relations (detections of a station's captures, reviews of
+    a library's shelves' books, reviews of a tag's books): the rows one hop above the counted
+    rows are the items, each worth its counted children, and reach their targets back up the
+    path (their own column, or steps through the rows above them).
+
+    Each counted row must reach each target once, as the ORM's join counts it: every hop
+    between the target and the items is a foreign key walked upwards, except an M2M next to
+    the target whose through table links a pair at most once."""
+    counted = spec.counted
+    if counted[-1].m2m:  # an M2M at the end: its through rows are counted, once each
+        counted = counted[:-1]
+    above, last = counted[:-1], counted[-1]
+    if not above or last.kind != REVERSE:
+        return Full("the counted rows are not children of the rows above them")
+    start = 2 if _m2m(above[:2]) else 0
+    if any(h.kind != REVERSE for h in above[start:]):
+        return Full("its path crosses a relation that can reach a counted row twice")
+    if start and not _pairs_unique(above[:2]):
+        return Full("its path crosses an M2M through a model that can link a pair twice")
     conditions = None
     if spec.filter is not None:
         conditions = _relative(spec.filter, spec.path + "__")
-        if conditions is None:
+        if conditions is None or counted != spec.counted:
             return Full("its filter reads more than the counted rows")
     try:
-        predicate = row_predicate(_model(second.child), conditions)
+        predicate = row_predicate(_model(last.child), conditions)
     except ValueError as exc:
         return Full(str(exc))
-    kind = first.child
-    link = Link(None, kind.pk, first.column)
-    return ItemCount(kind, link, Measure(second.child, second.column, predicate, exists=False))
+    link = _back_link(above)
+    if link is None:
+        return Full("its counted rows reach the target by a path the engine does not follow")
+    kind = last.parent
+    return ItemCount(kind, link, Measure(last.child, last.column, predicate, exists=False))
+
+
+def _pairs_unique(m2m) -> bool:
+    """Whether the through rows of an M2M crossed once (``m2m``: its two hops) link a pair at
+    most once: auto-created, or unique on the pair."""
+    through = _model(m2m[0].child)._meta
+    pair = {m2m[0].column, m2m[1].column}
+    unique = [
+        {through.get_field(name).column for name in names}
+        for names in [
+            *through.unique_together,
+            *(c.fields for c in through.constraints if getattr(c, "fields", None)),
+        ]
+    ]
+    return through.auto_created or pair in unique
 
 
 _COMPARISONS = {"exact": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
@@ -238,16 +272,7 @@ def _items_of(spec) -> tuple | str:
     if not spec.distinct and _m2m(spec.counted):
         # The related rows, filtered on their own columns, are the items: each is worth one
         # to every row it is linked to, which is the count when a pair is linked at most once.
-        through = _model(spec.counted[0].child)._meta
-        pair = {spec.counted[0].column, spec.counted[1].column}
-        unique = [
-            {through.get_field(name).column for name in names}
-            for names in [
-                *through.unique_together,
-                *(c.fields for c in through.constraints if getattr(c, "fields", None)),
-            ]
-        ]
-        if not through.auto_created and pair not in unique:
+        if not _pairs_unique(spec.counted):
             return "a filtered M2M count through a model that can link a pair twice"
         return spec.counted, path + "__", None
     if not spec.distinct:
@@ -328,9 +353,7 @@ def classify(spec) -> Mode:
         return _own_row(spec)
     if _m2m(chain):
         return _own_row(spec)
-    if len(chain) == 2 and all(h.kind == REVERSE for h in chain):
-        return _item_two_hops(spec)
-    return Full("its path crosses more than two relations")
+    return _item_hops(spec)
 
 
 def fold_into_items(specs: list) -> list:

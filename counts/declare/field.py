@@ -21,9 +21,13 @@ foreign keys (a project's threshold), or a distinct foreign key (taxa), or an M2
 the related rows' own columns (each related row an item, worth one to every row it is linked
 to, when the through table links a pair at most once) — including counted rows
 that reach the target through several rows, forward, reverse or M2M (a capture set's distinct
-occurrences and taxa, through its captures' detections); **full** otherwise (other paths of
-three relations or more, filters mixing relations with OR): those are recounted from their
-target rows after every change, at a cost that follows the target's size.
+occurrences and taxa, through its captures' detections), and rows counted through a run of
+reverse relations of any length (a library's shelves' books' reviews: the books are the items,
+each worth its reviews; an M2M may be the first relation, when it links a pair at most once);
+**full** otherwise (a path whose rows could reach a target twice, such as an M2M below a
+reverse relation; filters mixing relations with OR, or reading rows above the counted ones):
+those are recounted from their target rows after every change, at a cost that follows the
+target's size. ``manage.py counts status`` says which, and why.
 
 The first cached count on a model also gives it a ``counts_updated_at`` column: the time its
 counts last changed value. Freshness is part of what users see, so every counted model has it.

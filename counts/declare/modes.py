@@ -24,9 +24,10 @@ A declaration's shape decides how cheaply the engine can keep it exact after a c
   of a station) is an
   item count too: items credit a per-(target, value) multiplicity, and the count moves when a
   multiplicity crosses zero.
-- **full** (:class:`Full`): anything else (filters mixing branches, paths of three relations
-  or more). Writers mark target rows, and the drain recounts them with today's aggregate.
-  ``counts status`` names these counts and says why.
+- **full** (:class:`Full`): anything else (filters mixing branches or reading rows above the
+  counted ones, paths whose rows could reach a target twice). Writers mark target rows, and
+  the drain recounts them with today's aggregate. ``counts status`` names these counts and
+  says why.
 
 Which mode a declaration gets is decided once, from model metadata, when the specs are built
 (``counts.declare.classify``); the modes here are plain frozen data that the trigger and drain

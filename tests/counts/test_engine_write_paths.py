@@ -45,7 +45,7 @@ def value(obj, field: str) -> int:
 
 def test_a_saved_book_dirties_only_its_shelf(library, marks):
     Book(shelf=library.fiction, author=library.darwin, title="Voyage", pages=500).save()
-    # The library's reviews count is kept in full: its marks name rows to recount.
+    # The library's notable reviews count is kept in full: its marks name rows to recount.
     expect(marks, SH=[library.fiction], LB=[library.city])
     settle()
     assert value(library.fiction, "authors_count") == 2
@@ -100,7 +100,8 @@ def test_queryset_delete_of_rated_reviews_dirties_books_and_their_tags(library, 
 def test_rating_a_review_makes_its_book_a_rated_member(library, marks):
     library.r3.stars = 5
     library.r3.save()
-    expect(marks, BK=[library.sense], TG=[library.classics])
+    # The library's notable reviews count (kept in full) reads the stars too.
+    expect(marks, BK=[library.sense], TG=[library.classics], LB=[library.city])
     settle()
     assert value(library.classics, "rated_books_count") == 3
     assert value(library.sense, "good_reviews_count") == 1
@@ -268,3 +269,41 @@ def test_tags_count_their_books_with_an_author_through_every_m2m_write(library, 
     settle()
     assert value(library.nature, "authored_books_count") == 0
     assert value(library.classics, "authored_books_count") == 0
+
+
+def test_a_librarys_reviews_follow_reviews_books_and_shelves(library, marks):
+    """Three reverse relations (library ← shelf ← book ← review), kept through the books as
+    items (each worth its reviews, reaching its library through its shelf) rather than by a
+    recount of the library: City has Emma's two reviews and Sense's one, School Origin's."""
+    from counts.apps import graph
+
+    spec = next(s for s in graph().specs if s.key.endswith("library.reviews_count"))
+    assert spec.mode.mode == "item" and spec.mode.kind.label == "counts_testapp.book"
+    libraries = (library.city, library.school)
+    assert [value(lib, "reviews_count") for lib in libraries] == [3, 1]
+    Review.objects.create(book=library.beagle, stars=1)
+    settle()
+    assert [value(lib, "reviews_count") for lib in libraries] == [3, 2]
+    Review.objects.filter(pk=library.r2.pk).update(book=library.origin)  # a review moved
+    settle()
+    assert [value(lib, "reviews_count") for lib in libraries] == [2, 3]
+    emma = Book.objects.get(pk=library.emma.pk)
+    emma.shelf = library.science  # a book moved, with its review
+    emma.save()
+    settle()
+    assert [value(lib, "reviews_count") for lib in libraries] == [1, 4]
+    library.science.library = library.city  # a shelf moved, with its books' reviews
+    library.science.save()
+    settle()
+    assert [value(lib, "reviews_count") for lib in libraries] == [5, 0]
+    with connection.cursor() as cursor:  # raw SQL from the shelves' side
+        cursor.execute(
+            "UPDATE counts_testapp_shelf SET library_id = %s WHERE id = %s",
+            [library.school.pk, library.fiction.pk],
+        )
+    settle()
+    assert [value(lib, "reviews_count") for lib in libraries] == [4, 1]
+    Book.objects.filter(pk=library.sense.pk).delete()  # cascades to its review
+    Shelf.objects.filter(pk=library.science.pk).delete()  # cascades to books and reviews
+    settle()
+    assert [value(lib, "reviews_count") for lib in libraries] == [0, 0]

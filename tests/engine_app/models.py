@@ -15,7 +15,10 @@ Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
 | ``Book.tags_count`` | count through an M2M, from its reverse side |
 | ``Tag.books_count`` | count through an M2M, from its declaring side |
 | ``Tag.rated_books_count`` | M2M members with at least one valid child (EXISTS below) |
-| ``Library.reviews_count`` | a path of three relations: the one shape kept by a full recount |
+| ``Library.reviews_count`` | a path of three relations: the books are its items, each worth |
+|   | its reviews, reaching the library through their shelf |
+| ``Library.notable_reviews_count`` | the same path, filtered by an OR across two of its rows: |
+|   | the one shape kept by a full recount |
 | ``Library.tags_count`` | distinct values at the end of an M2M reached through two FKs: the |
 |   | membership rows are the items, reaching the library through their book and its shelf |
 | ``Tag.authors_count`` | distinct authors of the tag's books, filtered by a setting (the |
@@ -36,6 +39,11 @@ class Library(models.Model):
     long_book_pages = models.IntegerField(default=300)
 
     reviews_count = CachedCountField("shelves__books__reviews")
+    #: Reviews of four stars or more, or of a book of 500 pages or more.
+    notable_reviews_count = CachedCountField(
+        "shelves__books__reviews",
+        filter=Q(shelves__books__reviews__stars__gte=4) | Q(shelves__books__pages__gte=500),
+    )
     tags_count = CachedCountField("shelves__books__tags", distinct=True)
 
 
