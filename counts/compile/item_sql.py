@@ -116,8 +116,9 @@ def _link_joins(kind: ItemKind, within: tuple | None, joins: list[str]) -> tuple
                 f" WHERE {in_range(ic, within)} GROUP BY 1) l{n} ON l{n}.id = i.id"
             )
         links[link] = f"l{n}.t"
-    # A distinct count reads the value it counts from the item's own row.
-    return links, own_row or any(p.distinct for p in kind.parts)
+    # A distinct count reads the value it counts from the item's own row, and so does a
+    # measure filtered on the item row.
+    return links, own_row or any(p.distinct or p.measure.item_predicate for p in kind.parts)
 
 
 def _entries(kind: ItemKind, measures: dict, links: dict) -> list[str]:
@@ -127,6 +128,10 @@ def _entries(kind: ItemKind, measures: dict, links: dict) -> list[str]:
     for p in kind.parts:
         m = p.measure
         value = measures[(m.child.db_table, m.fk, m.predicate, m.exists)]
+        if m.item_predicate:
+            # Written over ``r``; the item row is ``j`` here. A row gone reads as failing.
+            on_item = m.item_predicate.replace('r."', 'j."')
+            value = f"(CASE WHEN {on_item} THEN {value} ELSE 0 END)"
         targets = links[p.link]
         tail = f"to_jsonb({targets})"
         if p.distinct:

@@ -17,7 +17,8 @@ from django.apps import apps
 from django.db import connections
 from django.db.models import F, Q
 
-from counts.base.names import q, sql_value
+from counts.base.names import q
+from counts.declare.conditions import has_f, relative, row_predicate, split
 from counts.declare.lookups import lookups
 from counts.declare.modes import (
     Full,
@@ -33,58 +34,6 @@ from counts.declare.modes import (
 from counts.declare.spec import FORWARD, REVERSE, Hop, Table, table_of, walk
 
 
-def row_predicate(model, conditions: Q | None) -> str | None:
-    """``conditions`` (lookups on ``model``'s own columns) as SQL over the alias ``r``.
-
-    Raises ValueError when the conditions join other tables or use values that cannot be
-    written into a trigger's text (the count then stays full).
-    """
-    if conditions is None or not conditions.children:
-        return None
-    qs = model._base_manager.filter(conditions)
-    compiler = qs.query.get_compiler(connection=connections["default"])
-    sql, params = compiler.compile(qs.query.where)
-    # A join Django trimmed (``fk__isnull``, ``fk=None``: the row's own column) stays in the
-    # alias map with no reference; only joins the condition still reads count.
-    joined = {alias for alias, refs in qs.query.alias_refcount.items() if refs}
-    if joined - {model._meta.db_table} or any(
-        f'"{alias}".' in sql for alias in set(qs.query.alias_map) - {model._meta.db_table}
-    ):
-        raise ValueError("the filter joins other tables")
-    table = f'"{model._meta.db_table}".'
-    if '"' + model._meta.db_table + '"' in sql.replace(table, ""):
-        raise ValueError("the filter refers to its own table")
-    sql = sql.replace(table, "r.")
-    if "%s" in sql and len(params) != sql.count("%s"):
-        raise ValueError("unexpected parameters")
-    for value in params:
-        sql = sql.replace("%s", sql_value(value), 1)
-    return sql
-
-
-def _relative(q: Q, prefix: str) -> Q | None:
-    """The conditions with ``prefix`` stripped, or None when one does not start with it."""
-    children = []
-    for child in q.children:
-        if isinstance(child, Q):
-            inner = _relative(child, prefix)
-            if inner is None:
-                return None
-            children.append(inner)
-        else:
-            lookup, value = child
-            if not lookup.startswith(prefix) or _has_f(value):
-                return None
-            children.append((lookup[len(prefix) :], value))
-    return Q(*children, _connector=q.connector, _negated=q.negated)
-
-
-def _has_f(value) -> bool:
-    if isinstance(value, F):
-        return True
-    return any(_has_f(s) for s in getattr(value, "get_source_expressions", lambda: [])())
-
-
 def _model(table: Table):
     return apps.get_model(table.label)
 
@@ -94,7 +43,7 @@ def _own_row(spec) -> Mode:
     if spec.filter is None:
         conditions = None
     else:
-        conditions = _relative(spec.filter, spec.path + "__")
+        conditions = relative(spec.filter, spec.path + "__")
         if conditions is None:
             return Full("its filter reads more than the counted rows")
     if len(chain) == 1:
@@ -130,7 +79,7 @@ def _item_below(spec) -> Mode:
     if linked is None:
         return Full("the counted rows are more than one hop away")
     kind, link = linked
-    conditions = _relative(spec.filter, spec.path + "__")
+    conditions = relative(spec.filter, spec.path + "__")
     if conditions is None:
         return Full("its filter reads more than the counted rows' children")
     flat = not conditions.negated and conditions.connector == Q.AND
@@ -143,7 +92,7 @@ def _item_below(spec) -> Mode:
     if not relation.one_to_many:
         return Full("its filter looks below a relation that is not a reverse foreign key")
     rest = [c for c in conditions.children if c != (f"{relation.name}__isnull", False)]
-    inner = _relative(Q(*rest), relation.name + "__")
+    inner = relative(Q(*rest), relation.name + "__")
     if inner is None:
         return Full("its filter reads more than the children's own columns")
     child_model = relation.related_model
@@ -175,20 +124,23 @@ def _item_hops(spec) -> Mode:
         return Full("its path crosses a relation that can reach a counted row twice")
     if start and not _pairs_unique(above[:2]):
         return Full("its path crosses an M2M through a model that can link a pair twice")
-    conditions = None
+    conditions = on_items = None
     if spec.filter is not None:
-        conditions = _relative(spec.filter, spec.path + "__")
-        if conditions is None or counted != spec.counted:
-            return Full("its filter reads more than the counted rows")
+        parts = split(spec.filter, spec.path + "__", spec.path.rsplit("__", 1)[0] + "__")
+        if isinstance(parts, str) or counted != spec.counted:
+            return Full(parts if isinstance(parts, str) else "its filter reads the M2M's far rows")
+        conditions, on_items = parts
+    kind = last.parent
     try:
         predicate = row_predicate(_model(last.child), conditions)
+        item_predicate = row_predicate(_model(kind), on_items)
     except ValueError as exc:
         return Full(str(exc))
     link = _back_link(above)
     if link is None:
         return Full("its counted rows reach the target by a path the engine does not follow")
-    kind = last.parent
-    return ItemCount(kind, link, Measure(last.child, last.column, predicate, exists=False))
+    measure = Measure(last.child, last.column, predicate, False, item_predicate)
+    return ItemCount(kind, link, measure)
 
 
 def _pairs_unique(m2m) -> bool:
@@ -315,7 +267,7 @@ def _item_self(spec) -> Mode:
             if not lookup.startswith(prefix):
                 return Full("its filter reads more than the counted rows")
             relative = lookup[len(prefix) :]
-            if not _has_f(value):
+            if not has_f(value):
                 plain.append((relative, value))
                 continue
             if not isinstance(value, F) or setting is not None:
@@ -341,8 +293,8 @@ def _item_self(spec) -> Mode:
 
 def classify(spec) -> Mode:
     """The cheapest exact way to keep ``spec`` (a ``CountSpec``) up to date."""
-    has_f = spec.filter is not None and any(_has_f(v) for _, v in lookups(spec.filter))
-    if spec.distinct or has_f:
+    reads_f = spec.filter is not None and any(has_f(v) for _, v in lookups(spec.filter))
+    if spec.distinct or reads_f:
         return _item_self(spec)
     if spec.counted != spec.path_chain:
         return Full("its path ends in a foreign key")

@@ -149,16 +149,24 @@ class Link:
 @dataclass(frozen=True)
 class Measure:
     """What one item is worth: its children in ``child`` (by ``fk``) passing ``predicate``,
-    counted, or — ``exists`` — 1 when there is any."""
+    counted, or — ``exists`` — 1 when there is any; nothing when the item row itself fails
+    ``item_predicate`` (a filter on a middle row of the path: a library's reviews of long
+    books, the books being the items). Both are SQL over the alias ``r``."""
 
     child: Table
     fk: str
     predicate: str | None
     exists: bool
+    item_predicate: str | None = None
 
     @property
     def columns(self) -> frozenset[str]:
         return frozenset({self.fk}) | predicate_columns(self.predicate)
+
+    @property
+    def item_columns(self) -> frozenset[str]:
+        """The item row's columns the measure reads (a change to one re-measures the item)."""
+        return predicate_columns(self.item_predicate)
 
 
 @dataclass(frozen=True)

@@ -307,3 +307,35 @@ def test_a_librarys_reviews_follow_reviews_books_and_shelves(library, marks):
     Shelf.objects.filter(pk=library.science.pk).delete()  # cascades to books and reviews
     settle()
     assert [value(lib, "reviews_count") for lib in libraries] == [0, 0]
+
+
+def test_rated_reviews_of_long_books_follow_a_books_pages(library, marks):
+    """A filter on a middle row (the book's pages) beside one on the counted rows (a review's
+    stars): the books are measured only while long enough, so a book's pages changing
+    re-measures it. City: Emma (474 pages) has two rated reviews; Sense (250) one unrated."""
+    from counts.apps import graph
+
+    spec = next(s for s in graph().specs if s.key.endswith("library.rated_long_reviews_count"))
+    assert spec.mode.mode == "item" and spec.mode.measure.item_predicate
+    libraries = (library.city, library.school)
+    assert [value(lib, "rated_long_reviews_count") for lib in libraries] == [2, 0]
+    Book.objects.filter(pk=library.emma.pk).update(pages=120)  # Emma no longer long
+    settle()
+    assert [value(lib, "rated_long_reviews_count") for lib in libraries] == [0, 0]
+    sense = Book.objects.get(pk=library.sense.pk)
+    sense.pages = 300
+    sense.save()  # long now, but its one review is not rated
+    settle()
+    assert value(library.city, "rated_long_reviews_count") == 0
+    Review.objects.filter(pk=library.r3.pk).update(stars=2)
+    settle()
+    assert value(library.city, "rated_long_reviews_count") == 1
+    with connection.cursor() as cursor:  # raw SQL: Origin (School) becomes long
+        cursor.execute(
+            "UPDATE counts_testapp_book SET pages = 640 WHERE id = %s", [library.origin.pk]
+        )
+    settle()
+    assert [value(lib, "rated_long_reviews_count") for lib in libraries] == [1, 1]
+    Book.objects.filter(pk=library.sense.pk).update(shelf=library.science, pages=None)
+    settle()
+    assert [value(lib, "rated_long_reviews_count") for lib in libraries] == [0, 1]

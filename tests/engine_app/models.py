@@ -17,6 +17,8 @@ Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
 | ``Tag.rated_books_count`` | M2M members with at least one valid child (EXISTS below) |
 | ``Library.reviews_count`` | a path of three relations: the books are its items, each worth |
 |   | its reviews, reaching the library through their shelf |
+| ``Library.rated_long_reviews_count`` | the same path filtered on the counted rows and on a |
+|   | middle row (the book's pages): books measured only while long enough |
 | ``Library.notable_reviews_count`` | the same path, filtered by an OR across two of its rows: |
 |   | the one shape kept by a full recount |
 | ``Library.tags_count`` | distinct values at the end of an M2M reached through two FKs: the |
@@ -39,6 +41,11 @@ class Library(models.Model):
     long_book_pages = models.IntegerField(default=300)
 
     reviews_count = CachedCountField("shelves__books__reviews")
+    #: Rated reviews of books of 300 pages or more.
+    rated_long_reviews_count = CachedCountField(
+        "shelves__books__reviews",
+        filter=Q(shelves__books__pages__gte=300, shelves__books__reviews__stars__isnull=False),
+    )
     #: Reviews of four stars or more, or of a book of 500 pages or more.
     notable_reviews_count = CachedCountField(
         "shelves__books__reviews",

@@ -19,6 +19,11 @@ TRUTH: dict[str, dict[str, str]] = {
             " ON b.id = r.book_id JOIN counts_testapp_shelf s ON s.id = b.shelf_id"
             " WHERE s.library_id = t.id"
         ),
+        "rated_long_reviews_count": (
+            "SELECT count(*) FROM counts_testapp_review r JOIN counts_testapp_book b"
+            " ON b.id = r.book_id JOIN counts_testapp_shelf s ON s.id = b.shelf_id"
+            " WHERE s.library_id = t.id AND b.pages >= 300 AND r.stars IS NOT NULL"
+        ),
         "notable_reviews_count": (
             "SELECT count(*) FROM counts_testapp_review r JOIN counts_testapp_book b"
             " ON b.id = r.book_id JOIN counts_testapp_shelf s ON s.id = b.shelf_id"

@@ -39,11 +39,12 @@ def app_specs():
     return [s for s in graph().specs if s.target.label.startswith(f"{APP}.")]
 
 
-def test_the_test_app_declares_thirteen_counts_on_four_models():
+def test_the_test_app_declares_fourteen_counts_on_four_models():
     assert [s.key for s in app_specs()] == [
         f"{APP}.book.good_reviews_count",
         f"{APP}.book.tags_count",
         f"{APP}.library.reviews_count",
+        f"{APP}.library.rated_long_reviews_count",
         f"{APP}.library.notable_reviews_count",
         f"{APP}.library.tags_count",
         f"{APP}.shelf.books_count",

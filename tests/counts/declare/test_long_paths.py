@@ -6,9 +6,10 @@ where a full recount read every child of the target (17 / 99 / 575 ms for one re
 50k / 200k / 800k, measured before). Declared here on the side; the test app's
 ``Library.reviews_count`` is written every way in ``tests/counts/test_engine_write_paths.py``.
 
-What stays a full recount says why: a path whose rows could reach a target twice (an M2M that
-is not next to the target, or one through a model that can link a pair twice), and a filter
-reading rows other than the counted ones.
+A filter may read the counted rows and the items (a middle row: reviews of long books). What
+stays a full recount says why: a path whose rows could reach a target twice (an M2M that is
+not next to the target, or one through a model that can link a pair twice), and a filter
+reading rows above the items, or the two rows in an OR.
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ def test_a_filter_on_the_counted_rows_is_the_measures_predicate():
     ).mode
     assert isinstance(mode, ItemCount)
     assert mode.measure.predicate == 'r."stars" >= 4'
+
+
+def test_a_filter_on_the_items_own_columns_is_the_measures_item_predicate():
+    """A middle row's column (counter_culture's filtered three-level counter)."""
+    mode = declared(
+        Library,
+        "shelves__books__reviews",
+        filter=Q(shelves__books__pages__gte=300, shelves__books__reviews__stars__isnull=False),
+    ).mode
+    assert isinstance(mode, ItemCount)
+    assert mode.measure.predicate == 'r."stars" IS NOT NULL'
+    assert mode.measure.item_predicate == 'r."pages" >= 300'
+
+
+def test_a_filter_on_rows_above_the_items_keeps_the_count_in_full():
+    mode = declared(Library, "shelves__books__reviews", filter=Q(shelves__name="Fiction")).mode
+    assert isinstance(mode, Full) and "above the items" in mode.why
 
 
 def test_an_m2m_next_to_the_target_links_the_items_by_its_through_rows():
