@@ -363,6 +363,47 @@ def _incremental_rows(inc: dict) -> list[tuple[str, ...]]:
     return out
 
 
+_SHAPE_LABELS = {
+    "three_level": "three-level (library ← shelf ← book ← review): a review created",
+    "filtered_middle": "filtered middle (a book's pages): a book drops below 300 pages",
+    "fk_filter": "FK filter (author__isnull, own-row and over an M2M): an author unset",
+}
+
+
+def _shapes_rows(sh: dict) -> list[tuple[str, ...]]:
+    """One row per shape and size: A the drain of one write; for the three-level shape, B the
+    rest of that write's drain (a count on the same path kept in full, recounted)."""
+    out = []
+    for case, label in _SHAPE_LABELS.items():
+        row = sh["median"][case]
+        for n, value in row["ms"].items():
+            full = row.get("full_ms", {}).get(n)
+            out.append(
+                (
+                    "shapes",
+                    f"{label}, {_size(int(n))} children: drain (A)"
+                    + (", the full count's recount (B)" if full is not None else ""),
+                    _fmt_ms(value),
+                    _fmt_ms(full) if full is not None else "",
+                    _fmt_x(full / value if value else None) if full is not None else "",
+                    "≤ 5 ms",
+                    _verdict(value <= 5),
+                )
+            )
+        out.append(
+            (
+                "shapes",
+                f"… slowest size ÷ fastest ({label.split(' (')[0]})",
+                "",
+                "",
+                _fmt_x(row["spread"]),
+                "≤ 1.5x",
+                _verdict(row["spread"] <= 1.5),
+            )
+        )
+    return out
+
+
 #: The table's sections in order: a key of the results and the function making its rows.
 _SECTIONS = (
     ("list", _list_rows),
@@ -374,6 +415,7 @@ _SECTIONS = (
     ("reconcile", _reconcile_rows),
     ("rebuild", _rebuild_rows),
     ("backfill", _backfill_rows),
+    ("shapes", _shapes_rows),
 )
 
 
@@ -394,7 +436,19 @@ def table(results: dict) -> str:
         ]
         return "  ".join(cells).rstrip()
 
-    ds, pg = meta["dataset"], meta["postgres"]
+    ds, pg = meta.get("dataset"), meta["postgres"]
+    if ds is None:  # the shapes section alone: the test app's tables, no domain dataset
+        sh = results["shapes"]
+        return "\n".join(
+            [
+                f"countdown bench — {meta['cores']} cores, PostgreSQL {pg['version']}"
+                f" (jit {pg['jit']}, autovacuum {pg['autovacuum']}), Django {meta['django']},"
+                f" Python {meta['python']}",
+                f"the engine's test app, targets of {', '.join(_size(n) for n in sh['sizes'])}"
+                f" children; medians of {sh['repeats']} repeats; wall {meta['wall_seconds']:.0f} s",
+                *_ruled(body, line),
+            ]
+        )
     seeded = f"seeded, {meta['seed_seconds']:.0f} s" if meta["seeded"] else "reused"
     head = [
         f"countdown bench — {meta['cores']} cores, PostgreSQL {pg['version']} (jit {pg['jit']},"
@@ -409,8 +463,12 @@ def table(results: dict) -> str:
         )
         + f"; wall {meta['wall_seconds']:.0f} s",
     ]
+    return "\n".join([*head, *_ruled(body, line)])
+
+
+def _ruled(body: list, line) -> list[str]:
     rule = "─" * max(len(line(r)) for r in body)
-    return "\n".join([*head, rule, line(HEADER), rule, *(line(r) for r in body[1:]), rule])
+    return [rule, line(HEADER), rule, *(line(r) for r in body[1:]), rule]
 
 
 def write_json(path: str, results: dict) -> None:

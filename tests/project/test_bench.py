@@ -17,6 +17,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connection
 
 from bench import dataset, incremental
@@ -265,3 +266,39 @@ def test_incremental_rows_judge_the_drain_against_its_goal_and_flag_inexact_coun
     (flip,) = [row for row in rows(results) if "per flip (B)" in row[1]]
     assert flip[2:4] == ("40.0 ms", "4 ms") and "10 occurrences scored in [0.5, 0.55)" in flip[1]
     assert got["k10"][2:4] == ("30.0 ms", "3 ms")
+
+
+def test_the_shapes_section_times_each_shape_at_each_size_on_exact_counts(tmp_path):
+    """The test app's shapes at two tiny sizes: every case ran, each size's drain was checked
+    exact (the section raises otherwise), and the table judges each against its goal."""
+    from bench import shapes
+
+    figures, out = tmp_path / "shapes.json", StringIO()
+    call_command(
+        "bench",
+        sections="shapes",
+        shapes_sizes="200,800",
+        shapes_repeats=1,
+        json_path=str(figures),
+        plot="",
+        stdout=out,
+        stderr=StringIO(),
+    )
+    data = json.loads(figures.read_text())["shapes"]
+    assert data["sizes"] == [200, 800]
+    for case in shapes.CASES:
+        medians = data["median"][case]["ms"]
+        assert sorted(int(n) for n in medians) == [200, 800] and positive(*medians.values())
+    assert positive(*data["median"]["three_level"]["full_ms"].values())
+    table = out.getvalue()
+    assert sum(line.startswith("shapes") for line in table.splitlines()) == 3 * (2 + 1)
+    assert "the engine's test app, targets of 200, 800 children" in table
+    assert not DirtyMark.objects.exists(), "the section left marks pending"
+    # Its check sees a count the drain left wrong.
+    size = shapes._present(800)
+    _corrupt(
+        "UPDATE counts_testapp_library SET reviews_count = reviews_count + 1 WHERE id = %s",
+        [size["library"]],
+    )
+    with pytest.raises(CommandError, match="counts differ from the truth at 800"):
+        shapes._check(size)

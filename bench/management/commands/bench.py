@@ -1,6 +1,6 @@
 """``manage.py bench``: what the cached counts buy and what they cost, side by side, in one run.
 
-Nine sections, each "A against B" on the same data in the same run (details in each module):
+Ten sections, each "A against B" on the same data in the same run (details in each module):
 
 1. ``bench.listing`` — capture-set list page: cached columns vs. two per-request countings;
 2. ``bench.writes`` — bulk_create, single-row saves, M2M add: count triggers on vs. off;
@@ -18,7 +18,10 @@ Nine sections, each "A against B" on the same data in the same run (details in e
    same baseline in repair form, in a scratch copy of the database;
 9. ``bench.backfill`` — adding one count (``--backfill-count``) to the scratch copy:
    ``counts.operate.backfill.backfill()`` vs. a hand-written chunked backfill, and the p99 commit
-   latency of a concurrent single-row writer during each against idle.
+   latency of a concurrent single-row writer during each against idle;
+10. ``bench.shapes`` — one write's drain for the declaration shapes of issue 23 (three-level,
+   filtered middle, FK filter) at 50k to 800k children, on the engine's test app: only when
+   asked (``--sections shapes``), with ``COUNTS_TEST_APP=1`` in a database of its own.
 
 It prints one table (medians over repeats, the machine's core count in the header), progress on
 stderr, and with ``--json PATH`` every figure and sample; a PNG plot of list latency against
@@ -80,6 +83,7 @@ from bench import (
     reconcile,
     report,
     scratch,
+    shapes,
     writes,
 )
 
@@ -93,6 +97,7 @@ SECTIONS = (
     "reconcile",
     "rebuild",
     "backfill",
+    "shapes",
 )
 #: Sections run in the scratch copy of the database (``bench.scratch``).
 SCRATCH_SECTIONS = ("rebuild", "backfill")
@@ -170,7 +175,17 @@ class Command(BaseCommand):
         add("--incr-rows", default="10,100,1000", help="Detections per bulk_create, per-row case")
         add("--drainers-writes", type=int, default=5_000, help="Backlog for the drainers section")
         add("--drainers-repeats", type=int, default=5, help="Repeats of each drainer count")
-        add("--sections", default=",".join(SECTIONS), help="Subset of: " + ", ".join(SECTIONS))
+        add(
+            "--shapes-sizes",
+            default=",".join(str(n) for n in shapes.DEFAULT_SIZES),
+            help="Children per target in the shapes section",
+        )
+        add("--shapes-repeats", type=int, default=7, help="Repeats of each shapes case")
+        add(
+            "--sections",
+            default=",".join(s for s in SECTIONS if s != "shapes"),
+            help="Subset of: " + ", ".join(SECTIONS) + " (shapes: only with COUNTS_TEST_APP=1)",
+        )
         add("--json", dest="json_path", help="Write every figure and sample as JSON here")
         add("--plot", default=str(DEFAULT_PLOT), help="PNG of list latency ('' for none)")
         add(
@@ -200,7 +215,7 @@ class Command(BaseCommand):
             "rebuild_repeats",
             "backfill_repeats",
         )
-        if min(o[name] for name in (*repeats, "incr_repeats")) < 1:
+        if min(o[name] for name in (*repeats, "incr_repeats", "shapes_repeats")) < 1:
             raise CommandError("repeats must be at least 1")
         if not o["backfill_idle"] > 0:
             raise CommandError("--backfill-idle must be a positive number of seconds")
@@ -220,6 +235,15 @@ class Command(BaseCommand):
         return None
 
     def run(self, sections: list[str], o: dict) -> dict:
+        if sections == ["shapes"]:  # the test app's tables only: no domain dataset
+            shapes.require_test_app()
+            found = {"rows": None, "seeded": False, "seed_seconds": 0}
+            results = {"meta": self.meta(o, found, dataset.drain_all())}
+            sizes = _ints(o["shapes_sizes"])
+            results["shapes"] = shapes.measure(sizes, o["shapes_repeats"], self.log)
+            return results
+        if "shapes" in sections:
+            shapes.require_test_app()
         pending = dataset.drain_all()
         found = dataset.ensure(o["scale"], o["seed"], o["reseed"], self.log)
         captures = found["rows"]["captures"]
@@ -283,6 +307,9 @@ class Command(BaseCommand):
             self.tidy()
         if "reconcile" in sections:
             results["reconcile"] = reconcile.measure(o["reconcile_repeats"], self.log)
+        if "shapes" in sections:
+            sizes = _ints(o["shapes_sizes"])
+            results["shapes"] = shapes.measure(sizes, o["shapes_repeats"], self.log)
         wanted = [s for s in SCRATCH_SECTIONS if s in sections]
         if wanted:
             try:
