@@ -5,6 +5,8 @@ The public API is ``counts.api``; these names are also served lazily from ``coun
 - ``counts.fields.CachedCountField`` — declare a count;
 - :func:`recompute` — recompute given rows now (admin action, tests);
 - :func:`drain` — consume one batch of dirty marks (workers);
+- :func:`exact` — a page of rows with every count exact in this snapshot, before any drain
+  (list endpoints and the admin read through it);
 - :func:`reconcile` — find and repair drift (scheduler, ``manage.py counts reconcile``);
 - :func:`rebuild` — recompute every row of some or all models now, leaving no redundant mark
   (``manage.py counts rebuild``, ``seed_demo``); :func:`target_rows` sizes such a pass;
@@ -20,7 +22,8 @@ The package's folders are its layers, each importing only the ones below it
 - ``compile`` — SQL text: mark triggers reading only their own rows (``triggers``,
   ``trigger_rows``), guards keeping cached columns the engine's (``guards``), items' truth and
   ledgers (``item_sql``), what waiting items mean for a recount (``stale_items``);
-- ``run`` — the queue (``marks``), the after-commit notice (``notice``), and the drain
+- ``run`` — the queue (``marks``), the after-commit notice (``notice``), exact reads
+  (``exact``), and the drain
   (``draining``): take marks and lock items (``item_locks``), credit items against their
   ledgers (``items``, ``multiplicity``), write targets (``applying``, ``aggregate``,
   ``target_locks``), all in ``engine_transaction``;
@@ -33,7 +36,9 @@ The package's folders are its layers, each importing only the ones below it
 
 from __future__ import annotations
 
-_PUBLIC = frozenset({"drain", "rebuild", "recompute", "recompute_rows", "reconcile", "target_rows"})
+_PUBLIC = frozenset(
+    {"drain", "exact", "rebuild", "recompute", "recompute_rows", "reconcile", "target_rows"}
+)
 
 
 def __getattr__(name: str):

@@ -41,7 +41,8 @@ from counts.base.names import FRESHNESS_FIELD
 from counts.declare.field import cached_count_fields
 from counts.models import DirtyMark
 from counts.operate.recomputing import recompute
-from counts.run.marks import flag_pending, pending_summary
+from counts.run.exact import apply_exact
+from counts.run.marks import pending_summary
 from counts.surfaces.admin_change import ChangePageMixin, extend_template
 
 #: The permission that unlocks "Recompute now" (declared on ``DirtyMark.Meta``).
@@ -142,7 +143,7 @@ class CachedCountsMixin(ChangePageMixin):
     def get_changelist_instance(self, request):
         changelist = super().get_changelist_instance(request)
         changelist.result_list = list(changelist.result_list)
-        flag_pending(changelist.result_list)
+        apply_exact(changelist.result_list)
         return changelist
 
     def changelist_view(self, request, extra_context=None):
@@ -181,10 +182,15 @@ class CachedCountsMixin(ChangePageMixin):
             fresh = f"updated {age}{NBSP}ago"  # wraps, if at all, after "updated"
             exact = f"Counts last changed at {updated.isoformat(timespec='seconds')}."
         if getattr(obj, "counts_pending", False):
+            shown = (
+                "The counts shown include it."
+                if getattr(obj, "counts_exact", False)
+                else "The counts shown are the stored ones, without it."
+            )
             return format_html(
                 '<span class="counts-pending" style="{}" title="{}">pending</span>',
                 PENDING_BADGE_STYLE,
-                f"A change is waiting for a worker. {exact}",
+                f"A change is waiting for a worker. {shown} {exact}",
             )
         return format_html('<span class="counts-fresh" title="{}">{}</span>', exact, fresh)
 

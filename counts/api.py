@@ -14,6 +14,7 @@ from counts.declare.graph import Graph, app_graph
 from counts.operate.recomputing import recompute, recompute_rows
 from counts.operate.reconciling import rebuild, reconcile, target_rows
 from counts.run.draining import drain, drain_until_empty
+from counts.run.exact import ExactRow, apply_exact, exact, read_exact
 from counts.run.marks import (
     LOCKED_RETRY_MS,
     PendingSummary,
@@ -40,17 +41,21 @@ def value_counts(model, field: str, graph: Graph | None = None):
 __all__ = [
     "LOCKED_RETRY_MS",
     "CountsError",
+    "ExactRow",
     "Graph",
     "PendingSummary",
     "app_graph",
+    "apply_exact",
     "drain",
     "drain_labels",
     "drain_until_empty",
+    "exact",
     "first_line",
     "has_pending",
     "marks_committed",
     "next_due_seconds",
     "pending_summary",
+    "read_exact",
     "rebuild",
     "recompute",
     "recompute_rows",

@@ -11,6 +11,8 @@ import decimal
 MARK_TABLE = "counts_dirtymark"
 #: The items' ledgers (``counts.models.Ledger``): what each item last credited to its targets.
 LEDGER_TABLE = "counts_ledger"
+#: Per distinct count, target and value: how many items' ledgers credit the pair.
+MULTIPLICITY_TABLE = "counts_multiplicity"
 #: Transaction-local setting under which cached columns may change (``set_config(..., true)``).
 ENGINE_SETTING = "counts.engine"
 #: Statement kinds a table can see, as trigger events name them, in the order triggers are

@@ -166,8 +166,21 @@ def _compile(graph: Graph, label: str, using: str) -> RecomputeStatement:
 
 
 def _fresh_sql(graph: Graph, model, specs, connection) -> tuple[str, list[str], list]:
-    """``SELECT pk, <every count>`` for the rows whose ids are bound at execution: one grouped
-    subquery per join signature, LEFT JOINed to the target table.
+    """``SELECT pk, <every count>`` to store for the rows whose ids are bound at execution:
+    the truth (:func:`truth_sql`), through :func:`_formula` for the counts kept incrementally.
+
+    Returns:
+        (sql, the count columns in the order selected, params with :data:`_IDS` placeholders)
+    """
+    truth, columns, params = truth_sql(model, specs, connection)
+    fresh, more = _formula(graph, model._meta.label_lower, truth, columns)
+    return fresh, columns, params + more
+
+
+def truth_sql(model, specs, connection) -> tuple[str, list[str], list]:
+    """``SELECT pk, <each count of specs>``: the truth of the rows whose ids are bound at
+    execution, one grouped subquery per join signature, LEFT JOINed to the target table (a
+    distinct count kept through multiplicities reads 0 here: :func:`_formula` reads it).
 
     Returns:
         (sql, the count columns in the order selected, params with :data:`_IDS` placeholders)
@@ -202,9 +215,7 @@ def _fresh_sql(graph: Graph, model, specs, connection) -> tuple[str, list[str], 
         + f" WHERE t.{q(pk)} = ANY(%s::bigint[])"
     )
     params.append(_IDS)
-    columns = [c for c, _ in selects]
-    fresh, more = _formula(graph, model._meta.label_lower, truth, columns)
-    return fresh, columns, params + more
+    return truth, [c for c, _ in selects], params
 
 
 def _formula(graph: Graph, label: str, truth: str, columns: list[str]) -> tuple[str, list]:

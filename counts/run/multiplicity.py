@@ -32,10 +32,10 @@ from __future__ import annotations
 from django.apps import apps
 
 from counts.base.errors import CountsError
-from counts.base.names import literal
+from counts.base.names import MULTIPLICITY_TABLE, literal
 from counts.declare.modes import ItemCount, ledger_key
 
-TABLE = "counts_multiplicity"
+TABLE = MULTIPLICITY_TABLE
 
 
 def _columns(deltas: dict[tuple[str, int, int], int]) -> list[list] | None:
@@ -98,11 +98,12 @@ def preview(cursor, deltas: dict[tuple[str, int, int], int], parts: dict, credit
             credits[(part.label, part.column, target)] += flip
 
 
-def count_sql(key: str, alias: str) -> str:
-    """Pairs with a positive multiplicity for the target row ``alias``.pk (a recount's value)."""
+def count_sql(key: str, alias: str, pk: str | None = None) -> str:
+    """Pairs with a positive multiplicity for the target row ``alias``.pk (a recount's value;
+    ``pk``: another expression for the row's id)."""
     return (
         f"(SELECT count(*) FROM {TABLE} m WHERE m.key = {literal(key)}"
-        f" AND m.target_id = {alias}.pk AND m.n > 0)"
+        f" AND m.target_id = {pk or alias + '.pk'} AND m.n > 0)"
     )
 
 

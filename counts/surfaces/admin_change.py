@@ -23,7 +23,7 @@ from django.urls import path, reverse
 
 from counts.base.names import FRESHNESS_FIELD
 from counts.operate.recomputing import recompute
-from counts.run.marks import flag_pending
+from counts.run.exact import apply_exact
 
 #: Context variable holding the template a counts template extends (see :func:`extend_template`).
 PARENT = "counts_parent_template"
@@ -69,7 +69,7 @@ class ChangePageMixin:
         """Flag the row pending or not (one query, which also rereads its counts, so the page
         never says "updated" beside older numbers) and offer "Recompute now"."""
         if obj is not None and obj.pk is not None and not add:
-            flag_pending([obj])
+            apply_exact([obj])
             if self.has_recompute_permission(request):
                 opts = self.opts
                 context["counts_recompute_url"] = reverse(

@@ -5,18 +5,22 @@ import it (the rest of the engine does not). What a model with ``CachedCountFiel
 from it, with no per-count code:
 
 - :func:`counted_fields` / :class:`CountedSerializer` / :func:`counted_serializer`: every cached
-  count in declaration order, then ``counts_pending`` and ``counts_updated_at`` — a count added
-  to a model appears in its endpoints without editing them;
+  count in declaration order, then ``counts_pending``, ``counts_exact`` and
+  ``counts_updated_at`` — a count added to a model appears in its endpoints without editing
+  them;
 - :func:`count_orderings` / :class:`SortFilter` / :func:`counted_filterset`: ``?ordering=`` by one
   or more cached counts (or freshness), read from their columns with no aggregate, ties broken
   by id;
-- :class:`CountedListView`: sets ``counts_pending`` on each page with one query for the page
-  (:func:`counts.run.marks.flag_pending`), whatever its size; :class:`CountedDetailView` does the
-  same for one row.
+- :class:`CountedListView`: reads each page's counts exact (:func:`counts.run.exact.apply_exact`:
+  pending changes included, before any worker drains them) with one statement for the page,
+  whatever its size; :class:`CountedDetailView` does the same for one row.
 
-Freshness tells a client how far to trust a count: ``counts_pending`` is true while a change that
-may alter this row's counts waits for a worker, and ``counts_updated_at`` is when the engine last
-changed them (null if never).
+Freshness tells a client how far to trust a count: ``counts_exact`` is true when the counts
+include every change committed before the response (and, in the same transaction, its own);
+``counts_pending`` is true while a change that may alter this row's counts waits for a worker
+(its stored value will follow), and ``counts_updated_at`` is when the engine last stored them
+(null if never). Sorting by a count (``?ordering=``) sorts by the stored value: a row whose
+exact value differs says so with ``counts_pending``.
 
 The smallest endpoint::
 
@@ -39,7 +43,7 @@ from rest_framework.pagination import LimitOffsetPagination
 
 from counts.base.names import FRESHNESS_FIELD
 from counts.declare.field import cached_count_fields
-from counts.run.marks import flag_pending
+from counts.run.exact import EXACT_FIELD, apply_exact
 
 try:  # the OpenAPI description of the ordering parameter, when drf-spectacular is installed
     from drf_spectacular.utils import extend_schema_field
@@ -57,15 +61,23 @@ def counted_fields(model, *leading: str) -> tuple[str, ...]:
     """``leading`` fields, then every cached count of ``model`` in declaration order, then
     freshness — so a count added to a model appears in its endpoint without editing it."""
     counts = tuple(f.name for f in cached_count_fields(model))
-    return (*leading, *counts, PENDING_FIELD, FRESHNESS_FIELD)
+    return (*leading, *counts, PENDING_FIELD, EXACT_FIELD, FRESHNESS_FIELD)
 
 
 class CountedSerializer(serializers.ModelSerializer):
-    """Base for models with cached counts: adds the per-page ``counts_pending`` flag."""
+    """Base for models with cached counts: adds the per-row ``counts_pending`` and
+    ``counts_exact`` flags."""
 
     counts_pending = serializers.BooleanField(
         read_only=True,
         help_text="A change that may alter these counts is waiting to be recomputed.",
+    )
+    counts_exact = serializers.BooleanField(
+        read_only=True,
+        help_text="The counts are exact as of this response, pending changes included; false:"
+        " a count is its stored value (plus queued amounts) because its pending work was too"
+        " large to resolve in a read, or the row waits for a recount. Sorting by a count sorts"
+        " by its stored value.",
     )
 
 
@@ -189,7 +201,7 @@ class CountedListView(_CountedDefaults, ListAPIView):
 
     def paginate_queryset(self, queryset):
         page = super().paginate_queryset(queryset)
-        flag_pending(page or [])
+        apply_exact(page or [])
         return page
 
 
@@ -200,5 +212,5 @@ class CountedDetailView(_CountedDefaults, RetrieveAPIView):
 
     def get_object(self):
         row = super().get_object()
-        flag_pending([row])
+        apply_exact([row])
         return row

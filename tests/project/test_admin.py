@@ -225,7 +225,7 @@ def test_list_shows_counts_and_freshness_per_row(viewer, catalogue):
     assert re.fullmatch(r"updated \d{3,} days ago", rows["Alpha"]["freshness"])
     assert rows["Echo"]["freshness"] == "updated 0 s ago"  # drained in this transaction
     assert rows["Bravo"]["freshness"] == "pending"
-    assert rows["Bravo"]["source_images_count"] == "2"  # the cached value until recomputed
+    assert rows["Bravo"]["source_images_count"] == "3"  # exact: the member not yet stored
     assert rows["Charlie"]["freshness"] == "never changed"
 
 

@@ -76,6 +76,7 @@ def test_collection_list_has_the_documented_shape(client, catalogue):
         "source_images_with_detections_count": 2,
         "source_images_processed_count": 3,
         "counts_pending": False,
+        "counts_exact": True,
         "counts_updated_at": alpha["counts_updated_at"],
     }
     assert {k: alpha[k] for k in documented if k in alpha} == documented
@@ -232,7 +233,9 @@ def test_pending_flag_shows_exactly_the_rows_waiting_for_a_worker(client, catalo
 
     waiting = {r["name"]: r for r in get_ok(client, COLLECTIONS)["results"]}
     assert waiting["Bravo"]["counts_pending"] is True
-    assert waiting["Bravo"]["source_images_count"] == 2  # still the cached value
+    # Exact before any worker ran: the new member is counted, and says so.
+    assert waiting["Bravo"]["source_images_count"] == 3 and waiting["Bravo"]["counts_exact"]
+    assert SourceImageCollection.objects.get(pk=bravo.pk).source_images_count == 2  # stored
     assert not any(r["counts_pending"] for name, r in waiting.items() if name != "Bravo")
 
     drain_all()

@@ -192,6 +192,8 @@ class WithCountsFilter(django_filters.ChoiceFilter):
         super().__init__(
             choices=self.CHOICES,
             method=lambda queryset, name, value: queryset,
+            # Not a model field: without a label, django-filter's form names it "[invalid name]".
+            label="With counts",
             help_text="Accepted for Antenna's clients; counts are always included.",
         )
 

@@ -46,10 +46,12 @@ def test_a_bare_queryset_serves_every_count_with_its_freshness(catalogue):
 
     counts = [f.name for f in cached_count_fields(Event)]
     assert counts  # Event has counts, so the check below is not vacuous
-    assert {tuple(row) for row in rows} == {("id", *counts, "counts_pending", "counts_updated_at")}
+    flags = ("counts_pending", "counts_exact", "counts_updated_at")
+    assert {tuple(row) for row in rows} == {("id", *counts, *flags)}
     expected = truth("monitoring_event")
     assert {row["id"]: {c: row[c] for c in expected[row["id"]]} for row in rows} == expected
     assert not any(row["counts_pending"] for row in rows)
+    assert all(row["counts_exact"] for row in rows)
     assert all(row["counts_updated_at"] for row in rows if any(row[c] for c in counts))
     assert_all_counts_exact()
 
@@ -60,7 +62,9 @@ def test_pending_is_flagged_until_a_worker_has_recomputed(catalogue):
     with CaptureQueriesContext(connection) as queries:
         pending = get(limit=100).data["results"]
     assert all(row["counts_pending"] for row in pending)
-    assert len(queries) == 3  # count, page, and one probe of the mark queue for the page
+    # Every row is to be recounted: a read does not recount them all, and says so.
+    assert not any(row["counts_exact"] for row in pending)
+    assert len(queries) == 3  # count, page, and one exact read of the page
 
     drain_all()
     assert not any(row["counts_pending"] for row in get(limit=100).data["results"])
