@@ -95,19 +95,47 @@ def drain_until(done: threading.Event, stats: dict) -> None:
             time.sleep(0.005)
 
 
-def race(writer, steps: int, writers: int = 4, drainers: int = 2) -> list[dict]:
-    """Run ``writers`` threads of ``writer(seed, steps)`` against ``drainers`` drain loops,
-    until the writers are done and the drainers have emptied the queue; returns their stats."""
+def read_exactly(done: threading.Event, stats: dict) -> None:
+    """One reader: until the writers are done, read every model's counts exact and the truth
+    in one snapshot (REPEATABLE READ), and keep each row read as exact that differs."""
+    from counts.run.exact import read_exact
+    from tests.truth import LABELS
+
+    while not done.is_set():
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            for table, label in LABELS.items():
+                want, stored = truth(table), cached(table)
+                for pk, row in read_exact(label, list(want)).items():
+                    stats["rows"] += 1
+                    if not row.exact:
+                        continue
+                    stats["exact"] += 1
+                    read = {c: row.counts[c] for c in want[pk]}
+                    stats["corrected"] += stored[pk] != want[pk]
+                    if read != want[pk]:
+                        stats["wrong"].append(f"{label}#{pk}: read {read}, truth {want[pk]}")
+        stats["reads"] += 1
+
+
+def race(
+    writer, steps: int, writers: int = 4, drainers: int = 2, reader: dict | None = None
+) -> list[dict]:
+    """Run ``writers`` threads of ``writer(seed, steps)`` against ``drainers`` drain loops
+    (and, given ``reader`` stats, a reader of exact counts), until the writers are done and the
+    drainers have emptied the queue; returns their stats."""
     done = threading.Event()
     stats = [{"marks": 0, "retries": 0} for _ in range(drainers)]
     draining = [Worker(drain_until, done, s) for s in stats]
     writing = [Worker(writer, seed, steps) for seed in range(writers)]
-    for t in draining + writing:
+    reading = [Worker(read_exactly, done, reader)] if reader is not None else []
+    for t in draining + writing + reading:
         t.start()
     for t in writing:
         t.finish()
     done.set()
-    for t in draining:
+    for t in draining + reading:
         t.finish()
     return stats
 
@@ -119,6 +147,18 @@ def test_concurrent_writers_and_two_drainers_converge_exactly(make_world, marks)
     assert marks.count() == 0
     assert_all_counts_exact()  # no final drain here: the drainers converged by themselves
     assert_invariants()
+
+
+def test_exact_reads_racing_writers_and_drains_equal_the_truth_of_their_snapshot(make_world, marks):
+    """Every row read as exact while writers commit and drains run equals the truth computed
+    in the same snapshot: the formula's three terms move together (issue 24)."""
+    make_world()
+    reader = {"reads": 0, "rows": 0, "exact": 0, "corrected": 0, "wrong": []}
+    race(write_randomly, 100, reader=reader)
+    assert not reader["wrong"], "\n".join(reader["wrong"][:20])
+    assert reader["reads"] >= 2 and reader["exact"] > reader["rows"] // 2, reader
+    assert reader["corrected"], "no read saw a stored count lag its truth: nothing was tested"
+    assert_all_counts_exact()
 
 
 def test_concurrent_writers_never_wait_on_each_others_marks(make_world, marks):
