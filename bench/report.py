@@ -363,6 +363,31 @@ def _incremental_rows(inc: dict) -> list[tuple[str, ...]]:
     return out
 
 
+def _exact_rows(ex: dict) -> list[tuple[str, ...]]:
+    """The list page read exact against stored, idle and with marks pending."""
+    out = []
+    for state, goal, label in (
+        ("idle", 1.1, "no mark pending"),
+        ("pending", 2.0, "1,000 item and 100 delta marks pending"),
+    ):
+        r = ex[state]
+        marks = f" ({r['item_marks']:,} item, {r['delta_marks']:,} delta marks)"
+        out.append(
+            (
+                "exact",
+                f"page of 25 (a set of {_size(ex['size'])}), {label}: stored (A) vs exact (B)"
+                + (marks if state == "pending" else "")
+                + ("" if r["exact"] else " (NOT EXACT)"),
+                _fmt_ms(r["stored_ms"]),
+                _fmt_ms(r["exact_ms"]),
+                _fmt_x(r["ratio"]),
+                f"≤ {goal:g}x" + (", exact" if state == "pending" else ""),
+                _verdict(r["ratio"] <= goal and r["exact"]),
+            )
+        )
+    return out
+
+
 _SHAPE_LABELS = {
     "three_level": "three-level (library ← shelf ← book ← review): a review created",
     "filtered_middle": "filtered middle (a book's pages): a book drops below 300 pages",
@@ -415,6 +440,7 @@ _SECTIONS = (
     ("reconcile", _reconcile_rows),
     ("rebuild", _rebuild_rows),
     ("backfill", _backfill_rows),
+    ("exact", _exact_rows),
     ("shapes", _shapes_rows),
 )
 

@@ -7,7 +7,7 @@ route itself (``/api/v2/captures/collections/``), resolved from ``project.urls``
 
 from django.urls import path
 
-from bench.views import CountDistinctCollectionList, SubqueryCollectionList
+from bench.views import CountDistinctCollectionList, StoredCollectionList, SubqueryCollectionList
 from project.urls import urlpatterns as production
 
 #: Approach name -> path of its list endpoint.
@@ -16,9 +16,12 @@ PATHS = {
     "subquery": "/bench/collections/subqueries/",
     "count_distinct": "/bench/collections/count-distinct/",
 }
+#: The production list reading stored columns and flags only (before exact reads).
+STORED = "/bench/collections/stored/"
 
 urlpatterns = [
     path("bench/collections/subqueries/", SubqueryCollectionList.as_view()),
     path("bench/collections/count-distinct/", CountDistinctCollectionList.as_view()),
+    path("bench/collections/stored/", StoredCollectionList.as_view()),
     *production,
 ]

@@ -21,7 +21,9 @@ from __future__ import annotations
 from django.db.models import Count, F, IntegerField, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce
 from rest_framework import serializers
+from rest_framework.generics import GenericAPIView
 
+from counts.run.marks import flag_pending
 from project.monitoring.api.serializers import CollectionSerializer
 from project.monitoring.api.views import CollectionList
 from project.monitoring.models import SourceImageCollection
@@ -124,3 +126,14 @@ class CountDistinctCollectionList(CollectionList):
 
     def get_queryset(self):
         return SourceImageCollection.objects.annotate(**count_distinct_annotations())
+
+
+class StoredCollectionList(CollectionList):
+    """The production list as it read counts before exact reads: each row's stored columns and
+    its pending flag (``counts.run.marks.flag_pending``), one query per page. The exact-read
+    section (``bench.exact``) measures the production list against it."""
+
+    def paginate_queryset(self, queryset):
+        page = GenericAPIView.paginate_queryset(self, queryset)
+        flag_pending(page or [])
+        return page

@@ -27,7 +27,7 @@ from project.monitoring.models import Detection, Project, SourceImage, SourceIma
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
-SECTIONS = ("meta", "list", "write", "recompute", "burst", "incremental", "reconcile")
+SECTIONS = ("meta", "list", "write", "recompute", "burst", "incremental", "exact", "reconcile")
 INCREMENTAL = ("add_members", "bulk_detections", "one_detection", "single_creates", "threshold")
 
 
@@ -54,6 +54,7 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
         incr_repeats=2,
         incr_singles=30,
         incr_rows="5,20",
+        exact_repeats=1,
         json_path=str(figures),
         plot=str(plot),
         stdout=out,
@@ -106,6 +107,13 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
     assert threshold["flips"] == incremental.flips(threshold["project"], low, high) > 0
     assert [r["k"] for r in inc["per_row"]] == [5, 20]
     assert all(positive(r["drain_ms_per_row"]) for r in inc["per_row"])
+
+    for state in ("idle", "pending"):
+        read = data["exact"][state]
+        assert read["exact"] and read["rows_on_page"] == 25, state
+        assert positive(read["stored_ms"], read["exact_ms"], read["ratio"]), state
+    assert data["exact"]["idle"]["item_marks"] == 0
+    assert data["exact"]["pending"]["item_marks"] >= 1000
 
     reconcile = data["reconcile"]
     assert reconcile["drifted_rows"] == 0

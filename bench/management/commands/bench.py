@@ -1,6 +1,6 @@
 """``manage.py bench``: what the cached counts buy and what they cost, side by side, in one run.
 
-Ten sections, each "A against B" on the same data in the same run (details in each module):
+Eleven sections, each "A against B" on the same data in the same run (details in each module):
 
 1. ``bench.listing`` — capture-set list page: cached columns vs. two per-request countings;
 2. ``bench.writes`` — bulk_create, single-row saves, M2M add: count triggers on vs. off;
@@ -19,7 +19,9 @@ Ten sections, each "A against B" on the same data in the same run (details in ea
 9. ``bench.backfill`` — adding one count (``--backfill-count``) to the scratch copy:
    ``counts.operate.backfill.backfill()`` vs. a hand-written chunked backfill, and the p99 commit
    latency of a concurrent single-row writer during each against idle;
-10. ``bench.shapes`` — one write's drain for the declaration shapes of issue 23 (three-level,
+10. ``bench.exact`` — a list page read exact against the stored columns, idle and with 1,000
+   item and 100 delta marks pending (issue 24);
+11. ``bench.shapes`` — one write's drain for the declaration shapes of issue 23 (three-level,
    filtered middle, FK filter) at 50k to 800k children, on the engine's test app: only when
    asked (``--sections shapes``), with ``COUNTS_TEST_APP=1`` in a database of its own.
 
@@ -75,6 +77,7 @@ from bench import (
     burst,
     dataset,
     drainers,
+    exact,
     fullpath,
     incremental,
     listing,
@@ -97,6 +100,7 @@ SECTIONS = (
     "reconcile",
     "rebuild",
     "backfill",
+    "exact",
     "shapes",
 )
 #: Sections run in the scratch copy of the database (``bench.scratch``).
@@ -182,6 +186,13 @@ class Command(BaseCommand):
         )
         add("--shapes-repeats", type=int, default=7, help="Repeats of each shapes case")
         add(
+            "--exact-size",
+            type=int,
+            default=100_000,
+            help="Images of the large set on the exact-read section's page",
+        )
+        add("--exact-repeats", type=int, default=15, help="Repeats of each exact-read state")
+        add(
             "--sections",
             default=",".join(s for s in SECTIONS if s != "shapes"),
             help="Subset of: " + ", ".join(SECTIONS) + " (shapes: only with COUNTS_TEST_APP=1)",
@@ -215,7 +226,8 @@ class Command(BaseCommand):
             "rebuild_repeats",
             "backfill_repeats",
         )
-        if min(o[name] for name in (*repeats, "incr_repeats", "shapes_repeats")) < 1:
+        counted = (*repeats, "incr_repeats", "shapes_repeats", "exact_repeats")
+        if min(o[name] for name in counted) < 1:
             raise CommandError("repeats must be at least 1")
         if not o["backfill_idle"] > 0:
             raise CommandError("--backfill-idle must be a positive number of seconds")
@@ -296,6 +308,10 @@ class Command(BaseCommand):
                     _ints(o["incr_rows"]),
                     self.log,
                 )
+            if "exact" in sections:
+                size = min(o["exact_size"], max(1, captures - 3_000))
+                results["exact"] = exact.measure(size, o["exact_repeats"], self.log)
+                self.tidy()
             if "drainers" in sections:
                 results["drainers"] = drainers.measure(
                     incremental.largest_set().pk,
