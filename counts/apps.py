@@ -1,5 +1,6 @@
 from django.apps import AppConfig, apps
 
+from counts.declare import field
 from counts.declare.graph import Graph, app_graph
 from counts.declare.resolve import resolve_all
 from counts.run import notice
@@ -25,6 +26,11 @@ class CountsConfig(AppConfig):
 
         self.graph = Graph.build(resolve_all(apps.get_models()))
         notice.install(self.graph)
+        # Function-local for the same reason as the admin's below: the exact read's modules
+        # read the app registry, which is populated only now.
+        from counts.run.exact import apply_exact
+
+        field.read_counts_with(apply_exact)
         if apps.is_installed("django.contrib.admin"):
             # Function-local on purpose: admin modules import models, which this module (read
             # while Django populates the registry) must not; ready() runs once it is populated.

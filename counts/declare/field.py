@@ -71,10 +71,12 @@ class CachedCountField(models.IntegerField):
     **Instances in memory.** Counts are read from the database: an instance holds what it loaded,
     and nothing refreshes it. After ``save()`` — or after a drain recomputed the row — the instance
     still shows the counts it was loaded with; call ``instance.refresh_counts()`` (one query: every
-    cached column and ``counts_updated_at``), added to every model that declares a count unless the
-    model defines its own. An instance inserted by the ORM (``save()``, ``create()``,
-    ``bulk_create()``, a clone made with ``pk = None; save()``) starts from 0 and no freshness,
-    whatever it held: its counts are the engine's to fill, by the marks its related rows write.
+    count exact in this snapshot, changes not yet drained included, with ``counts_exact``,
+    ``counts_pending`` and ``counts_updated_at``: ``counts.exact``), added to every model that
+    declares a count unless the model defines its own. An instance inserted by the ORM
+    (``save()``, ``create()``, ``bulk_create()``, a clone made with ``pk = None; save()``) starts
+    from 0 and no freshness, whatever it held: its counts are the engine's to fill, by the marks
+    its related rows write.
 
     **Refused declarations** are reported by ``manage.py check`` (Django system check errors, all at
     once, each naming the model and field, what was given, why, and what to write instead) and kept
@@ -173,9 +175,23 @@ class CachedCountField(models.IntegerField):
         freshness.contribute_to_class(cls, FRESHNESS_FIELD)
 
 
+#: How :func:`refresh_counts` reads: the engine's exact read (``counts.run.exact.apply_exact``, a
+#: layer above this one), handed over by ``CountsConfig.ready()``; the stored columns before.
+_reader = None
+
+
+def read_counts_with(reader) -> None:
+    global _reader
+    _reader = reader
+
+
 def refresh_counts(self) -> None:
-    """Reload this instance's cached counts and ``counts_updated_at`` from the database, in one
+    """Reload this instance's counts, exact in this snapshot (changes not yet drained
+    included), with ``counts_exact``, ``counts_pending`` and ``counts_updated_at``, in one
     query (the rest of the instance is left as it is)."""
+    if _reader is not None:
+        _reader([self])
+        return
     names = [f.attname for f in cached_count_fields(type(self))]
     self.refresh_from_db(fields=[*names, FRESHNESS_FIELD])
 

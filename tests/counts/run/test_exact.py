@@ -160,3 +160,12 @@ def test_an_every_row_mark_leaves_the_models_rows_unvouched(world, marks):
     assert all(row.pending for row in got.values())
     domain.drain_all()
     assert_exact()
+
+
+def test_refresh_counts_reads_the_instances_counts_exact(world, marks):
+    collection = SourceImageCollection.objects.get(pk=world.c2.pk)
+    collection.images.add(world.i3, world.i5)
+    collection.refresh_counts()
+    assert collection.source_images_count == 4 and collection.counts_exact
+    assert collection.counts_pending
+    assert SourceImageCollection.objects.get(pk=world.c2.pk).source_images_count == 2  # stored
