@@ -268,6 +268,9 @@ COUNTS_STALE_ALERT_S = env_int("COUNTS_STALE_ALERT_S", 60)
 #: Seconds a count's backfill may stop renewing its lease before the workers take over what it
 #: left (``counts.operate.backfill``): how long counts can lag after a ``migrate`` that was killed.
 COUNTS_BACKFILL_LEASE_S = float(os.environ.get("COUNTS_BACKFILL_LEASE_S", "60"))
+#: Stale items per item kind an exact read resolves for a page (``counts.run.exact``); over it
+#: the page's rows get their stored values (plus queued amounts) and ``counts_exact`` false.
+COUNTS_EXACT_BUDGET = env_int("COUNTS_EXACT_BUDGET", 5000)
 #: Milliseconds the trigger-install step of a migration waits for its table locks before it
 #: rolls back and tries again (``counts.operations.SyncCountTriggers``), and how many times.
 COUNTS_TRIGGER_LOCK_TIMEOUT_MS = env_int("COUNTS_TRIGGER_LOCK_TIMEOUT_MS", 2000)
