@@ -32,6 +32,35 @@ def truth_sql(
     items whose size the planner cannot know (the stale items of a recount,
     ``counts.compile.stale_items``), so that it never hashes the whole item table.
     """
+    joins, measures, links = _truth_joins(kind, within, probe_rows)
+    entries = ", ".join(_entries(kind, measures, links))
+    return (
+        f"SELECT i.id, jsonb_strip_nulls(jsonb_build_object({entries})) AS state"
+        f" FROM {items} i {' '.join(joins)}"
+    )
+
+
+def truth_entries_sql(kind: ItemKind, items: str) -> str:
+    """``SELECT id, key, v, t, value``: the entries of :func:`truth_sql`'s states as rows, one
+    per target (``value``: the counted value of a distinct count, else NULL), never built as
+    JSON: for a reader that sums them at once (``counts.compile.stale_items``), where building
+    each item's state and taking it apart again cost as much as reading its rows. Each item's
+    own row is probed by its key, as ``truth_sql(..., probe_rows=True)`` does."""
+    joins, measures, links = _truth_joins(kind, None, probe_rows=True)
+    rows = []
+    for p in kind.parts:
+        value = _value(p, measures)
+        counted = f"j.{q(p.distinct)}" if p.distinct else "NULL::bigint"
+        rows.append(f"({literal(p.key)}, ({value})::bigint, {links[p.link]}, {counted})")
+    return (
+        f"SELECT i.id, e.key, e.v, t.t, e.value FROM {items} i {' '.join(joins)}"
+        f" CROSS JOIN LATERAL (VALUES {', '.join(rows)}) e(key, v, targets, value)"
+        " CROSS JOIN LATERAL unnest(e.targets) t(t) WHERE e.v > 0"
+    )
+
+
+def _truth_joins(kind: ItemKind, within: tuple | None, probe_rows: bool):
+    """``(joins, measures, links)`` of :func:`truth_sql`: what an item's truth reads."""
     joins, measures = _measure_joins(kind, within)
     links, own_row = _link_joins(kind, within, joins)
     if own_row:
@@ -42,11 +71,18 @@ def truth_sql(
             if probe_rows
             else f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id",
         )
-    entries = ", ".join(_entries(kind, measures, links))
-    return (
-        f"SELECT i.id, jsonb_strip_nulls(jsonb_build_object({entries})) AS state"
-        f" FROM {items} i {' '.join(joins)}"
-    )
+    return joins, measures, links
+
+
+def _value(p, measures: dict) -> str:
+    """What an item is worth to part ``p``'s count (SQL over its measures and row ``j``)."""
+    m = p.measure
+    value = measures[(m.child.db_table, m.fk, m.predicate, m.exists)]
+    if m.item_predicate:
+        # Written over ``r``; the item row is ``j`` here. A row gone reads as failing.
+        on_item = m.item_predicate.replace('r."', 'j."')
+        value = f"(CASE WHEN {on_item} THEN {value} ELSE 0 END)"
+    return value
 
 
 def _measure_joins(kind: ItemKind, within: tuple | None) -> tuple[list[str], dict[tuple, str]]:
@@ -126,12 +162,7 @@ def _entries(kind: ItemKind, measures: dict, links: dict) -> list[str]:
     for a distinct count: the value last), or NULL when the item contributes nothing to it."""
     entries = []
     for p in kind.parts:
-        m = p.measure
-        value = measures[(m.child.db_table, m.fk, m.predicate, m.exists)]
-        if m.item_predicate:
-            # Written over ``r``; the item row is ``j`` here. A row gone reads as failing.
-            on_item = m.item_predicate.replace('r."', 'j."')
-            value = f"(CASE WHEN {on_item} THEN {value} ELSE 0 END)"
+        value = _value(p, measures)
         targets = links[p.link]
         tail = f"to_jsonb({targets})"
         if p.distinct:

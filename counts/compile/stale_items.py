@@ -12,9 +12,11 @@ a target row, without consuming the marks:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from counts.base.mark import Kind, where
 from counts.base.names import LEDGER_TABLE, MARK_TABLE, MULTIPLICITY_TABLE, literal, q
-from counts.compile.item_sql import entry_targets_sql, truth_sql
+from counts.compile.item_sql import entry_targets_sql, truth_entries_sql
 from counts.declare.kinds import ItemKind
 
 
@@ -54,7 +56,7 @@ def _ledger_of_stale(kind: ItemKind) -> str:
     )
 
 
-def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
+def adjustment_sql(kind: ItemKind, label: str, n: int, stale: str | None = None) -> tuple[str, int]:
     """``SELECT pk, a0, a1, …``: per target of ``label`` among the bound ids, what the stale
     items of ``kind`` would change in each of its counts of this kind if credited now.
 
@@ -71,7 +73,7 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
     the kind for each recount: 1.1 s for one night at 10^6 captures, 7 ms probed.
     """
     parts = kind.summed_parts(label)
-    head, entries, binds = _stale_entries(kind, parts, f"c{n}")
+    head, entries, binds = _stale_entries(kind, parts, f"c{n}", stale)
     sums = ", ".join(
         f"(sum(e.v) FILTER (WHERE e.key = {literal(p.key)}))::bigint AS a{n}_{i}"
         for i, p in enumerate(parts)
@@ -83,7 +85,9 @@ def adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
     return sql, binds + 1
 
 
-def distinct_adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, int]:
+def distinct_adjustment_sql(
+    kind: ItemKind, label: str, n: int, stale: str | None = None
+) -> tuple[str, int]:
     """``SELECT pk, d0, d1, …``: per target of ``label`` among the bound ids, what the stale
     items of ``kind`` would change in each of its distinct counts of this kind if credited
     now: the pairs whose multiplicity would rise from 0, less those that would fall to 0
@@ -91,26 +95,33 @@ def distinct_adjustment_sql(kind: ItemKind, label: str, n: int) -> tuple[str, in
     to stored + pending (``counts.run.exact``). Returns the SQL and how many times it binds
     the target ids."""
     parts = [p for p in kind.parts_for(label) if p.distinct]
-    head, entries, binds = _stale_entries(kind, parts, f"c{n}", values=True)
+    head, entries, binds = _stale_entries(kind, parts, f"c{n}", stale, values=True)
     flips = ", ".join(
         f"(sum((coalesce(m.n, 0) + d.v > 0)::int - (coalesce(m.n, 0) > 0)::int)"
         f" FILTER (WHERE d.key = {literal(p.key)}))::bigint AS d{n}_{i}"
         for i, p in enumerate(parts)
     )
+    # Each pair's multiplicity is probed by its key (``LIMIT 1``: the planner merge-joined the
+    # whole table, sorted, 0.5 s at 10⁶ captures, for a few dozen pairs).
     sql = (
         f"{head} SELECT d.t AS pk, {flips} FROM (SELECT e.key, e.t, e.value, sum(e.v) AS v"
         f" FROM ({entries}) e WHERE e.t = ANY(%s::bigint[]) GROUP BY 1, 2, 3"
-        f" HAVING sum(e.v) <> 0) d LEFT JOIN {MULTIPLICITY_TABLE} m ON m.key = d.key"
-        " AND m.target_id = d.t AND m.value = d.value GROUP BY d.t"
+        f" HAVING sum(e.v) <> 0) d LEFT JOIN LATERAL (SELECT p.n FROM {MULTIPLICITY_TABLE} p"
+        " WHERE p.key = d.key AND p.target_id = d.t AND p.value = d.value LIMIT 1) m ON true"
+        " GROUP BY d.t"
     )
     return sql, binds + 1
 
 
-def _stale_entries(kind: ItemKind, parts, c: str, values: bool = False) -> tuple[str, str, int]:
+def _stale_entries(
+    kind: ItemKind, parts, c: str, stale: str | None = None, values: bool = False
+) -> tuple[str, str, int]:
     """``(WITH clause, entries, binds)``: the stale items related to the bound targets through
     ``parts``' links or their ledgers, materialized once as ``c`` with their ledgers; and
     ``SELECT key, v, t[, value]``, each entry of their truth (``v`` positive) and of their
-    ledger (negative), one row per target it names."""
+    ledger (negative), one row per target it names. ``stale``: a relation (column ``id``)
+    already holding :func:`stale_sql`'s items, when a statement computes them once for several
+    readers (``counts.run.exact``)."""
     related, binds = [], 0
     for link in sorted({p.link for p in parts}, key=repr):
         rows, item_col, target_col = link.rows_sql(kind.table)
@@ -122,17 +133,19 @@ def _stale_entries(kind: ItemKind, parts, c: str, values: bool = False) -> tuple
     # The candidates with their ledgers, materialized once: the truth and the ledger side both
     # read them. An item with a ledger may be related through it (it moved away).
     candidates = (
-        f"SELECT s.id, l.state FROM ({stale_sql(kind)}) s"
+        f"SELECT s.id, l.state FROM ({stale or stale_sql(kind)}) s"
         f" LEFT JOIN LATERAL {_ledger_of_stale(kind)} l ON true"
         f" WHERE l.state IS NOT NULL OR {' OR '.join(related)}"
     )
     keys = ", ".join(literal(p.key) for p in parts)
+    # The truth of these counts only: the kind's others may read more (a capture's own row and
+    # detections, for its station's counts) that these targets never need.
+    only = replace(kind, parts=tuple(parts))
     value = ", (kv.value->>-1)::bigint AS value" if values else ""
     targets = entry_targets_sql("kv", kind)
+    truth_value = ", tr.value" if values else ""
     entries = (
-        f"SELECT kv.key, (kv.value->>0)::bigint AS v, t::bigint AS t{value}"
-        f" FROM ({truth_sql(kind, c, probe_rows=True)}) tr, jsonb_each(tr.state) kv,"
-        f" jsonb_array_elements_text({targets}) t WHERE kv.key IN ({keys})"
+        f"SELECT tr.key, tr.v, tr.t{truth_value} FROM ({truth_entries_sql(only, c)}) tr"
         f" UNION ALL SELECT kv.key, -(kv.value->>0)::bigint, t::bigint{value}"
         f" FROM {c}, jsonb_each({c}.state) kv, jsonb_array_elements_text({targets}) t"
         f" WHERE kv.key IN ({keys})"

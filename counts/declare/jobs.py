@@ -139,10 +139,16 @@ class Job:
                 f" AND (m.payload IS NULL OR {old} IS NULL OR {new} IS NULL"
                 f" OR {self._between(old, new)})"
             )
+        # The gate, an uncorrelated EXISTS over the join (``OFFSET 0`` keeps it from being
+        # pushed inside), is a one-time filter: with no such mark (nearly always) the join is
+        # never started. Without it the planner, which cannot know the mark table holds none,
+        # planned a parallel hash join over every item and paid its workers' start (5 ms) in
+        # every recount, pending flag and exact read.
+        gate = f"EXISTS (SELECT 1 FROM {MARK_TABLE} m WHERE {where})"
         return (
-            f"SELECT r.{q(self.item.pk)} AS id FROM {MARK_TABLE} m"
+            f"SELECT j.id FROM (SELECT r.{q(self.item.pk)} AS id FROM {MARK_TABLE} m"
             f" CROSS JOIN LATERAL unnest(m.ids) WITH ORDINALITY a(id, n), {self._from()}"
-            f" WHERE {where} AND {match}"
+            f" WHERE {where} AND {match} OFFSET 0) j WHERE {gate}"
         )
 
     def trigger_sql(self, operation: str = "update") -> str:

@@ -38,6 +38,7 @@ from django.apps import apps
 from django.conf import settings
 from django.db import connections
 
+from counts.base import prepared
 from counts.base.mark import Kind, where
 from counts.base.names import FRESHNESS_FIELD, MARK_TABLE, literal, q
 from counts.compile.stale_items import adjustment_sql, distinct_adjustment_sql, stale_sql
@@ -46,7 +47,6 @@ from counts.declare.graph import Graph, app_graph
 from counts.declare.kinds import ItemKind, kinds_feeding
 from counts.declare.modes import Full, ledger_key
 from counts.run import aggregate, multiplicity
-from counts.run.marks import pending_sql
 
 #: Stale items per item kind an exact read resolves (``COUNTS_EXACT_BUDGET``).
 BUDGET = 5000
@@ -68,10 +68,18 @@ class ExactRow:
     pending: bool
 
 
-def within_budget_sql(kind: ItemKind, limit: int) -> str:
-    """Whether ``kind`` has at most ``limit`` stale items, counted no further than that: an
-    uncorrelated subquery, which PostgreSQL runs once per statement (an InitPlan)."""
-    return f"((SELECT count(*) FROM ({stale_sql(kind)} LIMIT {int(limit) + 1}) s) <= {int(limit)})"
+def within_budget_sql(kind: ItemKind, stale: str, limit: int) -> str:
+    """Whether the relation ``stale`` (``kind``'s stale items) holds at most ``limit`` rows,
+    counted no further than that. An "every item" mark (a TRUNCATE, a new count's backfill)
+    is over any budget at once: listing every item only to count them cost a second at 10⁶
+    captures, and ``AND`` stops before the count (PostgreSQL runs a subquery of an
+    expression when the expression first needs it)."""
+    every = (
+        f"EXISTS (SELECT 1 FROM {MARK_TABLE} m WHERE m.target = {literal(kind.mark_target)}"
+        f" AND {where(Kind.EVERY_ITEM)})"
+    )
+    count = f"(SELECT count(*) FROM (SELECT 1 FROM {stale} LIMIT {int(limit) + 1}) s)"
+    return f"(NOT {every} AND {count} <= {int(limit)})"
 
 
 def exact_sql(
@@ -93,7 +101,8 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
     fields = cached_count_fields(model)
     specs = {s.column: s for s in graph.specs_for(label)}
     columns = [f.column for f in fields]
-    joins, params, plus, within = _pending_terms(graph, label, pk, columns, limit)
+    joins, params, plus, gates = _pending_terms(graph, label, pk, columns, limit)
+    within = [f"(SELECT b.k{n} FROM budget b)" for n in range(len(gates))]
     # "Every row" marks (a TRUNCATE of counted rows, a backfill the workers carry out): no
     # stored value of the model can be vouched for, and recounting every row is not a read.
     every_row = (
@@ -105,21 +114,34 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
     # with made-up counts) is recounted, and so is every row of a count kept in full while a
     # route mark waits (it may lead to any row): from the truth, in a CTE that runs only if
     # read (PostgreSQL evaluates a WITH query as far as the statement asks for its rows).
-    recount = (
-        f"EXISTS (SELECT 1 FROM {MARK_TABLE} r WHERE r.target = {literal(label)}"
-        f" AND {where(Kind.RECOUNT, 'r')} AND r.ids @> ARRAY[t.{q(pk)}]::bigint[])"
+    # (Probed once per row, in ``rc``: every column reads it.)
+    recount = "rc.recount"
+    joins.append(
+        f"CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM {MARK_TABLE} r"
+        f" WHERE r.target = {literal(label)} AND {where(Kind.RECOUNT, 'r')}"
+        f" AND r.ids @> ARRAY[t.{q(pk)}]::bigint[]) AS recount) rc"
     )
     routed = (
         f"EXISTS (SELECT 1 FROM {MARK_TABLE} r WHERE r.target = {literal(label)}"
         f" AND {where(Kind.ROUTE, 'r')})"
     )
     recounted = [c for c in columns if not getattr(specs[c].mode, "distinct", None)]
-    head, truth_params = "", []
+    ctes, truth_params = [], []
+    if gates:
+        # Each kind's stale items and budget gate, once for the statement: written inline,
+        # each reference was an InitPlan of its own (1-4 ms each, seven at 10⁶ captures).
+        ctes += [f"{name} AS MATERIALIZED ({sql})" for name, sql, _ in gates]
+        ctes.append(
+            "budget AS MATERIALIZED (SELECT "
+            + ", ".join(f"{gate} AS k{n}" for n, (_, _, gate) in enumerate(gates))
+            + ")"
+        )
     if recounted:
         truth, _, truth_params = aggregate.truth_sql(
             model, [specs[c] for c in recounted], connections[using]
         )
-        head = f"WITH truth AS MATERIALIZED ({truth}) "
+        ctes.append(f"truth AS MATERIALIZED ({truth})")
+    head = f"WITH {', '.join(ctes)} " if ctes else ""
     selects = []
     for c in columns:
         read = f"(SELECT f.{q(c)} FROM truth f WHERE f.pk = t.{q(pk)})"
@@ -129,23 +151,38 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
             formula = " + ".join([f"t.{q(c)}", *plus[c]])
             selects.append(f"CASE WHEN {recount} THEN {read} ELSE {formula} END")
         else:
-            # A distinct count: its pairs (invariant M), whatever the stored value says.
+            # A distinct count: stored + pending = its pairs (invariant M), which a row named
+            # by a recount mark counts instead (a count per pair: only when it must).
             pairs = multiplicity.count_sql(ledger_key(specs[c].key), "t", f"t.{q(pk)}")
-            selects.append(" + ".join([pairs, *plus[c][1:]]))
+            flips = plus[c][1:]
+            formula = " + ".join([f"t.{q(c)}", *plus[c]])
+            recounted_pairs = " + ".join([pairs, *flips])
+            selects.append(f"CASE WHEN {recount} THEN {recounted_pairs} ELSE {formula} END")
     ids = aggregate._IDS
-    flags_sql, flags_params = pending_sql(graph, label, ids)
+    # Pending: a worker has a change to store for the row. Its exact counts differ from the
+    # stored ones, it waits for a recount, or the read could not tell (over the budget, an
+    # "every row" mark). Read from the values themselves: probing each stale item's targets
+    # again (the list's flags before exact reads) cost as much as the adjustment.
+    has_full = any(isinstance(specs[c].mode, Full) for c in columns)
+    marked = f"({recount} OR {routed})" if has_full else recount
+    values = ", ".join(f"{s} AS v{i}" for i, s in enumerate(selects))
+    stored = ", ".join(f"t.{q(c)} AS s{i}" for i, c in enumerate(columns))
+    v = ", ".join(f"r.v{i}" for i in range(len(columns)))
+    s = ", ".join(f"r.s{i}" for i in range(len(columns)))
     sql = (
-        f"{head}SELECT t.{q(pk)}, {exact}, t.{q(pk)} IN ({flags_sql}),"
-        f" t.{q(FRESHNESS_FIELD)}, {', '.join(selects)}"
-        f" FROM {q(table)} t {' '.join(joins)} WHERE t.{q(pk)} = ANY(%s::bigint[])"
+        f"{head}SELECT r.pk, r.exact, NOT r.exact OR r.marked OR ROW({v}) IS DISTINCT FROM"
+        f" ROW({s}), r.updated, {v} FROM (SELECT t.{q(pk)} AS pk, {exact} AS exact,"
+        f" {marked} AS marked, t.{q(FRESHNESS_FIELD)} AS updated, {values}, {stored}"
+        f" FROM {q(table)} t {' '.join(joins)} WHERE t.{q(pk)} = ANY(%s::bigint[])) r"
     )
-    # Parameters in text order: the CTE's, then the select list's, then the joins', then ours.
-    return sql, [*truth_params, *flags_params, *params, ids], [f.attname for f in fields]
+    # Parameters in text order: the CTE's, then the joins', then the page's ids.
+    return sql, [*truth_params, *params, ids], [f.attname for f in fields]
 
 
 def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit: int):
     """What waits for the page's rows, as joins to the target table ``t``: ``(joins, their
-    params, {column: terms to add to its stored value}, one budget gate per item kind)``.
+    params, {column: terms to add to its stored value}, one budget gate per item kind, read
+    from the CTE ``budget`` as ``k0``, ``k1``, …)``.
     The first term of every column is its delta marks' amounts."""
     ids = aggregate._IDS
     pending = ", ".join(
@@ -160,19 +197,20 @@ def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit:
     ]
     params: list = [ids, ids]
     plus = {c: [f"coalesce(p.{q(c)}, 0)"] for c in columns}
-    within = []
+    gates = []
     for n, kind in enumerate(kinds_feeding(graph, label)):
         # Over the budget, the kind's stale items are not read at all: the gate is a one-time
-        # filter in front of them, and the row says it is not exact.
-        ok = within_budget_sql(kind, limit)
-        within.append(ok)
+        # filter in front of them, and the row says it is not exact. The stale items are
+        # listed once (``stale{n}``, a CTE) for the gate and both adjustments.
+        ok = f"(SELECT b.k{len(gates)} FROM budget b)"
+        gates.append((f"stale{n}", stale_sql(kind), within_budget_sql(kind, f"stale{n}", limit)))
         for sql_of, parts, prefix in (
             (adjustment_sql, kind.summed_parts(label), "a"),
             (distinct_adjustment_sql, [p for p in kind.parts_for(label) if p.distinct], "d"),
         ):
             if not parts:
                 continue
-            sql, binds = sql_of(kind, label, n)
+            sql, binds = sql_of(kind, label, n, f"SELECT id FROM stale{n}")
             alias = f"{prefix}{n}"
             joins.append(
                 f"LEFT JOIN (SELECT * FROM ({sql}) x WHERE {ok}) {alias} ON {alias}.pk = t.{q(pk)}"
@@ -180,7 +218,7 @@ def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit:
             params += [ids] * binds
             for i, part in enumerate(parts):
                 plus[part.column].append(f"coalesce({alias}.{prefix}{n}_{i}, 0)")
-    return joins, params, plus, within
+    return joins, params, plus, gates
 
 
 def read_exact(
@@ -192,15 +230,29 @@ def read_exact(
     if isinstance(model, str):
         model = apps.get_model(model)
     graph = graph or app_graph()
+    sql, params, attnames = exact_sql(graph, model, budget(), using)
+    bound = [list(ids) if p is aggregate._IDS else p for p in params]
     with connections[using].cursor() as cursor:
-        sql, params, attnames = exact_sql(graph, model, budget(), using)
-        bound = [list(ids) if p is aggregate._IDS else p for p in params]
-        cursor.execute(sql, bound)
-        rows = cursor.fetchall()
+        rows = _run(cursor, sql, bound, using)
     return {
         row[0]: ExactRow(dict(zip(attnames, row[4:], strict=True)), row[3], row[1], row[2])
         for row in rows
     }
+
+
+def _run(cursor, sql: str, bound: list, using: str) -> list[tuple]:
+    """Execute the read as a server-side prepared statement when the connection allows it
+    (``counts.base.prepared``): the statement is a few dozen kilobytes whose planning (14-20 ms
+    at 10⁶ captures) costs more than its execution (2-7 ms with no mark waiting), and its shape
+    depends only on the declarations. After five executions PostgreSQL keeps a generic plan
+    (measured: 20-28 ms, then 4 ms), so a connection that lives (``CONN_MAX_AGE``) plans it five
+    times, not on every page. One statement either way."""
+    hot = prepared.cursor(using)
+    if hot is None:
+        cursor.execute(sql, bound)
+        return cursor.fetchall()
+    hot.execute(sql, bound)
+    return hot.fetchall()
 
 
 def apply_exact(rows: list, using: str = "default", graph: Graph | None = None) -> None:

@@ -287,11 +287,14 @@ def partial_drain(a, b, c):
 
 def read_exact_counts(a, b, c):
     """Read every count exact now, marks pending or not, in the writer's own transaction:
-    each row read as exact equals the truth (issue 24). Rows of a model with an "every row"
-    mark (a TRUNCATE of counted rows) may say they are not exact; nothing else may."""
+    each row read as exact equals the truth (issue 24). After a TRUNCATE ("every row" and
+    "every item" marks) rows may say they are not exact; nothing else may."""
+    every_item = DirtyMark.objects.filter(
+        target__startswith="item:", ids__isnull=True, field__isnull=True
+    ).exists()
     for table, label in LABELS.items():
         want = truth(table)
-        every_row = DirtyMark.objects.filter(target=label, ids__isnull=True).exists()
+        every_row = every_item or DirtyMark.objects.filter(target=label, ids__isnull=True).exists()
         for pk, row in read_exact(label, list(want)).items():
             assert row.exact or every_row, f"{label}#{pk} not exact with no every-row mark"
             if row.exact:

@@ -269,9 +269,10 @@ def test_query_count_does_not_grow_with_the_page(client, db, url):
         assert len(get_ok(client, url, limit=25)["results"]) == 25
 
     assert len(page) == len(one)
-    listing = [q["sql"] for q in page if "django_session" not in q["sql"]]
+    # (A prepared statement's text is not logged: the exact read's entry has none.)
+    listing = [q["sql"] or "" for q in page if "django_session" not in (q["sql"] or "")]
     listing = [sql for sql in listing if 'FROM "auth_user"' not in sql]
-    assert len(listing) == 3  # count, page (both scoped by a subquery), pending marks
+    assert len(listing) == 3  # count, page (both scoped by a subquery), the exact read
 
 
 BAD_PARAMETERS = [

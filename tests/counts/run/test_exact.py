@@ -169,3 +169,16 @@ def test_refresh_counts_reads_the_instances_counts_exact(world, marks):
     assert collection.source_images_count == 4 and collection.counts_exact
     assert collection.counts_pending
     assert SourceImageCollection.objects.get(pk=world.c2.pk).source_images_count == 2  # stored
+
+
+def test_an_every_item_mark_is_over_any_budget(world, marks):
+    """Every capture marked at once (as a new count's backfill leases them): the rows their
+    counts feed say they are not exact (listing every item to count them is not a read),
+    and so are only those rows, until a drain expands the mark."""
+    with connection.cursor() as cursor:
+        Mark("item:monitoring.sourceimage").insert(cursor)
+    got = read_exact(SourceImageCollection, [world.c1.pk, world.c2.pk])
+    assert not any(row.exact for row in got.values())
+    assert all(row.exact for row in read_exact(Project, [world.p1.pk]).values())  # taxa only
+    domain.drain_all()
+    assert_exact()
