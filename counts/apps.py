@@ -26,8 +26,8 @@ class CountsConfig(AppConfig):
 
         self.graph = Graph.build(resolve_all(apps.get_models()))
         notice.install(self.graph)
-        # Function-local for the same reason as the admin's below: the exact read's modules
-        # read the app registry, which is populated only now.
+        # Function-local on purpose: the exact read's modules read the app registry, which is
+        # populated only now (as the admin's below).
         from counts.run.exact import apply_exact
 
         field.read_counts_with(apply_exact)

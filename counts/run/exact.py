@@ -102,20 +102,16 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
     specs = {s.column: s for s in graph.specs_for(label)}
     columns = [f.column for f in fields]
     joins, params, plus, gates = _pending_terms(graph, label, pk, columns, limit)
-    within = [f"(SELECT b.k{n} FROM budget b)" for n in range(len(gates))]
     # "Every row" marks (a TRUNCATE of counted rows, a backfill the workers carry out): no
     # stored value of the model can be vouched for, and recounting every row is not a read.
     every_row = (
         f"EXISTS (SELECT 1 FROM {MARK_TABLE} r WHERE r.target = {literal(label)}"
         f" AND {where(Kind.EVERY_ROW, 'r')})"
     )
-    exact = " AND ".join([f"NOT {every_row}", *within])
-    # A row named by a recount mark (a count kept in full whose rows changed; a row inserted
-    # with made-up counts) is recounted, and so is every row of a count kept in full while a
-    # route mark waits (it may lead to any row): from the truth, in a CTE that runs only if
-    # read (PostgreSQL evaluates a WITH query as far as the statement asks for its rows).
-    # (Probed once per row, in ``rc``: every column reads it.)
-    recount = "rc.recount"
+    exact = " AND ".join(
+        [f"NOT {every_row}", *(f"(SELECT b.k{n} FROM budget b)" for n in range(len(gates)))]
+    )
+    # A row named by a recount mark is probed once, in ``rc``: every column reads it.
     joins.append(
         f"CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM {MARK_TABLE} r"
         f" WHERE r.target = {literal(label)} AND {where(Kind.RECOUNT, 'r')}"
@@ -125,46 +121,14 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
         f"EXISTS (SELECT 1 FROM {MARK_TABLE} r WHERE r.target = {literal(label)}"
         f" AND {where(Kind.ROUTE, 'r')})"
     )
-    recounted = [c for c in columns if not getattr(specs[c].mode, "distinct", None)]
-    ctes, truth_params = [], []
-    if gates:
-        # Each kind's stale items and budget gate, once for the statement: written inline,
-        # each reference was an InitPlan of its own (1-4 ms each, seven at 10⁶ captures).
-        ctes += [f"{name} AS MATERIALIZED ({sql})" for name, sql, _ in gates]
-        ctes.append(
-            "budget AS MATERIALIZED (SELECT "
-            + ", ".join(f"{gate} AS k{n}" for n, (_, _, gate) in enumerate(gates))
-            + ")"
-        )
-    if recounted:
-        truth, _, truth_params = aggregate.truth_sql(
-            model, [specs[c] for c in recounted], connections[using]
-        )
-        ctes.append(f"truth AS MATERIALIZED ({truth})")
-    head = f"WITH {', '.join(ctes)} " if ctes else ""
-    selects = []
-    for c in columns:
-        read = f"(SELECT f.{q(c)} FROM truth f WHERE f.pk = t.{q(pk)})"
-        if isinstance(specs[c].mode, Full):
-            selects.append(f"CASE WHEN {routed} OR {recount} THEN {read} ELSE t.{q(c)} END")
-        elif c in recounted:
-            formula = " + ".join([f"t.{q(c)}", *plus[c]])
-            selects.append(f"CASE WHEN {recount} THEN {read} ELSE {formula} END")
-        else:
-            # A distinct count: stored + pending = its pairs (invariant M), which a row named
-            # by a recount mark counts instead (a count per pair: only when it must).
-            pairs = multiplicity.count_sql(ledger_key(specs[c].key), "t", f"t.{q(pk)}")
-            flips = plus[c][1:]
-            formula = " + ".join([f"t.{q(c)}", *plus[c]])
-            recounted_pairs = " + ".join([pairs, *flips])
-            selects.append(f"CASE WHEN {recount} THEN {recounted_pairs} ELSE {formula} END")
-    ids = aggregate._IDS
+    head, truth_params = _ctes(model, specs, gates, using)
+    selects = [_select(specs[c], pk, plus[c], routed) for c in columns]
     # Pending: a worker has a change to store for the row. Its exact counts differ from the
     # stored ones, it waits for a recount, or the read could not tell (over the budget, an
     # "every row" mark). Read from the values themselves: probing each stale item's targets
     # again (the list's flags before exact reads) cost as much as the adjustment.
     has_full = any(isinstance(specs[c].mode, Full) for c in columns)
-    marked = f"({recount} OR {routed})" if has_full else recount
+    marked = f"(rc.recount OR {routed})" if has_full else "rc.recount"
     values = ", ".join(f"{s} AS v{i}" for i, s in enumerate(selects))
     stored = ", ".join(f"t.{q(c)} AS s{i}" for i, c in enumerate(columns))
     v = ", ".join(f"r.v{i}" for i in range(len(columns)))
@@ -175,8 +139,47 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
         f" {marked} AS marked, t.{q(FRESHNESS_FIELD)} AS updated, {values}, {stored}"
         f" FROM {q(table)} t {' '.join(joins)} WHERE t.{q(pk)} = ANY(%s::bigint[])) r"
     )
-    # Parameters in text order: the CTE's, then the joins', then the page's ids.
-    return sql, [*truth_params, *params, ids], [f.attname for f in fields]
+    # Parameters in text order: the CTEs', then the joins', then the page's ids.
+    return sql, [*truth_params, *params, aggregate._IDS], [f.attname for f in fields]
+
+
+def _ctes(model, specs: dict, gates: list, using: str) -> tuple[str, list]:
+    """The statement's ``WITH``: each kind's stale items and budget gate, once for the
+    statement (written inline, each reference was an InitPlan of its own: 1-4 ms each, seven
+    at 10⁶ captures), and the truth of the counts a recount reads (run only if read)."""
+    ctes, params = [], []
+    if gates:
+        ctes += [f"{name} AS MATERIALIZED ({sql})" for name, sql, _ in gates]
+        ctes.append(
+            "budget AS MATERIALIZED (SELECT "
+            + ", ".join(f"{gate} AS k{n}" for n, (_, _, gate) in enumerate(gates))
+            + ")"
+        )
+    recounted = [s for s in specs.values() if not getattr(s.mode, "distinct", None)]
+    if recounted:
+        truth, _, params = aggregate.truth_sql(model, recounted, connections[using])
+        ctes.append(f"truth AS MATERIALIZED ({truth})")
+    return (f"WITH {', '.join(ctes)} " if ctes else ""), params
+
+
+def _select(spec, pk: str, plus: list[str], routed: str) -> str:
+    """One count's exact value for the row ``t``: stored + ``plus`` (its pending deltas, then
+    its stale items' adjustments). A row named by a recount mark (``rc.recount``: a count kept
+    in full whose rows changed, a row inserted with made-up counts) reads its truth instead,
+    and so does every row of a count kept in full while a route mark waits (it may lead to any
+    row): from the CTE ``truth``, which runs only if a row reads it (PostgreSQL evaluates a
+    WITH query as far as the statement asks for its rows)."""
+    c = spec.column
+    read = f"(SELECT f.{q(c)} FROM truth f WHERE f.pk = t.{q(pk)})"
+    formula = " + ".join([f"t.{q(c)}", *plus])
+    if isinstance(spec.mode, Full):
+        return f"CASE WHEN {routed} OR rc.recount THEN {read} ELSE t.{q(c)} END"
+    if not getattr(spec.mode, "distinct", None):
+        return f"CASE WHEN rc.recount THEN {read} ELSE {formula} END"
+    # A distinct count: stored + pending = its pairs (invariant M), which a row named by a
+    # recount mark counts instead (a count per pair: only when it must).
+    pairs = multiplicity.count_sql(ledger_key(spec.key), "t", f"t.{q(pk)}")
+    return f"CASE WHEN rc.recount THEN {' + '.join([pairs, *plus[1:]])} ELSE {formula} END"
 
 
 def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit: int):
