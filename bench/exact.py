@@ -27,6 +27,7 @@ from django.db import connection, transaction
 from django.test import Client, override_settings
 
 from bench import dataset
+from bench.listing import COUNTS
 from bench.timing import median, ms, ms_list, ratio, stopwatch
 from bench.urls import PATHS, STORED
 from counts.run.notice import quiet
@@ -39,13 +40,6 @@ DETECTIONS, MEMBERS = 1000, 100
 #: five times, then keeps a generic plan (the exact read is one; ``counts.run.exact``), and a
 #: connection lives ``CONN_MAX_AGE`` (60 s), so a page in use is read in that steady state.
 WARMUP = 6
-_COUNTS = (
-    "source_images_count",
-    "source_images_with_detections_count",
-    "source_images_processed_count",
-    "occurrences_count",
-    "taxa_count",
-)
 
 
 def setup(size: int) -> dict:
@@ -68,7 +62,7 @@ def setup(size: int) -> dict:
 
 def _rows(response) -> dict[int, tuple]:
     assert response.status_code == 200, response.content
-    return {r["id"]: tuple(r[c] for c in _COUNTS) for r in response.json()["results"]}
+    return {r["id"]: tuple(r[c] for c in COUNTS) for r in response.json()["results"]}
 
 
 def _sample(client: Client, query: dict, repeats: int) -> dict[str, list[float]]:

@@ -25,7 +25,8 @@ APPROACHES = tuple(PATHS)
 #: Small sets that fill the rest of the page around the big one.
 FILLERS, FILLER_SIZE = 24, 100
 PAGE = 25
-_COUNTS = (
+#: The counts a capture-set row serves, in the order the truth lists them.
+COUNTS = (
     "source_images_count",
     "source_images_with_detections_count",
     "source_images_processed_count",
@@ -55,7 +56,7 @@ def setup(sizes: list[int]) -> dict[int, dict]:
 
 
 def _page(response) -> list[tuple]:
-    return [(row["id"], *(row[c] for c in _COUNTS)) for row in response.json()["results"]]
+    return [(row["id"], *(row[c] for c in COUNTS)) for row in response.json()["results"]]
 
 
 def measure(made: dict[int, dict], repeats: int, log) -> dict:
