@@ -177,10 +177,14 @@ def _fresh_sql(graph: Graph, model, specs, connection) -> tuple[str, list[str], 
     return fresh, columns, params + more
 
 
-def truth_sql(model, specs, connection) -> tuple[str, list[str], list]:
+def truth_sql(
+    model, specs, connection, rows: str = "SELECT unnest(%s::bigint[])"
+) -> tuple[str, list[str], list]:
     """``SELECT pk, <each count of specs>``: the truth of the rows whose ids are bound at
     execution, one grouped subquery per join signature, LEFT JOINed to the target table (a
     distinct count kept through multiplicities reads 0 here: :func:`_formula` reads it).
+    ``rows``: the SQL listing the ids the subqueries count (its one parameter, the bound ids),
+    when only some of them need counting (``counts.run.exact``).
 
     Returns:
         (sql, the count columns in the order selected, params with :data:`_IDS` placeholders)
@@ -195,7 +199,7 @@ def truth_sql(model, specs, connection) -> tuple[str, list[str], list]:
         joined = frozenset().union(*(s.join_signature for s in group))
         annotations = {f"c{i}": _count_expression(s, joined) for i, s in enumerate(group)}
         qs = (
-            model._base_manager.filter(pk__in=RawSQL("SELECT unnest(%s::bigint[])", (_IDS,)))
+            model._base_manager.filter(pk__in=RawSQL(rows, (_IDS,)))
             .order_by()
             .values("pk")
             .annotate(**annotations)

@@ -121,7 +121,20 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
         f"EXISTS (SELECT 1 FROM {MARK_TABLE} r WHERE r.target = {literal(label)}"
         f" AND {where(Kind.ROUTE, 'r')})"
     )
-    head, truth_params = _ctes(model, specs, gates, using)
+    # Only the rows that read it are counted: a recount of every row of the page would cost
+    # what the stored counts exist to avoid (seconds for a set of 500k captures).
+    needs = (
+        f"SELECT x FROM unnest(%s::bigint[]) x WHERE EXISTS (SELECT 1 FROM {MARK_TABLE} r"
+        f" WHERE r.target = {literal(label)} AND ({where(Kind.RECOUNT, 'r')}"
+        f" AND r.ids @> ARRAY[x]::bigint[]"
+        + (
+            f" OR {where(Kind.ROUTE, 'r')}"
+            if any(isinstance(s.mode, Full) for s in specs.values())
+            else ""
+        )
+        + "))"
+    )
+    head, truth_params = _ctes(model, specs, gates, using, needs)
     selects = [_select(specs[c], pk, plus[c], routed) for c in columns]
     # Pending: a worker has a change to store for the row. Its exact counts differ from the
     # stored ones, it waits for a recount, or the read could not tell (over the budget, an
@@ -143,7 +156,7 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
     return sql, [*truth_params, *params, aggregate._IDS], [f.attname for f in fields]
 
 
-def _ctes(model, specs: dict, gates: list, using: str) -> tuple[str, list]:
+def _ctes(model, specs: dict, gates: list, using: str, needs: str) -> tuple[str, list]:
     """The statement's ``WITH``: each kind's stale items and budget gate, once for the
     statement (written inline, each reference was an InitPlan of its own: 1-4 ms each, seven
     at 10⁶ captures), and the truth of the counts a recount reads (run only if read)."""
@@ -157,7 +170,7 @@ def _ctes(model, specs: dict, gates: list, using: str) -> tuple[str, list]:
         )
     recounted = [s for s in specs.values() if not getattr(s.mode, "distinct", None)]
     if recounted:
-        truth, _, params = aggregate.truth_sql(model, recounted, connections[using])
+        truth, _, params = aggregate.truth_sql(model, recounted, connections[using], needs)
         ctes.append(f"truth AS MATERIALIZED ({truth})")
     return (f"WITH {', '.join(ctes)} " if ctes else ""), params
 
