@@ -98,8 +98,9 @@ def exact_sql(
 def _exact_sql(graph: Graph, model, limit: int, using: str):
     meta = model._meta
     label, table, pk = meta.label_lower, meta.db_table, meta.pk.column
-    fields = cached_count_fields(model)
     specs = {s.column: s for s in graph.specs_for(label)}
+    # A count refused by the checks is not in the graph: its column is left as loaded.
+    fields = [f for f in cached_count_fields(model) if f.column in specs]
     columns = [f.column for f in fields]
     joins, params, plus, gates = _pending_terms(graph, label, pk, columns, limit)
     # "Every row" marks (a TRUNCATE of counted rows, a backfill the workers carry out): no
@@ -240,12 +241,16 @@ def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit:
 def read_exact(
     model, ids: list, using: str = "default", graph: Graph | None = None
 ) -> dict[object, ExactRow]:
-    """``{pk: ExactRow}`` for the rows of ``model`` among ``ids`` (those that exist)."""
+    """``{pk: ExactRow}`` for the rows of ``model`` among ``ids`` (those that exist); none for
+    a model none of whose counts the engine keeps (each refused by ``manage.py check``): the
+    caller shows what it loaded and says it is not exact."""
     if not ids:
         return {}
     if isinstance(model, str):
         model = apps.get_model(model)
     graph = graph or app_graph()
+    if model._meta.label_lower not in graph.targets:
+        return {}
     sql, params, attnames = exact_sql(graph, model, budget(), using)
     bound = [list(ids) if p is aggregate._IDS else p for p in params]
     with connections[using].cursor() as cursor:

@@ -182,3 +182,14 @@ def test_an_every_item_mark_is_over_any_budget(world, marks):
     assert all(row.exact for row in read_exact(Project, [world.p1.pk]).values())  # taxa only
     domain.drain_all()
     assert_exact()
+
+
+def test_a_model_whose_counts_the_engine_does_not_keep_is_read_as_loaded(world, marks):
+    """A count refused by the checks is left out of the graph: the read does not fail, it
+    leaves the row as loaded and says the counts are not exact."""
+    from counts.declare.graph import Graph
+    from counts.run.exact import apply_exact
+
+    row = SourceImageCollection.objects.get(pk=world.c1.pk)
+    apply_exact([row], graph=Graph.build([]))
+    assert row.source_images_count == 3 and not row.counts_exact
