@@ -132,13 +132,9 @@ def item_rows(graph: Graph, table: Table, operation: str) -> list[str]:
         first = link.first  # through rows, or an occurrence's detections
         if first is not None and first.table == table:
             sources.setdefault((kind, first.where), set()).update({first.where, first.select})
-        if mode.kind == table and operation != "insert":
+        if mode.kind == table and operation != "insert" and mode.own_columns:
             # An inserted item has no children or memberships yet: nothing to credit.
-            own = set(measure.item_columns)
-            if link.through is None:
-                own.add(link.target_column)
-            if own:
-                sources.setdefault((kind, table.pk), set()).update(own)
+            sources.setdefault((kind, table.pk), set()).update(mode.own_columns)
     selects = []
     for (kind, column), columns in sorted(sources.items()):
         for relation, _sign in _rows(table, frozenset(columns), operation):

@@ -76,7 +76,7 @@ def _truncate_statements(graph: Graph, table: Table, full_routes: list[Route]) -
         # An item table's own TRUNCATE cascades to its children and through rows, whose
         # triggers mark the items; it matters by itself only where it holds the link.
         if isinstance(mode, ItemCount) and (
-            (mode.kind == table and (mode.link.through is None or mode.measure.item_predicate))
+            (mode.kind == table and mode.own_columns)
             or table in (mode.measure.child, *mode.link.tables)
         ):
             kinds.add(mode.mark_target)

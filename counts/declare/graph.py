@@ -153,10 +153,8 @@ class Graph:
                 # steps start link jobs, below.
                 first = mode.link.first
                 feeds = db_table in (mode.measure.child.db_table, first and first.table.db_table)
-                own_link = mode.kind.db_table == db_table and (
-                    mode.link.through is None or mode.measure.item_predicate
-                )
-                if feeds or (own_link and operation != "insert"):
+                own = mode.kind.db_table == db_table and mode.own_columns
+                if feeds or (own and operation != "insert"):
                     labels.add(mode.mark_target)
         labels.update(
             job.kind

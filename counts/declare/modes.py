@@ -233,6 +233,14 @@ class ItemCount:
         """What its item marks name: ``item:<label>`` of the junction."""
         return ITEM_PREFIX + self.kind.label
 
+    @property
+    def own_columns(self) -> frozenset[str]:
+        """The item row's own columns the count reads: its link column (a capture's station)
+        and the columns its measure filters the item on (a book's pages). A write changing
+        one marks the item; none: only the rows below and beside the item matter."""
+        link = frozenset({self.link.target_column}) if self.link.through is None else frozenset()
+        return link | self.measure.item_columns
+
 
 @dataclass(frozen=True)
 class Full:
