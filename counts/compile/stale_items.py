@@ -34,10 +34,7 @@ def stale_sql(kind: ItemKind, only: str = "true") -> str:
     # An "every item" mark (``ids`` NULL: a TRUNCATE, a backfill's lease) makes every item
     # stale, and every item with a ledger (deleted ones included) until a drain expands it.
     # Without one, the gate is a one-time test and neither arm reads a row.
-    every = (
-        f"EXISTS (SELECT 1 FROM {MARK_TABLE} m WHERE m.target = {target}"
-        f" AND {where(Kind.EVERY_ITEM)} AND {only})"
-    )
+    every = every_item_sql(kind, only)
     t = kind.table
     selects += [
         f"SELECT {q(t.pk)} FROM {q(t.db_table)} WHERE {every}",
@@ -45,6 +42,15 @@ def stale_sql(kind: ItemKind, only: str = "true") -> str:
     ]
     selects += [job.pending_items_sql(only) for job in kind.jobs]
     return " UNION ".join(selects)
+
+
+def every_item_sql(kind: ItemKind, only: str = "true") -> str:
+    """Whether an "every item" mark of ``kind`` (passing ``only``) is visible: an uncorrelated
+    ``EXISTS``, which PostgreSQL tests once per statement."""
+    return (
+        f"EXISTS (SELECT 1 FROM {MARK_TABLE} m WHERE m.target = {literal(kind.mark_target)}"
+        f" AND {where(Kind.EVERY_ITEM)} AND {only})"
+    )
 
 
 def _ledger_of_stale(kind: ItemKind) -> str:

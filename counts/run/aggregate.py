@@ -222,6 +222,18 @@ def truth_sql(
     return truth, [c for c, _ in selects], params
 
 
+def pending_deltas_sql(label: str, columns: list[str]) -> str:
+    """``(SELECT pk, <each column>)``: the amounts delta marks queue for the rows of ``label``
+    among the bound ids, summed per row and column. Binds the ids twice."""
+    sums = ", ".join(f"sum(u.d) FILTER (WHERE m.field = {literal(c)}) AS {q(c)}" for c in columns)
+    return (
+        f"(SELECT u.id AS pk, {sums} FROM {MARK_TABLE} m"
+        " CROSS JOIN LATERAL unnest(m.ids, m.deltas) AS u(id, d)"
+        f" WHERE m.target = {literal(label)} AND {where(Kind.DELTA)}"
+        " AND m.ids && %s::bigint[] AND u.id = ANY(%s::bigint[]) GROUP BY u.id)"
+    )
+
+
 def _formula(graph: Graph, label: str, truth: str, columns: list[str]) -> tuple[str, list]:
     """``truth - pending - adjustment`` for the columns kept incrementally, in one statement.
 
@@ -236,13 +248,7 @@ def _formula(graph: Graph, label: str, truth: str, columns: list[str]) -> tuple[
     if not wanted:
         return truth, []
     params: list = []
-    pending = ", ".join(f"sum(u.d) FILTER (WHERE m.field = {literal(c)}) AS {q(c)}" for c in wanted)
-    joins = [
-        f"LEFT JOIN (SELECT u.id AS pk, {pending} FROM {MARK_TABLE} m"
-        " CROSS JOIN LATERAL unnest(m.ids, m.deltas) AS u(id, d)"
-        f" WHERE m.target = {literal(label)} AND {where(Kind.DELTA)}"
-        " AND m.ids && %s::bigint[] AND u.id = ANY(%s::bigint[]) GROUP BY u.id) p ON p.pk = f.pk"
-    ]
+    joins = [f"LEFT JOIN {pending_deltas_sql(label, wanted)} p ON p.pk = f.pk"]
     params += [_IDS, _IDS]
     minus: dict[str, list[str]] = {c: [f"coalesce(p.{q(c)}, 0)"] for c in wanted}
     base = {c: f"f.{q(c)}" for c in columns}
@@ -250,7 +256,7 @@ def _formula(graph: Graph, label: str, truth: str, columns: list[str]) -> tuple[
         for part in kind.parts_for(label):
             if part.distinct and part.column in minus:
                 # Pairs counted by the multiplicities (invariant M): no distinct scan again.
-                base[part.column] = multiplicity.count_sql(part.key, "f")
+                base[part.column] = multiplicity.count_sql(part.key, "f.pk")
         summed = kind.summed_parts(label)
         if not summed:
             continue

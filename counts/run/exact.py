@@ -41,7 +41,12 @@ from django.db import connections
 from counts.base import prepared
 from counts.base.mark import Kind, where
 from counts.base.names import FRESHNESS_FIELD, MARK_TABLE, literal, q
-from counts.compile.stale_items import adjustment_sql, distinct_adjustment_sql, stale_sql
+from counts.compile.stale_items import (
+    adjustment_sql,
+    distinct_adjustment_sql,
+    every_item_sql,
+    stale_sql,
+)
 from counts.declare.field import cached_count_fields
 from counts.declare.graph import Graph, app_graph
 from counts.declare.kinds import ItemKind, kinds_feeding
@@ -74,12 +79,8 @@ def within_budget_sql(kind: ItemKind, stale: str, limit: int) -> str:
     is over any budget at once: listing every item only to count them cost a second at 10⁶
     captures, and ``AND`` stops before the count (PostgreSQL runs a subquery of an
     expression when the expression first needs it)."""
-    every = (
-        f"EXISTS (SELECT 1 FROM {MARK_TABLE} m WHERE m.target = {literal(kind.mark_target)}"
-        f" AND {where(Kind.EVERY_ITEM)})"
-    )
     count = f"(SELECT count(*) FROM (SELECT 1 FROM {stale} LIMIT {int(limit) + 1}) s)"
-    return f"(NOT {every} AND {count} <= {int(limit)})"
+    return f"(NOT {every_item_sql(kind)} AND {count} <= {int(limit)})"
 
 
 def exact_sql(
@@ -192,7 +193,7 @@ def _select(spec, pk: str, plus: list[str], routed: str) -> str:
         return f"CASE WHEN rc.recount THEN {read} ELSE {formula} END"
     # A distinct count: stored + pending = its pairs (invariant M), which a row named by a
     # recount mark counts instead (a count per pair: only when it must).
-    pairs = multiplicity.count_sql(ledger_key(spec.key), "t", f"t.{q(pk)}")
+    pairs = multiplicity.count_sql(ledger_key(spec.key), f"t.{q(pk)}")
     return f"CASE WHEN rc.recount THEN {' + '.join([pairs, *plus[1:]])} ELSE {formula} END"
 
 
@@ -202,16 +203,7 @@ def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit:
     from the CTE ``budget`` as ``k0``, ``k1``, …)``.
     The first term of every column is its delta marks' amounts."""
     ids = aggregate._IDS
-    pending = ", ".join(
-        f"sum(u.d) FILTER (WHERE m.field = {literal(c)}) AS {q(c)}" for c in columns
-    )
-    joins = [
-        f"LEFT JOIN (SELECT u.id AS pk, {pending} FROM {MARK_TABLE} m"
-        " CROSS JOIN LATERAL unnest(m.ids, m.deltas) AS u(id, d)"
-        f" WHERE m.target = {literal(label)} AND {where(Kind.DELTA)}"
-        " AND m.ids && %s::bigint[] AND u.id = ANY(%s::bigint[]) GROUP BY u.id) p"
-        f" ON p.pk = t.{q(pk)}"
-    ]
+    joins = [f"LEFT JOIN {aggregate.pending_deltas_sql(label, columns)} p ON p.pk = t.{q(pk)}"]
     params: list = [ids, ids]
     plus = {c: [f"coalesce(p.{q(c)}, 0)"] for c in columns}
     gates = []
@@ -219,7 +211,7 @@ def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit:
         # Over the budget, the kind's stale items are not read at all: the gate is a one-time
         # filter in front of them, and the row says it is not exact. The stale items are
         # listed once (``stale{n}``, a CTE) for the gate and both adjustments.
-        ok = f"(SELECT b.k{len(gates)} FROM budget b)"
+        ok = f"(SELECT b.k{n} FROM budget b)"
         gates.append((f"stale{n}", stale_sql(kind), within_budget_sql(kind, f"stale{n}", limit)))
         for sql_of, parts, prefix in (
             (adjustment_sql, kind.summed_parts(label), "a"),
@@ -253,15 +245,14 @@ def read_exact(
         return {}
     sql, params, attnames = exact_sql(graph, model, budget(), using)
     bound = [list(ids) if p is aggregate._IDS else p for p in params]
-    with connections[using].cursor() as cursor:
-        rows = _run(cursor, sql, bound, using)
+    rows = _run(sql, bound, using)
     return {
         row[0]: ExactRow(dict(zip(attnames, row[4:], strict=True)), row[3], row[1], row[2])
         for row in rows
     }
 
 
-def _run(cursor, sql: str, bound: list, using: str) -> list[tuple]:
+def _run(sql: str, bound: list, using: str) -> list[tuple]:
     """Execute the read as a server-side prepared statement when the connection allows it
     (``counts.base.prepared``): the statement is a few dozen kilobytes whose planning (14-20 ms
     at 10⁶ captures) costs more than its execution (2-7 ms with no mark waiting), and its shape
@@ -270,10 +261,12 @@ def _run(cursor, sql: str, bound: list, using: str) -> list[tuple]:
     times, not on every page. One statement either way."""
     hot = prepared.cursor(using)
     if hot is None:
-        cursor.execute(sql, bound)
-        return cursor.fetchall()
-    hot.execute(sql, bound)
-    return hot.fetchall()
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, bound)
+            return cursor.fetchall()
+    with hot:
+        hot.execute(sql, bound)
+        return hot.fetchall()
 
 
 def apply_exact(rows: list, using: str = "default", graph: Graph | None = None) -> None:

@@ -37,13 +37,13 @@ def pending_ids(
     all), or an item mark for an item that counts towards them, now or in its ledger."""
     if not ids:
         return set()
-    sql, params = pending_sql(graph or app_graph(), label, ids)
+    sql, params = _pending_sql(graph or app_graph(), label, ids)
     with connections[using].cursor() as cursor:
         cursor.execute(sql, params)
         return {row[0] for row in cursor.fetchall()}
 
 
-def pending_sql(graph: Graph, label: str, ids: list[int]) -> tuple[str, list]:
+def _pending_sql(graph: Graph, label: str, ids: list[int]) -> tuple[str, list]:
     """``SELECT x``: the ids of :func:`pending_ids`, and the statement's parameters."""
     sql = (
         f"SELECT x FROM {MARK_TABLE} m CROSS JOIN LATERAL"
@@ -76,7 +76,7 @@ def flag_pending(rows: list, using: str = "default", graph: Graph | None = None)
     model = type(rows[0])
     meta = model._meta
     ids = [row.pk for row in rows]
-    pending, params = pending_sql(graph or app_graph(), meta.label_lower, ids)
+    pending, params = _pending_sql(graph or app_graph(), meta.label_lower, ids)
     fields = [*cached_count_fields(model), meta.get_field(FRESHNESS_FIELD)]
     columns = ", ".join(f"t.{q(f.column)}" for f in fields)
     pk = q(meta.pk.column)

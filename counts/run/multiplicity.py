@@ -98,12 +98,12 @@ def preview(cursor, deltas: dict[tuple[str, int, int], int], parts: dict, credit
             credits[(part.label, part.column, target)] += flip
 
 
-def count_sql(key: str, alias: str, pk: str | None = None) -> str:
-    """Pairs with a positive multiplicity for the target row ``alias``.pk (a recount's value;
-    ``pk``: another expression for the row's id)."""
+def count_sql(key: str, target_id: str) -> str:
+    """Pairs with a positive multiplicity for the target row whose id is the SQL expression
+    ``target_id`` (a recount's value)."""
     return (
         f"(SELECT count(*) FROM {TABLE} m WHERE m.key = {literal(key)}"
-        f" AND m.target_id = {pk or alias + '.pk'} AND m.n > 0)"
+        f" AND m.target_id = {target_id} AND m.n > 0)"
     )
 
 

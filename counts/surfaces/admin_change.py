@@ -66,8 +66,8 @@ class ChangePageMixin:
         return [recompute, *super().get_urls()]
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
-        """Flag the row pending or not (one query, which also rereads its counts, so the page
-        never says "updated" beside older numbers) and offer "Recompute now"."""
+        """Read the row's counts exact, with its pending flag (one query, so the page never
+        says "updated" beside older numbers), and offer "Recompute now"."""
         if obj is not None and obj.pk is not None and not add:
             apply_exact([obj])
             if self.has_recompute_permission(request):

@@ -43,7 +43,7 @@ from rest_framework.pagination import LimitOffsetPagination
 
 from counts.base.names import FRESHNESS_FIELD
 from counts.declare.field import cached_count_fields
-from counts.run.exact import EXACT_FIELD, apply_exact
+from counts.run.exact import EXACT_FIELD, PENDING_FIELD, apply_exact
 
 try:  # the OpenAPI description of the ordering parameter, when drf-spectacular is installed
     from drf_spectacular.utils import extend_schema_field
@@ -51,10 +51,6 @@ except ImportError:  # pragma: no cover - the schema is documentation only
 
     def extend_schema_field(_schema):
         return lambda target: target
-
-
-#: The per-row flag :class:`CountedListView` sets and :class:`CountedSerializer` serializes.
-PENDING_FIELD = "counts_pending"
 
 
 def counted_fields(model, *leading: str) -> tuple[str, ...]:

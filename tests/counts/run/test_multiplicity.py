@@ -234,7 +234,7 @@ def count_pairs() -> dict[int, int]:
     """:func:`multiplicity.count_sql` for every station."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT d.pk, {multiplicity.count_sql(taxa_key(), 'd')}"
+            f"SELECT d.pk, {multiplicity.count_sql(taxa_key(), 'd.pk')}"
             " FROM (SELECT id AS pk FROM monitoring_deployment) d"
         )
         return dict(cursor.fetchall())
