@@ -40,7 +40,9 @@ from django.db import connection, transaction
 
 import counts
 from bench.timing import median, ms, stopwatch
+from counts.api import drain_until_empty
 from counts.base.names import MARK_TABLE
+from counts.fields import cached_count_fields
 from counts.run.notice import quiet
 
 APP = "counts_testapp"
@@ -146,21 +148,15 @@ def ensure(sizes: list[int], log: Callable[[str], None]) -> list[dict]:
         _sql("VACUUM (ANALYZE)")
         log("shapes: counts.rebuild() of the test app's counts")
         with quiet():
-            counts.rebuild([m for m in apps.get_app_config(APP).get_models() if _counted(m)])
+            models = apps.get_app_config(APP).get_models()
+            counts.rebuild([m for m in models if cached_count_fields(m)])
     _drain()
     return [_present(n) for n in sizes]
 
 
-def _counted(model) -> bool:
-    return any(getattr(f, "is_cached_count", False) for f in model._meta.concrete_fields)
-
-
-def _drain(targets: list[str] | None = None) -> int:
-    """Drain (``targets`` only, or everything) until a batch takes no mark; batches taken."""
-    for n in range(MAX_BATCHES):
-        if counts.drain(targets=targets).empty:
-            return n
-    raise CommandError("the shapes section's drain did not empty")
+def _drain(targets: list[str] | None = None) -> None:
+    """Drain (``targets`` only, or everything) until a batch takes no mark."""
+    drain_until_empty(MAX_BATCHES, targets=targets)
 
 
 def _one(sql: str, params) -> int:
