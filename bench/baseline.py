@@ -74,7 +74,7 @@ def _in(column: str, lo: int | None, hi: int | None) -> str:
 
 #: Occurrences whose score reaches the threshold of their own station's project.
 COUNTED = (
-    "SELECT o.id, o.deployment_id, o.event_id, o.determination_id"
+    "SELECT o.id, o.deployment_id, o.event_id, o.determination_id, d.project_id"
     " FROM monitoring_occurrence o JOIN monitoring_deployment d ON d.id = o.deployment_id"
     " JOIN monitoring_project p ON p.id = d.project_id"
     " WHERE o.determination_score >= p.default_filters_score_threshold"
@@ -122,14 +122,15 @@ def _deployment(lo, hi) -> str:
 def _event(lo, hi) -> str:
     r = lambda c: _in(c, lo, hi)  # noqa: E731
     return (
-        "SELECT t.id, coalesce(c.n, 0), coalesce(dd.n, 0), coalesce(oc.n, 0)"
-        " FROM monitoring_event t"
+        "SELECT t.id, coalesce(c.n, 0), coalesce(dd.n, 0), coalesce(oc.n, 0),"
+        " coalesce(oc.taxa, 0) FROM monitoring_event t"
         " LEFT JOIN (SELECT event_id AS id, count(*) AS n FROM monitoring_sourceimage"
         f"  WHERE {r('event_id')} GROUP BY 1) c ON c.id = t.id"
         " LEFT JOIN (SELECT si.event_id AS id, count(*) AS n FROM monitoring_detection d"
         "  JOIN monitoring_sourceimage si ON si.id = d.source_image_id"
         f"  WHERE d.bbox IS NOT NULL AND {r('si.event_id')} GROUP BY 1) dd ON dd.id = t.id"
-        f" LEFT JOIN (SELECT o.event_id AS id, count(*) AS n FROM ({COUNTED}) o"
+        " LEFT JOIN (SELECT o.event_id AS id, count(*) AS n,"
+        f"  count(DISTINCT o.determination_id) AS taxa FROM ({COUNTED}) o"
         f"  WHERE {r('o.event_id')} GROUP BY 1) oc ON oc.id = t.id"
         f" WHERE {r('t.id')}"
     )
@@ -144,14 +145,39 @@ def _capture(lo, hi) -> str:
     )
 
 
-def _capture_set(lo, hi) -> str:
+def _set_occurrences(where: str) -> str:
+    """``SELECT set_id, occurrence_id, determination_id``: each counted occurrence with a
+    detection on a capture of the set, once per (set, occurrence), for the sets ``where``
+    selects (over ``m.sourceimagecollection_id``)."""
     return (
-        "SELECT t.id, coalesce(m.n, 0), coalesce(m.valid, 0), coalesce(m.anyd, 0)"
+        "SELECT DISTINCT m.sourceimagecollection_id AS set_id, o.id AS occurrence_id,"
+        f" o.determination_id FROM {THROUGH} m"
+        " JOIN monitoring_detection d ON d.source_image_id = m.sourceimage_id"
+        f" JOIN ({COUNTED}) o ON o.id = d.occurrence_id WHERE {where}"
+    )
+
+
+def _capture_set(lo, hi) -> str:
+    r = lambda c: _in(c, lo, hi)  # noqa: E731
+    return (
+        "SELECT t.id, coalesce(m.n, 0), coalesce(m.valid, 0), coalesce(m.anyd, 0),"
+        " coalesce(oc.n, 0), coalesce(oc.taxa, 0)"
         " FROM monitoring_sourceimagecollection t"
         " LEFT JOIN (SELECT m.sourceimagecollection_id AS id, count(*) AS n,"
         "  count(*) FILTER (WHERE x.valid > 0) AS valid, count(*) FILTER (WHERE x.anyd > 0) AS anyd"
         f"  FROM {THROUGH} m LEFT JOIN ({_per_capture('true')}) x ON x.id = m.sourceimage_id"
-        f"  WHERE {_in('m.sourceimagecollection_id', lo, hi)} GROUP BY 1) m ON m.id = t.id"
+        f"  WHERE {r('m.sourceimagecollection_id')} GROUP BY 1) m ON m.id = t.id"
+        " LEFT JOIN (SELECT set_id AS id, count(*) AS n, count(DISTINCT determination_id) AS taxa"
+        f"  FROM ({_set_occurrences(r('m.sourceimagecollection_id'))}) so GROUP BY 1) oc"
+        f" ON oc.id = t.id WHERE {r('t.id')}"
+    )
+
+
+def _project(lo, hi) -> str:
+    return (
+        "SELECT t.id, coalesce(oc.taxa, 0) FROM monitoring_project t"
+        " LEFT JOIN (SELECT o.project_id AS id, count(DISTINCT o.determination_id) AS taxa"
+        f"  FROM ({COUNTED}) o WHERE {_in('o.project_id', lo, hi)} GROUP BY 1) oc ON oc.id = t.id"
         f" WHERE {_in('t.id', lo, hi)}"
     )
 
@@ -166,7 +192,7 @@ TABLES = (
     Table(
         "monitoring.event",
         "monitoring_event",
-        ("captures_count", "detections_count", "occurrences_count"),
+        ("captures_count", "detections_count", "occurrences_count", "taxa_count"),
         _event,
     ),
     Table("monitoring.sourceimage", "monitoring_sourceimage", ("detections_count",), _capture),
@@ -177,9 +203,12 @@ TABLES = (
             "source_images_count",
             "source_images_with_detections_count",
             "source_images_processed_count",
+            "occurrences_count",
+            "taxa_count",
         ),
         _capture_set,
     ),
+    Table("monitoring.project", "monitoring_project", ("taxa_count",), _project),
 )
 
 
@@ -240,9 +269,23 @@ def _capture_states(lo, hi, keys: tuple[str, ...] | None = None) -> str:
     )
 
 
+def _occurrence_sets(lo, hi) -> str:
+    """``SELECT id, ids``: per occurrence of ``(lo, hi]``, the sorted capture sets holding a
+    capture it was detected on."""
+    return (
+        "SELECT d.occurrence_id AS id, array_agg(DISTINCT m.sourceimagecollection_id"
+        " ORDER BY m.sourceimagecollection_id) AS ids FROM monitoring_detection d"
+        f" JOIN {THROUGH} m ON m.sourceimage_id = d.source_image_id"
+        f" WHERE {_in('d.occurrence_id', lo, hi)} GROUP BY 1"
+    )
+
+
 def _occurrence_states(lo, hi, keys: tuple[str, ...] | None = None) -> str:
     """``SELECT item_id, state`` of the counted occurrences in ``(lo, hi]``: 1 to their
-    station and night, and (station, taxon) for the station's distinct taxa."""
+    station, night and capture sets, and (target, taxon) for the distinct taxa of their
+    station, night, project and capture sets."""
+    sets = "'[1]'::jsonb || to_jsonb(s.ids)"
+    determined = "o.determination_id IS NOT NULL"
     state, some = _states(
         {
             key("monitoring.deployment", "occurrences_count"): (
@@ -254,14 +297,31 @@ def _occurrence_states(lo, hi, keys: tuple[str, ...] | None = None) -> str:
                 "jsonb_build_array(1, o.event_id)",
             ),
             key("monitoring.deployment", "taxa_count"): (
-                "o.determination_id IS NOT NULL",
+                determined,
                 "jsonb_build_array(1, o.deployment_id, o.determination_id)",
+            ),
+            key("monitoring.event", "taxa_count"): (
+                f"{determined} AND o.event_id IS NOT NULL",
+                "jsonb_build_array(1, o.event_id, o.determination_id)",
+            ),
+            key("monitoring.project", "taxa_count"): (
+                determined,
+                "jsonb_build_array(1, o.project_id, o.determination_id)",
+            ),
+            key("monitoring.sourceimagecollection", "occurrences_count"): (
+                "s.ids IS NOT NULL",
+                sets,
+            ),
+            key("monitoring.sourceimagecollection", "taxa_count"): (
+                f"{determined} AND s.ids IS NOT NULL",
+                f"{sets} || to_jsonb(o.determination_id)",
             ),
         },
         keys,
     )
     return (
         f"SELECT o.id AS item_id, {state} AS state FROM ({COUNTED}) o"
+        f" LEFT JOIN ({_occurrence_sets(lo, hi)}) s ON s.id = o.id"
         f" WHERE {_in('o.id', lo, hi)} AND ({some})"
     )
 
@@ -279,16 +339,49 @@ KINDS = (
     Kind(OCCURRENCE_KIND, "monitoring_occurrence", _occurrence_states),
     Kind(CAPTURE_KIND, "monitoring_sourceimage", _capture_states),
 )
-TAXA_KEY = key("monitoring.deployment", "taxa_count")
 
 
-def _pairs(lo, hi) -> str:
-    """``SELECT target_id, value, n``: counted occurrences per (station, taxon)."""
-    return (
-        f"SELECT deployment_id AS target_id, determination_id AS value, count(*)::int AS n"
-        f" FROM ({COUNTED}) o WHERE determination_id IS NOT NULL"
-        f" AND {_in('deployment_id', lo, hi)} GROUP BY 1, 2"
+@dataclass(frozen=True)
+class Pairs:
+    """A distinct count's multiplicities: its ledger key, the table its targets are rows of,
+    and ``SELECT target_id, value, n`` (the counted occurrences per target and taxon) over a
+    range of target ids."""
+
+    key: str
+    table: str
+    truth: Callable[[int | None, int | None], str]
+
+
+def _taxa(column: str) -> Callable[[int | None, int | None], str]:
+    """Counted, determined occurrences per (``column`` of the occurrence, taxon)."""
+    return lambda lo, hi: (
+        f"SELECT {column} AS target_id, determination_id AS value, count(*)::int AS n"
+        f" FROM ({COUNTED}) o WHERE determination_id IS NOT NULL AND {column} IS NOT NULL"
+        f" AND {_in(column, lo, hi)} GROUP BY 1, 2"
     )
+
+
+def _set_taxa(lo, hi) -> str:
+    """Counted, determined occurrences per (capture set, taxon)."""
+    where = _in("m.sourceimagecollection_id", lo, hi)
+    return (
+        "SELECT set_id AS target_id, determination_id AS value, count(*)::int AS n"
+        f" FROM ({_set_occurrences(where)}) so WHERE determination_id IS NOT NULL GROUP BY 1, 2"
+    )
+
+
+PAIRS = (
+    Pairs(
+        key("monitoring.deployment", "taxa_count"), "monitoring_deployment", _taxa("deployment_id")
+    ),
+    Pairs(key("monitoring.event", "taxa_count"), "monitoring_event", _taxa("event_id")),
+    Pairs(key("monitoring.project", "taxa_count"), "monitoring_project", _taxa("project_id")),
+    Pairs(
+        key("monitoring.sourceimagecollection", "taxa_count"),
+        "monitoring_sourceimagecollection",
+        _set_taxa,
+    ),
+)
 
 
 # --- the statements: dry (count the differences) and repair (write them) ------------------------
@@ -369,37 +462,36 @@ def repair_ledger(k: Kind, lo=None, hi=None) -> str:
     )
 
 
-def _pairs_diff(lo, hi) -> str:
-    stored = (
-        f"SELECT target_id, value, n FROM {MULTIPLICITY_TABLE} WHERE key = {_lit(TAXA_KEY)}"
+def _stored_pairs(p: Pairs, lo, hi) -> str:
+    return (
+        f"SELECT target_id, value, n FROM {MULTIPLICITY_TABLE} WHERE key = {_lit(p.key)}"
         f" AND {_in('target_id', lo, hi)}"
     )
+
+
+def _pairs_diff(p: Pairs, lo, hi) -> str:
     return (
         "SELECT coalesce(t.target_id, m.target_id) AS target_id,"
         " coalesce(t.value, m.value) AS value, t.n AS new, m.n AS old"
-        f" FROM ({_pairs(lo, hi)}) t FULL JOIN ({stored}) m"
+        f" FROM ({p.truth(lo, hi)}) t FULL JOIN ({_stored_pairs(p, lo, hi)}) m"
         " ON m.target_id = t.target_id AND m.value = t.value"
         " WHERE coalesce(t.n, 0) <> coalesce(m.n, 0) OR m.n = 0"
     )
 
 
-def check_pairs(lo=None, hi=None) -> str:
+def check_pairs(p: Pairs, lo=None, hi=None) -> str:
     """One row: (pairs compared, pairs whose multiplicity differs from the truth)."""
-    stored = (
-        f"SELECT target_id, value, n FROM {MULTIPLICITY_TABLE} WHERE key = {_lit(TAXA_KEY)}"
-        f" AND {_in('target_id', lo, hi)}"
-    )
     return (
         "SELECT count(*), count(*) FILTER (WHERE coalesce(t.n, 0) <> coalesce(m.n, 0)"
-        f" OR m.n = 0) FROM ({_pairs(lo, hi)}) t FULL JOIN ({stored}) m"
+        f" OR m.n = 0) FROM ({p.truth(lo, hi)}) t FULL JOIN ({_stored_pairs(p, lo, hi)}) m"
         " ON m.target_id = t.target_id AND m.value = t.value"
     )
 
 
-def repair_pairs(lo=None, hi=None) -> str:
-    k = _lit(TAXA_KEY)
+def repair_pairs(p: Pairs, lo=None, hi=None) -> str:
+    k = _lit(p.key)
     return (
-        f"WITH d AS MATERIALIZED ({_pairs_diff(lo, hi)}),"
+        f"WITH d AS MATERIALIZED ({_pairs_diff(p, lo, hi)}),"
         f" w AS (INSERT INTO {MULTIPLICITY_TABLE} AS m (key, target_id, value, n)"
         f"  SELECT {k}, target_id, value, new FROM d WHERE new IS NOT NULL"
         "  ON CONFLICT (key, target_id, value) DO UPDATE SET n = EXCLUDED.n RETURNING 1),"
@@ -495,13 +587,14 @@ def run_pass(dry: bool, chunked: bool) -> Pass:
             report.transactions += 1
         report.phases_s[k.kind] = time.perf_counter() - mark
     mark = time.perf_counter()
-    for lo, hi in _bounds("monitoring_deployment", "id", targets):
-        if dry:
-            _pairs_n, drifted = _run(check_pairs(lo, hi))
-        else:
-            (drifted,) = _run(repair_pairs(lo, hi))
-        report.pairs_drifted += drifted
-        report.transactions += 1
+    for p in PAIRS:
+        for lo, hi in _bounds(p.table, "id", targets):
+            if dry:
+                _pairs_n, drifted = _run(check_pairs(p, lo, hi))
+            else:
+                (drifted,) = _run(repair_pairs(p, lo, hi))
+            report.pairs_drifted += drifted
+            report.transactions += 1
     report.phases_s["multiplicities"] = time.perf_counter() - mark
     for t in TABLES:
         mark = time.perf_counter()
