@@ -192,31 +192,36 @@ def _items_pass(
         if swept.differed:
             ledger.drift["ledger"] = swept.differed
         credits = swept.credits
-        for part in kind.parts:
-            if part.distinct and part.key in keys:
-                pairs = _audit_pairs(graph, kind, part, dry_run, credits, using)
-                if pairs:
-                    ledger.drift[f"{part.label}.{part.column} pairs"] = pairs
+        distinct = [p for p in kind.parts if p.distinct and p.key in keys]
+        if distinct:
+            pairs = _audit_pairs(graph, kind, distinct, dry_run, credits, using)
+            for part in distinct:
+                if pairs[part.key]:
+                    ledger.drift[f"{part.label}.{part.column} pairs"] = pairs[part.key]
         for (label, column, target_id), amount in credits.items():
             if amount and label in labels:
                 report.model(label).cells[target_id].add(names.get((label, column), column))
 
 
-def _audit_pairs(graph: Graph, kind, part, dry_run: bool, credits, using: str) -> int:
-    """Bring ``part``'s multiplicities back to the sums of the ledgers (invariant M), crediting
-    the pairs that cross zero (into ``credits`` too); returns the pairs that differed."""
+def _audit_pairs(graph: Graph, kind, parts, dry_run: bool, credits, using: str) -> Counter:
+    """Bring the multiplicities of ``parts`` (distinct counts fed by ``kind``) back to the sums
+    of the ledgers (invariant M), crediting the pairs that cross zero (into ``credits`` too);
+    returns the pairs that differed, per ledger key. One transaction, one read of the ledgers."""
+    keys = [part.key for part in parts]
     with engine_transaction(using) as cursor:
-        pairs = multiplicity.drift(cursor, part.key, kind.mark_target)
+        pairs = multiplicity.drift(cursor, keys, kind.mark_target)
         found: dict = defaultdict(int)
         if dry_run:
             multiplicity.preview(cursor, pairs, kind.parts_by_key, found)
         else:
             multiplicity.add(cursor, pairs, kind.parts_by_key, found)
-            cursor.execute(f"DELETE FROM {multiplicity.TABLE} WHERE key = %s AND n = 0", [part.key])
+            cursor.execute(
+                f"DELETE FROM {multiplicity.TABLE} WHERE key = ANY(%s) AND n = 0", [keys]
+            )
             item_sweep.apply_credits(cursor, graph, found, using)
     for key, amount in found.items():
         credits[key] += amount
-    return len(pairs)
+    return Counter(key for key, _target, _value in pairs)
 
 
 def _ledger_keys(graph: Graph, labels: list[str]) -> dict:
@@ -245,7 +250,8 @@ def _reconcile_model(
     must (a rebuild, a backfill ending its lease): only a lock attempt finds a row a drain is
     still writing, and the held ones are marked again."""
     label = model_report.label
-    statement = aggregate.compile_recompute(graph, label, using)
+    # Ranged: each transaction takes the next ids in key order, a whole range of them.
+    statement = aggregate.compile_recompute(graph, label, using, ranged=True)
     checkpoints.reach("bulk.before_model", label=label)
     last, size = None, min(chunk, FIRST_CHUNK)
     while True:

@@ -32,7 +32,7 @@ from counts.compile.stale_items import adjustment_sql
 from counts.declare.graph import Graph
 from counts.declare.kinds import kinds_feeding
 from counts.declare.modes import incremental_columns
-from counts.declare.spec import Chain, CountSpec
+from counts.declare.spec import REVERSE, Chain, CountSpec
 from counts.run import multiplicity
 
 #: Largest batch one statement recomputes; bigger batches are split.
@@ -47,6 +47,9 @@ class _Ids:
 
 
 _IDS = _Ids()
+#: Placeholders for the least and the greatest bound id, in a ranged statement
+#: (:func:`compile_recompute` with ``ranged``).
+_LO, _HI = _Ids(), _Ids()
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ class RecomputeStatement:
     params: tuple
 
     def bind(self, ids: list[int]) -> list:
-        return [ids if p is _IDS else p for p in self.params]
+        bounds = {_LO: min(ids, default=0), _HI: max(ids, default=0)}
+        return [ids if p is _IDS else bounds.get(p, p) for p in self.params]
 
 
 def _relative(q: Q, prefix: str) -> Q:
@@ -135,20 +139,31 @@ def _groups(specs: tuple[CountSpec, ...]) -> list[list[CountSpec]]:
     return list(by_signature.values())
 
 
-def compile_recompute(graph: Graph, label: str, using: str = "default") -> RecomputeStatement:
+def compile_recompute(
+    graph: Graph, label: str, using: str = "default", ranged: bool = False
+) -> RecomputeStatement:
     """The statement that recomputes every count of ``label``, built once per graph, model and
-    database (kept in ``graph.memo``)."""
-    key = ("recompute", label, using)
+    database (kept in ``graph.memo``).
+
+    ``ranged``: the grouped subqueries read the rows between the batch's least and greatest
+    id, and the children below them by the same bounds on their foreign key; the outer query
+    keeps only the bound ids. The same values, read differently: for a batch that is a whole
+    range of ids, as the bulk passes take them, every table is read by index range instead of
+    one probe per id (5,000 captures' detections at 10^6: 18,000 buffers probed, 186 by range;
+    the statement 85 -> 47 ms). Drains and "Recompute now" bind scattered ids, for which
+    probes are right.
+    """
+    key = ("recompute", label, using, ranged)
     if key not in graph.memo:
-        graph.memo[key] = _compile(graph, label, using)
+        graph.memo[key] = _compile(graph, label, using, ranged)
     return graph.memo[key]
 
 
-def _compile(graph: Graph, label: str, using: str) -> RecomputeStatement:
+def _compile(graph: Graph, label: str, using: str, ranged: bool) -> RecomputeStatement:
     model = apps.get_model(label)
     specs = graph.specs_for(label)
     table, pk = model._meta.db_table, model._meta.pk.column
-    fresh, columns, params = _fresh_sql(graph, model, specs, connections[using])
+    fresh, columns, params = _fresh_sql(graph, model, specs, connections[using], ranged)
     # A dry run reports what the write would change: the same formula, distinct counts read
     # from the multiplicities in both (their drift, and the ledgers', is found by the item
     # pass before this one, ``counts.operate.item_sweep``; reading the base tables here instead
@@ -165,26 +180,29 @@ def _compile(graph: Graph, label: str, using: str) -> RecomputeStatement:
     )
 
 
-def _fresh_sql(graph: Graph, model, specs, connection) -> tuple[str, list[str], list]:
+def _fresh_sql(
+    graph: Graph, model, specs, connection, ranged: bool = False
+) -> tuple[str, list[str], list]:
     """``SELECT pk, <every count>`` to store for the rows whose ids are bound at execution:
     the truth (:func:`truth_sql`), through :func:`_formula` for the counts kept incrementally.
 
     Returns:
         (sql, the count columns in the order selected, params with :data:`_IDS` placeholders)
     """
-    truth, columns, params = truth_sql(model, specs, connection)
+    truth, columns, params = truth_sql(model, specs, connection, ranged=ranged)
     fresh, more = _formula(graph, model._meta.label_lower, truth, columns)
     return fresh, columns, params + more
 
 
 def truth_sql(
-    model, specs, connection, rows: str = "SELECT unnest(%s::bigint[])"
+    model, specs, connection, rows: str = "SELECT unnest(%s::bigint[])", ranged: bool = False
 ) -> tuple[str, list[str], list]:
     """``SELECT pk, <each count of specs>``: the truth of the rows whose ids are bound at
     execution, one grouped subquery per join signature, LEFT JOINed to the target table (a
     distinct count kept through multiplicities reads 0 here: :func:`_formula` reads it).
     ``rows``: the SQL listing the ids the subqueries count (its one parameter, the bound ids),
-    when only some of them need counting (``counts.run.exact``).
+    when only some of them need counting (``counts.run.exact``). ``ranged``: see
+    :func:`compile_recompute` (:data:`_LO` and :data:`_HI` placeholders too).
 
     Returns:
         (sql, the count columns in the order selected, params with :data:`_IDS` placeholders)
@@ -198,12 +216,19 @@ def truth_sql(
     for g, group in enumerate(_groups(tuple(counted))):
         joined = frozenset().union(*(s.join_signature for s in group))
         annotations = {f"c{i}": _count_expression(s, joined) for i, s in enumerate(group)}
-        qs = (
-            model._base_manager.filter(pk__in=RawSQL(rows, (_IDS,)))
-            .order_by()
-            .values("pk")
-            .annotate(**annotations)
-        )
+        if ranged:
+            # By the bounds alone (a row between them that is not bound is counted and then
+            # left out by the outer query): an id list and a range together look like a few
+            # rows to the planner, which then probes per id after all.
+            qs = model._base_manager.filter(**_bounds("pk"))
+            below = _first_relation(model, joined)
+            if below is not None:
+                # One filter() call: the conditions share the relation's join, which the
+                # counts then reuse (an INNER join: a row with no child gets COALESCE's 0).
+                qs = qs.filter(**_bounds(below))
+        else:
+            qs = model._base_manager.filter(pk__in=RawSQL(rows, (_IDS,)))
+        qs = qs.order_by().values("pk").annotate(**annotations)
         sub_sql, sub_params = qs.query.get_compiler(connection=connection).as_sql()
         joins.append(f"LEFT JOIN ({sub_sql}) g{g} ON g{g}.pk = t.{q(pk)}")
         params.extend(sub_params)
@@ -219,7 +244,39 @@ def truth_sql(
         + f" WHERE t.{q(pk)} = ANY(%s::bigint[])"
     )
     params.append(_IDS)
+    if ranged:
+        truth += f" AND t.{q(pk)} BETWEEN %s AND %s"
+        params += [_LO, _HI]
     return truth, [c for c, _ in selects], params
+
+
+def _bounds(lookup: str) -> dict:
+    """``lookup`` between the batch's least and greatest id, as filter() arguments."""
+    return {
+        f"{lookup}__gte": RawSQL("%s::bigint", (_LO,)),
+        f"{lookup}__lte": RawSQL("%s::bigint", (_HI,)),
+    }
+
+
+def _first_relation(model, joined: frozenset[Chain]) -> str | None:
+    """The lookup of the foreign key on the children below the target, when every join of a
+    group starts down one plain reverse foreign key (``captures`` → ``captures__event``): its
+    values are the target's ids, so the batch's bounds hold for it too. None otherwise (an M2M,
+    a forward key, several relations)."""
+    firsts = {chain[0] for chain in joined}
+    if len(firsts) != 1:
+        return None
+    (hop,) = firsts
+    if hop.kind != REVERSE or any(len(c) > 1 and c[1].m2m for c in joined):
+        return None
+    for relation in model._meta.related_objects:
+        if (
+            relation.one_to_many
+            and relation.related_model._meta.db_table == hop.child.db_table
+            and relation.field.column == hop.column
+        ):
+            return f"{relation.name}__{relation.field.name}"
+    return None
 
 
 def pending_deltas_sql(label: str, columns: list[str]) -> str:
