@@ -226,7 +226,9 @@ def credits_sql(kind: ItemKind, changed: str) -> str:
 
     Summed in the statement that wrote the ledgers: a batch's thousands of ledger states never
     travel to Python, only a row per target touched. Keys of counts that no longer exist are
-    left out.
+    left out, and so are entries equal on both sides (they would add and take back the same
+    amount): an item whose one entry changed is not taken apart whole (a new count's backfill
+    spent three quarters of its sweep summing the other counts' unchanged entries to zero).
     """
     keys = ", ".join(literal(p.key) for p in kind.parts)
     distinct = [literal(p.key) for p in kind.parts if p.distinct]
@@ -234,10 +236,12 @@ def credits_sql(kind: ItemKind, changed: str) -> str:
     return (
         f"SELECT e.key, t::bigint, {value if distinct else 'NULL::bigint'},"
         " sum(s.sign * (e.value->>0)::bigint)::bigint"
-        f" FROM {changed} c CROSS JOIN LATERAL (VALUES (c.old, -1), (c.new, 1)) s(state, sign)"
+        f" FROM {changed} c CROSS JOIN LATERAL (VALUES (c.old, -1, c.new), (c.new, 1, c.old))"
+        " s(state, sign, other)"
         " CROSS JOIN LATERAL jsonb_each(coalesce(s.state, '{}'::jsonb)) e"
         f" CROSS JOIN LATERAL jsonb_array_elements_text({entry_targets_sql('e', kind)}) t"
-        f" WHERE e.key IN ({keys}) GROUP BY 1, 2, 3 HAVING sum(s.sign * (e.value->>0)::bigint) <> 0"
+        f" WHERE e.key IN ({keys}) AND e.value IS DISTINCT FROM s.other->e.key"
+        " GROUP BY 1, 2, 3 HAVING sum(s.sign * (e.value->>0)::bigint) <> 0"
         f" UNION ALL SELECT NULL, NULL, NULL, count(*) FROM {changed} n"
     )
 

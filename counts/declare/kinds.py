@@ -9,7 +9,7 @@ items keeps counts exact is ``docs/engine.md`` §2.1-§2.3.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from counts.base.mark import ITEM_PREFIX
 from counts.declare.modes import ItemCount, Link, Measure, ledger_key
@@ -52,6 +52,12 @@ class ItemKind:
     def parts_by_key(self) -> dict[str, Part]:
         """Its counts by ledger key: how a ledger entry is read back."""
         return {p.key: p for p in self.parts}
+
+    def only(self, keys) -> ItemKind:
+        """The same kind with only the counts of ledger ``keys``: what a pass filling some
+        entries reads (a new count's backfill builds its own entries, not every other count's
+        of the kind: a capture's sets for a count of its detections)."""
+        return replace(self, parts=tuple(p for p in self.parts if p.key in set(keys)))
 
     def summed_parts(self, label: str) -> tuple[Part, ...]:
         """The counts of ``label`` that are sums of credits (all but distinct counts)."""

@@ -93,11 +93,12 @@ def _fresh_state(kind: ItemKind, keys: list[str] | None) -> str:
     entries ``keys`` replaced by the truth's, the others kept."""
     if keys is None:
         return "t.state"
-    arr = "ARRAY[" + ", ".join(literal(k) for k in keys) + "]::text[]"
-    return (
-        f"(coalesce(o.state, '{{}}') - {arr}) || (SELECT coalesce(jsonb_object_agg(e.key,"
-        f" e.value), '{{}}') FROM jsonb_each(t.state) e WHERE e.key = ANY({arr}))"
-    )
+    # The truth was read for these keys only (``ItemKind.only``).
+    return f"(coalesce(o.state, '{{}}') - {_keys_array(keys)}) || t.state"
+
+
+def _keys_array(keys: list[str]) -> str:
+    return "ARRAY[" + ", ".join(literal(k) for k in keys) + "]::text[]"
 
 
 def sweep_sql(
@@ -108,7 +109,8 @@ def sweep_sql(
     one
     row: the ids whose ledger differs. One parameter: the item ids, all within ``(lo, hi]``."""
     k = literal(kind.mark_target)
-    truth = truth_sql(kind, "(SELECT unnest(%s::bigint[]) AS id)", within=(lo, hi))
+    read = kind if keys is None else kind.only(keys)
+    truth = truth_sql(read, "(SELECT unnest(%s::bigint[]) AS id)", within=(lo, hi))
     head = (
         f"WITH truth AS ({truth}),"
         f" fresh AS (SELECT t.id, o.state AS old, {_fresh_state(kind, keys)} AS new"
@@ -179,17 +181,22 @@ class Stale:
         cursor.execute(f"DROP TABLE IF EXISTS pg_temp.{STALE_TABLE}")
 
 
-def candidates_sql(kind: ItemKind, lo, hi, stale: str = "") -> str:
+def candidates_sql(kind: ItemKind, lo, hi, stale: str = "", keys: list[str] | None = None) -> str:
     """One row: the items of the range a pass compares (those with a ledger, and those that
     may count), and those of the range whose marks are waiting (``stale``, a ``SELECT id``:
-    their ledgers may lag by design, not drift)."""
+    their ledgers may lag by design, not drift). With ``keys``, only the counts of those
+    ledger keys are looked at: an item whose ledger has none of them and that may not count
+    for them has nothing to compare."""
     k = literal(kind.mark_target)
+    has_key = "" if keys is None else f" AND state ?| {_keys_array(keys)}"
+    counts = kind if keys is None else kind.only(keys)
     # By default the range's stale items: the bounds reach each arm of the union, which then
     # walks the item's key range instead of every item a job could reach.
     stale = stale or f"SELECT id FROM ({stale_sql(kind)}) s WHERE {in_range('s.id', (lo, hi))}"
     return (
         f"SELECT ARRAY(SELECT item_id FROM {LEDGER_TABLE} WHERE kind = {k}"
-        f" AND {in_range('item_id', (lo, hi))} UNION {may_count_sql(kind, lo, hi)} ORDER BY 1),"
+        f" AND {in_range('item_id', (lo, hi))}{has_key} UNION {may_count_sql(counts, lo, hi)}"
+        " ORDER BY 1),"
         f" ARRAY({stale})"
     )
 
@@ -268,7 +275,7 @@ def _chunk(cursor, run: _Pass, lo, hi) -> dict:
     kind, keys, report = run.kind, run.keys, run.report
     credits: dict = defaultdict(int)
     stale_select, params = run.stale.sql(lo, hi)
-    cursor.execute(candidates_sql(kind, lo, hi, stale_select), params)
+    cursor.execute(candidates_sql(kind, lo, hi, stale_select, keys), params)
     ids, stale = cursor.fetchone()
     # A dry run leaves out the items whose marks wait: the drains' business, not drift. A
     # repair takes them too, whatever they look like now: one a drain holds (its ledger row

@@ -66,6 +66,28 @@ def test_a_backfill_replaces_only_its_own_entries():
     assert f"(coalesce(o.state, '{{}}') - ARRAY['{key}']::text[])" in sql
 
 
+def test_a_backfill_reads_only_what_its_own_counts_read():
+    """Filling one count's entries builds those entries, not every count's of the kind: a
+    capture's detections count never reads the capture sets' memberships, and only the
+    captures with a ledger entry of it, or a detection it may count, are candidates."""
+    captures = kind(CAPTURES)
+    detections = next(p for p in captures.parts if p.label == "monitoring.sourceimage")
+    through = "monitoring_sourceimagecollection_images"
+    full = sweep_sql(captures, None, 0, 5000, write=True)
+    keyed = sweep_sql(captures, [detections.key], 0, 5000, write=True)
+    assert through in full and through not in keyed
+    assert "monitoring_detection" in keyed
+    others = [p.key for p in captures.parts if p.key != detections.key]
+    truth = keyed.split(" fresh AS")[0]  # the entries built; credits read any entry
+    assert all(k in full for k in others) and not any(k in truth for k in others)
+
+    def compared(keys):  # the first array: the items compared (the second: the stale ones)
+        return candidates_sql(captures, 0, 5000, "SELECT 1", keys).split("), ARRAY(")[0]
+
+    assert f"state ?| ARRAY['{detections.key}']::text[]" in compared([detections.key])
+    assert "?|" not in compared(None)  # every ledgered item, for a pass over every count
+
+
 def test_items_are_locked_in_one_order_skipping_those_held(monkeypatch):
     seen = []
 
