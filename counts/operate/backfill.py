@@ -141,6 +141,7 @@ def backfill(
             chunk=5 * chunk,
             using=using,
             progress=step,
+            ignored=lease,
         )
         rows += swept.checked
     if recounted:
