@@ -14,6 +14,7 @@ from counts.base.errors import UnknownTargetError
 from counts.run.marks import mark_all
 from project.monitoring.models import Event
 from tests.counts.operate.test_reconciling import write_behind_the_triggers
+from tests.interleave import Harness
 from tests.truth import assert_all_counts_exact, drain_all, mismatches
 
 D, E, S, C = (
@@ -62,4 +63,29 @@ def test_target_rows_sizes_a_pass(world, marks):
     assert sum(rows.values()) == counts.rebuild().checked
     with pytest.raises(UnknownTargetError):
         counts.rebuild("counts_testapp.author")  # a model without counts
+    assert_all_counts_exact()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rebuild_claims_every_row_only_where_it_drops_marks(make_world, marks):
+    """Every row of a model is claimed (a held one marked again) only when the rebuild will
+    delete marks of that model: only a lock attempt finds a row a drain is still writing. A
+    model with no mark is recounted as reconcile does, comparing first: its exact rows are
+    neither locked nor, when someone holds one, marked again."""
+    world = make_world()
+    harness = Harness()
+    try:
+        holder = harness.sql("holder")
+        holder.execute(
+            "UPDATE monitoring_event SET updated_at = now() WHERE id = %s", [world.e2.pk]
+        )
+        counts.rebuild([Event])
+        assert marks.rows() == [], "nothing marked, nothing dropped: nothing to claim"
+        mark_all(E)
+        counts.rebuild([Event])
+        assert [target for target, _ in marks.rows()] == [E], "the held row, marked again"
+        holder.rollback()
+    finally:
+        harness.close()
+    drain_all()
     assert_all_counts_exact()
