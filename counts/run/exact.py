@@ -51,7 +51,7 @@ from counts.declare.field import cached_count_fields
 from counts.declare.graph import Graph, app_graph
 from counts.declare.kinds import ItemKind, kinds_feeding
 from counts.declare.modes import Full, ledger_key
-from counts.run import aggregate, multiplicity
+from counts.run import aggregate, multiplicity, target_truth
 
 #: Stale items per item kind an exact read resolves (``COUNTS_EXACT_BUDGET``).
 BUDGET = 5000
@@ -155,7 +155,7 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
         f" FROM {q(table)} t {' '.join(joins)} WHERE t.{q(pk)} = ANY(%s::bigint[])) r"
     )
     # Parameters in text order: the CTEs', then the joins', then the page's ids.
-    return sql, [*truth_params, *params, aggregate._IDS], [f.attname for f in fields]
+    return sql, [*truth_params, *params, target_truth._IDS], [f.attname for f in fields]
 
 
 def _ctes(model, specs: dict, gates: list, using: str, needs: str) -> tuple[str, list]:
@@ -172,7 +172,7 @@ def _ctes(model, specs: dict, gates: list, using: str, needs: str) -> tuple[str,
         )
     recounted = [s for s in specs.values() if not getattr(s.mode, "distinct", None)]
     if recounted:
-        truth, _, params = aggregate.truth_sql(model, recounted, connections[using], needs)
+        truth, _, params = target_truth.truth_sql(model, recounted, connections[using], needs)
         ctes.append(f"truth AS MATERIALIZED ({truth})")
     return (f"WITH {', '.join(ctes)} " if ctes else ""), params
 
@@ -202,7 +202,7 @@ def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit:
     params, {column: terms to add to its stored value}, one budget gate per item kind, read
     from the CTE ``budget`` as ``k0``, ``k1``, …)``.
     The first term of every column is its delta marks' amounts."""
-    ids = aggregate._IDS
+    ids = target_truth._IDS
     joins = [f"LEFT JOIN {aggregate.pending_deltas_sql(label, columns)} p ON p.pk = t.{q(pk)}"]
     params: list = [ids, ids]
     plus = {c: [f"coalesce(p.{q(c)}, 0)"] for c in columns}
@@ -244,7 +244,7 @@ def read_exact(
     if model._meta.label_lower not in graph.targets:
         return {}
     sql, params, attnames = exact_sql(graph, model, budget(), using)
-    bound = [list(ids) if p is aggregate._IDS else p for p in params]
+    bound = [list(ids) if p is target_truth._IDS else p for p in params]
     rows = _run(sql, bound, using)
     return {
         row[0]: ExactRow(dict(zip(attnames, row[4:], strict=True)), row[3], row[1], row[2])
