@@ -35,7 +35,7 @@ from counts.management.migrations_writer import (
 )
 from counts.operate.status import trigger_states
 from counts.operations import BackfillCounts, SyncCountTriggers
-from counts.run.aggregate import _count_expression
+from counts.run.target_truth import _count_expression
 from tests.engine_app.models import Shelf
 from tests.truth import LABELS, mismatches, triggers_off
 
