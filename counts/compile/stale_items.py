@@ -12,8 +12,6 @@ a target row, without consuming the marks:
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from counts.base.mark import Kind, where
 from counts.base.names import LEDGER_TABLE, MARK_TABLE, MULTIPLICITY_TABLE, literal, q
 from counts.compile.item_sql import entry_targets_sql, truth_entries_sql
@@ -146,7 +144,7 @@ def _stale_entries(
     keys = ", ".join(literal(p.key) for p in parts)
     # The truth of these counts only: the kind's others may read more (a capture's own row and
     # detections, for its station's counts) that these targets never need.
-    only = replace(kind, parts=tuple(parts))
+    only = kind.only(p.key for p in parts)
     value = ", (kv.value->>-1)::bigint AS value" if values else ""
     targets = entry_targets_sql("kv", kind)
     truth_value = ", tr.value" if values else ""

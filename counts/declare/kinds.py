@@ -57,7 +57,8 @@ class ItemKind:
         """The same kind with only the counts of ledger ``keys``: what a pass filling some
         entries reads (a new count's backfill builds its own entries, not every other count's
         of the kind: a capture's sets for a count of its detections)."""
-        return replace(self, parts=tuple(p for p in self.parts if p.key in set(keys)))
+        wanted = set(keys)
+        return replace(self, parts=tuple(p for p in self.parts if p.key in wanted))
 
     def summed_parts(self, label: str) -> tuple[Part, ...]:
         """The counts of ``label`` that are sums of credits (all but distinct counts)."""

@@ -48,7 +48,12 @@ class RecomputeStatement:
     dry_sql: str  # the same without writing
     params: tuple
 
+    #: The bulk passes' form (:func:`compile_recompute`): binds the ids' bounds too.
+    ranged: bool = False
+
     def bind(self, ids: list[int]) -> list:
+        if not self.ranged:  # a drain's statement: no bounds to work out
+            return [ids if p is _IDS else p for p in self.params]
         bounds = {_LO: min(ids, default=0), _HI: max(ids, default=0)}
         return [ids if p is _IDS else bounds.get(p, p) for p in self.params]
 
@@ -91,6 +96,7 @@ def _compile(graph: Graph, label: str, using: str, ranged: bool) -> RecomputeSta
         sql=write,
         dry_sql=dry,
         params=tuple(params),
+        ranged=ranged,
     )
 
 

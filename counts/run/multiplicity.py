@@ -107,16 +107,16 @@ def count_sql(key: str, target_id: str) -> str:
     )
 
 
-def drift(cursor, keys, kind_target: str) -> dict[tuple[str, int, int], int]:
-    """``{(key, target, value): difference}`` of the pairs of the distinct counts ``keys`` (one
-    ledger key or several) whose multiplicity is not the sum of the ledgers (invariant M).
+def drift(cursor, keys: list[str], kind_target: str) -> dict[tuple[str, int, int], int]:
+    """``{(key, target, value): difference}`` of the pairs of the distinct counts ``keys``
+    (ledger keys) whose multiplicity is not the sum of the ledgers (invariant M).
     Reconcile adds each difference with :func:`add` (which credits the pairs crossing zero,
     like a drain) or previews it; added as amounts, so a drain committing meanwhile keeps its
     own change.
 
     One statement, so one snapshot, for every key: the ledgers are read once, not once per
     distinct count (an occurrence feeds four of them; four scans of 1.2M ledgers took 10 s)."""
-    keys = [keys] if isinstance(keys, str) else sorted(keys)
+    keys = sorted(keys)
     # Each key's entry looked up by name (not every entry expanded with jsonb_each).
     entries = ", ".join(f"({literal(k)}, l.state->{literal(k)})" for k in keys)
     wanted = (

@@ -165,7 +165,7 @@ def set_n(station: int, taxon: int, n: int | None) -> None:
 
 def drift() -> dict:
     with connection.cursor() as cursor:
-        return multiplicity.drift(cursor, taxa_key(), OCCURRENCES)
+        return multiplicity.drift(cursor, [taxa_key()], OCCURRENCES)
 
 
 def test_drift_finds_every_pair_whose_n_is_not_the_sum_of_its_ledgers(world):
