@@ -18,7 +18,7 @@ ledgers deleted) — then ``VACUUM (ANALYZE)`` (untimed). Then, in an order rota
   CONFLICT DO UPDATE SET state = state || …``) and adds their amounts to the column;
 - **idle**: no backfill, only the writer below, for ``--backfill-idle`` seconds.
 
-All the while a **writer** thread (its own connection) commits single-row ORM writes the
+All the while a **writer** process (:class:`Writer`) commits single-row ORM writes the
 triggers mark: a detection created on a random capture, then deleted, each its own
 transaction, one after the other. Its commit latencies while a backfill runs are compared with
 those of the idle sample: the p99 of each, and their ratio. After each sample the writer's marks
@@ -28,9 +28,10 @@ are drained and the count's column and the captures' ledgers must equal the trut
 
 from __future__ import annotations
 
+import multiprocessing
 import random
-import threading
 import time
+import traceback
 
 from django.db import connection, connections, transaction
 
@@ -134,37 +135,64 @@ def hand_written(count: Count) -> dict:
             "transactions": chunks}  # fmt: skip
 
 
-class Writer(threading.Thread):
-    """Single-row ORM writes the triggers mark, each committed alone, until stopped:
-    ``samples`` holds ``(started, seconds)`` per commit."""
+class Writer:
+    """Single-row ORM writes the triggers mark, each committed alone, until stopped, in a
+    process of its own: ``samples`` holds ``(started, seconds)`` per commit once stopped.
+
+    A process, as the application's writers are (web workers), not a thread of the bench: a
+    thread shared the GIL with the pass it was measuring, so every statement the pass made
+    waited for the writer's Python to let go (up to a switch interval, 5 ms) and the writer
+    for the pass's, and both figures measured that instead of the database. Forked, so that it
+    runs against the database the section set up; the bench's connections are closed first so
+    the two processes share none.
+    """
 
     def __init__(self, images: list[int], seed: int) -> None:
-        super().__init__(daemon=True)
-        self.images, self.rng = images, random.Random(seed)
-        self.stopping = threading.Event()
+        context = multiprocessing.get_context("fork")
+        self.stopping = context.Event()
+        self._results, sender = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=_write, args=(images, seed, self.stopping, sender), daemon=True
+        )
         self.samples: list[tuple[float, float]] = []
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            with quiet():  # no worker runs: marks are drained by the section itself
-                while not self.stopping.is_set():
-                    image = self.rng.choice(self.images)
-                    started = time.perf_counter()
-                    made = Detection.objects.create(
-                        source_image_id=image, bbox=[1, 2, 3, 4], score=dataset.BENCH_SCORE
-                    )
-                    middle = time.perf_counter()
-                    Detection.objects.filter(pk=made.pk).delete()
-                    ended = time.perf_counter()
-                    self.samples += [(started, middle - started), (middle, ended - middle)]
-        except BaseException as exc:  # reported by the caller
-            self.error = exc
-        finally:
-            connections.close_all()
+    def start(self) -> None:
+        connections.close_all()
+        self.process.start()
+
+    def stop(self) -> None:
+        """Stop the writer and collect its samples; raises what it failed with."""
+        self.stopping.set()
+        self.samples, error = self._results.recv()
+        self.process.join()
+        if error is not None:
+            raise RuntimeError(f"the backfill section's writer failed:\n{error}")
 
     def between(self, start: float, end: float) -> list[float]:
         return [s for at, s in self.samples if start <= at <= end]
+
+
+def _write(images: list[int], seed: int, stopping, sender) -> None:
+    """The writer process's loop (see :class:`Writer`); times by ``time.monotonic``, the
+    clock the bench process reads too."""
+    rng, samples, error = random.Random(seed), [], None
+    try:
+        with quiet():  # no worker runs: marks are drained by the section itself
+            while not stopping.is_set():
+                image = rng.choice(images)
+                started = time.monotonic()
+                made = Detection.objects.create(
+                    source_image_id=image, bbox=[1, 2, 3, 4], score=dataset.BENCH_SCORE
+                )
+                middle = time.monotonic()
+                Detection.objects.filter(pk=made.pk).delete()
+                ended = time.monotonic()
+                samples += [(started, middle - started), (middle, ended - middle)]
+    except BaseException:  # reported by the bench process
+        error = traceback.format_exc()
+    finally:
+        connections.close_all()
+        sender.send((samples, error))
 
 
 def _sample(variant: str, count: Count, images: list[int], idle_s: float, seed: int) -> dict:
@@ -173,7 +201,7 @@ def _sample(variant: str, count: Count, images: list[int], idle_s: float, seed: 
     writer = Writer(images, seed)
     writer.start()
     time.sleep(WARMUP_S)
-    start = time.perf_counter()
+    start = time.monotonic()
     if variant == "engine":
         found = engine(count)
     elif variant == "baseline":
@@ -181,11 +209,8 @@ def _sample(variant: str, count: Count, images: list[int], idle_s: float, seed: 
     else:
         time.sleep(idle_s)
         found = {"seconds": idle_s}
-    end = time.perf_counter()
-    writer.stopping.set()
-    writer.join()
-    if writer.error is not None:
-        raise writer.error
+    end = time.monotonic()
+    writer.stop()
     latencies = writer.between(start, end)
     dataset.drain_all()
     dataset.vacuum(LEDGER_TABLE, "monitoring_detection", "counts_dirtymark")

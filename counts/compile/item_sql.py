@@ -218,19 +218,21 @@ def recompute_sql(kind: ItemKind) -> str:
     )
 
 
-def credits_sql(kind: ItemKind, changed: str) -> str:
+def credits_sql(kind: ItemKind, changed: str, keys: list[str] | None = None) -> str:
     """``SELECT key, target, value, amount``: what the ledgers of the relation ``changed``
     (columns ``old``, ``new``) going from old to new credit, summed per ledger key and target
     (and per counted value, for a distinct count's multiplicity), zero sums left out; then one
     row ``(NULL, NULL, NULL, number of rows in changed)``.
 
     Summed in the statement that wrote the ledgers: a batch's thousands of ledger states never
-    travel to Python, only a row per target touched. Keys of counts that no longer exist are
-    left out, and so are entries equal on both sides (they would add and take back the same
-    amount): an item whose one entry changed is not taken apart whole (a new count's backfill
-    spent three quarters of its sweep summing the other counts' unchanged entries to zero).
+    travel to Python, only a row per target touched. Only the kind's keys are read (``keys``:
+    only those, for a pass that changed no other entry), each looked up in the state rather
+    than every entry taken apart: keys of counts that no longer exist are left out for free,
+    and a new count's backfill reads its one entry, not the five others it leaves alone
+    (measured on a 2,258-capture chunk: 26 ms taking states apart, 6 ms looking one key up).
+    Entries equal on both sides are skipped: they would add and take back the same amount.
     """
-    keys = ", ".join(literal(p.key) for p in kind.parts)
+    wanted = [p.key for p in kind.parts if keys is None or p.key in keys]
     distinct = [literal(p.key) for p in kind.parts if p.distinct]
     value = f"CASE WHEN e.key IN ({', '.join(distinct)}) THEN (e.value->>-1)::bigint END"
     return (
@@ -238,12 +240,18 @@ def credits_sql(kind: ItemKind, changed: str) -> str:
         " sum(s.sign * (e.value->>0)::bigint)::bigint"
         f" FROM {changed} c CROSS JOIN LATERAL (VALUES (c.old, -1, c.new), (c.new, 1, c.old))"
         " s(state, sign, other)"
-        " CROSS JOIN LATERAL jsonb_each(coalesce(s.state, '{}'::jsonb)) e"
+        f" CROSS JOIN LATERAL (SELECT k, s.state -> k FROM unnest({text_array(wanted)}) k)"
+        " e(key, value)"
         f" CROSS JOIN LATERAL jsonb_array_elements_text({entry_targets_sql('e', kind)}) t"
-        f" WHERE e.key IN ({keys}) AND e.value IS DISTINCT FROM s.other->e.key"
+        " WHERE e.value IS NOT NULL AND e.value IS DISTINCT FROM s.other->e.key"
         " GROUP BY 1, 2, 3 HAVING sum(s.sign * (e.value->>0)::bigint) <> 0"
         f" UNION ALL SELECT NULL, NULL, NULL, count(*) FROM {changed} n"
     )
+
+
+def text_array(values: list[str]) -> str:
+    """A SQL ``text[]`` literal of ``values`` (ledger keys: the engine's own names)."""
+    return "ARRAY[" + ", ".join(literal(v) for v in values) + "]::text[]"
 
 
 def entry_targets_sql(entry: str, kind: ItemKind) -> str:
