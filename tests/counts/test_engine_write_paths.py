@@ -339,3 +339,56 @@ def test_rated_reviews_of_long_books_follow_a_books_pages(library, marks):
     Book.objects.filter(pk=library.sense.pk).update(shelf=library.science, pages=None)
     settle()
     assert [value(lib, "rated_long_reviews_count") for lib in libraries] == [0, 1]
+
+
+def test_blurbs_follow_a_has_one_in_the_middle_of_the_path(library, marks):
+    """A has-one (``OneToOneField``: a book's jacket) first in a path and in its middle
+    (shelf ← book ← jacket ← blurb): the jackets are the items, each worth its blurbs, reaching
+    a book directly and a shelf through its book. Written every way a has-one moves."""
+    from counts.apps import graph
+    from tests.engine_app.models import Blurb, Jacket
+
+    for key in ("book.blurbs_count", "shelf.blurbs_count"):
+        spec = next(s for s in graph().specs if s.key.endswith(key))
+        assert spec.mode.mode == "item" and spec.mode.kind.label == "counts_testapp.jacket"
+    books, shelves = (
+        (library.emma, library.origin, library.beagle),
+        (library.fiction, library.science),
+    )
+    emmas = Jacket.objects.create(book=library.emma, color="blue")
+    origins = Jacket.objects.create(book=library.origin)
+    Blurb.objects.bulk_create([Blurb(jacket=emmas), Blurb(jacket=emmas), Blurb(jacket=origins)])
+    settle()
+    assert [value(b, "blurbs_count") for b in books] == [2, 1, 0]
+    assert [value(s, "blurbs_count") for s in shelves] == [2, 1]
+    Blurb.objects.filter(jacket=emmas).first().delete()
+    Blurb.objects.filter(jacket=origins).update(jacket=emmas)  # a blurb moved between jackets
+    settle()
+    assert [value(b, "blurbs_count") for b in books] == [2, 0, 0]
+    emmas.book = library.beagle  # the jacket moved to a book on another shelf
+    emmas.save()
+    settle()
+    assert [value(b, "blurbs_count") for b in books] == [0, 0, 2]
+    assert [value(s, "blurbs_count") for s in shelves] == [0, 2]
+    Book.objects.filter(pk=library.beagle.pk).update(shelf=library.fiction)  # the book moved
+    settle()
+    assert [value(s, "blurbs_count") for s in shelves] == [2, 0]
+    with connection.cursor() as cursor:  # raw SQL: the jacket re-pointed from its own side
+        cursor.execute(
+            "UPDATE counts_testapp_jacket SET book_id = %s WHERE id = %s",
+            [library.emma.pk, emmas.pk],
+        )
+        cursor.execute(
+            "UPDATE counts_testapp_jacket SET book_id = %s WHERE id = %s",
+            [library.beagle.pk, origins.pk],
+        )
+        cursor.execute(
+            "INSERT INTO counts_testapp_blurb (jacket_id, quote) VALUES (%s, '')", [origins.pk]
+        )
+    settle()
+    assert [value(b, "blurbs_count") for b in books] == [2, 0, 1]
+    Jacket.objects.filter(pk=origins.pk).delete()  # cascades to its blurb
+    Book.objects.filter(pk=library.emma.pk).delete()  # cascades to its jacket and blurbs
+    settle()
+    assert [value(s, "blurbs_count") for s in shelves] == [0, 0]
+    assert not Blurb.objects.exists()

@@ -3,6 +3,7 @@
 ```
 Library ─< Shelf ─< Book >─ Author          (book.author: nullable, SET_NULL)
                      ├─< Review             (review.stars: null means "not rated yet")
+                     └── Jacket ─< Blurb    (a has-one: at most one jacket per book)
 Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
 ```
 
@@ -23,6 +24,8 @@ Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
 |   | the one shape kept by a full recount |
 | ``Library.tags_count`` | distinct values at the end of an M2M reached through two FKs: the |
 |   | membership rows are the items, reaching the library through their book and its shelf |
+| ``Book.blurbs_count`` | through a has-one (``OneToOneField``) to the rows below it |
+| ``Shelf.blurbs_count`` | a has-one in the middle of a path of three relations |
 | ``Tag.authors_count`` | distinct authors of the tag's books, filtered by a setting (the |
 |   | shelf's library's threshold): items linked to many targets by an M2M |
 
@@ -69,6 +72,8 @@ class Shelf(models.Model):
     authors_count = CachedCountField("books__author", distinct=True)
     #: A filter on a foreign key's own column: the book's ``author_id``, no join.
     authored_books_count = CachedCountField("books", filter=Q(books__author__isnull=False))
+    #: A has-one in the middle of the path: shelf ← book ← its jacket ← blurbs.
+    blurbs_count = CachedCountField("books__jacket__blurbs")
 
 
 class Book(models.Model):
@@ -81,9 +86,24 @@ class Book(models.Model):
 
     good_reviews_count = CachedCountField("reviews", filter=Q(reviews__stars__gte=4))
     tags_count = CachedCountField("tags")
+    #: Through a has-one (the book's jacket) to its blurbs.
+    blurbs_count = CachedCountField("jacket__blurbs")
 
     class Meta:
         indexes = [models.Index(fields=["shelf", "pages"], name="book_shelf_pages")]
+
+
+class Jacket(models.Model):
+    """A book's dust jacket: at most one per book (a has-one, ``OneToOneField``), carrying the
+    blurbs printed on it."""
+
+    book = models.OneToOneField(Book, on_delete=models.CASCADE, related_name="jacket")
+    color = models.CharField(max_length=20, blank=True)
+
+
+class Blurb(models.Model):
+    jacket = models.ForeignKey(Jacket, on_delete=models.CASCADE, related_name="blurbs")
+    quote = models.CharField(max_length=200, blank=True)
 
 
 class Review(models.Model):

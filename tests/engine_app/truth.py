@@ -49,12 +49,21 @@ TRUTH: dict[str, dict[str, str]] = {
             "SELECT count(*) FROM counts_testapp_book b WHERE b.shelf_id = t.id"
             " AND b.author_id IS NOT NULL"
         ),
+        "blurbs_count": (
+            "SELECT count(*) FROM counts_testapp_blurb x JOIN counts_testapp_jacket j"
+            " ON j.id = x.jacket_id JOIN counts_testapp_book b ON b.id = j.book_id"
+            " WHERE b.shelf_id = t.id"
+        ),
     },
     "counts_testapp_book": {
         "good_reviews_count": (
             "SELECT count(*) FROM counts_testapp_review r WHERE r.book_id = t.id AND r.stars >= 4"
         ),
         "tags_count": "SELECT count(*) FROM counts_testapp_tag_books m WHERE m.book_id = t.id",
+        "blurbs_count": (
+            "SELECT count(*) FROM counts_testapp_blurb x JOIN counts_testapp_jacket j"
+            " ON j.id = x.jacket_id WHERE j.book_id = t.id"
+        ),
     },
     "counts_testapp_tag": {
         "books_count": "SELECT count(*) FROM counts_testapp_tag_books m WHERE m.tag_id = t.id",

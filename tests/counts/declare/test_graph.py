@@ -39,10 +39,11 @@ def app_specs():
     return [s for s in graph().specs if s.target.label.startswith(f"{APP}.")]
 
 
-def test_the_test_app_declares_fourteen_counts_on_four_models():
+def test_the_test_app_declares_sixteen_counts_on_four_models():
     assert [s.key for s in app_specs()] == [
         f"{APP}.book.good_reviews_count",
         f"{APP}.book.tags_count",
+        f"{APP}.book.blurbs_count",
         f"{APP}.library.reviews_count",
         f"{APP}.library.rated_long_reviews_count",
         f"{APP}.library.notable_reviews_count",
@@ -51,6 +52,7 @@ def test_the_test_app_declares_fourteen_counts_on_four_models():
         f"{APP}.shelf.long_books_count",
         f"{APP}.shelf.authors_count",
         f"{APP}.shelf.authored_books_count",
+        f"{APP}.shelf.blurbs_count",
         f"{APP}.tag.books_count",
         f"{APP}.tag.rated_books_count",
         f"{APP}.tag.authors_count",
@@ -168,6 +170,9 @@ def test_each_table_is_watched_for_the_operations_that_change_a_count():
         | {("counts_testapp_library", "update"), ("counts_testapp_library", "truncate")}
         # Shelves: the books' target row for their counts, and on the library's reviews path.
         | {("counts_testapp_shelf", op) for op in changing_rows}
+        # The blurbs, counted, and the jackets holding them: a book's has-one.
+        | {("counts_testapp_jacket", op) for op in changing_rows}
+        | {("counts_testapp_blurb", op) for op in changing_rows}
     )
     root = [r for r in graph().routes["counts_testapp_shelf"] if r.reached_by == ROOT]
     assert [r.columns for r in root] == [frozenset({"library_id"})]
