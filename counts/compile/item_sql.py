@@ -240,13 +240,23 @@ def credits_sql(kind: ItemKind, changed: str, keys: list[str] | None = None) -> 
         " sum(s.sign * (e.value->>0)::bigint)::bigint"
         f" FROM {changed} c CROSS JOIN LATERAL (VALUES (c.old, -1, c.new), (c.new, 1, c.old))"
         " s(state, sign, other)"
-        f" CROSS JOIN LATERAL (SELECT k, s.state -> k FROM unnest({text_array(wanted)}) k)"
-        " e(key, value)"
+        f" CROSS JOIN LATERAL {entries_sql('s.state', wanted)} e(key, value)"
         f" CROSS JOIN LATERAL jsonb_array_elements_text({entry_targets_sql('e', kind)}) t"
         " WHERE e.value IS NOT NULL AND e.value IS DISTINCT FROM s.other->e.key"
         " GROUP BY 1, 2, 3 HAVING sum(s.sign * (e.value->>0)::bigint) <> 0"
         f" UNION ALL SELECT NULL, NULL, NULL, count(*) FROM {changed} n"
     )
+
+
+def entries_sql(state: str, keys: list[str]) -> str:
+    """The entries of ``keys`` in the ledger state ``state`` (an SQL expression), as a relation
+    of rows ``(key, value)`` for a ``LATERAL`` join; ``value`` is NULL where the state has no
+    such entry. Each is looked up by name: ``jsonb_each`` would take apart every entry of the
+    state, most of them of counts the reader does not want."""
+    if not keys:
+        return "(SELECT NULL::text, NULL::jsonb WHERE false)"
+    rows = ", ".join(f"({literal(k)}, {state} -> {literal(k)})" for k in keys)
+    return f"(VALUES {rows})"
 
 
 def text_array(values: list[str]) -> str:
@@ -255,7 +265,7 @@ def text_array(values: list[str]) -> str:
 
 
 def entry_targets_sql(entry: str, kind: ItemKind) -> str:
-    """The target ids of a ledger entry ``entry`` (``jsonb_each`` row) as a jsonb array."""
+    """The target ids of a ledger entry ``entry`` (a row ``(key, value)``) as a jsonb array."""
     distinct = [literal(p.key) for p in kind.parts if p.distinct]
     if not distinct:
         return f"{entry}.value - 0"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from counts.base.mark import Kind, where
 from counts.base.names import LEDGER_TABLE, MARK_TABLE, MULTIPLICITY_TABLE, literal, q
-from counts.compile.item_sql import entry_targets_sql, truth_entries_sql
+from counts.compile.item_sql import entries_sql, entry_targets_sql, truth_entries_sql
 from counts.declare.kinds import ItemKind
 
 
@@ -141,7 +141,6 @@ def _stale_entries(
         f" LEFT JOIN LATERAL {_ledger_of_stale(kind)} l ON true"
         f" WHERE l.state IS NOT NULL OR {' OR '.join(related)}"
     )
-    keys = ", ".join(literal(p.key) for p in parts)
     # The truth of these counts only: the kind's others may read more (a capture's own row and
     # detections, for its station's counts) that these targets never need.
     only = kind.only(p.key for p in parts)
@@ -151,8 +150,8 @@ def _stale_entries(
     entries = (
         f"SELECT tr.key, tr.v, tr.t{truth_value} FROM ({truth_entries_sql(only, c)}) tr"
         f" UNION ALL SELECT kv.key, -(kv.value->>0)::bigint, t::bigint{value}"
-        f" FROM {c}, jsonb_each({c}.state) kv, jsonb_array_elements_text({targets}) t"
-        f" WHERE kv.key IN ({keys})"
+        f" FROM {c} CROSS JOIN LATERAL {entries_sql(f'{c}.state', [p.key for p in parts])}"
+        f" kv(key, value), jsonb_array_elements_text({targets}) t WHERE kv.value IS NOT NULL"
     )
     return f"WITH {c} AS MATERIALIZED ({candidates})", entries, binds
 
@@ -170,10 +169,11 @@ def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
             f"SELECT x.t FROM {stale} CROSS JOIN LATERAL (SELECT {col} AS t"
             f" FROM {rows} WHERE {where} = s.id AND {col} = ANY(%s::bigint[]) OFFSET 0) x"
         )
-    keys = ", ".join(literal(p.key) for p in kind.parts_for(label))
+    keys = [p.key for p in kind.parts_for(label)]
     selects.append(
-        f"SELECT t::bigint FROM {stale} CROSS JOIN LATERAL {_ledger_of_stale(kind)} l,"
-        f" jsonb_each(l.state) kv, jsonb_array_elements_text({entry_targets_sql('kv', kind)}) t"
-        f" WHERE kv.key IN ({keys}) AND t::bigint = ANY(%s::bigint[])"
+        f"SELECT t::bigint FROM {stale} CROSS JOIN LATERAL {_ledger_of_stale(kind)} l"
+        f" CROSS JOIN LATERAL {entries_sql('l.state', keys)} kv(key, value),"
+        f" jsonb_array_elements_text({entry_targets_sql('kv', kind)}) t"
+        " WHERE kv.value IS NOT NULL AND t::bigint = ANY(%s::bigint[])"
     )
     return " UNION ".join(selects), len(selects)

@@ -21,7 +21,7 @@ from django.db import connection
 
 from counts.apps import graph
 from counts.base.mark import Kind, Mark, where
-from counts.compile.item_sql import entry_targets_sql
+from counts.compile.item_sql import entries_sql, entry_targets_sql
 from counts.compile.stale_items import adjustment_sql, pending_targets_sql, stale_sql
 from project.monitoring.models import Deployment, Project, SourceImage
 from tests.truth import drain_all
@@ -200,9 +200,11 @@ def test_pending_targets_read_stale_items_links_and_their_ledger_entries():
             ) in sql
         ledger = f"l.kind = '{k.mark_target}' AND l.item_id = s.id LIMIT 1) l"
         assert ledger in sql, "the stale item's ledger, probed by its key"
-        assert " IN (" not in sql.split("kv.key IN")[0], "no semi-join the planner may hash"
-        keys = ", ".join(f"'{p.key}'" for p in k.parts_for(label))  # distinct counts too
-        assert f"kv.key IN ({keys}) AND t::bigint = ANY(%s::bigint[])" in sql
+        assert " IN (SELECT" not in sql, "no semi-join the planner may hash"
+        # The entries of the label's counts (distinct ones too), each looked up by its key.
+        keys = [p.key for p in k.parts_for(label)]
+        assert f"{entries_sql('l.state', keys)} kv(key, value)" in sql
+        assert "WHERE kv.value IS NOT NULL AND t::bigint = ANY(%s::bigint[])" in sql
         # A distinct entry [1, target, value] names its target, never its value.
         assert f"jsonb_array_elements_text({entry_targets_sql('kv', k)}) t" in sql
 
