@@ -117,6 +117,25 @@ class Hot:
         return self._cursor
 
 
+def arrays(cursor_, params: list) -> list:
+    """``params`` with each list of integers in the form ``cursor_`` binds fastest: as it is
+    for the prepared cursor (sent in binary); as the array's text for Django's cursor, which
+    binds on the client and quotes a list element by element (a regular expression each): a
+    bulk pass's 2,300-id arrays, four or five a chunk, spent 2.4 s of a 22 s backfill at 10⁶
+    being quoted. The SQL casts them (``%s::bigint[]``) either way."""
+    if psycopg is not None and isinstance(getattr(cursor_, "cursor", cursor_), _PreparingCursor):
+        return params
+    # Lists of ids and amounts only: the first element tells (a list mixing in anything else
+    # would fail its cast, loudly).
+    return [
+        "{" + ",".join(map(str, p)) + "}" if isinstance(p, list) and _ints(p) else p for p in params
+    ]
+
+
+def _ints(values: list) -> bool:
+    return not values or (type(values[0]) is int and type(values[-1]) is int)
+
+
 def of(cursor_, ids: int = 0):
     """The cursor to run a hot statement binding ``ids`` ids on: the engine transaction's
     prepared cursor when it has one (``engine_transaction`` attaches a :class:`Hot`) and the

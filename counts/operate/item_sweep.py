@@ -43,6 +43,7 @@ from django.db import connections
 
 from counts.base import checkpoints
 from counts.base.names import LEDGER_TABLE, MARK_TABLE, literal, q
+from counts.base.prepared import arrays
 from counts.compile.item_sql import credits_sql, hoisted, in_range, text_array, truth_sql
 from counts.compile.stale_items import stale_sql
 from counts.declare.graph import Graph
@@ -320,14 +321,14 @@ def _chunk(cursor, run: _Pass, lo, hi) -> dict:
     else:
         # Compared first, in a plain read: only the items that differ are locked and written
         # (at rest, none), so a pass over an exact database writes nothing, not a row lock.
-        cursor.execute(sweep_sql(kind, keys, lo, hi, write=False, ids=True), [ids])
+        cursor.execute(sweep_sql(kind, keys, lo, hi, write=False, ids=True), arrays(cursor, [ids]))
         differ = cursor.fetchone()[0]
         report.differed += len(set(differ) - set(stale))
         if not differ:
             return credits
     parts = kind.parts_by_key
     if run.dry_run:
-        cursor.execute(sweep_sql(kind, keys, lo, hi, write=False), [differ])
+        cursor.execute(sweep_sql(kind, keys, lo, hi, write=False), arrays(cursor, [differ]))
         pairs, _changed = credit(kind, cursor.fetchall(), credits)
         multiplicity.preview(cursor, pairs, parts, credits)
         return credits
@@ -340,7 +341,7 @@ def _chunk(cursor, run: _Pass, lo, hi) -> dict:
     if locked:
         # A later statement than the lock's: a fresh snapshot, which sees every change whose
         # mark the previous holder of these locks consumed (``counts.run.items``).
-        cursor.execute(sweep_sql(kind, keys, lo, hi, write=True), [locked])
+        cursor.execute(sweep_sql(kind, keys, lo, hi, write=True), arrays(cursor, [locked]))
         pairs, changed = credit(kind, cursor.fetchall(), credits)
         if run.lock_all:
             report.differed += changed

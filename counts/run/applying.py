@@ -75,7 +75,9 @@ def lock_and_apply_all(cursor, batches) -> dict[str, set[int]]:
     if not parts:
         return {}
     hot = prepared.of(cursor, max(len(p) for p in params))
-    hot.execute(f"WITH {', '.join(parts)} {' UNION ALL '.join(selects)}", params)
+    hot.execute(
+        f"WITH {', '.join(parts)} {' UNION ALL '.join(selects)}", prepared.arrays(hot, params)
+    )
     written: dict[str, set[int]] = {statement.label: set() for statement, _ in batches}
     for k, pk in hot.fetchall():
         written[batches[k][0].label].add(pk)

@@ -51,7 +51,7 @@ def lock_items(cursor, kind: ItemKind, ids: list[int], wait: bool = False) -> li
         f"WITH wanted AS NOT MATERIALIZED (SELECT {literal(kind.mark_target)}::varchar AS kind,"
         f" id AS item_id FROM unnest(%s::bigint[]) id), {_lock_ctes('wanted', wait)}"
         " SELECT item_id FROM made UNION SELECT item_id FROM held ORDER BY 1",
-        [ids],
+        prepared.arrays(hot, [ids]),
     )
     return [row[0] for row in hot.fetchall()]
 

@@ -62,7 +62,7 @@ def recompute(cursor, kind: ItemKind, ids: list[int], credits, locked: list[int]
     if not locked:
         return result
     hot = prepared.of(cursor, len(locked))
-    hot.execute(recompute_sql(kind), [locked, locked])
+    hot.execute(recompute_sql(kind), prepared.arrays(hot, [locked, locked]))
     pairs, result.changed = credit(kind, hot.fetchall(), credits)
     multiplicity.add(cursor, pairs, kind.parts_by_key, credits)
     return result

@@ -71,3 +71,19 @@ def test_a_failed_drain_leaves_the_next_one_working(world, marks):
         raise RuntimeError("the caller fails after the drain")
     one_detection_per_drain(world, 2)
     assert_all_counts_exact()
+
+
+@pytest.mark.django_db
+def test_arrays_reach_the_server_whole_on_either_cursor():
+    """Lists of ids travel as the array's text on Django's cursor (quoted once, not element by
+    element), as lists on the prepared one; the server reads the same array either way."""
+    from counts.base import prepared
+
+    big = [2**40, 7, 0, -3]
+    with transaction.atomic(), connection.cursor() as cursor:
+        for on in (cursor, prepared.cursor()):
+            sent = prepared.arrays(on, [big, [], "text", [1.5]])
+            assert sent[2:] == ["text", [1.5]], "only lists of integers change"
+            on.execute("SELECT %s::bigint[], %s::bigint[]", sent[:2])
+            assert on.fetchone() == (big, [])
+        assert prepared.arrays(cursor, [big])[0] == "{1099511627776,7,0,-3}"
