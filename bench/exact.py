@@ -27,7 +27,7 @@ from django.db import connection, transaction
 from django.test import Client, override_settings
 
 from bench import dataset
-from bench.listing import COUNTS
+from bench.listing import COUNTS, bench_client
 from bench.timing import median, ms, ms_list, ratio, stopwatch
 from bench.urls import PATHS, STORED
 from counts.run.notice import quiet
@@ -122,7 +122,7 @@ def _marks() -> dict[str, int]:
 
 def measure(size: int, repeats: int, log: Callable[[str], None]) -> dict:
     info = setup(size)
-    client = Client()
+    client = bench_client()
     query = {"project_id": info["project"], "limit": PAGE}
     overrides = {"ROOT_URLCONF": "bench.urls", "DEBUG": False, "ALLOWED_HOSTS": ["testserver"]}
     out: dict = {"size": size, "page_size": PAGE, "repeats": repeats}
