@@ -25,6 +25,7 @@ from django.db import connections
 
 from counts.base.mark import Kind, where
 from counts.base.names import FRESHNESS_FIELD, MARK_TABLE, literal, q
+from counts.base.prepared import arrays
 from counts.compile.stale_items import adjustment_sql
 from counts.declare.graph import Graph
 from counts.declare.kinds import kinds_feeding
@@ -252,7 +253,7 @@ def run(cursor, statement: RecomputeStatement, ids: list[int], *, write: bool) -
     for start in range(0, len(ids), STATEMENT_IDS):
         chunk = ids[start : start + STATEMENT_IDS]
         sql = statement.sql if write else statement.dry_sql
-        cursor.execute(sql, statement.bind(chunk))
+        cursor.execute(sql, arrays(cursor, statement.bind(chunk)))
         for row in cursor.fetchall():
             changes.append(
                 Change(
