@@ -196,14 +196,29 @@ def recompute_pending(*args, **kwargs) -> None:
     _redis_quietly(debounce.release, key, token)
     try:
         drain_label(label, fan_out=True)
-    except Exception:
-        if _will_retry():
-            # Take the key back for the retry, which frees it again when it starts: writers
-            # (whom the draining flag held back so far) see a message scheduled and send none,
-            # so a failing drain does not collect one more message per debounce window.
-            ttl = _RETRIES["max_backoff"] + settings.COUNTS_DEBOUNCE_MARGIN_MS
-            _redis_quietly(debounce.reclaim, key, token, ttl)
+    except Exception as exc:
+        if _will_retry() and not _keep_for_retry(key, token):
+            # A writer sent a message of its own meanwhile (the attempt outlived the flag's
+            # promise, waiting on a lock): that message drains these marks. Retrying this one
+            # too would leave two messages retrying side by side, one more per attempt.
+            logger.warning(
+                "drain of %s failed (%s); the message sent since takes over", label, first_line(exc)
+            )
+            return
         raise
+
+
+def _keep_for_retry(key: str, token: str) -> bool:
+    """Take the debounce key back for this message's retry, which frees it again when it
+    starts: writers (whom the draining flag held back so far) see a message scheduled and send
+    none, so a failing drain does not collect one more message per debounce window. False when
+    another message holds the key by now; True (retry) when Redis cannot say."""
+    ttl = _RETRIES["max_backoff"] + settings.COUNTS_DEBOUNCE_MARGIN_MS
+    try:
+        return debounce.reclaim(key, token, ttl)
+    except redis.RedisError as exc:
+        logger.warning("redis unavailable during drain: %s", exc)
+        return True
 
 
 def _will_retry() -> bool:
