@@ -131,7 +131,7 @@ def _stale_entries(
         rows, item_col, target_col = link.rows_sql(kind.table)
         related.append(
             f"EXISTS (SELECT 1 FROM {rows} WHERE {item_col} = s.id"
-            f" AND {target_col} = ANY(%s::bigint[]))"
+            f" AND {target_col} = ANY(%s::bigint[]) OFFSET 0)"
         )
         binds += 1
     # The candidates with their ledgers, materialized once: the truth and the ledger side both
