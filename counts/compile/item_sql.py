@@ -81,7 +81,8 @@ def _value(p, measures: dict) -> str:
     if m.item_predicate:
         # Written over ``r``; the item row is ``j`` here. A row gone reads as failing.
         on_item = m.item_predicate.replace('r."', 'j."')
-        value = f"(CASE WHEN {on_item} THEN {value} ELSE 0 END)"
+        other = measures[(m.child.db_table, m.fk, m.otherwise, m.exists)] if m.otherwise else 0
+        value = f"(CASE WHEN {on_item} THEN {value} ELSE {other} END)"
     return value
 
 
@@ -96,8 +97,9 @@ def _measure_joins(kind: ItemKind, within: tuple | None) -> tuple[list[str], dic
     for p in kind.parts:
         m = p.measure
         slot = children.setdefault((m.child.db_table, m.fk), [])
-        if m.predicate not in slot:
-            slot.append(m.predicate)
+        for predicate in (m.predicate, m.otherwise) if m.otherwise else (m.predicate,):
+            if predicate not in slot:
+                slot.append(predicate)
         if p.setting is not None:
             settings.setdefault((m.child.db_table, m.fk), p.setting)
     for c, ((table, fk), preds) in enumerate(sorted(children.items())):

@@ -18,9 +18,10 @@ from django.db import connections
 from django.db.models import F, Q
 
 from counts.base.names import q
-from counts.declare.conditions import has_f, relative, row_predicate, split
+from counts.declare.conditions import Split, has_f, relative, row_predicate, split
 from counts.declare.lookups import lookups
 from counts.declare.modes import (
+    FALSE,
     Full,
     ItemCount,
     Link,
@@ -124,23 +125,33 @@ def _item_hops(spec) -> Mode:
         return Full("its path crosses a relation that can reach a counted row twice")
     if start and not _pairs_unique(above[:2]):
         return Full("its path crosses an M2M through a model that can link a pair twice")
-    conditions = on_items = None
+    parts = Split(None, True, False)
     if spec.filter is not None:
         parts = split(spec.filter, spec.path + "__", spec.path.rsplit("__", 1)[0] + "__")
         if isinstance(parts, str) or counted != spec.counted:
             return Full(parts if isinstance(parts, str) else "its filter reads the M2M's far rows")
-        conditions, on_items = parts
     kind = last.parent
+    child = _model(last.child)
     try:
-        predicate = row_predicate(_model(last.child), conditions)
-        item_predicate = row_predicate(_model(kind), on_items)
+        predicate = _counted_sql(child, parts.when_true)
+        item_predicate = row_predicate(_model(kind), parts.on_items)
+        otherwise = None
+        if item_predicate and parts.when_false is not False:
+            otherwise = _counted_sql(child, parts.when_false) or "true"
     except ValueError as exc:
         return Full(str(exc))
     link = _back_link(above)
     if link is None:
         return Full("its counted rows reach the target by a path the engine does not follow")
-    measure = Measure(last.child, last.column, predicate, False, item_predicate)
+    measure = Measure(last.child, last.column, predicate, False, item_predicate, otherwise)
     return ItemCount(kind, link, measure)
+
+
+def _counted_sql(model, side) -> str | None:
+    """One side of a :class:`Split` as a predicate over the counted rows (None: every row)."""
+    if isinstance(side, bool):
+        return None if side else FALSE
+    return row_predicate(model, side)
 
 
 def _pairs_unique(m2m) -> bool:

@@ -10,6 +10,8 @@ written into SQL text, an OR across rows) makes the count full, with the reason 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from django.db import connections
 from django.db.models import F, Q
 
@@ -68,24 +70,85 @@ def has_f(value) -> bool:
     return any(has_f(s) for s in getattr(value, "get_source_expressions", lambda: [])())
 
 
-def split(conditions: Q, own: str, items: str) -> tuple[Q | None, Q | None] | str:
-    """``conditions`` as ``(on the counted rows, on the items)``, each relative to its rows
-    (``own`` and ``items`` are their lookup prefixes), or why they cannot be split: an AND of
-    conditions on those two rows only (an OR across them would need both rows at once)."""
+@dataclass(frozen=True)
+class Split:
+    """A filter over the counted rows and the items one hop above them, as the item's test and
+    what is counted either way: a counted row passes when ``on_items`` holds for its item and
+    ``when_true`` for itself, or when it fails and ``when_false`` holds. Each side is a Q
+    relative to its own rows, True (every row) or False (none).
+
+    ``Q(reviews__stars__gte=4, pages__gte=300)`` (an AND) is ``pages >= 300`` then
+    ``stars >= 4``, else none. ``Q(reviews__stars__gte=4) | Q(pages__gte=500)`` is
+    ``pages >= 500`` then every review, else those of four stars or more: the item is worth
+    all its children or some of them, which keeps the count an item count."""
+
+    on_items: Q | None
+    when_true: Q | bool
+    when_false: Q | bool
+
+
+def split(conditions: Q, own: str, items: str) -> Split | str:
+    """``conditions`` (lookups from the target) taken apart over the counted rows (prefix
+    ``own``) and the items (``items``), or why they cannot be: a lookup reaching rows above
+    the items, an ``F()`` along the path, or conditions on the items in more than one place of
+    an OR or a NOT (each would double what the item is worth to test)."""
     whole = relative(conditions, own)
     if whole is not None:
-        return whole, None
-    flat = not conditions.negated and conditions.connector == Q.AND
-    if not flat or any(isinstance(c, Q) for c in conditions.children):
-        return "its filter reads the items above the counted rows in an OR or a NOT"
-    mine, theirs = [], []
-    for lookup, value in conditions.children:
+        return Split(None, whole, False)
+    groups: list[tuple[Q, list]] = []
+    for node, leaves in _item_leaves(conditions, own, items):
+        if isinstance(leaves, str):
+            return leaves
+        if leaves:
+            groups.append((node, leaves))
+    if len(groups) != 1:
+        return "its filter tests the items in more than one place of an OR or a NOT"
+    node, leaves = groups[0]
+    on_items = Q(*((lookup[len(items) :], value) for lookup, value in leaves))
+    on_items.connector = node.connector
+    either = []
+    for value in (True, False):
+        fixed = _fix(conditions, node, leaves, value)
+        either.append(fixed if isinstance(fixed, bool) else relative(fixed, own))
+    return Split(on_items, either[0], either[1])
+
+
+def _item_leaves(q: Q, own: str, items: str):
+    """``(node, its leaves reading the items)`` for each node of ``q``; ``(node, reason)`` for
+    a leaf neither on the counted rows nor on the items, or comparing with ``F()``."""
+    mine = []
+    for child in q.children:
+        if isinstance(child, Q):
+            yield from _item_leaves(child, own, items)
+            continue
+        lookup, value = child
         if has_f(value):
-            return "its filter compares with a value reached by F() along a long path"
-        if lookup.startswith(own):
-            mine.append((lookup[len(own) :], value))
-        elif lookup.startswith(items):
-            theirs.append((lookup[len(items) :], value))
-        else:
-            return "its filter reads rows above the items (the rows one hop above the counted)"
-    return (Q(*mine) if mine else None), Q(*theirs)
+            yield q, "its filter compares with a value reached by F() along a long path"
+            return
+        if lookup.startswith(items) and not lookup.startswith(own):
+            mine.append(child)
+        elif not lookup.startswith(own):
+            yield q, "its filter reads rows above the items (the rows one hop above the counted)"
+            return
+    yield q, mine
+
+
+def _fix(q: Q, node: Q, leaves: list, value: bool) -> Q | bool:
+    """``q`` with the item leaves ``leaves`` of ``node`` taken together as ``value``,
+    simplified: a constant where the rest no longer matters."""
+    parts: list = []
+    for child in q.children:
+        if q is node and child in leaves:
+            continue
+        parts.append(_fix(child, node, leaves, value) if isinstance(child, Q) else Q(child))
+    if q is node:
+        parts.append(value)
+    absorbing = q.connector == Q.OR  # True absorbs an OR, False an AND
+    if any(p is absorbing for p in parts):
+        result: Q | bool = absorbing
+    else:
+        rest = [p for p in parts if not isinstance(p, bool)]
+        result = not absorbing if not rest else Q(*rest, _connector=q.connector)
+    if q.negated:
+        return (not result) if isinstance(result, bool) else ~result
+    return result

@@ -146,22 +146,42 @@ class Link:
         return sql, f"v1.{q(self.via[0].where)}", f"x.{q(self.target_column)}"
 
 
+#: A predicate no row passes (a side of an OR filter that can count nothing).
+FALSE = "false"
+
+
 @dataclass(frozen=True)
 class Measure:
-    """What one item is worth: its children in ``child`` (by ``fk``) passing ``predicate``,
-    counted, or — ``exists`` — 1 when there is any; nothing when the item row itself fails
+    """What one item is worth: its children in ``child`` (by ``fk``) passing ``predicate``
+    (None: every child), counted, or — ``exists`` — 1 when there is any. An item row failing
     ``item_predicate`` (a filter on a middle row of the path: a library's reviews of long
-    books, the books being the items). Both are SQL over the alias ``r``."""
+    books, the books being the items) is worth its children passing ``otherwise`` instead
+    (None: nothing). An OR across the two rows is kept this way: a library's reviews of four
+    stars or of a book of 500 pages or more count all of a long book's reviews, and a short
+    book's of four stars (``counts.declare.conditions.Split``). All are SQL over the alias
+    ``r``."""
 
     child: Table
     fk: str
     predicate: str | None
     exists: bool
     item_predicate: str | None = None
+    otherwise: str | None = None
 
     @property
     def columns(self) -> frozenset[str]:
-        return frozenset({self.fk}) | predicate_columns(self.predicate)
+        """The children's columns the measure reads (a change to one re-measures the item)."""
+        read = predicate_columns(self.predicate) | predicate_columns(self.otherwise)
+        return frozenset({self.fk}) | read
+
+    @property
+    def any_predicate(self) -> str | None:
+        """What a child passes to count whatever its item (None: every child may count)."""
+        if self.otherwise is None:
+            return self.predicate
+        if self.predicate is None:
+            return None
+        return f"({self.predicate}) OR ({self.otherwise})"
 
     @property
     def item_columns(self) -> frozenset[str]:

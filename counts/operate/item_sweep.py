@@ -83,7 +83,7 @@ def may_count_sql(kind: ItemKind, lo: int | None, hi: int | None) -> str:
     for part in kind.parts:
         m = part.measure
         fk = f"r.{q(m.fk)}"
-        rows, (predicate,) = hoisted([m.predicate], part.setting)
+        rows, (predicate,) = hoisted([m.any_predicate], part.setting)
         where = in_range(fk, (lo, hi)) + (f" AND ({predicate})" if predicate else "")
         selects.add(f"SELECT {fk} AS item_id FROM {q(m.child.db_table)} r{rows} WHERE {where}")
     return " UNION ".join(sorted(selects)) or "SELECT NULL::bigint AS item_id WHERE false"

@@ -21,7 +21,9 @@ Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
 | ``Library.rated_long_reviews_count`` | the same path filtered on the counted rows and on a |
 |   | middle row (the book's pages): books measured only while long enough |
 | ``Library.notable_reviews_count`` | the same path, filtered by an OR across two of its rows: |
-|   | the one shape kept by a full recount |
+|   | a long book is worth all its reviews, a short one those of four stars |
+| ``Library.fiction_reviews_count`` | the same path, filtered on a row above the items (the |
+|   | shelf's name): the one shape kept by a full recount |
 | ``Library.tags_count`` | distinct values at the end of an M2M reached through two FKs: the |
 |   | membership rows are the items, reaching the library through their book and its shelf |
 | ``Book.blurbs_count`` | through a has-one (``OneToOneField``) to the rows below it |
@@ -53,6 +55,10 @@ class Library(models.Model):
     notable_reviews_count = CachedCountField(
         "shelves__books__reviews",
         filter=Q(shelves__books__reviews__stars__gte=4) | Q(shelves__books__pages__gte=500),
+    )
+    #: Reviews of the books on the library's shelves named "Fiction".
+    fiction_reviews_count = CachedCountField(
+        "shelves__books__reviews", filter=Q(shelves__name="Fiction")
     )
     tags_count = CachedCountField("shelves__books__tags", distinct=True)
 

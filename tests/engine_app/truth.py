@@ -29,6 +29,11 @@ TRUTH: dict[str, dict[str, str]] = {
             " ON b.id = r.book_id JOIN counts_testapp_shelf s ON s.id = b.shelf_id"
             " WHERE s.library_id = t.id AND (r.stars >= 4 OR b.pages >= 500)"
         ),
+        "fiction_reviews_count": (
+            "SELECT count(*) FROM counts_testapp_review r JOIN counts_testapp_book b"
+            " ON b.id = r.book_id JOIN counts_testapp_shelf s ON s.id = b.shelf_id"
+            " WHERE s.library_id = t.id AND s.name = 'Fiction'"
+        ),
         "tags_count": (
             "SELECT count(DISTINCT m.tag_id) FROM counts_testapp_tag_books m"
             " JOIN counts_testapp_book b ON b.id = m.book_id"

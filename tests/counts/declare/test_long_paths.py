@@ -9,7 +9,9 @@ where a full recount read every child of the target (17 / 99 / 575 ms for one re
 A filter may read the counted rows and the items (a middle row: reviews of long books). What
 stays a full recount says why: a path whose rows could reach a target twice (an M2M that is
 not next to the target, or one through a model that can link a pair twice), and a filter
-reading rows above the items, or the two rows in an OR.
+reading rows above the items, or testing the items in two places of an OR or a NOT. An OR
+across the items and the counted rows stays an item count: the item is worth all its
+children or those passing the other side.
 """
 
 from __future__ import annotations
@@ -96,10 +98,33 @@ def test_an_m2m_below_a_reverse_relation_keeps_the_count_in_full():
     assert isinstance(mode, Full) and "twice" in mode.why
 
 
-def test_a_filter_across_two_rows_of_the_path_keeps_the_count_in_full():
+def test_an_or_across_the_items_and_the_counted_rows_makes_the_item_worth_one_side():
+    """Reviews of four stars, or of a book of 500 pages: a long book is worth all its reviews,
+    a short one those of four stars."""
     mode = declared(
         Library,
         "shelves__books__reviews",
         filter=Q(shelves__books__reviews__stars__gte=4) | Q(shelves__books__pages__gte=500),
     ).mode
-    assert isinstance(mode, Full)
+    assert isinstance(mode, ItemCount) and mode.kind.label == "counts_testapp.book"
+    m = mode.measure
+    assert m.item_predicate == 'r."pages" >= 500'
+    assert (m.predicate, m.otherwise) == (None, 'r."stars" >= 4')
+    assert m.columns == {"book_id", "stars"} and m.item_columns == {"pages"}
+
+
+def test_a_not_over_both_rows_is_taken_apart_the_same_way():
+    """Not (a long book and a rated review): a long book is worth its unrated reviews, a
+    short one (or one of unknown length) all of them."""
+    filter = ~Q(shelves__books__pages__gte=500, shelves__books__reviews__stars__isnull=False)
+    m = declared(Library, "shelves__books__reviews", filter=filter).mode.measure
+    assert m.item_predicate == 'r."pages" >= 500'
+    assert m.otherwise == "true" and "stars" in m.predicate and "NOT" in m.predicate
+
+
+def test_items_tested_in_two_places_of_an_or_keep_the_count_in_full():
+    filter = Q(shelves__books__pages__gte=300) & (
+        Q(shelves__books__reviews__stars__gte=4) | Q(shelves__books__title="Emma")
+    )
+    mode = declared(Library, "shelves__books__reviews", filter=filter).mode
+    assert isinstance(mode, Full) and "more than one place" in mode.why

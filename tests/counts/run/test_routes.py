@@ -1,7 +1,7 @@
 """Resolving the route marks of counts kept in full (``counts.run.routes``), late.
 
-A count kept in full (the engine app's ``Library.notable_reviews_count``: reviews of the books
-on a library's shelves, filtered by an OR across the reviews and the books) is marked with the
+A count kept in full (the engine app's ``Library.fiction_reviews_count``: reviews of the books
+on a library's shelves named "Fiction", a filter on a row above the items) is marked with the
 written rows' own link values; the drain walks the rest of the route in its own snapshot.
 What is pinned: a mark resolves to exactly the libraries its rows lead to *now* (read
 independently here, by a join over the base tables), each once; a book moved since resolves to
@@ -69,7 +69,7 @@ def route_from(db_table: str) -> str:
 def kept_in_full():
     """The premise: ``counts status`` reports the library's count as kept in full."""
     modes = {row["count"]: row["mode"] for row in count_modes()}
-    assert modes[f"{LIBRARY}.notable_reviews_count"] == "full"
+    assert modes[f"{LIBRARY}.fiction_reviews_count"] == "full"
 
 
 def test_a_review_s_mark_resolves_to_the_library_its_book_is_in(library, marks):
