@@ -122,25 +122,7 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
         f"EXISTS (SELECT 1 FROM {MARK_TABLE} r WHERE r.target = {literal(label)}"
         f" AND {where(Kind.ROUTE, 'r')})"
     )
-    # Only the rows that read it are counted: a recount of every row of the page would cost
-    # what the stored counts exist to avoid (seconds for a set of 500k captures).
-    needs = (
-        f"SELECT x FROM unnest(%s::bigint[]) x WHERE EXISTS (SELECT 1 FROM {MARK_TABLE} r"
-        f" WHERE r.target = {literal(label)} AND ({where(Kind.RECOUNT, 'r')}"
-        f" AND r.ids @> ARRAY[x]::bigint[]"
-        + (
-            f" OR {where(Kind.ROUTE, 'r')}"
-            if any(isinstance(s.mode, Full) for s in specs.values())
-            else ""
-        )
-        + "))"
-    )
-    recount = (
-        f"SELECT DISTINCT x AS pk FROM {MARK_TABLE} r CROSS JOIN LATERAL unnest(r.ids) x"
-        f" WHERE r.target = {literal(label)} AND {where(Kind.RECOUNT, 'r')}"
-        " AND r.ids && %s::bigint[] AND x = ANY(%s::bigint[])"
-    )
-    head, truth_params = _ctes(model, specs, gates, using, needs, recount)
+    head, truth_params = _ctes(model, specs, gates, using, *_marked_rows(label, specs))
     selects = [_select(specs[c], pk, plus[c], routed) for c in columns]
     # Pending: a worker has a change to store for the row. Its exact counts differ from the
     # stored ones, it waits for a recount, or the read could not tell (over the budget, an
@@ -160,6 +142,28 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
     )
     # Parameters in text order: the CTEs', then the joins', then the page's ids.
     return sql, [*truth_params, *params, target_truth._IDS], [f.attname for f in fields]
+
+
+def _marked_rows(label: str, specs: dict) -> tuple[str, str]:
+    """``(needs, recount)``: the page's rows whose truth a read needs (named by a recount mark,
+    or any row while a route mark of a count kept in full waits), and those named by a
+    recount mark, each ``SELECT`` binding the page's ids (once, twice)."""
+    # Only the rows that read it are counted: a recount of every row of the page would cost
+    # what the stored counts exist to avoid (seconds for a set of 500k captures).
+    routes = any(isinstance(s.mode, Full) for s in specs.values())
+    needs = (
+        f"SELECT x FROM unnest(%s::bigint[]) x WHERE EXISTS (SELECT 1 FROM {MARK_TABLE} r"
+        f" WHERE r.target = {literal(label)} AND ({where(Kind.RECOUNT, 'r')}"
+        f" AND r.ids @> ARRAY[x]::bigint[]"
+        + (f" OR {where(Kind.ROUTE, 'r')}" if routes else "")
+        + "))"
+    )
+    recount = (
+        f"SELECT DISTINCT x AS pk FROM {MARK_TABLE} r CROSS JOIN LATERAL unnest(r.ids) x"
+        f" WHERE r.target = {literal(label)} AND {where(Kind.RECOUNT, 'r')}"
+        " AND r.ids && %s::bigint[] AND x = ANY(%s::bigint[])"
+    )
+    return needs, recount
 
 
 def _ctes(
