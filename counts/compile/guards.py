@@ -102,8 +102,9 @@ def keyed_tables(graph) -> dict[str, str]:
         if kind is not None:
             tables[kind.db_table] = kind.pk
         setting = getattr(mode, "setting", None)
-        for hop in setting.hops if setting is not None else ():
-            tables[hop.child.db_table] = hop.child.pk
+        for watched in [setting, *getattr(mode, "watches", ())]:
+            for hop in watched.hops if watched is not None else ():
+                tables[hop.child.db_table] = hop.child.pk
     # A link job whose marks name its rows by id (a station, for its project's taxa).
     for job in graph.jobs:
         if job.values == job.table.pk:

@@ -125,16 +125,20 @@ def _item_hops(spec) -> Mode:
         return Full("its path crosses a relation that can reach a counted row twice")
     if start and not _pairs_unique(above[:2]):
         return Full("its path crosses an M2M through a model that can link a pair twice")
-    parts = Split(None, True, False)
+    # The item, then each row above it up to the target: a filter may test any of them (an M2M
+    # next to the target: the item only).
+    names = spec.path.split("__")
+    rows = ["__".join(names[:k]) + "__" if k else "" for k in range(len(names) - 1, -1, -1)]
+    parts = Split((), Q.AND, True, False)
     if spec.filter is not None:
-        parts = split(spec.filter, spec.path + "__", spec.path.rsplit("__", 1)[0] + "__")
+        parts = split(spec.filter, spec.path + "__", rows[:1] if start else rows)
         if isinstance(parts, str) or counted != spec.counted:
             return Full(parts if isinstance(parts, str) else "its filter reads the M2M's far rows")
     kind = last.parent
     child = _model(last.child)
     try:
         predicate = _counted_sql(child, parts.when_true)
-        item_predicate = row_predicate(_model(kind), parts.on_items)
+        item_predicate, watches = _item_test(parts, above)
         otherwise = None
         if item_predicate and parts.when_false is not False:
             otherwise = _counted_sql(child, parts.when_false) or "true"
@@ -144,7 +148,42 @@ def _item_hops(spec) -> Mode:
     if link is None:
         return Full("its counted rows reach the target by a path the engine does not follow")
     measure = Measure(last.child, last.column, predicate, False, item_predicate, otherwise)
-    return ItemCount(kind, link, measure)
+    return ItemCount(kind, link, measure, watches=watches)
+
+
+def _item_test(parts: Split, above) -> tuple[str | None, tuple[Setting, ...]]:
+    """The item's test (SQL over the item row ``r``) and the columns of rows above the item it
+    reads, each as a :class:`Setting` reached from the item by forward foreign keys (a change
+    to one starts a job over the items below that row, ``counts.declare.jobs``). A condition on
+    a row above the item is an ``EXISTS`` over the foreign keys walked up to it: index probes
+    per item, and a shelf's books do not each need a mark when its name changes."""
+    if not parts.on_items:
+        return None, ()
+    up = [Hop(FORWARD, h.child, h.parent, h.column) for h in reversed(above)]
+    tests, watches = [], {}
+    for depth, lookup, value in parts.on_items:
+        hops = tuple(up[:depth])
+        table = hops[-1].child if hops else above[-1].child
+        test = row_predicate(_model(table), Q((lookup, value)))
+        for column in predicate_columns(test):
+            watches.setdefault((hops, column), Setting(hops, column, None, None))
+        if hops:
+            test = _up_to(hops, test.replace('r."', f'h{depth}."'))
+        tests.append(test)
+    connector = " OR " if parts.connector == Q.OR else " AND "
+    joined = tests[0] if len(tests) == 1 else connector.join(f"({t})" for t in tests)
+    return joined, tuple(w for (h, _), w in watches.items() if h)
+
+
+def _up_to(hops, test: str) -> str:
+    """``test`` (over the alias ``h<len(hops)>``) of the row the item ``r`` reaches by
+    ``hops``, as an ``EXISTS`` of index probes."""
+    first = hops[0]
+    sql = f"SELECT 1 FROM {q(first.child.db_table)} h1"
+    for n, hop in enumerate(hops[1:], start=2):
+        on = f"h{n}.{q(hop.child.pk)} = h{n - 1}.{q(hop.column)}"
+        sql += f" JOIN {q(hop.child.db_table)} h{n} ON {on}"
+    return f"EXISTS ({sql} WHERE h1.{q(first.child.pk)} = r.{q(first.column)} AND {test})"
 
 
 def _counted_sql(model, side) -> str | None:

@@ -72,31 +72,38 @@ def has_f(value) -> bool:
 
 @dataclass(frozen=True)
 class Split:
-    """A filter over the counted rows and the items one hop above them, as the item's test and
-    what is counted either way: a counted row passes when ``on_items`` holds for its item and
-    ``when_true`` for itself, or when it fails and ``when_false`` holds. Each side is a Q
-    relative to its own rows, True (every row) or False (none).
+    """A filter over the counted rows and the rows above them, as the item's test and what is
+    counted either way: a counted row passes when ``on_items`` holds for its item and
+    ``when_true`` for itself, or when it fails and ``when_false`` holds. ``when_*`` are Qs
+    relative to the counted rows, True (every row) or False (none). ``on_items``: the test's
+    conditions, ``(depth, lookup, value)`` with the lookup relative to its row (depth 0: the
+    item, one hop above the counted rows; 1: the row above the item, …), joined by
+    ``connector``; () for none.
 
     ``Q(reviews__stars__gte=4, pages__gte=300)`` (an AND) is ``pages >= 300`` then
     ``stars >= 4``, else none. ``Q(reviews__stars__gte=4) | Q(pages__gte=500)`` is
     ``pages >= 500`` then every review, else those of four stars or more: the item is worth
-    all its children or some of them, which keeps the count an item count."""
+    all its children or some of them, which keeps the count an item count. A condition on a
+    row above the item (the book's shelf's name) is one more test of the item: every row on
+    the path from the item up is reached by one foreign key per hop."""
 
-    on_items: Q | None
+    on_items: tuple[tuple[int, str, object], ...]
+    connector: str
     when_true: Q | bool
     when_false: Q | bool
 
 
-def split(conditions: Q, own: str, items: str) -> Split | str:
+def split(conditions: Q, own: str, rows: list[str]) -> Split | str:
     """``conditions`` (lookups from the target) taken apart over the counted rows (prefix
-    ``own``) and the items (``items``), or why they cannot be: a lookup reaching rows above
-    the items, an ``F()`` along the path, or conditions on the items in more than one place of
-    an OR or a NOT (each would double what the item is worth to test)."""
+    ``own``) and the rows above them (``rows``: prefixes of the item, then of each row above
+    it, nearest first), or why they cannot be: a lookup on no row of the path, an ``F()``
+    along the path, or conditions on those rows in more than one place of an OR or a NOT
+    (each would double what the item is worth to test)."""
     whole = relative(conditions, own)
     if whole is not None:
-        return Split(None, whole, False)
+        return Split((), Q.AND, whole, False)
     groups: list[tuple[Q, list]] = []
-    for node, leaves in _item_leaves(conditions, own, items):
+    for node, leaves in _item_leaves(conditions, own, rows):
         if isinstance(leaves, str):
             return leaves
         if leaves:
@@ -104,32 +111,35 @@ def split(conditions: Q, own: str, items: str) -> Split | str:
     if len(groups) != 1:
         return "its filter tests the items in more than one place of an OR or a NOT"
     node, leaves = groups[0]
-    on_items = Q(*((lookup[len(items) :], value) for lookup, value in leaves))
-    on_items.connector = node.connector
+    on_items = []
+    for lookup, value in leaves:
+        depth = next(d for d, prefix in enumerate(rows) if lookup.startswith(prefix))
+        on_items.append((depth, lookup[len(rows[depth]) :], value))
     either = []
     for value in (True, False):
         fixed = _fix(conditions, node, leaves, value)
         either.append(fixed if isinstance(fixed, bool) else relative(fixed, own))
-    return Split(on_items, either[0], either[1])
+    return Split(tuple(on_items), node.connector, either[0], either[1])
 
 
-def _item_leaves(q: Q, own: str, items: str):
-    """``(node, its leaves reading the items)`` for each node of ``q``; ``(node, reason)`` for
-    a leaf neither on the counted rows nor on the items, or comparing with ``F()``."""
+def _item_leaves(q: Q, own: str, rows: list[str]):
+    """``(node, its leaves reading the item or a row above it)`` for each node of ``q``;
+    ``(node, reason)`` for a leaf on no row of the path, or comparing with ``F()``."""
     mine = []
     for child in q.children:
         if isinstance(child, Q):
-            yield from _item_leaves(child, own, items)
+            yield from _item_leaves(child, own, rows)
             continue
         lookup, value = child
         if has_f(value):
             yield q, "its filter compares with a value reached by F() along a long path"
             return
-        if lookup.startswith(items) and not lookup.startswith(own):
-            mine.append(child)
-        elif not lookup.startswith(own):
-            yield q, "its filter reads rows above the items (the rows one hop above the counted)"
+        if lookup.startswith(own):
+            continue
+        if not any(lookup.startswith(prefix) for prefix in rows):
+            yield q, "its filter reads rows off the path (a relation of a row above the items)"
             return
+        mine.append(child)
     yield q, mine
 
 

@@ -23,11 +23,15 @@ to, when the through table links a pair at most once) — including counted rows
 that reach the target through several rows, forward, reverse or M2M (a capture set's distinct
 occurrences and taxa, through its captures' detections), and rows counted through a run of
 reverse relations of any length (a library's shelves' books' reviews: the books are the items,
-each worth its reviews; an M2M may be the first relation, when it links a pair at most once);
-**full** otherwise (a path whose rows could reach a target twice, such as an M2M below a
-reverse relation; filters mixing relations with OR, or reading rows above the counted ones):
-those are recounted from their target rows after every change, at a cost that follows the
-target's size. ``manage.py counts status`` says which, and why.
+each worth its reviews; an M2M may be the first relation, when it links a pair at most once),
+with a filter on the counted rows and on any row above them up to the target (the book's
+pages, the shelf's name), in an AND, or in an OR or a NOT that tests the rows above in one
+place (reviews of four stars or of a long book); **full** otherwise (a path whose rows could
+reach a target twice, such as an M2M below a reverse relation or through a model that can
+link a pair twice; a filter reading a relation off the path, or testing the rows above the
+counted ones in two places of an OR or a NOT): those are recounted from their target rows
+after every change, at a cost that follows the target's size. ``manage.py counts status``
+says which, and why.
 
 The first cached count on a model also gives it a ``counts_updated_at`` column: the time its
 counts last changed value. Freshness is part of what users see, so every counted model has it.

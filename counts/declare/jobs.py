@@ -197,7 +197,7 @@ def build_jobs(graph) -> tuple[Job, ...]:
     for spec in graph.specs:
         mode = spec.mode
         if isinstance(mode, ItemCount):
-            for job in _link_jobs(mode):
+            for job in [*_link_jobs(mode), *_watch_jobs(mode)]:
                 found.setdefault(job.key, job)
         if not isinstance(mode, ItemCount) or mode.setting is None:
             continue
@@ -219,6 +219,28 @@ def build_jobs(graph) -> tuple[Job, ...]:
             )
             found.setdefault(job.key, job)
     return tuple(found[k] for k in sorted(found))
+
+
+def _watch_jobs(mode: ItemCount) -> list[Job]:
+    """A job per column of a row above the items that their test reads (a shelf's name): a
+    change to it can flip every item below that row. A row moved under another (a shelf to
+    another library) re-links its items, which the link's own job covers."""
+    jobs = []
+    for watch in mode.watches:
+        hops = watch.hops
+        jobs.append(
+            Job(
+                kind=mode.mark_target,
+                item=mode.kind,
+                table=hops[-1].child,
+                column=watch.column,
+                joins=tuple((h.child, h.child.pk, h.column) for h in hops[:-1]),
+                anchor=hops[-1].column,
+                compared=None,
+                cast=None,
+            )
+        )
+    return jobs
 
 
 def _link_jobs(mode: ItemCount) -> list[Job]:

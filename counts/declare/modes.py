@@ -238,6 +238,9 @@ class ItemCount:
 
     ``setting``: the measure compares with a value reached by ``F()`` (changes to it become
     jobs). ``distinct``: the item column whose distinct values are counted per target.
+    ``watches``: columns of rows above the item that its test reads (a library's reviews on
+    shelves named "Fiction": the shelf's name), each reached from the item by forward foreign
+    keys like a setting; a change to one becomes a job over the items below that row.
     """
 
     kind: Table
@@ -245,6 +248,7 @@ class ItemCount:
     measure: Measure
     setting: Setting | None = None
     distinct: str | None = None
+    watches: tuple[Setting, ...] = ()
 
     mode = ITEM
 

@@ -392,3 +392,50 @@ def test_blurbs_follow_a_has_one_in_the_middle_of_the_path(library, marks):
     settle()
     assert [value(s, "blurbs_count") for s in shelves] == [0, 0]
     assert not Blurb.objects.exists()
+
+
+def test_reviews_on_fiction_shelves_follow_every_way_a_shelf_s_name_changes(library, marks):
+    """A filter on a row above the items (the shelf's name, for a library's reviews): the books
+    stay the items, and renaming a shelf writes one job mark that the drain expands into the
+    shelf's books, whichever way the name changes."""
+    from counts.apps import graph
+
+    spec = next(s for s in graph().specs if s.key.endswith("library.fiction_reviews_count"))
+    assert spec.mode.mode == "item" and spec.mode.kind.label == "counts_testapp.book"
+    libraries = (library.city, library.school)
+    assert [value(lib, "fiction_reviews_count") for lib in libraries] == [3, 0]
+    fiction = Shelf.objects.get(pk=library.fiction.pk)
+    fiction.name = "Classics"  # save(): one job mark, not a mark per book
+    fiction.save()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT target, ids FROM counts_dirtymark WHERE field LIKE 'job:%%'")
+        jobs = cursor.fetchall()
+    assert jobs == [("item:counts_testapp.book", [library.fiction.pk])]
+    # Beside it, only the route mark of the count kept in full that reads the shelf's name.
+    assert sorted(t for t, _ in marks.rows()) == [
+        "counts_testapp.library",
+        "item:counts_testapp.book",
+    ]
+    settle()
+    assert [value(lib, "fiction_reviews_count") for lib in libraries] == [0, 0]
+    Shelf.objects.filter(pk=library.science.pk).update(name="Fiction")  # queryset update
+    settle()
+    assert [value(lib, "fiction_reviews_count") for lib in libraries] == [0, 1]
+    verse = Book.objects.create(shelf=library.poetry, title="Verse", pages=40)
+    Review.objects.bulk_create([Review(book=verse, stars=2), Review(book=verse, stars=None)])
+    with connection.cursor() as cursor:  # raw SQL from another client
+        cursor.execute(
+            "UPDATE counts_testapp_shelf SET name = 'Fiction' WHERE id = %s", [library.poetry.pk]
+        )
+    settle()
+    assert [value(lib, "fiction_reviews_count") for lib in libraries] == [2, 1]
+    Shelf.objects.filter(pk=library.science.pk).update(library=library.city)  # a shelf moved
+    settle()
+    assert [value(lib, "fiction_reviews_count") for lib in libraries] == [3, 0]
+    Book.objects.filter(pk=verse.pk).update(shelf=library.fiction)  # a book left for "Classics"
+    settle()
+    assert [value(lib, "fiction_reviews_count") for lib in libraries] == [1, 0]
+    Shelf.objects.filter(pk=library.science.pk).delete()  # cascades to its books and reviews
+    settle()
+    assert [value(lib, "fiction_reviews_count") for lib in libraries] == [0, 0]
+    assert_engine_counts_exact()

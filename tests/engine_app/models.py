@@ -23,7 +23,9 @@ Tag >─< Book   (M2M ``Tag.books``, related_name ``tags``)
 | ``Library.notable_reviews_count`` | the same path, filtered by an OR across two of its rows: |
 |   | a long book is worth all its reviews, a short one those of four stars |
 | ``Library.fiction_reviews_count`` | the same path, filtered on a row above the items (the |
-|   | shelf's name): the one shape kept by a full recount |
+|   | shelf's name): a rename is a job over the shelf's books |
+| ``Library.picked_reviews_count`` | the same path, testing the rows above the reviews in two |
+|   | places of its filter: the one shape kept by a full recount |
 | ``Library.tags_count`` | distinct values at the end of an M2M reached through two FKs: the |
 |   | membership rows are the items, reaching the library through their book and its shelf |
 | ``Book.blurbs_count`` | through a has-one (``OneToOneField``) to the rows below it |
@@ -59,6 +61,12 @@ class Library(models.Model):
     #: Reviews of the books on the library's shelves named "Fiction".
     fiction_reviews_count = CachedCountField(
         "shelves__books__reviews", filter=Q(shelves__name="Fiction")
+    )
+    #: Reviews of books of 300 pages or more, rated four stars or on a "Fiction" shelf.
+    picked_reviews_count = CachedCountField(
+        "shelves__books__reviews",
+        filter=Q(shelves__books__pages__gte=300)
+        & (Q(shelves__books__reviews__stars__gte=4) | Q(shelves__name="Fiction")),
     )
     tags_count = CachedCountField("shelves__books__tags", distinct=True)
 

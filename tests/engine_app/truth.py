@@ -34,6 +34,12 @@ TRUTH: dict[str, dict[str, str]] = {
             " ON b.id = r.book_id JOIN counts_testapp_shelf s ON s.id = b.shelf_id"
             " WHERE s.library_id = t.id AND s.name = 'Fiction'"
         ),
+        "picked_reviews_count": (
+            "SELECT count(*) FROM counts_testapp_review r JOIN counts_testapp_book b"
+            " ON b.id = r.book_id JOIN counts_testapp_shelf s ON s.id = b.shelf_id"
+            " WHERE s.library_id = t.id AND b.pages >= 300"
+            " AND (r.stars >= 4 OR s.name = 'Fiction')"
+        ),
         "tags_count": (
             "SELECT count(DISTINCT m.tag_id) FROM counts_testapp_tag_books m"
             " JOIN counts_testapp_book b ON b.id = m.book_id"

@@ -39,7 +39,7 @@ def app_specs():
     return [s for s in graph().specs if s.target.label.startswith(f"{APP}.")]
 
 
-def test_the_test_app_declares_seventeen_counts_on_four_models():
+def test_the_test_app_declares_eighteen_counts_on_four_models():
     assert [s.key for s in app_specs()] == [
         f"{APP}.book.good_reviews_count",
         f"{APP}.book.tags_count",
@@ -48,6 +48,7 @@ def test_the_test_app_declares_seventeen_counts_on_four_models():
         f"{APP}.library.rated_long_reviews_count",
         f"{APP}.library.notable_reviews_count",
         f"{APP}.library.fiction_reviews_count",
+        f"{APP}.library.picked_reviews_count",
         f"{APP}.library.tags_count",
         f"{APP}.shelf.books_count",
         f"{APP}.shelf.long_books_count",

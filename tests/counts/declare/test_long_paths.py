@@ -62,9 +62,32 @@ def test_a_filter_on_the_items_own_columns_is_the_measures_item_predicate():
     assert mode.measure.item_predicate == 'r."pages" >= 300'
 
 
-def test_a_filter_on_rows_above_the_items_keeps_the_count_in_full():
+def test_a_filter_on_a_row_above_the_items_is_an_item_test_watching_that_row():
+    """The shelf's name, for a library's reviews: each book tests its shelf (an index probe),
+    and a rename is a job over the shelf's books."""
     mode = declared(Library, "shelves__books__reviews", filter=Q(shelves__name="Fiction")).mode
-    assert isinstance(mode, Full) and "above the items" in mode.why
+    assert isinstance(mode, ItemCount) and mode.kind.label == "counts_testapp.book"
+    assert mode.measure.item_predicate == (
+        'EXISTS (SELECT 1 FROM "counts_testapp_shelf" h1'
+        """ WHERE h1."id" = r."shelf_id" AND h1."name" = 'Fiction')"""
+    )
+    ((hop,), column) = mode.watches[0].hops, mode.watches[0].column
+    assert (hop.child.label, hop.column, column) == ("counts_testapp.shelf", "shelf_id", "name")
+
+
+def test_a_filter_on_the_target_itself_reaches_it_from_the_item_by_two_hops():
+    mode = declared(Library, "shelves__books__reviews", filter=Q(name="City")).mode
+    assert isinstance(mode, ItemCount)
+    (watch,) = mode.watches
+    assert [h.child.label for h in watch.hops] == ["counts_testapp.shelf", "counts_testapp.library"]
+    assert watch.column == "name" and 'JOIN "counts_testapp_library" h2' in (
+        mode.measure.item_predicate
+    )
+
+
+def test_a_filter_on_a_relation_off_the_path_keeps_the_count_in_full():
+    mode = declared(Library, "shelves__books__reviews", filter=Q(shelves__readers__name="Ann")).mode
+    assert isinstance(mode, Full) and "joins other tables" in mode.why
 
 
 def test_an_m2m_next_to_the_target_links_the_items_by_its_through_rows():

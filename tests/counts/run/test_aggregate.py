@@ -202,10 +202,10 @@ def test_a_distinct_count_is_read_from_the_multiplicities(world, marks):
 
 def test_a_count_kept_in_full_stores_its_truth(library, marks):
     """Its triggers leave route marks, which exempt nothing: no pending term applies."""
-    corrupt("counts_testapp_library", library.city.pk, fiction_reviews_count=70)
+    corrupt("counts_testapp_library", library.city.pk, picked_reviews_count=70)
     Review.objects.create(book=library.sense, stars=2)  # a route mark, not drained
     recount("counts_testapp.library", [library.city.pk, library.school.pk])
-    city, column = library.city.pk, "fiction_reviews_count"
+    city, column = library.city.pk, "picked_reviews_count"
     stored = library_cached("counts_testapp_library")[city][column]
     assert stored == library_truth("counts_testapp_library")[city][column] != 70
     drain_all()

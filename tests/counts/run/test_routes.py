@@ -1,7 +1,8 @@
 """Resolving the route marks of counts kept in full (``counts.run.routes``), late.
 
-A count kept in full (the engine app's ``Library.fiction_reviews_count``: reviews of the books
-on a library's shelves named "Fiction", a filter on a row above the items) is marked with the
+A count kept in full (the engine app's ``Library.picked_reviews_count``: reviews of a library's
+long books, rated four stars or on a "Fiction" shelf, a filter testing the rows above the
+reviews in two places) is marked with the
 written rows' own link values; the drain walks the rest of the route in its own snapshot.
 What is pinned: a mark resolves to exactly the libraries its rows lead to *now* (read
 independently here, by a join over the base tables), each once; a book moved since resolves to
@@ -69,7 +70,7 @@ def route_from(db_table: str) -> str:
 def kept_in_full():
     """The premise: ``counts status`` reports the library's count as kept in full."""
     modes = {row["count"]: row["mode"] for row in count_modes()}
-    assert modes[f"{LIBRARY}.fiction_reviews_count"] == "full"
+    assert modes[f"{LIBRARY}.picked_reviews_count"] == "full"
 
 
 def test_a_review_s_mark_resolves_to_the_library_its_book_is_in(library, marks):
