@@ -198,9 +198,9 @@ def recompute_pending(*args, **kwargs) -> None:
         drain_label(label, fan_out=True)
     except Exception as exc:
         if _will_retry() and not _keep_for_retry(key, token):
-            # A writer sent a message of its own meanwhile (the attempt outlived the flag's
-            # promise, waiting on a lock): that message drains these marks. Retrying this one
-            # too would leave two messages retrying side by side, one more per attempt.
+            # Another message holds the key by now (a sweep that took this one for lost, its
+            # worker slow to answer, forced its own over it): that message drains these marks.
+            # Retrying this one too would leave two retrying side by side, one more per attempt.
             logger.warning(
                 "drain of %s failed (%s); the message sent since takes over", label, first_line(exc)
             )
