@@ -101,9 +101,10 @@ def keyed_tables(graph) -> dict[str, str]:
         kind = getattr(mode, "kind", None)
         if kind is not None:
             tables[kind.db_table] = kind.pk
-        setting = getattr(mode, "setting", None)
-        for watched in [setting, *getattr(mode, "watches", ())]:
-            for hop in watched.hops if watched is not None else ():
+        for watched in filter(
+            None, (getattr(mode, "setting", None), *getattr(mode, "watches", ()))
+        ):
+            for hop in watched.hops:
                 tables[hop.child.db_table] = hop.child.pk
     # A link job whose marks name its rows by id (a station, for its project's taxa).
     for job in graph.jobs:

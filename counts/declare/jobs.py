@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from counts.base.mark import JOB_PREFIX
 from counts.base.names import MARK_TABLE, literal, q
-from counts.declare.modes import ItemCount
+from counts.declare.modes import ItemCount, Setting
 from counts.declare.spec import Table
 
 
@@ -192,55 +192,43 @@ class Job:
 
 
 def build_jobs(graph) -> tuple[Job, ...]:
-    """Every job of the graph's item counts that compare with a setting, deduplicated."""
+    """Every job of the graph's item counts (links several steps from the items, settings
+    reached by ``F()``, rows above the items their test reads), deduplicated."""
     found: dict[str, Job] = {}
     for spec in graph.specs:
         mode = spec.mode
-        if isinstance(mode, ItemCount):
-            for job in [*_link_jobs(mode), *_watch_jobs(mode)]:
-                found.setdefault(job.key, job)
-        if not isinstance(mode, ItemCount) or mode.setting is None:
+        if not isinstance(mode, ItemCount):
             continue
-        setting = mode.setting
-        hops = setting.hops
-        for k in range(1, len(hops) + 1):
-            # Rows of hops[k-1].child change: the link to the next row, or the setting itself.
-            last = k == len(hops)
-            joins = tuple((h.child, h.child.pk, h.column) for h in hops[: k - 1])
-            job = Job(
-                kind=mode.mark_target,
-                item=mode.kind,
-                table=hops[k - 1].child,
-                column=setting.column if last else hops[k].column,
-                joins=joins,
-                anchor=hops[k - 1].column,
-                compared=setting.compared if last else None,
-                cast=setting.cast if last else None,
-            )
+        jobs = _link_jobs(mode)
+        if mode.setting is not None:
+            # Rows of each hop's table change: the link to the next row, or the setting itself.
+            jobs += [
+                _setting_job(mode, mode.setting, k) for k in range(1, len(mode.setting.hops) + 1)
+            ]
+        # A row above the items whose column their test reads (a shelf's name): only the last
+        # hop, since a row moved under another (a shelf to another library) re-links its
+        # items, which the link's own job covers.
+        jobs += [_setting_job(mode, watch, len(watch.hops)) for watch in mode.watches]
+        for job in jobs:
             found.setdefault(job.key, job)
     return tuple(found[k] for k in sorted(found))
 
 
-def _watch_jobs(mode: ItemCount) -> list[Job]:
-    """A job per column of a row above the items that their test reads (a shelf's name): a
-    change to it can flip every item below that row. A row moved under another (a shelf to
-    another library) re-links its items, which the link's own job covers."""
-    jobs = []
-    for watch in mode.watches:
-        hops = watch.hops
-        jobs.append(
-            Job(
-                kind=mode.mark_target,
-                item=mode.kind,
-                table=hops[-1].child,
-                column=watch.column,
-                joins=tuple((h.child, h.child.pk, h.column) for h in hops[:-1]),
-                anchor=hops[-1].column,
-                compared=None,
-                cast=None,
-            )
-        )
-    return jobs
+def _setting_job(mode: ItemCount, setting: Setting, k: int) -> Job:
+    """The job for changes to rows of the ``k``-th hop towards ``setting`` (1-based): their
+    link to the next row, or, at the last hop, the setting's column itself."""
+    hops = setting.hops
+    last = k == len(hops)
+    return Job(
+        kind=mode.mark_target,
+        item=mode.kind,
+        table=hops[k - 1].child,
+        column=setting.column if last else hops[k].column,
+        joins=tuple((h.child, h.child.pk, h.column) for h in hops[: k - 1]),
+        anchor=hops[k - 1].column,
+        compared=setting.compared if last else None,
+        cast=setting.cast if last else None,
+    )
 
 
 def _link_jobs(mode: ItemCount) -> list[Job]:
