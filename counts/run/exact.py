@@ -122,13 +122,15 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
         f"EXISTS (SELECT 1 FROM {MARK_TABLE} r WHERE r.target = {literal(label)}"
         f" AND {where(Kind.ROUTE, 'r')})"
     )
-    head, truth_params = _ctes(model, specs, gates, using, *_marked_rows(label, specs))
+    has_full = any(isinstance(specs[c].mode, Full) for c in columns)
+    head, truth_params = _ctes(
+        model, specs, gates, using, *_marked_rows(label, routed if has_full else None)
+    )
     selects = [_select(specs[c], pk, plus[c], routed) for c in columns]
     # Pending: a worker has a change to store for the row. Its exact counts differ from the
     # stored ones, it waits for a recount, or the read could not tell (over the budget, an
     # "every row" mark). Read from the values themselves: probing each stale item's targets
     # again (the list's flags before exact reads) cost as much as the adjustment.
-    has_full = any(isinstance(specs[c].mode, Full) for c in columns)
     marked = f"(rc.pk IS NOT NULL OR {routed})" if has_full else "rc.pk IS NOT NULL"
     values = ", ".join(f"{s} AS v{i}" for i, s in enumerate(selects))
     stored = ", ".join(f"t.{q(c)} AS s{i}" for i, c in enumerate(columns))
@@ -144,25 +146,22 @@ def _exact_sql(graph: Graph, model, limit: int, using: str):
     return sql, [*truth_params, *params, target_truth._IDS], [f.attname for f in fields]
 
 
-def _marked_rows(label: str, specs: dict) -> tuple[str, str]:
-    """``(needs, recount)``: the page's rows whose truth a read needs (named by a recount mark,
-    or any row while a route mark of a count kept in full waits), and those named by a
-    recount mark, each ``SELECT`` binding the page's ids (once, twice)."""
-    # Only the rows that read it are counted: a recount of every row of the page would cost
-    # what the stored counts exist to avoid (seconds for a set of 500k captures).
-    routes = any(isinstance(s.mode, Full) for s in specs.values())
-    needs = (
-        f"SELECT x FROM unnest(%s::bigint[]) x WHERE EXISTS (SELECT 1 FROM {MARK_TABLE} r"
-        f" WHERE r.target = {literal(label)} AND ({where(Kind.RECOUNT, 'r')}"
-        f" AND r.ids @> ARRAY[x]::bigint[]"
-        + (f" OR {where(Kind.ROUTE, 'r')}" if routes else "")
-        + "))"
-    )
+def _marked_rows(label: str, routed: str | None) -> tuple[str, str]:
+    """``(needs, recount)``: the page's rows whose truth a read needs, and those named by a
+    recount mark (CTE ``recount``, binding the page's ids twice). A read needs the rows named
+    by a recount mark and, while a route mark of a count kept in full waits (``routed``, None
+    when the model has none), every row of the page: ``needs`` reads ``recount`` for the first
+    and binds the page's ids once."""
     recount = (
         f"SELECT DISTINCT x AS pk FROM {MARK_TABLE} r CROSS JOIN LATERAL unnest(r.ids) x"
         f" WHERE r.target = {literal(label)} AND {where(Kind.RECOUNT, 'r')}"
         " AND r.ids && %s::bigint[] AND x = ANY(%s::bigint[])"
     )
+    # Only the rows that read it are counted: a recount of every row of the page would cost
+    # what the stored counts exist to avoid (seconds for a set of 500k captures).
+    needs = "SELECT x FROM unnest(%s::bigint[]) x WHERE x IN (SELECT pk FROM recount)"
+    if routed:
+        needs += f" OR {routed}"
     return needs, recount
 
 
