@@ -65,11 +65,15 @@ def _truth_joins(kind: ItemKind, within: tuple | None, probe_rows: bool):
     links, own_row = _link_joins(kind, within, joins)
     if own_row:
         t, row = kind.table, f"SELECT * FROM {q(kind.table.db_table)} j"
+        # Bounded like the children: unbounded, a merge join walked the item table's key
+        # from its first id for every chunk (25,001 index entries for a chunk of ids
+        # 20,001-25,000; the whole table for the last chunks).
+        bound = f" AND {in_range(f'j.{q(t.pk)}', within)}" if within else ""
         joins.insert(
             0,
             f"LEFT JOIN LATERAL ({row} WHERE j.{q(t.pk)} = i.id LIMIT 1) j ON true"
             if probe_rows
-            else f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id",
+            else f"LEFT JOIN {q(t.db_table)} j ON j.{q(t.pk)} = i.id{bound}",
         )
     return joins, measures, links
 

@@ -1,4 +1,4 @@
-"""The bulk item pass's SQL, as text: what each statement must contain, and must not.
+"""The bulk item pass's SQL: what each statement must contain, and must not, and what one reads.
 
 Not snapshots of the builders' output: each assertion is a property the pass's speed or
 correctness rests on (``counts.operate.item_sweep``), stated so that a change breaking it fails here
@@ -7,12 +7,21 @@ before a 10^6 bench or a race finds it.
 
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter
+
+import pytest
+from django.db import connection
 
 from counts.apps import graph
+from counts.base.names import LEDGER_TABLE
+from counts.base.prepared import arrays
 from counts.compile.item_sql import truth_sql
 from counts.operate.item_sweep import candidates_sql, may_count_sql, sweep_sql
+from counts.run.engine_transaction import engine_transaction
 from counts.run.item_locks import lock_items
+from project.monitoring.models import Deployment, Project
 
 CAPTURES = "item:monitoring.sourceimage"
 OCCURRENCES = "item:monitoring.occurrence"
@@ -55,6 +64,9 @@ def test_the_sweep_deletes_emptied_ledgers_by_key_and_writes_only_what_changed()
         r"DELETE FROM counts_ledger l WHERE l\.kind = '[^']+'\s+AND l\.item_id = ANY\(ARRAY\(", sql
     )
     assert "USING fresh" not in sql
+    # Each item's ledger is probed by its key, never joined as the statistics suggest.
+    assert "FROM truth t LEFT JOIN LATERAL (SELECT state FROM counts_ledger o" in sql
+    assert "o.item_id = t.id LIMIT 1) o ON true" in sql
     assert "WHERE coalesce(old, '{}') IS DISTINCT FROM new" in sql
     compare = sweep_sql(kind(CAPTURES), None, 0, 5000, write=False, ids=True)
     assert "INSERT" not in compare and "DELETE" not in compare and "FOR UPDATE" not in compare
@@ -104,3 +116,68 @@ def test_items_are_locked_in_one_order_skipping_those_held(monkeypatch):
     [sql] = seen
     assert 'ORDER BY l.kind COLLATE "C", l.item_id FOR UPDATE OF l SKIP LOCKED' in sql
     assert 'ORDER BY w.kind COLLATE "C", w.item_id ON CONFLICT (kind, item_id) DO NOTHING' in sql
+
+
+def _plan_reads(cursor, sql, params) -> tuple[Counter, int]:
+    """Rows each relation's scans looked at, and rows every join threw away, per EXPLAIN."""
+    cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
+    plan = cursor.fetchone()[0]
+    plan = json.loads(plan) if isinstance(plan, str) else plan
+    scanned: Counter = Counter()
+    thrown = 0
+
+    def walk(node):
+        nonlocal thrown
+        loops = node["Actual Loops"]
+        thrown += node.get("Rows Removed by Join Filter", 0) * loops
+        if "Relation Name" in node:
+            looked = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+            scanned[node["Relation Name"]] += looked * loops
+        for child in node.get("Plans", ()):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    return scanned, thrown
+
+
+@pytest.mark.django_db
+def test_a_chunk_reads_its_own_range_while_the_ledger_statistics_still_say_empty(marks):
+    """A rebuild from a lost state, or the counts of a fresh load, fill a ledger whose
+    statistics say it is empty. A chunk's sweep must still read its own range once: not
+    every ledger row of the chunk for every item (a nested loop: 3·10⁶ comparisons and 250 ms
+    a chunk at 10⁵), not the item table from its first id (a merge join over an unbounded
+    key: the whole table for the last chunks of a pass at 10⁷)."""
+    captures = kind(CAPTURES)
+    with connection.cursor() as cursor:
+        project = Project.objects.create(name="Crowd", default_filters_score_threshold=0.5)
+        station = Deployment.objects.create(project=project, name="Crowd")
+        cursor.execute(
+            "INSERT INTO monitoring_sourceimage (deployment_id, timestamp, path, created_at,"
+            " updated_at) SELECT %s, now(), 'crowd', now(), now()"
+            " FROM generate_series(1, 3000) RETURNING id",
+            [station.pk],
+        )
+        ids = sorted(row[0] for row in cursor.fetchall())
+        cursor.execute(
+            "INSERT INTO monitoring_detection (source_image_id, bbox, created_at, updated_at)"
+            " SELECT unnest(%s::bigint[]), '[1, 1, 2, 2]', now(), now()",
+            [ids],
+        )
+        cursor.execute(f"TRUNCATE {LEDGER_TABLE}")
+        for table in ("monitoring_sourceimage", "monitoring_detection", LEDGER_TABLE):
+            cursor.execute(f"ANALYZE {table}")
+    lo, hi = ids[1999], ids[-1]  # the last of three chunks
+    chunk = [i for i in ids if lo < i <= hi]
+    with engine_transaction("default") as cursor:
+        locked = lock_items(cursor, captures, chunk)
+        assert locked == chunk
+        sql = sweep_sql(captures, None, lo, hi, write=True)
+        scanned, thrown = _plan_reads(cursor, sql, arrays(cursor, [locked]))
+        cursor.execute(
+            f"SELECT count(*) FROM {LEDGER_TABLE} WHERE kind = %s AND state <> '{{}}'",
+            [CAPTURES],
+        )
+        assert cursor.fetchone()[0] == len(chunk)  # each capture's ledger written
+    assert thrown <= len(chunk), f"joins compared {thrown} rows for {len(chunk)} items"
+    assert scanned["monitoring_sourceimage"] <= 2 * len(chunk), scanned
+    assert scanned[LEDGER_TABLE] <= 3 * len(chunk), scanned
