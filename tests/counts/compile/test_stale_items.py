@@ -12,7 +12,6 @@ stale (``EXPLAIN ANALYZE``), since a recount or a list page pays it for every ba
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 
@@ -24,6 +23,7 @@ from counts.base.mark import Kind, Mark, where
 from counts.compile.item_sql import entries_sql, entry_targets_sql
 from counts.compile.stale_items import adjustment_sql, pending_targets_sql, stale_sql
 from project.monitoring.models import Deployment, Project, SourceImage
+from tests.plans import plan_reads
 from tests.truth import drain_all
 
 CAPTURES = "item:monitoring.sourceimage"
@@ -56,21 +56,7 @@ def stale(name, only="true") -> set[int]:
 def rows_read(sql, params) -> Counter:
     """Rows each relation's executed scans looked at (kept or filtered out), per EXPLAIN."""
     with connection.cursor() as cursor:
-        cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
-        plan = cursor.fetchone()[0]
-    plan = json.loads(plan) if isinstance(plan, str) else plan
-    seen: Counter = Counter()
-
-    def walk(node):
-        if "Relation Name" in node:
-            looked = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
-            looked += node.get("Rows Removed by Index Recheck", 0)
-            seen[node["Relation Name"]] += looked * node["Actual Loops"]
-        for child in node.get("Plans", ()):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return seen
+        return plan_reads(cursor, sql, params)[0]
 
 
 @pytest.fixture

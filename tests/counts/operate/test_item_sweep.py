@@ -7,9 +7,7 @@ before a 10^6 bench or a race finds it.
 
 from __future__ import annotations
 
-import json
 import re
-from collections import Counter
 
 import pytest
 from django.db import connection
@@ -22,6 +20,7 @@ from counts.operate.item_sweep import candidates_sql, may_count_sql, sweep_sql
 from counts.run.engine_transaction import engine_transaction
 from counts.run.item_locks import lock_items, lock_items_sql
 from project.monitoring.models import Deployment, Project
+from tests.plans import plan_reads
 
 CAPTURES = "item:monitoring.sourceimage"
 OCCURRENCES = "item:monitoring.occurrence"
@@ -123,28 +122,6 @@ def test_items_are_locked_in_one_order_skipping_those_held(monkeypatch):
     assert 'ORDER BY w.kind COLLATE "C", w.item_id ON CONFLICT (kind, item_id) DO NOTHING' in sql
 
 
-def _plan_reads(cursor, sql, params) -> tuple[Counter, int]:
-    """Rows each relation's scans looked at, and rows every join threw away, per EXPLAIN."""
-    cursor.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params)
-    plan = cursor.fetchone()[0]
-    plan = json.loads(plan) if isinstance(plan, str) else plan
-    scanned: Counter = Counter()
-    thrown = 0
-
-    def walk(node):
-        nonlocal thrown
-        loops = node["Actual Loops"]
-        thrown += node.get("Rows Removed by Join Filter", 0) * loops
-        if "Relation Name" in node:
-            looked = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
-            scanned[node["Relation Name"]] += looked * loops
-        for child in node.get("Plans", ()):
-            walk(child)
-
-    walk(plan[0]["Plan"])
-    return scanned, thrown
-
-
 @pytest.mark.django_db
 def test_a_chunk_reads_its_own_range_while_the_ledger_statistics_still_say_empty(marks):
     """A rebuild from a lost state, or the counts of a fresh load, fill a ledger whose
@@ -185,7 +162,7 @@ def test_a_chunk_reads_its_own_range_while_the_ledger_statistics_still_say_empty
         locked = lock_items(cursor, captures, chunk)
         assert locked == chunk
         sql = sweep_sql(captures, None, lo, hi, write=True)
-        scanned, thrown = _plan_reads(cursor, sql, arrays(cursor, [locked]))
+        scanned, thrown = plan_reads(cursor, sql, arrays(cursor, [locked]))
         cursor.execute(
             f"SELECT array_agg(item_id ORDER BY item_id) FROM {LEDGER_TABLE}"
             " WHERE kind = %s AND item_id > %s",
@@ -227,7 +204,7 @@ def test_locking_a_chunk_probes_the_ledger_per_item_however_many_ledgers_there_a
     chunk = ids[5000:]
     with engine_transaction("default") as cursor:
         sql = lock_items_sql(captures)
-        scanned, thrown = _plan_reads(cursor, sql, arrays(cursor, [chunk]))
+        scanned, thrown = plan_reads(cursor, sql, arrays(cursor, [chunk]))
     assert thrown <= len(chunk), f"joins compared {thrown} rows for {len(chunk)} items"
     # Two probes per item (is there a row? lock it): never the other 5,000 ledgers.
     assert scanned[LEDGER_TABLE] <= 2 * len(chunk), scanned
