@@ -150,21 +150,24 @@ def truth_sql(
         + f" FROM {q(model._meta.db_table)} t "
         + " ".join(joins)
     )
-    if ranged:
-        # The target rows too by the bounds alone, and the bound ids kept above a fence
-        # (OFFSET 0): a list and a range on one key looked like one row to the planner, which
-        # then ran each grouped subquery once per target row (909 captures at 10^7: 909
-        # re-aggregations of the range, 300 ms where 5,000 rows by merge join took 33 ms; the
-        # pass's chunks, sized by their cost, shrank with it).
-        truth = (
-            f"SELECT * FROM ({truth} WHERE t.{q(pk)} BETWEEN %s AND %s OFFSET 0) r"
-            " WHERE r.pk = ANY(%s::bigint[])"
-        )
-        params += [_LO, _HI, _IDS]
-    else:
-        truth += f" WHERE t.{q(pk)} = ANY(%s::bigint[])"
-        params.append(_IDS)
-    return truth, [c for c, _ in selects], params
+    truth, more = _bound_rows(truth, f"t.{q(pk)}", ranged)
+    return truth, [c for c, _ in selects], params + more
+
+
+def _bound_rows(truth: str, pk: str, ranged: bool) -> tuple[str, list]:
+    """``truth`` kept to the bound ids, and its placeholders."""
+    if not ranged:
+        return f"{truth} WHERE {pk} = ANY(%s::bigint[])", [_IDS]
+    # The target rows too by the bounds alone, and the bound ids kept above a fence (OFFSET
+    # 0): a list and a range on one key looked like one row to the planner, which then ran
+    # each grouped subquery once per target row (909 captures at 10^7: 909 re-aggregations
+    # of the range, 300 ms where 5,000 rows by merge join took 33 ms; the pass's chunks,
+    # sized by their cost, shrank with it).
+    return (
+        f"SELECT * FROM ({truth} WHERE {pk} BETWEEN %s AND %s OFFSET 0) r"
+        " WHERE r.pk = ANY(%s::bigint[])",
+        [_LO, _HI, _IDS],
+    )
 
 
 def _bounds(lookup: str) -> dict:
