@@ -29,3 +29,30 @@ def plan_reads(cursor, sql: str, params) -> tuple[Counter, int]:
 
     walk(plan[0]["Plan"])
     return scanned, thrown
+
+
+def crowd(captures: int, detected_every: int | None = 1) -> list[int]:
+    """A station of its own (its own project) with ``captures`` captures, every
+    ``detected_every``-th of them with one valid detection (none when None), inserted set-based:
+    a table a plan reading too much shows on. Their ids, in order."""
+    from django.db import connection
+
+    from project.monitoring.models import Deployment, Project
+
+    project = Project.objects.create(name="Crowd", default_filters_score_threshold=0.5)
+    station = Deployment.objects.create(project=project, name="Crowd")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO monitoring_sourceimage (deployment_id, timestamp, path, created_at,"
+            " updated_at) SELECT %s, now(), 'crowd', now(), now()"
+            " FROM generate_series(1, %s) RETURNING id",
+            [station.pk, captures],
+        )
+        ids = sorted(row[0] for row in cursor.fetchall())
+        if detected_every is not None:
+            cursor.execute(
+                "INSERT INTO monitoring_detection (source_image_id, bbox, created_at,"
+                " updated_at) SELECT unnest(%s::bigint[]), '[1, 1, 2, 2]', now(), now()",
+                [ids[::detected_every]],
+            )
+    return ids

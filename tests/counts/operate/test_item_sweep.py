@@ -19,8 +19,7 @@ from counts.compile.item_sql import truth_sql
 from counts.operate.item_sweep import candidates_sql, may_count_sql, sweep_sql
 from counts.run.engine_transaction import engine_transaction
 from counts.run.item_locks import lock_items, lock_items_sql
-from project.monitoring.models import Deployment, Project
-from tests.plans import plan_reads
+from tests.plans import crowd, plan_reads
 
 CAPTURES = "item:monitoring.sourceimage"
 OCCURRENCES = "item:monitoring.occurrence"
@@ -131,22 +130,9 @@ def test_a_chunk_reads_its_own_range_while_the_ledger_statistics_still_say_empty
     (a merge join over an unbounded key: the whole table for the last chunks of a pass), not
     every ledger of the kind to delete the emptied ones."""
     captures = kind(CAPTURES)
+    ids = crowd(4000, detected_every=2)  # the others have nothing to count: their ledgers go
+    detected = ids[::2]
     with connection.cursor() as cursor:
-        project = Project.objects.create(name="Crowd", default_filters_score_threshold=0.5)
-        station = Deployment.objects.create(project=project, name="Crowd")
-        cursor.execute(
-            "INSERT INTO monitoring_sourceimage (deployment_id, timestamp, path, created_at,"
-            " updated_at) SELECT %s, now(), 'crowd', now(), now()"
-            " FROM generate_series(1, 4000) RETURNING id",
-            [station.pk],
-        )
-        ids = sorted(row[0] for row in cursor.fetchall())
-        detected = ids[::2]  # the others have nothing to count: their ledgers go
-        cursor.execute(
-            "INSERT INTO monitoring_detection (source_image_id, bbox, created_at, updated_at)"
-            " SELECT unnest(%s::bigint[]), '[1, 1, 2, 2]', now(), now()",
-            [detected],
-        )
         cursor.execute(f"TRUNCATE {LEDGER_TABLE}")
         for table in ("monitoring_sourceimage", "monitoring_detection", LEDGER_TABLE):
             cursor.execute(f"ANALYZE {table}")
@@ -183,16 +169,8 @@ def test_locking_a_chunk_probes_the_ledger_per_item_however_many_ledgers_there_a
     wanted item is one probe of the ledger's key, for the rows it must create and those it
     must lock."""
     captures = kind(CAPTURES)
+    ids = crowd(6000, detected_every=None)
     with connection.cursor() as cursor:
-        project = Project.objects.create(name="Crowd", default_filters_score_threshold=0.5)
-        station = Deployment.objects.create(project=project, name="Crowd")
-        cursor.execute(
-            "INSERT INTO monitoring_sourceimage (deployment_id, timestamp, path, created_at,"
-            " updated_at) SELECT %s, now(), 'crowd', now(), now()"
-            " FROM generate_series(1, 6000) RETURNING id",
-            [station.pk],
-        )
-        ids = sorted(row[0] for row in cursor.fetchall())
         # Ledgers for the first 5,000; the last 1,000 items are new, half of them still
         # without a ledger row.
         cursor.execute(

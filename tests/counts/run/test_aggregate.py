@@ -26,22 +26,14 @@ from counts.declare.graph import Graph
 from counts.declare.modes import Full
 from counts.run import aggregate
 from counts.run.engine_transaction import engine_transaction
-from project.monitoring.models import (
-    Deployment,
-    Detection,
-    Event,
-    Occurrence,
-    Project,
-    SourceImage,
-    Taxon,
-)
+from project.monitoring.models import Detection, Event, Occurrence, SourceImage, Taxon
 from tests.engine_app.models import Review
 from tests.engine_app.truth import assert_engine_counts_exact
 from tests.engine_app.truth import cached as library_cached
 from tests.engine_app.truth import truth as library_truth
 from tests.interleave import Harness
 from tests.invariants import assert_invariants
-from tests.plans import plan_reads
+from tests.plans import crowd, plan_reads
 from tests.truth import assert_all_counts_exact, cached, drain_all, triggers_off, truth
 
 D, E = "monitoring.deployment", "monitoring.event"
@@ -156,23 +148,8 @@ def test_a_ranged_recount_reads_its_range_once_however_few_rows_it_binds(marks):
     re-aggregations of their range (300 ms against 33 ms for 5,000 rows), and a pass whose
     chunks are sized by their cost shrank them into that. A ranged recount reads each
     capture's detections once, for a chunk of any size."""
-    station = Deployment.objects.create(
-        project=Project.objects.create(name="Crowd", default_filters_score_threshold=0.5),
-        name="Crowd",
-    )
+    ids = crowd(4000)
     with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO monitoring_sourceimage (deployment_id, timestamp, path, created_at,"
-            " updated_at) SELECT %s, now(), 'crowd', now(), now()"
-            " FROM generate_series(1, 4000) RETURNING id",
-            [station.pk],
-        )
-        ids = sorted(row[0] for row in cursor.fetchall())
-        cursor.execute(
-            "INSERT INTO monitoring_detection (source_image_id, bbox, created_at, updated_at)"
-            " SELECT unnest(%s::bigint[]), '[1, 1, 2, 2]', now(), now()",
-            [ids],
-        )
         for table in ("monitoring_sourceimage", "monitoring_detection"):
             cursor.execute(f"ANALYZE {table}")
     statement = aggregate.compile_recompute(graph(), "monitoring.sourceimage", ranged=True)
