@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from django.db import connection
+
+from project.monitoring.models import Deployment, Project
+
 
 def plan_reads(cursor, sql: str, params) -> tuple[Counter, int]:
     """``(rows each relation's scans looked at, kept or filtered out, over all their loops;
@@ -35,10 +39,6 @@ def crowd(captures: int, detected_every: int | None = 1) -> list[int]:
     """A station of its own (its own project) with ``captures`` captures, every
     ``detected_every``-th of them with one valid detection (none when None), inserted set-based:
     a table a plan reading too much shows on. Their ids, in order."""
-    from django.db import connection
-
-    from project.monitoring.models import Deployment, Project
-
     project = Project.objects.create(name="Crowd", default_filters_score_threshold=0.5)
     station = Deployment.objects.create(project=project, name="Crowd")
     with connection.cursor() as cursor:
