@@ -124,18 +124,23 @@ def truth_sql(
     for g, group in enumerate(_groups(tuple(counted))):
         joined = frozenset().union(*(s.join_signature for s in group))
         annotations = {f"c{i}": _count_expression(s, joined) for i, s in enumerate(group)}
+        # One filter() call: its conditions share each relation's join, which the counts
+        # then reuse (INNER joins: a row with no child gets COALESCE's 0 in the outer query).
+        # A second call would join a to-many relation again and multiply the rows.
         if ranged:
             # By the bounds alone (a row between them that is not bound is counted and then
             # left out by the outer query): an id list and a range together look like a few
             # rows to the planner, which then probes per id after all.
-            qs = model._base_manager.filter(**_bounds("pk"))
+            where = Q(**_bounds("pk"))
             below = _first_relation(model, joined)
             if below is not None:
-                # One filter() call: the conditions share the relation's join, which the
-                # counts then reuse (an INNER join: a row with no child gets COALESCE's 0).
-                qs = qs.filter(**_bounds(below))
+                where &= Q(**_bounds(below))
         else:
-            qs = model._base_manager.filter(pk__in=RawSQL(rows, (_IDS,)))
+            where = Q(pk__in=RawSQL(rows, (_IDS,)))
+        counted_rows = _counted_rows(group)
+        if counted_rows is not None:
+            where &= counted_rows
+        qs = model._base_manager.filter(where)
         qs = qs.order_by().values("pk").annotate(**annotations)
         sub_sql, sub_params = qs.query.get_compiler(connection=connection).as_sql()
         joins.append(f"LEFT JOIN ({sub_sql}) g{g} ON g{g}.pk = t.{q(pk)}")
@@ -152,6 +157,39 @@ def truth_sql(
     )
     truth, more = _bound_rows(truth, f"t.{q(pk)}", ranged)
     return truth, [c for c, _ in selects], params + more
+
+
+def _counted_rows(group: list[CountSpec]) -> Q | None:
+    """The joined rows some count of ``group`` counts, as a condition its subquery can filter
+    on: each count's filter, OR-ed; None when a count has none (it counts every row).
+
+    Filtered in the WHERE, a row no count wants is dropped where it is joined instead of being
+    carried to the aggregate: a capture set's counted occurrences, 1.5 s where carrying every
+    detection of its half a million captures to a ``COUNT(DISTINCT ...) FILTER`` sorted on
+    disk took 4.2 s. The same values: a count's ``FILTER`` keeps only rows its own filter
+    passes, and each of those passes the OR. Only plain conditions are moved (no negation, no
+    ``isnull=True``, no expression): for those, a filter() on a to-many relation means "a
+    joined row that matches", as a count's ``FILTER`` does; and never a probed count's, whose
+    filter is an ``EXISTS`` below the counted rows, not a join (moved, it would join them)."""
+    if any(spec.probes or spec.filter is None or not _plain(spec.filter) for spec in group):
+        return None
+    where = Q()
+    for spec in group:
+        where |= spec.filter
+    return where
+
+
+def _plain(condition: Q) -> bool:
+    """Whether ``condition`` is made of lookups only, none negated, none ``isnull=True``."""
+    if condition.negated:
+        return False
+    for child in condition.children:
+        if isinstance(child, Q):
+            if not _plain(child):
+                return False
+        elif not isinstance(child, tuple) or (child[0].endswith("__isnull") and child[1]):
+            return False
+    return True
 
 
 def _bound_rows(truth: str, pk: str, ranged: bool) -> tuple[str, list]:

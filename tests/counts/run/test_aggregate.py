@@ -24,7 +24,7 @@ from counts.apps import graph
 from counts.base.mark import Kind, where
 from counts.declare.graph import Graph
 from counts.declare.modes import Full
-from counts.run import aggregate
+from counts.run import aggregate, target_truth
 from counts.run.engine_transaction import engine_transaction
 from project.monitoring.models import Detection, Event, Occurrence, SourceImage, Taxon
 from tests.engine_app.models import Review
@@ -218,6 +218,29 @@ def test_a_distinct_count_is_read_from_the_multiplicities(world, marks):
     assert_invariants()
     drain_all()
     assert_all_counts_exact()
+
+
+def test_counts_whose_filters_are_or_ed_into_one_where_keep_their_own_values(library, marks):
+    """A group's subquery drops the rows none of its counts wants (their filters OR-ed in its
+    WHERE) before aggregating them: each count still counts only what its own filter passes.
+    The library's four filtered review counts, recounted without the unfiltered one that
+    keeps them from being filtered together in the app's statement, against the hand-written
+    truth, for every library and for a range of them."""
+    Library = apps.get_model("counts_testapp.library")
+    specs = [s for s in graph().specs_for("counts_testapp.library") if s.filter is not None]
+    assert len(specs) == 4 and len(target_truth._groups(tuple(specs))) == 1
+    assert target_truth._counted_rows(specs) is not None, "the case under test: filtered"
+    want = library_truth("counts_testapp_library")
+    ids = sorted(want)
+    for ranged in (False, True):
+        sql, columns, params = target_truth.truth_sql(Library, specs, connection, ranged=ranged)
+        bind = {id(target_truth._IDS): ids, id(target_truth._LO): ids[0]}
+        bind[id(target_truth._HI)] = ids[-1]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [bind.get(id(p), p) for p in params])
+            got = {row[0]: dict(zip(columns, row[1:], strict=True)) for row in cursor.fetchall()}
+        assert got == {pk: {c: want[pk][c] for c in columns} for pk in ids}, ranged
+        assert any(v for row in got.values() for v in row.values()), "not all zeros"
 
 
 def test_a_count_kept_in_full_stores_its_truth(library, marks):
