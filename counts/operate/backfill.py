@@ -38,7 +38,7 @@ from counts.declare.graph import Graph, app_graph
 from counts.declare.kinds import kinds_feeding
 from counts.declare.modes import ledger_key
 from counts.operate import item_sweep
-from counts.operate.reconciling import ModelReport, _reconcile_model
+from counts.operate.target_pass import ModelReport, recount_model
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def backfill(
         rows += swept.checked
     if recounted:
         recount = ModelReport(label)
-        _reconcile_model(graph, recount, False, chunk, step, using, lock_all=True)
+        recount_model(graph, recount, False, chunk, step, using, lock_all=True)
         rows += recount.checked
     end_lease(lease, using)
     if rows:  # a fresh database's first migrations have nothing to say

@@ -17,51 +17,18 @@ from dataclasses import dataclass, field
 
 from django.db import connections, transaction
 
-from counts.base import checkpoints
 from counts.base.errors import UnknownTargetError
 from counts.base.mark import Kind, where
 from counts.base.names import MARK_TABLE, q
 from counts.declare.graph import Graph, app_graph
 from counts.declare.kinds import kinds_feeding
-from counts.operate import item_sweep
-from counts.operate.recomputing import claim
-from counts.run import aggregate, multiplicity
+from counts.operate import item_sweep, target_pass
+from counts.operate.target_pass import ModelReport
+from counts.run import multiplicity
 from counts.run.engine_transaction import engine_transaction
 
 #: Most target rows (and items) one transaction of a pass takes, by default.
 CHUNK = 5000
-#: Seconds one transaction of a target pass aims at: a pass starts with a few rows and sizes
-#: its chunks from what the previous ones cost, never over ``chunk`` rows. A station's
-#: recount reads every capture of it, a capture's its own detections: the same number of rows
-#: can cost a thousand times more, and no transaction should hold its row locks for long.
-BUDGET_S = 0.25
-#: Rows of a pass's first transaction.
-FIRST_CHUNK = 16
-
-
-@dataclass
-class ModelReport:
-    label: str
-    checked: int = 0
-    #: ``{row id: fields}`` found wrong, by the item pass's credits or the row's recount.
-    cells: dict = field(default_factory=lambda: defaultdict(set))
-    examples: list = field(default_factory=list)  # a few Change objects, for the log
-
-    @property
-    def drifted_rows(self) -> int:
-        return len(self.cells)
-
-    @property
-    def drift(self) -> Counter:
-        """``{field: rows that were wrong}``."""
-        return Counter(f for fields in self.cells.values() for f in fields)
-
-    def as_dict(self) -> dict:
-        return {
-            "checked": self.checked,
-            "drifted_rows": self.drifted_rows,
-            "drift": dict(self.drift),
-        }
 
 
 @dataclass
@@ -163,7 +130,7 @@ def reconcile(
     labels = _labels(graph, model)
     _items_pass(graph, report, labels, dry_run, chunk, progress, using)
     for label in labels:
-        _reconcile_model(graph, report.model(label), dry_run, chunk, progress, using)
+        target_pass.recount_model(graph, report.model(label), dry_run, chunk, progress, using)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -233,76 +200,6 @@ def _ledger_keys(graph: Graph, labels: list[str]) -> dict:
     return found
 
 
-def _reconcile_model(
-    graph: Graph,
-    model_report: ModelReport,
-    dry_run: bool,
-    chunk: int,
-    progress,
-    using: str,
-    lock_all=False,
-) -> None:
-    """One target model's pass, ``chunk`` rows per transaction in id order.
-
-    A repair compares first, without locks, and claims and writes only the rows that differ:
-    at rest it writes nothing (locking every row of 10^6 took 3 s and 200 MB of WAL a pass).
-    ``lock_all``: claim and recount every row, as a pass that then drops the marks it covered
-    must (a rebuild, a backfill ending its lease): only a lock attempt finds a row a drain is
-    still writing, and the held ones are marked again."""
-    label = model_report.label
-    # Ranged: each transaction takes the next ids in key order, a whole range of them.
-    statement = aggregate.compile_recompute(graph, label, using, ranged=True)
-    checkpoints.reach("bulk.before_model", label=label)
-    last, size = None, min(chunk, FIRST_CHUNK)
-    while True:
-        started = time.perf_counter()
-        with engine_transaction(using) as cursor:
-            ids = _next_ids(cursor, statement, last, size)
-            if not ids:
-                break
-            checked = ids
-            if not dry_run and not lock_all:
-                differ = [c.pk for c in aggregate.run(cursor, statement, ids, write=False)]
-            else:
-                differ = ids
-            if not dry_run and differ:  # rows someone holds are marked for the drain
-                claimed, _held = claim(cursor, statement, label, differ)
-                if lock_all:
-                    checked = claimed
-            else:
-                claimed = differ
-            checkpoints.reach("recount.before_formula", label=label, ids=len(claimed))
-            changes = aggregate.run(cursor, statement, claimed, write=not dry_run)
-        size = next_size(size, len(ids), time.perf_counter() - started, chunk)
-        last = ids[-1]
-        model_report.checked += len(checked)
-        for change in changes:
-            model_report.cells[change.pk].update(change.fields)
-        model_report.examples.extend(changes[: max(0, 5 - len(model_report.examples))])
-        if progress:
-            progress(label, model_report.checked)
-        checkpoints.reach("bulk.between_transactions", label=label, last=last)
-
-
-def next_size(size: int, rows: int, seconds: float, most: int) -> int:
-    """Rows for the next transaction: what fits in :data:`BUDGET_S` at the last one's cost per
-    row, at most four times the last and at most ``most``."""
-    per_row = seconds / max(rows, 1)
-    fits = int(BUDGET_S / per_row) if per_row > 0 else most
-    return max(1, min(most, fits, 4 * size))
-
-
-def _next_ids(cursor, statement, last: int | None, chunk: int) -> list[int]:
-    """The next ``chunk`` ids after ``last`` (keyset pagination: no offset to walk past)."""
-    where = "" if last is None else f"WHERE {q(statement.pk)} > %s"
-    cursor.execute(
-        f"SELECT {q(statement.pk)} FROM {q(statement.table)} {where}"
-        f" ORDER BY {q(statement.pk)} LIMIT %s",
-        ([] if last is None else [last]) + [chunk],
-    )
-    return [row[0] for row in cursor.fetchall()]
-
-
 def rebuild(
     models=None,
     chunk: int = CHUNK,
@@ -353,7 +250,8 @@ def rebuild(
         # drain is still writing); a model with none is recounted as reconcile does, comparing
         # first and claiming what differs (a million captures locked for nothing: 31 s).
         lock_all = label in marked
-        _reconcile_model(graph, report.model(label), False, chunk, progress, using, lock_all)
+        model = report.model(label)
+        target_pass.recount_model(graph, model, False, chunk, progress, using, lock_all)
     _drop(rows, using)
     report.seconds = time.perf_counter() - started
     return report

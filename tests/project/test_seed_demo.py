@@ -259,8 +259,8 @@ def test_if_empty_seeds_an_empty_database():
 def test_a_write_during_the_counting_pass_keeps_its_mark(monkeypatch):
     """Only marks that existed before the pass are deleted: a concurrent write stays queued,
     and is counted (the seed drains what is left once the pass is done)."""
-    engine = importlib.import_module("counts.operate.reconciling")
-    real = engine._reconcile_model
+    engine = importlib.import_module("counts.operate.target_pass")
+    real = engine.recount_model
     written = {}
     kept = []
 
@@ -280,7 +280,7 @@ def test_a_write_during_the_counting_pass_keeps_its_mark(monkeypatch):
             )
         return report
 
-    monkeypatch.setattr(engine, "_reconcile_model", reconcile_then_someone_writes)
+    monkeypatch.setattr(engine, "recount_model", reconcile_then_someone_writes)
     seed("--scale", "500")
     assert kept[0][0] >= 1, "the write's mark waited while the pass went on"
     stored, truth = fetch(

@@ -8,11 +8,14 @@ redo them), and marks it did not cover — other models', and any written during
 from __future__ import annotations
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 import counts
 from counts.base.errors import UnknownTargetError
 from counts.run.marks import mark_all
-from project.monitoring.models import Event
+from project.monitoring.models import Event, SourceImageCollection
+from tests.api_fixtures import drift
 from tests.counts.operate.test_reconciling import write_behind_the_triggers
 from tests.interleave import Harness
 from tests.truth import assert_all_counts_exact, drain_all, mismatches
@@ -70,8 +73,8 @@ def test_target_rows_sizes_a_pass(world, marks):
 def test_a_rebuild_claims_every_row_only_where_it_drops_marks(make_world, marks):
     """Every row of a model is claimed (a held one marked again) only when the rebuild will
     delete marks of that model: only a lock attempt finds a row a drain is still writing. A
-    model with no mark is recounted as reconcile does, comparing first: its exact rows are
-    neither locked nor, when someone holds one, marked again."""
+    model with no mark is recounted as reconcile does: an exact row someone holds is not
+    marked again."""
     world = make_world()
     harness = Harness()
     try:
@@ -89,3 +92,23 @@ def test_a_rebuild_claims_every_row_only_where_it_drops_marks(make_world, marks)
         harness.close()
     drain_all()
     assert_all_counts_exact()
+
+
+def test_a_repair_recounts_each_costly_row_once(world, marks):
+    """A capture set's recount reads every membership of the set (half a million, for the
+    largest): a repair claims such rows first and recounts each once. Comparing first, then
+    recounting what differed, read every drifted set twice."""
+    for collection in (world.c1, world.c2):
+        drift(collection, source_images_count=99)
+    with CaptureQueriesContext(connection) as queries:
+        report = counts.reconcile(SourceImageCollection)
+    recounts = [
+        query["sql"]
+        for query in queries.captured_queries
+        if query["sql"].startswith("WITH fresh")
+        and '"monitoring_sourceimagecollection" t' in query["sql"]
+    ]
+    assert len(recounts) == 1, "one recount of the sets, which wrote them"
+    assert report.models[C].drift == {"source_images_count": 2}
+    assert_all_counts_exact()
+    assert marks.rows() == []
