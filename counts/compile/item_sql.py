@@ -169,10 +169,18 @@ def _entries(kind: ItemKind, measures: dict, links: dict) -> list[str]:
     entries = []
     for p in kind.parts:
         value = _value(p, measures)
+        last = f", j.{q(p.distinct)}" if p.distinct else ""
+        if p.link.through is None:
+            # One target, the item's own column: the array built, measured and turned into
+            # jsonb for it cost more than the rest of a capture's truth (the same jsonb).
+            col = f"j.{q(p.link.target_column)}"
+            entries.append(
+                f"{literal(p.key)}, CASE WHEN {value} > 0 AND {col} IS NOT NULL"
+                f" THEN jsonb_build_array({value}, {col}{last}) END"
+            )
+            continue
         targets = links[p.link]
-        tail = f"to_jsonb({targets})"
-        if p.distinct:
-            tail = f"to_jsonb({targets}) || jsonb_build_array(j.{q(p.distinct)})"
+        tail = f"to_jsonb({targets})" + (f" || jsonb_build_array({last[2:]})" if last else "")
         entries.append(
             f"{literal(p.key)}, CASE WHEN {value} > 0 AND cardinality({targets}) > 0"
             f" THEN jsonb_build_array({value}) || {tail} END"
