@@ -30,10 +30,10 @@ from counts.run.marks import defer
 BUDGET_S = 0.25
 #: Rows of a pass's first transaction.
 FIRST_CHUNK = 16
-#: Seconds of recount per row from which a repair claims rows before recounting them, rather
-#: than comparing first: a row lock costs microseconds, while comparing first recounts every
-#: row that differs twice (a rebuild's twelve capture sets of 10^6: 5.4 s each time). Cheap
-#: rows (a capture's, a few microseconds) are compared first, so that a pass at rest locks none.
+#: Seconds of recount per row from which a repair that finds most rows drifted claims rows
+#: before recounting them, rather than comparing first: comparing first recounts every row
+#: that differs twice (a rebuild's twelve capture sets of 10^6: 5.4 s each time). Cheap rows
+#: (a capture's, a few microseconds) are always compared first: locking costs more than that.
 CLAIM_FIRST_S = 0.0005
 
 
@@ -70,47 +70,42 @@ def recount_model(
     progress,
     using: str,
     lock_all=False,
+    expect_drift=False,
 ) -> None:
     """One target model's pass, ``chunk`` rows per transaction in id order.
 
-    A repair of cheap rows compares first, without locks, and claims and writes only the rows
-    that differ: at rest it writes nothing (locking every row of 10^6 took 3 s and 200 MB of WAL
-    a pass). Costly rows (a recount of :data:`CLAIM_FIRST_S` a row or more, measured on the
-    previous chunk; the first chunk's few rows are taken as costly) are claimed first and
-    recounted once: a capture set's recount reads its half a million memberships, and comparing
-    first read them twice whenever the set differed. ``lock_all``: claim and recount every row,
-    as a pass that then drops the marks it covered must (a rebuild, a backfill ending its
-    lease): only a lock attempt finds a row a drain is still writing, and the held ones are
-    marked again."""
+    A repair compares first, without locks, and claims and writes only the rows that differ:
+    at rest it locks and writes nothing (locking every row of 10^6 took 3 s and 200 MB of WAL
+    a pass; a set's row locked for its whole recount would keep drains from it meanwhile).
+    Where drift is the rule, comparing first reads each drifted row twice, which costly rows
+    (:data:`CLAIM_FIRST_S` a row or more) cannot afford: a capture set's recount reads its half
+    a million memberships (a rebuild's twelve sets of 10^6: 5.4 s each time). So once a chunk
+    finds most of its rows drifted, the next chunks of costly rows are claimed first and
+    recounted once; ``expect_drift`` (a rebuild, run after a restore or a load) starts so.
+    ``lock_all``: claim and recount every row, as a pass that then drops the marks it covered
+    must (a rebuild's marked models, a backfill ending its lease): only a lock attempt finds a
+    row a drain is still writing, and the held ones are marked again."""
     label = model_report.label
     # Ranged: each transaction takes the next ids in key order, a whole range of them.
     statement = aggregate.compile_recompute(graph, label, using, ranged=True)
     checkpoints.reach("bulk.before_model", label=label)
-    last, size, costly = None, min(chunk, FIRST_CHUNK), True
+    last, size = None, min(chunk, FIRST_CHUNK)
+    costly, drifting = True, expect_drift  # the first chunk's cost is not known yet
     while True:
         started = time.perf_counter()
-        claim_all = lock_all or costly
+        first = costly and drifting
         with engine_transaction(using) as cursor:
             ids = _next_ids(cursor, statement, last, size)
             if not ids:
                 break
-            checked = ids
-            if not dry_run and not claim_all:
-                differ = [c.pk for c in aggregate.run(cursor, statement, ids, write=False)]
-            else:
-                differ = ids
-            if not dry_run and differ and not lock_all and claim_all:
-                claimed = _claim_costly(cursor, statement, label, differ)
-            elif not dry_run and differ:  # rows someone holds are marked for the drain
-                claimed, _held = claim(cursor, statement, label, differ)
-                if lock_all:
-                    checked = claimed
-            else:
-                claimed = differ
+            claimed, checked, differed = _claim_rows(
+                cursor, statement, label, ids, dry_run, lock_all, first
+            )
             checkpoints.reach("recount.before_formula", label=label, ids=len(claimed))
             changes = aggregate.run(cursor, statement, claimed, write=not dry_run)
         seconds = time.perf_counter() - started
         costly = seconds / len(ids) >= CLAIM_FIRST_S
+        drifting = 2 * (len(changes) if differed is None else differed) >= len(ids)
         size = next_size(size, len(ids), seconds, chunk)
         last = ids[-1]
         model_report.checked += len(checked)
@@ -122,12 +117,29 @@ def recount_model(
         checkpoints.reach("bulk.between_transactions", label=label, last=last)
 
 
+def _claim_rows(cursor, statement, label: str, ids, dry_run: bool, lock_all: bool, first: bool):
+    """``(rows to recount, rows checked, rows a comparison found differing or None)`` for one
+    chunk of :func:`recount_model`: claimed all (``lock_all``), claimed before comparing
+    (``first``), or compared first and only those that differ claimed."""
+    if dry_run:
+        return ids, ids, None
+    if lock_all:
+        claimed, _held = claim(cursor, statement, label, ids)
+        return claimed, claimed, None
+    if first:
+        return _claim_costly(cursor, statement, label, ids), ids, None
+    differ = [c.pk for c in aggregate.run(cursor, statement, ids, write=False)]
+    claimed = claim(cursor, statement, label, differ)[0] if differ else []
+    return claimed, ids, len(differ)
+
+
 def _claim_costly(cursor, statement, label: str, ids: list[int]) -> list[int]:
-    """Claim ``ids`` before comparing them (a repair's costly rows); returns the ids locked.
+    """Claim ``ids`` before comparing them (costly rows, expected to differ); returns the ids
+    locked.
 
     A row someone else holds is compared, without a lock, as a compare-first chunk would
     compare it, and marked again only if it differs: an exact row a drain happens to hold is
-    left to it, so a pass at rest marks nothing."""
+    left to it."""
     locked = aggregate.lock(cursor, statement, ids)
     held = aggregate.held_elsewhere(cursor, statement, ids, locked)
     if held:

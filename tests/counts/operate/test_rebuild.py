@@ -94,21 +94,40 @@ def test_a_rebuild_claims_every_row_only_where_it_drops_marks(make_world, marks)
     assert_all_counts_exact()
 
 
-def test_a_repair_recounts_each_costly_row_once(world, marks):
+def test_a_rebuild_recounts_each_costly_row_once(world, marks):
     """A capture set's recount reads every membership of the set (half a million, for the
-    largest): a repair claims such rows first and recounts each once. Comparing first, then
-    recounting what differed, read every drifted set twice."""
+    largest). A rebuild, run where drift is expected, claims such rows first and recounts each
+    once; comparing first, then recounting what differed, read every drifted set twice."""
     for collection in (world.c1, world.c2):
         drift(collection, source_images_count=99)
     with CaptureQueriesContext(connection) as queries:
-        report = counts.reconcile(SourceImageCollection)
-    recounts = [
-        query["sql"]
-        for query in queries.captured_queries
-        if query["sql"].startswith("WITH fresh")
-        and '"monitoring_sourceimagecollection" t' in query["sql"]
-    ]
-    assert len(recounts) == 1, "one recount of the sets, which wrote them"
+        report = counts.rebuild(SourceImageCollection)
+    assert len(set_recounts(queries)) == 1, "one recount of the sets, which wrote them"
     assert report.models[C].drift == {"source_images_count": 2}
     assert_all_counts_exact()
     assert marks.rows() == []
+
+
+def test_a_reconcile_compares_first_until_it_finds_drift(world, marks):
+    """At rest a reconcile claims no row, however costly (a set's row locked for its recount
+    would keep the drains from it meanwhile): it compares first, and claims costly rows first
+    only once a chunk has found most of its rows drifted."""
+    with CaptureQueriesContext(connection) as queries:
+        counts.reconcile(SourceImageCollection)
+    assert not [q for q in queries.captured_queries if "FOR NO KEY UPDATE" in (q["sql"] or "")]
+    for collection in (world.c1, world.c2):
+        drift(collection, source_images_count=99)
+    report = counts.reconcile(SourceImageCollection)
+    assert report.models[C].drift == {"source_images_count": 2}
+    assert_all_counts_exact()
+    assert marks.rows() == []
+
+
+def set_recounts(queries) -> list[str]:
+    """The statements among ``queries`` that recount capture sets."""
+    sqls = [query["sql"] or "" for query in queries.captured_queries]
+    return [
+        sql
+        for sql in sqls
+        if sql.startswith("WITH fresh") and '"monitoring_sourceimagecollection" t' in sql
+    ]
