@@ -169,18 +169,20 @@ def _entries(kind: ItemKind, measures: dict, links: dict) -> list[str]:
     entries = []
     for p in kind.parts:
         value = _value(p, measures)
-        last = f", j.{q(p.distinct)}" if p.distinct else ""
+        counted = [f"j.{q(p.distinct)}"] if p.distinct else []  # a distinct count's value
         if p.link.through is None:
             # One target, the item's own column: the array built, measured and turned into
             # jsonb for it cost more than the rest of a capture's truth (the same jsonb).
             col = f"j.{q(p.link.target_column)}"
             entries.append(
                 f"{literal(p.key)}, CASE WHEN {value} > 0 AND {col} IS NOT NULL"
-                f" THEN jsonb_build_array({value}, {col}{last}) END"
+                f" THEN jsonb_build_array({', '.join([value, col, *counted])}) END"
             )
             continue
         targets = links[p.link]
-        tail = f"to_jsonb({targets})" + (f" || jsonb_build_array({last[2:]})" if last else "")
+        tail = f"to_jsonb({targets})"
+        if counted:
+            tail += f" || jsonb_build_array({counted[0]})"
         entries.append(
             f"{literal(p.key)}, CASE WHEN {value} > 0 AND cardinality({targets}) > 0"
             f" THEN jsonb_build_array({value}) || {tail} END"

@@ -31,14 +31,21 @@ def _recompute(
     return len(locked), len(changes), held
 
 
-def claim(cursor, statement, label: str, ids: list[int]) -> tuple[list[int], int]:
+def claim(
+    cursor, statement, label: str, ids: list[int], compare_held: bool = False
+) -> tuple[list[int], int]:
     """Lock the rows of ``ids`` nobody else holds; mark the held ones again, due a little later.
 
     "Recompute now" and the bulk passes' target recounts claim rows this way, so neither waits
-    on a row lock. Returns (ids locked, rows deferred).
+    on a row lock. ``compare_held``: a held row is compared first, without a lock, and marked
+    only if it differs (rows claimed before they were compared: an exact row a drain happens
+    to hold is left to it, as a pass comparing first would leave it). Returns (ids locked,
+    rows deferred).
     """
     locked = aggregate.lock(cursor, statement, ids)
     held = aggregate.held_elsewhere(cursor, statement, ids, locked)
+    if held and compare_held:
+        held = [c.pk for c in aggregate.run(cursor, statement, held, write=False)]
     if held:
         defer(cursor, label, held)
     return locked, len(held)

@@ -21,7 +21,6 @@ from counts.declare.graph import Graph
 from counts.operate.recomputing import claim
 from counts.run import aggregate
 from counts.run.engine_transaction import engine_transaction
-from counts.run.marks import defer
 
 #: Seconds one transaction of a target pass aims at: a pass starts with a few rows and sizes
 #: its chunks from what the previous ones cost, never over ``chunk`` rows. A station's
@@ -127,26 +126,10 @@ def _claim_rows(cursor, statement, label: str, ids, dry_run: bool, lock_all: boo
         claimed, _held = claim(cursor, statement, label, ids)
         return claimed, claimed, None
     if first:
-        return _claim_costly(cursor, statement, label, ids), ids, None
+        return claim(cursor, statement, label, ids, compare_held=True)[0], ids, None
     differ = [c.pk for c in aggregate.run(cursor, statement, ids, write=False)]
     claimed = claim(cursor, statement, label, differ)[0] if differ else []
     return claimed, ids, len(differ)
-
-
-def _claim_costly(cursor, statement, label: str, ids: list[int]) -> list[int]:
-    """Claim ``ids`` before comparing them (costly rows, expected to differ); returns the ids
-    locked.
-
-    A row someone else holds is compared, without a lock, as a compare-first chunk would
-    compare it, and marked again only if it differs: an exact row a drain happens to hold is
-    left to it."""
-    locked = aggregate.lock(cursor, statement, ids)
-    held = aggregate.held_elsewhere(cursor, statement, ids, locked)
-    if held:
-        differ = [c.pk for c in aggregate.run(cursor, statement, held, write=False)]
-        if differ:
-            defer(cursor, label, differ)
-    return locked
 
 
 def next_size(size: int, rows: int, seconds: float, most: int) -> int:

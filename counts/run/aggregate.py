@@ -30,8 +30,8 @@ from counts.compile.stale_items import adjustment_sql
 from counts.declare.graph import Graph
 from counts.declare.kinds import kinds_feeding
 from counts.declare.modes import incremental_columns
-from counts.run import multiplicity
-from counts.run.target_truth import _HI, _IDS, _LO, truth_sql
+from counts.run import multiplicity, target_truth
+from counts.run.target_truth import _IDS, truth_sql
 
 #: Largest batch one statement recomputes; bigger batches are split.
 STATEMENT_IDS = 5000
@@ -53,10 +53,7 @@ class RecomputeStatement:
     ranged: bool = False
 
     def bind(self, ids: list[int]) -> list:
-        if not self.ranged:  # a drain's statement: no bounds to work out
-            return [ids if p is _IDS else p for p in self.params]
-        bounds = {_LO: min(ids, default=0), _HI: max(ids, default=0)}
-        return [ids if p is _IDS else bounds.get(p, p) for p in self.params]
+        return target_truth.bind(self.params, ids, self.ranged)
 
 
 def compile_recompute(

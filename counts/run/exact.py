@@ -255,7 +255,7 @@ def read_exact(
     if model._meta.label_lower not in graph.targets:
         return {}
     sql, params, attnames = exact_sql(graph, model, budget(), using)
-    bound = [list(ids) if p is target_truth._IDS else p for p in params]
+    bound = target_truth.bind(params, list(ids), ranged=False)
     rows = _run(sql, bound, using)
     return {
         row[0]: ExactRow(dict(zip(attnames, row[4:], strict=True)), row[3], row[1], row[2])

@@ -32,6 +32,15 @@ _IDS = _Ids()
 _LO, _HI = _Ids(), _Ids()
 
 
+def bind(params, ids: list[int], ranged: bool) -> list:
+    """``params`` with the placeholders replaced: the ids, and (``ranged``) their least and
+    greatest."""
+    if not ranged:  # a drain's statement: no bounds to work out
+        return [ids if p is _IDS else p for p in params]
+    bounds = {_LO: min(ids, default=0), _HI: max(ids, default=0)}
+    return [ids if p is _IDS else bounds.get(p, p) for p in params]
+
+
 def _relative(q: Q, prefix: str) -> Q:
     """The same conditions with ``prefix`` stripped from every lookup."""
     children = [

@@ -234,10 +234,8 @@ def test_counts_whose_filters_are_or_ed_into_one_where_keep_their_own_values(lib
     ids = sorted(want)
     for ranged in (False, True):
         sql, columns, params = target_truth.truth_sql(Library, specs, connection, ranged=ranged)
-        bind = {id(target_truth._IDS): ids, id(target_truth._LO): ids[0]}
-        bind[id(target_truth._HI)] = ids[-1]
         with connection.cursor() as cursor:
-            cursor.execute(sql, [bind.get(id(p), p) for p in params])
+            cursor.execute(sql, target_truth.bind(params, ids, ranged))
             got = {row[0]: dict(zip(columns, row[1:], strict=True)) for row in cursor.fetchall()}
         assert got == {pk: {c: want[pk][c] for c in columns} for pk in ids}, ranged
         assert any(v for row in got.values() for v in row.values()), "not all zeros"
