@@ -17,7 +17,7 @@ from django.db import connections
 from django.db.migrations.operations.base import Operation
 
 from counts.base.errors import MigrationError
-from counts.base.names import FRESHNESS_FIELD
+from counts.base.names import FRESHNESS_FIELD, q
 from counts.declare.graph import app_graph
 from counts.declare.kinds import kinds_feeding
 from counts.declare.refusals import refuse_unsupported
@@ -207,7 +207,10 @@ class BackfillCounts(Operation):
                     for kind in kinds_feeding(app_graph(), label):
                         if tables is None or kind.table.db_table in tables:
                             mark_every_item(cursor, kind)
-                logger.warning(
+                # On an empty table (a fresh install) there is nothing an operator must wait
+                # for, so only a table with rows is worth a warning.
+                logger.log(
+                    logging.WARNING if _has_rows(alias, label) else logging.INFO,
                     "%s: counts not backfilled here (a later migration changes their columns);"
                     " every row is marked for recompute",
                     label,
@@ -218,6 +221,13 @@ class BackfillCounts(Operation):
 
     def describe(self):
         return f"Backfill cached counts of {', '.join(self.targets)}"
+
+
+def _has_rows(alias: str, label: str) -> bool:
+    table = app_graph().targets[label].db_table
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {q(table)})")
+        return cursor.fetchone()[0]
 
 
 __all__ = ["BackfillCounts", "LockNotGranted", "SyncCountTriggers", "computable"]
