@@ -42,12 +42,13 @@ from dataclasses import dataclass, field
 from django.db import connections
 
 from counts.base import checkpoints
-from counts.base.names import LEDGER_TABLE, MARK_TABLE, literal, q
+from counts.base.names import LEDGER_TABLE, literal, q
 from counts.base.prepared import arrays
 from counts.compile.item_sql import credits_sql, hoisted, in_range, text_array, truth_sql
 from counts.compile.stale_items import stale_sql
 from counts.declare.graph import Graph
 from counts.declare.kinds import ItemKind
+from counts.operate.stale_marks import Stale
 from counts.run import aggregate, applying, multiplicity
 from counts.run.engine_transaction import engine_transaction
 from counts.run.item_locks import lock_items
@@ -145,74 +146,6 @@ def sweep_sql(
         "  AND l.item_id = ANY(ARRAY(SELECT id FROM fresh WHERE new = '{}')))"
         f" {credits_sql(kind, 'changed', keys)}"
     )
-
-
-#: The stale items of the marks a pass has read (``Stale``), and the ids of those marks, per
-#: session.
-STALE_TABLE = "counts_pass_stale"
-SEEN_TABLE = "counts_pass_seen"
-
-
-class Stale:
-    """The items of a kind covered by marks, as a pass reads them chunk by chunk.
-
-    Marks may name millions of items (a load's statement-level triggers write one mark per
-    statement and kind): unnesting them all again for each chunk cost 1-2 s a chunk at 10^7.
-    So each mark is read once, by the first chunk whose statement sees it: its items go into a
-    temporary table read by range, its id into another, and each chunk's statement unnests
-    only the marks whose id is not there yet. Before, every chunk unnested again every mark
-    written since the pass began, each compared with the whole list of those found at the
-    start: a cost per chunk that grew with both. What is left per chunk is one index probe per
-    waiting mark of the kind (12 ms with 17,600 waiting, which happens only while no drain
-    takes them). A mark drained meanwhile leaves its items in the table: counted stale a
-    little longer, which a pass tolerates (it only compares them again).
-    """
-
-    def __init__(self, cursor, kind: ItemKind, ignored: list[int] = ()) -> None:
-        self.kind = kind
-        self.close(cursor)
-        cursor.execute(f"CREATE TEMPORARY TABLE {SEEN_TABLE} (id bigint PRIMARY KEY)")
-        cursor.execute(f"CREATE TEMPORARY TABLE {STALE_TABLE} (id bigint NOT NULL)")
-        # Left out from the start: the pass's own lease (``ignored``), which covers every item
-        # for the drains' sake and would make the pass take every item of each range, with or
-        # without anything to count (2.2 times a new count's candidates).
-        cursor.execute(
-            f"INSERT INTO pg_temp.{SEEN_TABLE} SELECT DISTINCT unnest(%s::bigint[])",
-            [list(ignored)],
-        )
-        absorb, params = self._absorb()
-        cursor.execute(f"{absorb} SELECT count(*) FROM absorbed", params)
-        cursor.execute(f"CREATE INDEX ON pg_temp.{STALE_TABLE} (id)")
-        cursor.execute(f"ANALYZE pg_temp.{STALE_TABLE}")
-
-    def _absorb(self) -> tuple[str, list]:
-        """A ``WITH`` clause whose CTEs record the marks not read yet and their items (CTE
-        ``absorbed``: those items), and its parameters."""
-        only = "m.id IN (SELECT id FROM unread)"
-        return (
-            f"WITH unread AS (INSERT INTO pg_temp.{SEEN_TABLE} SELECT m.id FROM {MARK_TABLE} m"
-            f" WHERE m.target = %s AND NOT EXISTS (SELECT 1 FROM pg_temp.{SEEN_TABLE} s"
-            " WHERE s.id = m.id) RETURNING id),"
-            f" absorbed AS (INSERT INTO pg_temp.{STALE_TABLE}"
-            f" SELECT DISTINCT id FROM ({stale_sql(self.kind, only)}) s RETURNING id)",
-            [self.kind.mark_target],
-        )
-
-    def chunk_sql(self, lo, hi) -> tuple[str, str, list]:
-        """``(with, select, params)``: a ``WITH`` clause that reads the marks no chunk has read
-        yet, to begin the chunk's statement, and ``SELECT id``: the stale items of
-        ``(lo, hi]`` as that statement sees them."""
-        absorb, params = self._absorb()
-        return (
-            absorb,
-            f"SELECT id FROM pg_temp.{STALE_TABLE} WHERE {in_range('id', (lo, hi))}"
-            f" UNION SELECT id FROM absorbed WHERE {in_range('id', (lo, hi))}",
-            params,
-        )
-
-    @staticmethod
-    def close(cursor) -> None:
-        cursor.execute(f"DROP TABLE IF EXISTS pg_temp.{STALE_TABLE}, pg_temp.{SEEN_TABLE}")
 
 
 def candidates_sql(kind: ItemKind, lo, hi, stale: str = "", keys: list[str] | None = None) -> str:
@@ -313,8 +246,12 @@ def _chunk(cursor, run: _Pass, lo, hi) -> dict:
     kind, keys, report = run.kind, run.keys, run.report
     credits: dict = defaultdict(int)
     absorb, stale_select, params = run.stale.chunk_sql(lo, hi)
-    cursor.execute(f"{absorb} {candidates_sql(kind, lo, hi, stale_select, keys)}", params)
-    ids, stale = cursor.fetchone()
+    candidates = candidates_sql(kind, lo, hi, stale_select, keys)
+    cursor.execute(
+        f"{absorb} SELECT c.*, {run.stale.snapshot_columns()} FROM ({candidates}) c", params
+    )
+    ids, stale, *snapshot = cursor.fetchone()
+    run.stale.observed(*snapshot)
     # A dry run leaves out the items whose marks wait: the drains' business, not drift. A
     # repair takes them too, whatever they look like now: one a drain holds (its ledger row
     # new, uncommitted) may be about to be written from an older snapshot, and only the lock

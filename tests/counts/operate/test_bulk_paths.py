@@ -247,7 +247,7 @@ def test_6_dry_run_reports_no_drift_while_marks_wait(world):
 
 def test_6_dry_run_reports_no_drift_for_marks_written_while_it_runs(world):
     """Writes committed between a dry pass's chunks, on items of chunks still to come: their
-    marks are read as the pass goes (``item_sweep.Stale``), so the change waiting for a drain
+    marks are read as the pass goes (``stale_marks.Stale``), so the change waiting for a drain
     is not reported as drift, and each new mark is read once however many chunks follow."""
     from project.monitoring.models import Detection
 
