@@ -18,6 +18,7 @@ from django.db import connection
 
 from counts.base.mark import Kind, kind_of
 from tests.engine_app.world import library  # noqa: F401  (the engine test app's dataset)
+from tests.interleave import Harness
 
 #: Stands for "every row" in :meth:`Marks.by_target` (a mark whose ``ids`` is NULL).
 ALL = "ALL"
@@ -117,6 +118,14 @@ def marks(db) -> Marks:
     queue = Marks()
     queue.clear()
     return queue
+
+
+@pytest.fixture
+def harness():
+    """Clients driven step by step (``tests.interleave``), all closed before the teardown."""
+    h = Harness()
+    yield h
+    h.close()
 
 
 def build_world() -> SimpleNamespace:

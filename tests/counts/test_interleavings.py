@@ -27,7 +27,7 @@ from __future__ import annotations
 import pytest
 
 import counts
-from tests.interleave import Harness, drain_to_empty
+from tests.interleave import drain_to_empty
 from tests.invariants import assert_invariants
 from tests.truth import assert_all_counts_exact, cached, drain_all
 
@@ -48,13 +48,6 @@ COLUMNS = {
     "with": "source_images_with_detections_count",
     "processed": "source_images_processed_count",
 }
-
-
-@pytest.fixture
-def harness():
-    h = Harness()
-    yield h
-    h.close()
 
 
 def insert_detection(client, image_id: int, valid: bool = True) -> None:

@@ -19,18 +19,11 @@ from django.db import connection, transaction
 import counts
 from counts.base import checkpoints
 from tests import truth
-from tests.interleave import Harness, drain_to_empty
+from tests.interleave import drain_to_empty
 from tests.truth import cached
 from tests.worker_harness import worker_subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def harness():
-    h = Harness()
-    yield h
-    h.close()
 
 
 def settle() -> None:

@@ -11,19 +11,12 @@ from django.db import connection
 from counts.apps import graph
 from counts.base.names import MARK_TABLE
 from counts.operate.stale_marks import Stale
-from tests.interleave import Harness, connect
+from tests.interleave import connect
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CAPTURES = "item:monitoring.sourceimage"
 INSERT = f"INSERT INTO {MARK_TABLE} (target, ids) VALUES (%s, %s)"
-
-
-@pytest.fixture
-def harness():
-    h = Harness()
-    yield h
-    h.close()
 
 
 @pytest.fixture

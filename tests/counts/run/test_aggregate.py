@@ -31,7 +31,6 @@ from tests.engine_app.models import Review
 from tests.engine_app.truth import assert_engine_counts_exact
 from tests.engine_app.truth import cached as library_cached
 from tests.engine_app.truth import truth as library_truth
-from tests.interleave import Harness
 from tests.invariants import assert_invariants
 from tests.plans import crowd, plan_reads
 from tests.truth import assert_all_counts_exact, cached, drain_all, triggers_off, truth
@@ -251,13 +250,6 @@ def test_a_count_kept_in_full_stores_its_truth(library, marks):
     assert stored == library_truth("counts_testapp_library")[city][column] != 70
     drain_all()
     assert_engine_counts_exact()
-
-
-@pytest.fixture
-def harness():
-    h = Harness()
-    yield h
-    h.close()
 
 
 @pytest.mark.django_db(transaction=True)

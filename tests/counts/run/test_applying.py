@@ -23,7 +23,6 @@ from counts.run import aggregate, applying
 from counts.run.engine_transaction import engine_transaction
 from counts.run.marks import LOCKED_RETRY_MS
 from project.monitoring.models import Deployment, Event, SourceImage
-from tests.interleave import Harness
 from tests.invariants import assert_invariants
 from tests.truth import assert_all_counts_exact, cached, drain_all, triggers_off, truth
 
@@ -31,13 +30,6 @@ D, E = "monitoring.deployment", "monitoring.event"
 LONG_AGO = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 #: A wait here would be a bug: it fails after this long instead of hanging the run.
 NO_WAIT_MS = 2000
-
-
-@pytest.fixture
-def harness():
-    h = Harness()
-    yield h
-    h.close()
 
 
 def statement(label: str):

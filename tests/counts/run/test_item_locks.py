@@ -25,18 +25,11 @@ from counts.run import applying, item_locks, items
 from counts.run.engine_transaction import engine_transaction
 from project.monitoring.models import Detection, SourceImage
 from tests import truth
-from tests.interleave import Harness, drain_to_empty
+from tests.interleave import drain_to_empty
 
 pytestmark = pytest.mark.django_db(transaction=True)  # other connections see the world
 
 CAPTURES, OCCURRENCES = "item:monitoring.sourceimage", "item:monitoring.occurrence"
-
-
-@pytest.fixture
-def harness():
-    h = Harness()
-    yield h
-    h.close()
 
 
 def kind():

@@ -13,20 +13,13 @@ from django.db import connection
 import counts
 from counts.operate.recomputing import recompute_rows
 from project.monitoring.models import Deployment, Detection, Event, Occurrence, Project
-from tests.interleave import Harness, drain_to_empty
+from tests.interleave import drain_to_empty
 from tests.truth import assert_all_counts_exact, drain_all
 
 pytestmark = pytest.mark.django_db(transaction=True)  # other connections see the world
 
 BOX = [0, 0, 1, 1]
 OCCURRENCES = "item:monitoring.occurrence"
-
-
-@pytest.fixture
-def harness():
-    h = Harness()
-    yield h
-    h.close()
 
 
 def station(d) -> tuple[int, int]:

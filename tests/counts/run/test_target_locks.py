@@ -13,17 +13,10 @@ import pytest
 from counts.models import DirtyMark
 from counts.run import target_locks
 from tests.counts.test_interleavings import insert_detection
-from tests.interleave import Harness, drain_to_empty
+from tests.interleave import drain_to_empty
 from tests.truth import assert_all_counts_exact
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def harness():
-    h = Harness()
-    yield h
-    h.close()
 
 
 @pytest.fixture
