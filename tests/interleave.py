@@ -51,15 +51,15 @@ STEP_TIMEOUT = 15.0
 POLL = 0.005
 
 
-def connect(autocommit: bool = False) -> psycopg.Connection:
-    """A new client of the test database (the one pytest-django created)."""
+def connect(autocommit: bool = False, dbname: str | None = None) -> psycopg.Connection:
+    """A new client of the test database (the one pytest-django created), or of ``dbname``."""
     db = connection.settings_dict
     return psycopg.connect(
         host=db["HOST"] or "127.0.0.1",
         port=db["PORT"] or 5432,
         user=db["USER"],
         password=db["PASSWORD"] or None,
-        dbname=db["NAME"],
+        dbname=dbname or db["NAME"],
         autocommit=autocommit,
     )
 

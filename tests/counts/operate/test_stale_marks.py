@@ -4,7 +4,6 @@ be read, and a backlog of marks already read must not be probed again at every c
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 from django.db import connection
 
@@ -92,10 +91,7 @@ def test_the_floor_rises_past_marks_read_once_their_writers_have_ended(harness, 
 def test_a_long_write_in_another_database_does_not_hold_the_floor(harness, stale):
     """Transactions of other databases cannot write this one's marks: one left open there
     (a load, a migration) must not hold every pass here back."""
-    elsewhere = psycopg.connect(
-        **{k: v for k, v in connect().info.get_parameters().items() if k != "dbname"},
-        dbname="postgres",
-    )
+    elsewhere = connect(dbname="postgres")
     try:
         elsewhere.execute("SELECT pg_current_xact_id()")  # open, with a transaction id
         writer = harness.sql("writer")
