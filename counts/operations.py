@@ -115,6 +115,45 @@ class SyncCountTriggers(Operation):
         return "count_triggers"
 
 
+class LockedSQL(Operation):
+    """SQL that changes one of the engine's own tables, under the trigger step's lock policy.
+
+    Every write of the application inserts a mark (``counts_dirtymark``), so a migration that
+    alters that table waiting behind one long reader would queue every writer behind it. Like
+    :class:`SyncCountTriggers` it locks ``table`` in ``lock`` mode first, within
+    ``COUNTS_TRIGGER_LOCK_TIMEOUT_MS``, rolls back and retries after a backoff, and raises
+    :class:`LockNotGranted` naming the holders when out of tries; it runs in a transaction of
+    its own (the migration is ``atomic = False``) so all of ``sql`` applies or none does.
+    """
+
+    reversible = True
+    reduces_to_sql = True
+    atomic = False
+
+    def __init__(self, table: str, lock: str, sql: str, reverse_sql: str) -> None:
+        self.table, self.lock, self.sql, self.reverse_sql = table, lock, sql, reverse_sql
+
+    def deconstruct(self):
+        return self.__class__.__qualname__, [self.table, self.lock, self.sql, self.reverse_sql], {}
+
+    def state_forwards(self, app_label, state):
+        """The engine's tables are changed in the database only."""
+
+    def _apply(self, schema_editor, sql: str) -> None:
+        plan = trigger_install.Plan()
+        plan.add(self.table, sql, self.lock)
+        trigger_install.apply_plan(schema_editor, plan, f"changing {self.table}")
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        self._apply(schema_editor, self.sql)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        self._apply(schema_editor, self.reverse_sql)
+
+    def describe(self):
+        return f"Change {self.table} ({self.lock} lock, taken without queueing writers)"
+
+
 def _columns(state) -> dict[str, set[str]]:
     """Columns of every table in a migration state (auto-created M2M tables included)."""
     return {

@@ -1,7 +1,8 @@
-"""Installing a trigger migration's SQL without queueing the application behind a long reader.
+"""Changing the engine's tables in a migration without queueing the application behind a reader.
 
-``SyncCountTriggers`` (``counts.operations``) hands its difference here. Every table the step
-changes is locked first, all locks within one ``lock_timeout`` budget
+``SyncCountTriggers`` (``counts.operations``) hands its difference of triggers here, and
+``LockedSQL`` its statements on the engine's own tables. Every table the step changes is
+locked first, all locks within one ``lock_timeout`` budget
 (``COUNTS_TRIGGER_LOCK_TIMEOUT_MS``); a lock not granted in time rolls the whole step back
 (never a mix of old and new triggers) and it is tried again after a jittered backoff, naming
 the sessions that held the tables. Inside an atomic migration it is tried once.
@@ -79,8 +80,8 @@ def _setting(name: str, default: int) -> int:
 
 
 @dataclass
-class _Plan:
-    """What one application of a :class:`SyncCountTriggers` runs, and the locks it needs."""
+class Plan:
+    """What one step runs, and the locks it needs."""
 
     statements: list[str] = field(default_factory=list)
     #: ``{table: lock mode}``, the strongest any of its statements needs.
@@ -92,7 +93,7 @@ class _Plan:
             self.locks[table] = lock
 
     @classmethod
-    def of(cls, install, remove) -> _Plan:
+    def of(cls, install, remove) -> Plan:
         """Drop what ``remove`` has and ``install`` has not, then install what changed."""
         wanted, gone = _compiled(install), _compiled(remove)
         plan = cls()
@@ -106,7 +107,7 @@ class _Plan:
 
 
 class LockNotGranted(MigrationError):
-    """The trigger step could not lock its tables in time; nothing of it was applied."""
+    """A step could not lock its tables in time; nothing of it was applied."""
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _lock_timeout(cursor, ms: int) -> None:
     cursor.execute("SELECT set_config('lock_timeout', %s, true)", [f"{max(1, ms)}ms"])
 
 
-def _run(schema_editor, plan: _Plan, timeout: int, attempt: _Attempt, restore: bool) -> None:
+def _run(schema_editor, plan: Plan, timeout: int, attempt: _Attempt, restore: bool) -> None:
     """Lock, then install, in the transaction (or savepoint) the caller opened."""
     with schema_editor.connection.cursor() as cursor:
         if restore:  # a savepoint: leave the enclosing transaction's setting as it was
@@ -146,7 +147,7 @@ def _run(schema_editor, plan: _Plan, timeout: int, attempt: _Attempt, restore: b
             cursor.execute("SELECT set_config('lock_timeout', %s, true)", [before])
 
 
-def _collect(schema_editor, plan: _Plan, timeout: int) -> None:
+def _collect(schema_editor, plan: Plan, timeout: int) -> None:
     """The statements for ``sqlmigrate``, in a transaction of their own unless in one."""
     own = not schema_editor.atomic_migration
     statements = [f"SET LOCAL lock_timeout = '{timeout}ms';"]
@@ -157,7 +158,7 @@ def _collect(schema_editor, plan: _Plan, timeout: int) -> None:
         schema_editor.execute("COMMIT;", params=None)
 
 
-def _holders(connection, plan: _Plan, tables: list[str]) -> str:
+def _holders(connection, plan: Plan, tables: list[str]) -> str:
     """The sessions holding a lock that conflicts with ours on ``tables``, as one phrase."""
     try:
         with connection.cursor() as cursor:
@@ -188,7 +189,11 @@ def _holders(connection, plan: _Plan, tables: list[str]) -> str:
 
 def apply(schema_editor, install, remove) -> None:
     """Install ``install`` and remove what only ``remove`` has, as the module docstring says."""
-    plan = _Plan.of(install, remove)
+    apply_plan(schema_editor, Plan.of(install, remove), "count triggers")
+
+
+def apply_plan(schema_editor, plan: Plan, what: str) -> None:
+    """Run ``plan`` in one transaction once its locks are granted; ``what`` names it in logs."""
     if not plan.statements:
         return
     timeout = _setting("COUNTS_TRIGGER_LOCK_TIMEOUT_MS", TRIGGER_LOCK_TIMEOUT_MS)
@@ -214,22 +219,23 @@ def apply(schema_editor, install, remove) -> None:
             held = _holders(connection, plan, tables)
             if nested:
                 raise LockNotGranted(
-                    f"count triggers: {reason} after {timeout} ms waiting for {where}"
+                    f"{what}: {reason} after {timeout} ms waiting for {where}"
                     f" ({held}); this step runs inside a transaction (an atomic migration),"
                     " so it was not retried and the migration is rolled back: run migrate"
                     " again once that session is done"
                 ) from exc
             if number >= attempts:
                 raise LockNotGranted(
-                    f"count triggers: {reason} waiting for {where} ({held}) on each of"
+                    f"{what}: {reason} waiting for {where} ({held}) on each of"
                     f" {attempts} tries of {timeout} ms; nothing was changed: run migrate"
                     " again once that session is done"
                 ) from exc
             pause = min(backoff * 2 ** (number - 1), TRIGGER_LOCK_BACKOFF_MAX_MS)
             pause = pause * random.uniform(0.5, 1.0) / 1000
             logger.warning(
-                "count triggers: %s after %d ms waiting for %s (%s); rolled back, nothing"
+                "%s: %s after %d ms waiting for %s (%s); rolled back, nothing"
                 " changed; try %d of %d in %.1f s",
+                what,
                 reason,
                 timeout,
                 where,

@@ -375,3 +375,55 @@ def test_an_early_backfill_marks_its_rows_when_a_later_migration_creates_an_item
     assert "counts_testapp.shelf" in marked  # every row, for the later backfill or the workers
     assert "item:counts_testapp.jacket" not in marked
     DirtyMark.objects.all().delete()
+
+
+def mark_id_default() -> str | None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d"
+            " JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum"
+            " WHERE d.adrelid = 'counts_dirtymark'::regclass AND a.attname = 'id'"
+        )
+        row = cursor.fetchone()
+    return row and row[0]
+
+
+def new_mark_id() -> int:
+    """Insert a mark as a trigger does (the id left to the column) and return its id."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO counts_dirtymark (target) VALUES ('test.migration') RETURNING id"
+        )
+        (mark,) = cursor.fetchone()
+        cursor.execute("DELETE FROM counts_dirtymark WHERE id = %s", [mark])
+    return mark
+
+
+def test_the_mark_id_migration_waits_behind_a_reader_of_the_queue_and_goes_both_ways(
+    settings, caplog
+):
+    """``counts`` 0006 alters the table every write inserts into: behind a long reader it
+    retries and gives up naming the reader, changing nothing (writers never queue behind
+    it); once the reader is gone it applies, backwards and forwards, ids ever rising."""
+    settings.COUNTS_TRIGGER_LOCK_ATTEMPTS = 2
+    assert mark_id_default() == "counts_mark_id()"
+    before = new_mark_id()
+    reader = connect()
+    try:
+        reader.execute("SELECT count(*) FROM counts_dirtymark")
+        with pytest.raises(LockNotGranted) as failed, caplog.at_level(logging.WARNING):
+            call_command("migrate", "counts", "0005_ledger_fillfactor", verbosity=0)
+        assert f"pid {reader.info.backend_pid} holds AccessShareLock" in str(failed.value)
+        assert "changing counts_dirtymark" in caplog.text  # the first try, retried
+        assert mark_id_default() == "counts_mark_id()"  # nothing changed
+    finally:
+        reader.close()
+    try:
+        call_command("migrate", "counts", "0005_ledger_fillfactor", verbosity=0)
+        assert mark_id_default() is None  # an identity column again
+        after_back = new_mark_id()
+        assert after_back > before
+    finally:
+        call_command("migrate", "counts", verbosity=0)
+    assert mark_id_default() == "counts_mark_id()"
+    assert new_mark_id() > after_back
