@@ -16,14 +16,21 @@ ledgers deleted) — then ``VACUUM (ANALYZE)`` (untimed). Then, in an order rota
 - **baseline, chunked** (``bench.baseline``): per 5,000 captures one transaction and one
   statement that builds the key's entries, merges them into the ledgers (``INSERT … ON
   CONFLICT DO UPDATE SET state = state || …``) and adds their amounts to the column;
-- **idle**: no backfill, only the writer below, for ``--backfill-idle`` seconds.
+- **idle**: no backfill, only the writer below, for ``--backfill-idle`` seconds;
+- **engine, drained** and **idle, drained**: the same two with a **drainer** beside them
+  (``_drain``, a process running the workers' own drain loop ``workers.actors.drain_label``
+  over every label with due marks), as in production, where
+  the workers keep draining while a deploy's migration backfills. They show that drains go on
+  during the pass (the batches drained, and the oldest waiting mark's age, which a
+  **watcher** process samples every 50 ms) and what the pass costs the writer then, against
+  the drained idle sample.
 
-All the while a **writer** process (:class:`Writer`) commits single-row ORM writes the
-triggers mark: a detection created on a random capture, then deleted, each its own
-transaction, one after the other. Its commit latencies while a backfill runs are compared with
-those of the idle sample: the p99 of each, and their ratio. After each sample the writer's marks
-are drained and the count's column and the captures' ledgers must equal the truth
-(``bench.baseline``'s statements; no mark left).
+All the while a **writer** (``_write``, in a process of its own: :class:`Forked`) commits
+single-row ORM writes the triggers mark: a detection created on a random capture, then
+deleted, each its own transaction, one after the other. Its commit latencies while a
+backfill runs are compared with those of the idle sample: the p99 of each, and their ratio.
+After each sample the writer's marks are drained and the count's column and the captures'
+ledgers must equal the truth (``bench.baseline``'s statements; no mark left).
 """
 
 from __future__ import annotations
@@ -33,18 +40,21 @@ import random
 import time
 import traceback
 
+from django.conf import settings
 from django.db import connection, connections, transaction
 
 from bench import baseline, dataset
+from bench.inprocess import booted_broker
 from bench.phases import Phases
 from bench.timing import median, ms, percentile, ratio, stopwatch
 from counts.base.names import ENGINE_SETTING, LEDGER_TABLE
 from counts.operate.backfill import backfill
-from counts.run.marks import has_pending
+from counts.run.marks import has_pending, pending_summary
 from counts.run.notice import quiet
 from project.monitoring.models import Detection
+from workers.actors import QUEUE, drain_label
 
-VARIANTS = ("idle", "engine", "baseline")
+VARIANTS = ("idle", "engine", "baseline", "idle_drained", "engine_drained")
 DEFAULT_COUNT = "monitoring.sourceimage.detections_count"
 #: The counts this section can clear and backfill: the capture kind's (``bench.baseline``
 #: builds their entries), i.e. every count of detections but the occurrence ones.
@@ -135,24 +145,24 @@ def hand_written(count: Count) -> dict:
             "transactions": chunks}  # fmt: skip
 
 
-class Writer:
-    """Single-row ORM writes the triggers mark, each committed alone, until stopped, in a
-    process of its own: ``samples`` holds ``(started, seconds)`` per commit once stopped.
+class Forked:
+    """A loop in a process of its own until stopped: ``samples`` holds what it recorded,
+    ``(monotonic time, value)`` pairs, once stopped.
 
-    A process, as the application's writers are (web workers), not a thread of the bench: a
+    A process, as the application's writers and workers are, not a thread of the bench: a
     thread shared the GIL with the pass it was measuring, so every statement the pass made
-    waited for the writer's Python to let go (up to a switch interval, 5 ms) and the writer
+    waited for the thread's Python to let go (up to a switch interval, 5 ms) and the thread
     for the pass's, and both figures measured that instead of the database. Forked, so that it
     runs against the database the section set up; the bench's connections are closed first so
-    the two processes share none.
+    the processes share none.
     """
 
-    def __init__(self, images: list[int], seed: int) -> None:
+    def __init__(self, loop, *args) -> None:
         context = multiprocessing.get_context("fork")
         self.stopping = context.Event()
         self._results, sender = context.Pipe(duplex=False)
         self.process = context.Process(
-            target=_write, args=(images, seed, self.stopping, sender), daemon=True
+            target=_run, args=(loop, args, self.stopping, sender), daemon=True
         )
         self.samples: list[tuple[float, float]] = []
 
@@ -161,33 +171,21 @@ class Writer:
         self.process.start()
 
     def stop(self) -> None:
-        """Stop the writer and collect its samples; raises what it failed with."""
+        """Stop the loop and collect its samples; raises what it failed with."""
         self.stopping.set()
         self.samples, error = self._results.recv()
         self.process.join()
         if error is not None:
-            raise RuntimeError(f"the backfill section's writer failed:\n{error}")
+            raise RuntimeError(f"the backfill section's {self.process.name} failed:\n{error}")
 
     def between(self, start: float, end: float) -> list[float]:
-        return [s for at, s in self.samples if start <= at <= end]
+        return [value for at, value in self.samples if start <= at <= end]
 
 
-def _write(images: list[int], seed: int, stopping, sender) -> None:
-    """The writer process's loop (see :class:`Writer`); times by ``time.monotonic``, the
-    clock the bench process reads too."""
-    rng, samples, error = random.Random(seed), [], None
+def _run(loop, args, stopping, sender) -> None:
+    samples, error = [], None
     try:
-        with quiet():  # no worker runs: marks are drained by the section itself
-            while not stopping.is_set():
-                image = rng.choice(images)
-                started = time.monotonic()
-                made = Detection.objects.create(
-                    source_image_id=image, bbox=[1, 2, 3, 4], score=dataset.BENCH_SCORE
-                )
-                middle = time.monotonic()
-                Detection.objects.filter(pk=made.pk).delete()
-                ended = time.monotonic()
-                samples += [(started, middle - started), (middle, ended - middle)]
+        loop(*args, stopping, samples)
     except BaseException:  # reported by the bench process
         error = traceback.format_exc()
     finally:
@@ -195,14 +193,69 @@ def _write(images: list[int], seed: int, stopping, sender) -> None:
         sender.send((samples, error))
 
 
+def _write(images: list[int], seed: int, stopping, samples: list) -> None:
+    """The **writer**: single-row ORM writes the triggers mark, each committed alone (a
+    detection created on a random capture, then deleted); samples its commit latencies, timed
+    by ``time.monotonic``, the clock the bench process reads too."""
+    rng = random.Random(seed)
+    with quiet():  # no worker runs: marks are drained by the section or its drainer
+        while not stopping.is_set():
+            image = rng.choice(images)
+            started = time.monotonic()
+            made = Detection.objects.create(
+                source_image_id=image, bbox=[1, 2, 3, 4], score=dataset.BENCH_SCORE
+            )
+            middle = time.monotonic()
+            Detection.objects.filter(pk=made.pk).delete()
+            ended = time.monotonic()
+            samples += [(started, middle - started), (middle, ended - middle)]
+
+
+#: The drainer's time budget per call of the drain loop (``COUNTS_DRAIN_BUDGET_S`` in its
+#: process): a loop fed by a writer that never stops would run out the workers' whole budget
+#: before it reports its batches; a short one makes them land inside the sample.
+DRAIN_BUDGET_S = 0.25
+
+
+def _drain(stopping, samples: list) -> None:
+    """The **drainer**: the workers' drain loop over every label with due marks; samples the
+    batches each call drained."""
+    settings.COUNTS_DRAIN_BUDGET_S = DRAIN_BUDGET_S
+    booted_broker()
+    while not stopping.is_set():
+        due = [p.label for p in pending_summary() if p.due]
+        samples.append((time.monotonic(), sum(drain_label(x, fan_out=False) for x in due)))
+        if not due:
+            time.sleep(0.01)
+
+
+#: How often the watcher looks at the mark queue.
+WATCH_S = 0.05
+
+
+def _watch(stopping, samples: list) -> None:
+    """The **watcher**: the age of the oldest waiting item or delta mark (a backfill's own
+    every-row lease left out), every :data:`WATCH_S`: how far the drains lag."""
+    while not stopping.wait(WATCH_S):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)"
+                " FROM counts_dirtymark WHERE ids IS NOT NULL"
+            )
+            samples.append((time.monotonic(), float(cursor.fetchone()[0])))
+
+
 def _sample(variant: str, count: Count, images: list[int], idle_s: float, seed: int) -> dict:
-    if variant != "idle":
+    if not variant.startswith("idle"):
         count.clear()
-    writer = Writer(images, seed)
-    writer.start()
+    writer = Forked(_write, images, seed)
+    drained = variant.endswith("_drained")
+    drainer, watcher = (Forked(_drain), Forked(_watch)) if drained else (None, None)
+    for process in filter(None, (writer, drainer, watcher)):
+        process.start()
     time.sleep(WARMUP_S)
     start = time.monotonic()
-    if variant == "engine":
+    if variant.startswith("engine"):
         found = engine(count)
     elif variant == "baseline":
         found = hand_written(count)
@@ -211,6 +264,15 @@ def _sample(variant: str, count: Count, images: list[int], idle_s: float, seed: 
         found = {"seconds": idle_s}
     end = time.monotonic()
     writer.stop()
+    if drained:
+        drainer.stop()
+        watcher.stop()
+        found["batches_drained"] = int(sum(drainer.between(start, end)))
+        ages = watcher.between(start, end)
+        found["oldest_mark_max_s"] = round(max(ages, default=float("nan")), 3)
+        # The drain loop asks Redis for a later drain of work it put back; no worker runs
+        # here, so those messages would wait in the queue for the next section's worker.
+        booted_broker().flush(QUEUE)
     latencies = writer.between(start, end)
     dataset.drain_all()
     dataset.vacuum(LEDGER_TABLE, "monitoring_detection", "counts_dirtymark")
@@ -232,9 +294,15 @@ def measure(name: str, repeats: int, idle_s: float, log) -> dict:
         for variant in VARIANTS[shift:] + VARIANTS[:shift]:
             found = _sample(variant, count, images, idle_s, seed=rep * 10 + shift)
             samples[variant].append(found)
+            drained = (
+                f"; {found['batches_drained']:,} batches drained, oldest mark at most"
+                f" {found['oldest_mark_max_s']:.1f} s old"
+                if "batches_drained" in found
+                else ""
+            )
             log(
                 f"backfill {name} {variant}: {found['seconds']:.1f} s; writer p99"
-                f" {found['p99_ms']:.1f} ms over {found['writes']:,} commits"
+                f" {found['p99_ms']:.1f} ms over {found['writes']:,} commits{drained}"
                 + ("" if found["exact"] else "  (NOT EXACT)")
             )
     out: dict = {"count": name, "repeats": repeats, "idle_s": idle_s}
@@ -246,15 +314,29 @@ def measure(name: str, repeats: int, idle_s: float, log) -> dict:
             "writes": sum(r["writes"] for r in runs),
             "samples": runs,
         }
+        if variant.endswith("_drained"):
+            out[variant]["batches_drained"] = sum(r["batches_drained"] for r in runs)
+            out[variant]["oldest_mark_max_s"] = max(r["oldest_mark_max_s"] for r in runs)
     out["exact"] = all(r["exact"] for runs in samples.values() for r in runs)
     out["ratio"] = round(ratio(out["engine"]["seconds"], out["baseline"]["seconds"]), 2)
     out["p99_ratio"] = round(ratio(out["engine"]["p99_ms"], out["idle"]["p99_ms"]), 2)
     out["p99_ratio_baseline"] = round(ratio(out["baseline"]["p99_ms"], out["idle"]["p99_ms"]), 2)
+    out["p99_ratio_drained"] = round(
+        ratio(out["engine_drained"]["p99_ms"], out["idle_drained"]["p99_ms"]), 2
+    )
     log(
         f"backfill {name}: engine {out['engine']['seconds']:.1f} s vs baseline"
         f" {out['baseline']['seconds']:.1f} s ({out['ratio']:.2f}x); writer p99"
         f" {out['engine']['p99_ms']:.1f} ms during the engine's, {out['idle']['p99_ms']:.1f} ms"
         f" idle ({out['p99_ratio']:.2f}x), {out['baseline']['p99_ms']:.1f} ms during the"
         " baseline's" + ("" if out["exact"] else "  (NOT EXACT)")
+    )
+    drained, idle = out["engine_drained"], out["idle_drained"]
+    log(
+        f"backfill {name} with a drainer: engine {drained['seconds']:.1f} s; writer p99"
+        f" {drained['p99_ms']:.1f} ms vs {idle['p99_ms']:.1f} ms drained idle"
+        f" ({out['p99_ratio_drained']:.2f}x); {drained['batches_drained']:,} batches drained"
+        f" during the passes, oldest mark at most {drained['oldest_mark_max_s']:.1f} s old"
+        f" ({idle['oldest_mark_max_s']:.1f} s idle)"
     )
     return out

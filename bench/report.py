@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from bench.timing import ratio
+
 OK, MISSED = "ok", "MISSED"
 
 
@@ -275,6 +277,36 @@ def _backfill_rows(bf: dict) -> list[tuple[str, ...]]:
             _fmt_ms(hand["p99_ms"]),
             _fmt_ms(idle["p99_ms"]),
             _fmt_x(bf["p99_ratio_baseline"]),
+            "",
+            "",
+        ),
+        *_drained_rows(bf),
+    ]
+
+
+def _drained_rows(bf: dict) -> list[tuple[str, ...]]:
+    """The backfill with the workers' drain loop running beside it (absent from older runs)."""
+    if "engine_drained" not in bf:
+        return []
+    drained, idle = bf["engine_drained"], bf["idle_drained"]
+    return [
+        (
+            "backfill",
+            "with a drainer running: writer's p99 commit during backfill() (A) vs idle (B),"
+            f" {drained['writes']:,} / {idle['writes']:,} commits; ratio A ÷ B",
+            _fmt_ms(drained["p99_ms"]),
+            _fmt_ms(idle["p99_ms"]),
+            _fmt_x(bf["p99_ratio_drained"]),
+            "",
+            "",
+        ),
+        (
+            "backfill",
+            "with a drainer running: oldest waiting mark's age during backfill() (A) vs idle"
+            f" (B); {drained['batches_drained']:,} batches drained during the passes",
+            f"{drained['oldest_mark_max_s']:.2f} s",
+            f"{idle['oldest_mark_max_s']:.2f} s",
+            _fmt_x(ratio(drained["oldest_mark_max_s"], idle["oldest_mark_max_s"])),
             "",
             "",
         ),

@@ -340,3 +340,37 @@ def test_the_hand_written_baseline_keeps_the_same_state_as_the_engine():
     specs = app_graph().specs
     kept = {(s.target.label, s.column) for s in specs if s.target.label.startswith("monitoring.")}
     assert kept == {(t.label, c) for t in baseline.TABLES for c in t.columns}
+
+
+def test_the_backfill_section_adds_the_count_back_exact_with_and_without_a_drainer(tmp_path):
+    """Each of the five samples ran its writer and ended exact (the count's column and ledger
+    entries equal the truth, no mark left); beside a drainer, the writer's marks were drained
+    while they were made, never waiting long; the scratch copy is gone afterwards."""
+    from bench import backfill, scratch
+
+    figures = tmp_path / "backfill.json"
+    call_command(
+        "bench",
+        scale=2000,
+        sections="backfill",
+        backfill_repeats=1,
+        backfill_idle=1.0,
+        json_path=str(figures),
+        plot="",
+        stdout=StringIO(),
+        stderr=StringIO(),
+    )
+    data = json.loads(figures.read_text())["backfill"]
+    assert data["exact"]
+    for variant in backfill.VARIANTS:
+        assert data[variant]["writes"] > 0 and positive(data[variant]["p99_ms"]), variant
+    for variant in ("idle_drained", "engine_drained"):
+        assert "batches_drained" in data[variant], variant
+    assert data["idle_drained"]["batches_drained"] > 0, "the drainer drained nothing"
+    assert 0 <= data["idle_drained"]["oldest_mark_max_s"] < 5
+    assert positive(data["p99_ratio"], data["p99_ratio_drained"])
+    assert not DirtyMark.objects.exists(), "the section left marks pending"
+    copy = scratch._name(connection.settings_dict["NAME"])
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_database WHERE datname = %s", [copy])
+        assert cursor.fetchone()[0] == 0

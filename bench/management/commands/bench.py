@@ -18,7 +18,8 @@ Eleven sections, each "A against B" on the same data in the same run (details in
    same baseline in repair form, in a scratch copy of the database;
 9. ``bench.backfill`` — adding one count (``--backfill-count``) to the scratch copy:
    ``counts.operate.backfill.backfill()`` vs. a hand-written chunked backfill, and the p99 commit
-   latency of a concurrent single-row writer during each against idle;
+   latency of a concurrent single-row writer during each against idle; then the engine's again
+   with the workers' drain loop running beside it, showing the drains keep up meanwhile;
 10. ``bench.exact`` — a list page read exact against the stored columns, idle and with 1,000
    item and 100 delta marks pending (issue 24);
 11. ``bench.shapes`` — one write's drain for the declaration shapes of issue 23 (three-level,
@@ -53,7 +54,7 @@ whole sets) and the exactness checks; ``--scale 1000000`` adds the 500k-image se
 about eight minutes before the incremental section, which should add about six more there
 (estimated from today's drain times, not measured). At 10⁶ captures one repeat of the reconcile
 section took about four minutes, of the rebuild section about six (three wipes, three
-rebuilds, three exactness checks), of the backfill section about three. Leave a section out
+rebuilds, three exactness checks), of the backfill section about five. Leave a section out
 with ``--sections``.
 """
 
@@ -160,7 +161,7 @@ class Command(BaseCommand):
             "--backfill-repeats",
             type=int,
             default=1,
-            help="Repeats of the backfill section (engine, hand-written and idle samples)",
+            help="Repeats of the backfill section (five samples: see bench.backfill)",
         )
         add(
             "--backfill-count",
@@ -172,7 +173,7 @@ class Command(BaseCommand):
             "--backfill-idle",
             type=float,
             default=10.0,
-            help="Seconds of the writer's idle sample in the backfill section",
+            help="Seconds of each idle sample (drained or not) in the backfill section",
         )
         add("--incr-repeats", type=int, default=5, help="Repeats of each incremental case")
         add("--incr-singles", type=int, default=1_000, help="Single creates before one drain")
