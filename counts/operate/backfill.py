@@ -39,6 +39,7 @@ from counts.declare.kinds import kinds_feeding
 from counts.declare.modes import ledger_key
 from counts.operate import item_sweep
 from counts.operate.target_pass import ModelReport, recount_model
+from counts.run import multiplicity
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +78,59 @@ def end_lease(ids: list[int], using: str) -> None:
         cursor.execute(f"DELETE FROM {MARK_TABLE} WHERE id = ANY(%s)", [ids])
 
 
-def _untouched(graph: Graph, kind, part, using: str) -> bool:
-    """Whether ``part``'s column is all zeros with no ledger entry and no queued amount behind
-    it (a new count):
-    then crediting what the sweep writes keeps invariant I from the start. A count that was
-    kept another way before (or declared differently) holds values no ledger entry accounts
-    for, and is recounted after the sweep instead, under the lease."""
+def _credited_by_its_entries(graph: Graph, kind, part, using: str) -> bool:
+    """Whether invariant I holds for ``part``'s column on its own: every row's value, plus the
+    amounts queued for it, is what the ledger entries of ``part`` credit it (for a distinct
+    count: its pairs counted, and each pair's multiplicity the sum of its entries, M). Then
+    sweeping the items (each entry brought to the truth, the difference credited) makes the
+    column exact, and the backfill need not recount every row.
+
+    A new column holds it from the start (zeros, no entry) and keeps it whoever writes: the
+    workers drain while a deploy migrates, and a drain of an item after the column was added
+    writes the new entry and credits the column in one commit. Only a count that was kept
+    another way before (own-row amounts, another declaration's entries) holds values no entry
+    accounts for, and is recounted after the sweep instead, under the lease. One statement,
+    so one snapshot: nothing a drain commits meanwhile can be half seen.
+    """
     target = graph.targets[part.label]
+    table, pk, column = q(target.db_table), q(target.pk), q(part.column)
+    entry = "(l.state->%(key)s)"
+    of_key = "l.kind = %(kind)s AND l.state ? %(key)s"
+    if part.distinct:
+        pairs = f"SELECT target_id AS id, value, n FROM {multiplicity.TABLE} WHERE key = %(key)s"
+        entries = (
+            f"SELECT t::bigint AS id, ({entry}->>-1)::bigint AS value,"
+            f" sum(({entry}->>0)::bigint) AS n FROM {LEDGER_TABLE} l"
+            f" CROSS JOIN LATERAL jsonb_array_elements_text(({entry} - 0) - -1) t"
+            f" WHERE {of_key} GROUP BY 1, 2"
+        )
+        credited = (
+            f"credited AS (SELECT id, count(*) AS n FROM ({pairs}) m WHERE n > 0 GROUP BY 1),"
+            f" unsummed AS (SELECT 1 FROM ({entries}) e FULL JOIN ({pairs}) m USING (id, value)"
+            "  WHERE coalesce(e.n, 0) <> coalesce(m.n, 0)),"
+        )
+        also = " AND NOT EXISTS (SELECT 1 FROM unsummed)"
+    else:
+        credited = (
+            f"credited AS (SELECT t::bigint AS id, sum(({entry}->>0)::bigint) AS n"
+            f"  FROM {LEDGER_TABLE} l CROSS JOIN LATERAL jsonb_array_elements_text({entry} - 0) t"
+            f"  WHERE {of_key} GROUP BY 1),"
+        )
+        also = ""
     statement = (
-        f"SELECT NOT EXISTS (SELECT 1 FROM {LEDGER_TABLE} WHERE kind = %s AND state ? %s)"
-        f" AND NOT EXISTS (SELECT 1 FROM {q(target.db_table)} WHERE {q(part.column)} <> 0)"
-        # Amounts queued for the column under its old way (own-row deltas) count too.
-        f" AND NOT EXISTS (SELECT 1 FROM {MARK_TABLE} WHERE target = %s AND field = %s)"
+        f"WITH {credited}"
+        " queued AS (SELECT u.id, sum(u.d) AS n"
+        f"  FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids, m.deltas) u(id, d)"
+        "  WHERE m.target = %(label)s AND m.field = %(column)s GROUP BY 1)"
+        # Only rows that exist: an entry crediting a row since deleted credits nothing.
+        f" SELECT NOT EXISTS (SELECT 1 FROM {table} r"
+        f"  LEFT JOIN credited c ON c.id = r.{pk} LEFT JOIN queued p ON p.id = r.{pk}"
+        f"  WHERE (r.{column} <> 0 OR c.id IS NOT NULL OR p.id IS NOT NULL)"
+        f"  AND r.{column} + coalesce(p.n, 0) <> coalesce(c.n, 0)){also}"
     )
+    params = {"kind": kind.mark_target, "key": part.key, "label": part.label}
     with connections[using].cursor() as cursor:
-        cursor.execute(statement, [kind.mark_target, part.key, part.label, part.column])
+        cursor.execute(statement, {**params, "column": part.column})
         return cursor.fetchone()[0]
 
 
@@ -118,7 +157,7 @@ def backfill(
         p.column
         for kind in kinds
         for p in kind.parts_for(label)
-        if p.key in wanted and _untouched(graph, kind, p, using)
+        if p.key in wanted and _credited_by_its_entries(graph, kind, p, using)
     }
     recounted = [s for s in specs if s.column not in swept]
     lease = take_lease([k.mark_target for k in kinds] + ([label] if recounted else []), using=using)

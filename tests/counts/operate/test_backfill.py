@@ -16,6 +16,7 @@ from counts.apps import graph
 from counts.base.names import LEDGER_TABLE, MARK_TABLE
 from counts.declare.modes import ledger_key
 from counts.operate.backfill import backfill
+from project.monitoring.models import Detection, Occurrence
 from tests.invariants import assert_invariants
 from tests.truth import assert_all_counts_exact, drain_all, triggers_off
 
@@ -24,16 +25,28 @@ pytestmark = pytest.mark.django_db(transaction=True)
 CAPTURES = "item:monitoring.sourceimage"
 
 
-def test_a_new_counts_backfill_takes_only_the_items_that_can_count(make_world):
-    make_world()
-    key = ledger_key("monitoring.sourceimage.detections_count")
-    assert any(p.key == key for p in graph().kinds[CAPTURES].parts)
-    with triggers_off() as cursor:  # the count is new: no column value, no ledger entry
-        cursor.execute("UPDATE monitoring_sourceimage SET detections_count = 0")
+KEY = ledger_key("monitoring.sourceimage.detections_count")
+
+
+def make_the_count_new(label: str = "monitoring.sourceimage", column: str = "detections_count"):
+    """No column value, no ledger entry, no multiplicity: as a deploy adding it finds it."""
+    key = ledger_key(f"{label}.{column}")
+    (kind,) = [k for k in graph().kinds.values() if any(p.key == key for p in k.parts)]
+    table = graph().targets[label].db_table
+    with triggers_off() as cursor:
+        cursor.execute(f"UPDATE {table} SET {column} = 0")
         cursor.execute(
-            f"UPDATE {LEDGER_TABLE} SET state = state - %s WHERE kind = %s", [key, CAPTURES]
+            f"UPDATE {LEDGER_TABLE} SET state = state - %s WHERE kind = %s",
+            [key, kind.mark_target],
         )
         cursor.execute(f"DELETE FROM {LEDGER_TABLE} WHERE state = '{{}}'")
+        cursor.execute("DELETE FROM counts_multiplicity WHERE key = %s", [key])
+    return kind.mark_target
+
+
+def test_a_new_counts_backfill_takes_only_the_items_that_can_count(make_world):
+    make_world()
+    make_the_count_new()
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(DISTINCT source_image_id) FROM monitoring_detection"
@@ -54,4 +67,56 @@ def test_a_new_counts_backfill_takes_only_the_items_that_can_count(make_world):
     assert_invariants()
     assert_all_counts_exact()
     drain_all()
+    assert_all_counts_exact()
+
+
+def _capture_drained(world):
+    Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
+    return world.i3, world.i2
+
+
+def _occurrence_drained(world):
+    Occurrence.objects.create(
+        deployment=world.d2, event=world.e3, determination=world.beetle, determination_score=0.9
+    )
+    return world.d2, world.d1
+
+
+@pytest.mark.parametrize(
+    ("label", "column", "write"),
+    [
+        ("monitoring.sourceimage", "detections_count", _capture_drained),
+        ("monitoring.deployment", "taxa_count", _occurrence_drained),  # a distinct count
+    ],
+)
+def test_a_drain_between_adding_the_column_and_its_backfill_does_not_force_a_recount(
+    make_world, label, column, write
+):
+    """The workers drain while a deploy migrates: a drain of an item after its new column
+    exists writes the new entry (and multiplicity) and credits the column together. The
+    backfill then still only sweeps the items (it used to recount every row of the model
+    under its lease: seconds a chunk at 10⁶), and the count ends exact. A column holding a
+    value no entry accounts for (kept another way before) is still recounted."""
+    world = make_world()
+    kind = make_the_count_new(label, column)
+    touched, other = write(world)
+    drain_all()  # the item's ledger now has the new entry, and the column its credit
+    touched.refresh_from_db()
+    assert getattr(touched, column) > 0
+
+    seen: dict[str, int] = {}
+    backfill(label, [column], progress=seen.__setitem__)
+    assert label not in seen, "every row was recounted"
+    assert seen[kind] > 0
+    assert_invariants()
+    assert_all_counts_exact()
+
+    make_the_count_new(label, column)
+    with triggers_off() as cursor:  # a value no ledger entry accounts for
+        table = graph().targets[label].db_table
+        cursor.execute(f"UPDATE {table} SET {column} = 7 WHERE id = %s", [other.pk])
+    seen.clear()
+    backfill(label, [column], progress=seen.__setitem__)
+    assert label in seen, "a column kept another way must be recounted"
+    assert_invariants()
     assert_all_counts_exact()
