@@ -260,28 +260,24 @@ def _backfill_rows(bf: dict) -> list[tuple[str, ...]]:
             "exact",
             _verdict(bf["exact"]),
         ),
-        (
-            "backfill",
-            "writer's p99 commit (single-row create/delete): during backfill() (A) vs idle (B),"
-            f" {engine['writes']:,} / {idle['writes']:,} commits; ratio A ÷ B",
-            _fmt_ms(engine["p99_ms"]),
-            _fmt_ms(idle["p99_ms"]),
-            _fmt_x(bf["p99_ratio"]),
-            "",
-            "",
-        ),
-        (
-            "backfill",
-            "writer's p99 commit: during the hand-written backfill (A) vs idle (B),"
-            f" {hand['writes']:,} / {idle['writes']:,} commits; ratio A ÷ B",
-            _fmt_ms(hand["p99_ms"]),
-            _fmt_ms(idle["p99_ms"]),
-            _fmt_x(bf["p99_ratio_baseline"]),
-            "",
-            "",
-        ),
+        _p99_row("(single-row create/delete): during backfill()", engine, idle, bf["p99_ratio"]),
+        _p99_row("during the hand-written backfill", hand, idle, bf["p99_ratio_baseline"]),
         *_drained_rows(bf),
     ]
+
+
+def _p99_row(during: str, sample: dict, idle: dict, x: float) -> tuple[str, ...]:
+    """The backfill writer's p99 commit during ``sample`` (A) against ``idle`` (B)."""
+    return (
+        "backfill",
+        f"writer's p99 commit {during} (A) vs idle (B),"
+        f" {sample['writes']:,} / {idle['writes']:,} commits; ratio A ÷ B",
+        _fmt_ms(sample["p99_ms"]),
+        _fmt_ms(idle["p99_ms"]),
+        _fmt_x(x),
+        "",
+        "",
+    )
 
 
 def _drained_rows(bf: dict) -> list[tuple[str, ...]]:
@@ -290,15 +286,8 @@ def _drained_rows(bf: dict) -> list[tuple[str, ...]]:
         return []
     drained, idle = bf["engine_drained"], bf["idle_drained"]
     return [
-        (
-            "backfill",
-            "with a drainer running: writer's p99 commit during backfill() (A) vs idle (B),"
-            f" {drained['writes']:,} / {idle['writes']:,} commits; ratio A ÷ B",
-            _fmt_ms(drained["p99_ms"]),
-            _fmt_ms(idle["p99_ms"]),
-            _fmt_x(bf["p99_ratio_drained"]),
-            "",
-            "",
+        _p99_row(
+            "with a drainer running, during backfill()", drained, idle, bf["p99_ratio_drained"]
         ),
         (
             "backfill",

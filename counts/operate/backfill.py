@@ -134,6 +134,32 @@ def _credited_by_its_entries(graph: Graph, kind, part, using: str) -> bool:
         return cursor.fetchone()[0]
 
 
+def _sweep_kinds(graph: Graph, kinds: dict, lease: dict, chunk: int, step, using: str) -> int:
+    """Sweep each kind for its keys; returns the items checked. Each kind's lease ends with its
+    sweep: its items are all swept, so it covers nothing any more. Not kept to the end: an
+    "every item" mark makes each recount by the formula take every item as stale
+    (``counts.compile.stale_items``), and the recount after the sweeps, or a drain's meanwhile,
+    read a million captures a statement (5-8 s a 1,000-row chunk at 10⁶)."""
+    rows = 0
+    for kind, keys in kinds.items():
+        # Every item of a new count differs: claim them all rather than compare first (which
+        # would build each item's truth twice).
+        ignored = list(lease.values())
+        swept = item_sweep.sweep_keys(
+            graph,
+            kind,
+            keys,
+            lock_all=True,
+            chunk=chunk,
+            using=using,
+            progress=step,
+            ignored=ignored,
+        )
+        rows += swept.checked
+        end_lease([lease.pop(kind.mark_target)], using)
+    return rows
+
+
 def backfill(
     label: str,
     names: list[str] | None = None,
@@ -167,27 +193,7 @@ def backfill(
         if progress:
             progress(phase, rows)
 
-    rows = 0
-    for kind, keys in kinds.items():
-        whole = set(keys) == {p.key for p in kind.parts}
-        # Every item of a new count differs: claim them all rather than compare first (which
-        # would build each item's truth twice).
-        swept = item_sweep.sweep(
-            graph,
-            kind,
-            None if whole else keys,
-            lock_all=True,
-            chunk=5 * chunk,
-            using=using,
-            progress=step,
-            ignored=list(lease.values()),
-        )
-        rows += swept.checked
-        # Every item of the kind is swept: its lease covers nothing any more. Ended now, not
-        # with the rest: an "every item" mark makes each recount by the formula take every
-        # item as stale (``counts.compile.stale_items``), and the recount below, or a drain's
-        # meanwhile, read a million captures a statement (5-8 s a 1,000-row chunk at 10⁶).
-        end_lease([lease.pop(kind.mark_target)], using)
+    rows = _sweep_kinds(graph, kinds, lease, 5 * chunk, step, using)
     if recounted:
         recount = ModelReport(label)
         recount_model(graph, recount, False, chunk, step, using, lock_all=True)

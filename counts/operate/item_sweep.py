@@ -227,6 +227,13 @@ def sweep(
             run.stale.close(cursor)
 
 
+def sweep_keys(graph: Graph, kind: ItemKind, keys: list[str], **options) -> SweepReport:
+    """:func:`sweep` for the entries ``keys``: the whole ledger when they are all the kind's
+    (one truth for every count, no state merged), else only theirs."""
+    whole = set(keys) == {p.key for p in kind.parts}
+    return sweep(graph, kind, None if whole else keys, **options)
+
+
 @dataclass
 class _Pass:
     """What one pass over an item kind is doing (see :func:`sweep`)."""

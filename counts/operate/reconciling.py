@@ -142,11 +142,10 @@ def _items_pass(
     :func:`reconcile`), reporting the target cells the repairs credit."""
     names = {(s.target.label, s.column): s.name for s in graph.specs}
     for kind, keys in _ledger_keys(graph, labels).items():
-        whole = set(keys) == {p.key for p in kind.parts}
-        swept = item_sweep.sweep(
+        swept = item_sweep.sweep_keys(
             graph,
             kind,
-            None if whole else keys,
+            keys,
             dry_run=dry_run,
             lock_all=lock_all,
             chunk=chunk,
