@@ -18,8 +18,8 @@ that is exact once drained if it dies part-way (``migrate`` interrupted, a deplo
   "every item" marks for those kinds (and an "every row" mark for a target with own-row
   counts) that are due only after a lease, renewed after every chunk. Drains leave them alone
   while the backfill runs; if it dies, the lease lapses and the workers take over — the marks
-  are "every item" and "every row" marks, and draining them is exact, only slower. A kind's
-  mark is deleted as soon as its last chunk commits, the rest when the backfill ends.
+  are "every item" and "every row" marks, and draining them is exact, only slower. A finished
+  backfill deletes them.
 
 A re-run of ``migrate`` after a failure starts the backfill again from the first chunk; what
 the first run credited is found equal to the truth and costs a comparison.
@@ -52,16 +52,16 @@ def _lease_s() -> float:
     return float(getattr(settings, "COUNTS_BACKFILL_LEASE_S", LEASE_S))
 
 
-def take_lease(targets: list[str], using: str) -> dict[str, int]:
-    """Commit the lease marks (``(target, NULL)`` each, due after the lease): ``{target: id}``."""
+def take_lease(targets: list[str], using: str) -> list[int]:
+    """Commit the lease marks (``(target, NULL)`` each, due after the lease); their ids."""
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {MARK_TABLE} (target, ids, not_before)"
             " SELECT t, NULL, now() + make_interval(secs => %s) FROM unnest(%s::text[]) t"
-            " RETURNING target, id",
+            " RETURNING id",
             [_lease_s(), targets],
         )
-        return dict(cursor.fetchall())
+        return [row[0] for row in cursor.fetchall()]
 
 
 def renew_lease(ids: list[int], using: str) -> None:
@@ -134,29 +134,22 @@ def _credited_by_its_entries(graph: Graph, kind, part, using: str) -> bool:
         return cursor.fetchone()[0]
 
 
-def _sweep_kinds(graph: Graph, kinds: dict, lease: dict, chunk: int, step, using: str) -> int:
-    """Sweep each kind for its keys; returns the items checked. Each kind's lease ends with its
-    sweep: its items are all swept, so it covers nothing any more. Not kept to the end: an
-    "every item" mark makes each recount by the formula take every item as stale
-    (``counts.compile.stale_items``), and the recount after the sweeps, or a drain's meanwhile,
-    read a million captures a statement (5-8 s a 1,000-row chunk at 10⁶)."""
+def _sweep_kinds(graph: Graph, kinds: dict, lease: list[int], chunk: int, step, using: str) -> int:
+    """Sweep each kind for its keys, its own lease ignored; returns the items checked.
+
+    The kinds' leases stay until the whole backfill ends, though a kind's items are all swept
+    by then: the lease also covers the kind for the counts of the migration's later targets,
+    whose backfills have not started (killed here, the workers finish those too once it
+    lapses). Its cost: a recount by the formula meanwhile takes every item of the kind as
+    stale (``counts.compile.stale_items``), seconds a statement at 10⁶ (docs/engine.md)."""
     rows = 0
     for kind, keys in kinds.items():
         # Every item of a new count differs: claim them all rather than compare first (which
         # would build each item's truth twice).
-        ignored = list(lease.values())
         swept = item_sweep.sweep_keys(
-            graph,
-            kind,
-            keys,
-            lock_all=True,
-            chunk=chunk,
-            using=using,
-            progress=step,
-            ignored=ignored,
+            graph, kind, keys, lock_all=True, chunk=chunk, using=using, progress=step, ignored=lease
         )
         rows += swept.checked
-        end_lease([lease.pop(kind.mark_target)], using)
     return rows
 
 
@@ -189,7 +182,7 @@ def backfill(
     lease = take_lease([k.mark_target for k in kinds] + ([label] if recounted else []), using=using)
 
     def step(phase: str, rows: int) -> None:
-        renew_lease(list(lease.values()), using)
+        renew_lease(lease, using)
         if progress:
             progress(phase, rows)
 
@@ -198,6 +191,6 @@ def backfill(
         recount = ModelReport(label)
         recount_model(graph, recount, False, chunk, step, using, lock_all=True)
         rows += recount.checked
-    end_lease(list(lease.values()), using)
+    end_lease(lease, using)
     if rows:  # a fresh database's first migrations have nothing to say
         logger.info("%s: backfilled %s", label, ", ".join(s.name for s in specs))
