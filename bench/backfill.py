@@ -294,7 +294,7 @@ def measure(name: str, repeats: int, idle_s: float, log) -> dict:
         for variant in VARIANTS[shift:] + VARIANTS[:shift]:
             found = _sample(variant, count, images, idle_s, seed=rep * 10 + shift)
             samples[variant].append(found)
-            drained = (
+            drain_note = (
                 f"; {found['batches_drained']:,} batches drained, oldest mark at most"
                 f" {found['oldest_mark_max_s']:.1f} s old"
                 if "batches_drained" in found
@@ -302,7 +302,7 @@ def measure(name: str, repeats: int, idle_s: float, log) -> dict:
             )
             log(
                 f"backfill {name} {variant}: {found['seconds']:.1f} s; writer p99"
-                f" {found['p99_ms']:.1f} ms over {found['writes']:,} commits{drained}"
+                f" {found['p99_ms']:.1f} ms over {found['writes']:,} commits{drain_note}"
                 + ("" if found["exact"] else "  (NOT EXACT)")
             )
     out: dict = {"count": name, "repeats": repeats, "idle_s": idle_s}

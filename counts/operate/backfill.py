@@ -34,6 +34,7 @@ from django.conf import settings
 from django.db import connections, transaction
 
 from counts.base.names import LEDGER_TABLE, MARK_TABLE, q
+from counts.compile.item_sql import entries_sql, entry_targets_sql
 from counts.declare.graph import Graph, app_graph
 from counts.declare.kinds import kinds_feeding
 from counts.declare.modes import ledger_key
@@ -94,27 +95,25 @@ def _credited_by_its_entries(graph: Graph, kind, part, using: str) -> bool:
     """
     target = graph.targets[part.label]
     table, pk, column = q(target.db_table), q(target.pk), q(part.column)
-    entry = "(l.state->%(key)s)"
-    of_key = "l.kind = %(kind)s AND l.state ? %(key)s"
     if part.distinct:
-        pairs = f"SELECT target_id AS id, value, n FROM {multiplicity.TABLE} WHERE key = %(key)s"
-        entries = (
-            f"SELECT t::bigint AS id, ({entry}->>-1)::bigint AS value,"
-            f" sum(({entry}->>0)::bigint) AS n FROM {LEDGER_TABLE} l"
-            f" CROSS JOIN LATERAL jsonb_array_elements_text(({entry} - 0) - -1) t"
-            f" WHERE {of_key} GROUP BY 1, 2"
-        )
+        pairs = f"SELECT target_id, value, n FROM {multiplicity.TABLE} WHERE key = %(key)s"
         credited = (
-            f"credited AS (SELECT id, count(*) AS n FROM ({pairs}) m WHERE n > 0 GROUP BY 1),"
-            f" unsummed AS (SELECT 1 FROM ({entries}) e FULL JOIN ({pairs}) m USING (id, value)"
+            "credited AS (SELECT target_id AS id, count(*) AS n"
+            f"  FROM ({pairs}) m WHERE n > 0 GROUP BY 1),"
+            " unsummed AS (SELECT 1"
+            f"  FROM ({multiplicity.ledger_sums_sql([part.key], kind.mark_target)}) e"
+            f"  FULL JOIN ({pairs}) m USING (target_id, value)"
             "  WHERE coalesce(e.n, 0) <> coalesce(m.n, 0)),"
         )
         also = " AND NOT EXISTS (SELECT 1 FROM unsummed)"
     else:
+        # What the entries credit, read as the drains' credits are (``counts.compile.item_sql``).
         credited = (
-            f"credited AS (SELECT t::bigint AS id, sum(({entry}->>0)::bigint) AS n"
-            f"  FROM {LEDGER_TABLE} l CROSS JOIN LATERAL jsonb_array_elements_text({entry} - 0) t"
-            f"  WHERE {of_key} GROUP BY 1),"
+            "credited AS (SELECT t::bigint AS id, sum((e.value->>0)::bigint) AS n"
+            f"  FROM {LEDGER_TABLE} l"
+            f"  CROSS JOIN LATERAL {entries_sql('l.state', [part.key])} e(key, value)"
+            f"  CROSS JOIN LATERAL jsonb_array_elements_text({entry_targets_sql('e', kind)}) t"
+            "  WHERE l.kind = %(kind)s AND l.state ? %(key)s AND e.value IS NOT NULL GROUP BY 1),"
         )
         also = ""
     statement = (
@@ -128,9 +127,9 @@ def _credited_by_its_entries(graph: Graph, kind, part, using: str) -> bool:
         f"  WHERE (r.{column} <> 0 OR c.id IS NOT NULL OR p.id IS NOT NULL)"
         f"  AND r.{column} + coalesce(p.n, 0) <> coalesce(c.n, 0)){also}"
     )
-    params = {"kind": kind.mark_target, "key": part.key, "label": part.label}
+    params = {"kind": kind.mark_target, "key": part.key, "label": part.label, "column": part.column}
     with connections[using].cursor() as cursor:
-        cursor.execute(statement, {**params, "column": part.column})
+        cursor.execute(statement, params)
         return cursor.fetchone()[0]
 
 

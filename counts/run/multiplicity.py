@@ -33,7 +33,7 @@ from django.apps import apps
 
 from counts.base.errors import CountsError
 from counts.base.names import MULTIPLICITY_TABLE, literal
-from counts.compile.item_sql import entries_sql
+from counts.compile.item_sql import entries_sql, text_array
 from counts.declare.modes import ItemCount, ledger_key
 
 TABLE = MULTIPLICITY_TABLE
@@ -118,23 +118,30 @@ def drift(cursor, keys: list[str], kind_target: str) -> dict[tuple[str, int, int
     One statement, so one snapshot, for every key: the ledgers are read once, not once per
     distinct count (an occurrence feeds four of them; four scans of 1.2M ledgers took 10 s)."""
     keys = sorted(keys)
-    wanted = (
+    cursor.execute(
+        "SELECT coalesce(w.key, m.key), coalesce(w.target_id, m.target_id),"
+        " coalesce(w.value, m.value), coalesce(w.n, 0) - coalesce(m.n, 0)"
+        f" FROM ({ledger_sums_sql(keys, kind_target)}) w"
+        f" FULL JOIN (SELECT * FROM {TABLE} WHERE key = ANY(%s::text[])) m"
+        " ON m.key = w.key AND m.target_id = w.target_id AND m.value = w.value"
+        " WHERE coalesce(w.n, 0) <> coalesce(m.n, 0) OR m.n = 0",
+        [keys],
+    )
+    return {(key, target, value): d for key, target, value, d in cursor.fetchall()}
+
+
+def ledger_sums_sql(keys: list[str], kind_target: str) -> str:
+    """``SELECT key, target_id, value, n``: each pair of the distinct counts ``keys`` (ledger
+    keys) as the ledgers of ``kind_target`` sum it, what its multiplicity must be (invariant
+    M). No parameter: the keys are the engine's own names, written in."""
+    return (
         "SELECT e.key, t::bigint AS target_id, (e.value->>-1)::bigint AS value,"
         " sum((e.value->>0)::int)::int AS n"
         f" FROM counts_ledger l CROSS JOIN LATERAL {entries_sql('l.state', keys)} e(key, value)"
         " CROSS JOIN LATERAL jsonb_array_elements_text((e.value - 0) - -1) t"
-        f" WHERE l.kind = {literal(kind_target)} AND l.state ?| %s::text[]"
+        f" WHERE l.kind = {literal(kind_target)} AND l.state ?| {text_array(keys)}"
         " AND e.value IS NOT NULL GROUP BY 1, 2, 3"
     )
-    cursor.execute(
-        "SELECT coalesce(w.key, m.key), coalesce(w.target_id, m.target_id),"
-        " coalesce(w.value, m.value), coalesce(w.n, 0) - coalesce(m.n, 0)"
-        f" FROM ({wanted}) w FULL JOIN (SELECT * FROM {TABLE} WHERE key = ANY(%s::text[])) m"
-        " ON m.key = w.key AND m.target_id = w.target_id AND m.value = w.value"
-        " WHERE coalesce(w.n, 0) <> coalesce(m.n, 0) OR m.n = 0",
-        [keys, keys],
-    )
-    return {(key, target, value): d for key, target, value, d in cursor.fetchall()}
 
 
 def value_counts(graph, model, field: str):

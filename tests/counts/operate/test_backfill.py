@@ -25,9 +25,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 CAPTURES = "item:monitoring.sourceimage"
 
 
-KEY = ledger_key("monitoring.sourceimage.detections_count")
-
-
 def make_the_count_new(label: str = "monitoring.sourceimage", column: str = "detections_count"):
     """No column value, no ledger entry, no multiplicity: as a deploy adding it finds it."""
     key = ledger_key(f"{label}.{column}")
