@@ -44,7 +44,7 @@ from django.conf import settings
 from django.db import connection, connections, transaction
 
 from bench import baseline, dataset
-from bench.inprocess import booted_broker
+from bench.inprocess import booted_broker, drop_queued
 from bench.phases import Phases
 from bench.timing import median, ms, percentile, ratio, stopwatch
 from counts.base.names import ENGINE_SETTING, LEDGER_TABLE
@@ -297,7 +297,7 @@ def _sample(variant: str, count: Count, images: list[int], idle_s: float, seed: 
         found["oldest_mark_max_s"] = round(max(ages, default=float("nan")), 3)
         # The drain loop asks Redis for a later drain of work it put back; no worker runs
         # here, so those messages would wait in the queue for the next section's worker.
-        booted_broker().flush(QUEUE)
+        drop_queued(QUEUE)
     latencies = writer.between(start, end)
     _drain_to_empty()
     dataset.vacuum(LEDGER_TABLE, "monitoring_detection", "counts_dirtymark")

@@ -24,7 +24,7 @@ import time
 from django.db import connection, connections
 
 from bench import dataset
-from bench.inprocess import booted_broker, quiet_logs
+from bench.inprocess import drop_queued, quiet_logs
 from bench.timing import median
 from counts.run.marks import has_pending, pending_summary
 from counts.run.notice import quiet
@@ -86,7 +86,7 @@ def _drain_with(n: int) -> float:
 def _tidy(made: list[int]) -> None:
     # The drain loop asks Redis for a later drain of work it put back; no worker runs here, so
     # those messages would wait in the queue for the next section's worker: drop them.
-    booted_broker().flush(QUEUE)
+    drop_queued(QUEUE)
     with quiet():
         Detection.objects.filter(pk__in=made).delete()
     dataset.drain_all()
