@@ -16,12 +16,14 @@ import logging
 from django.db import connections
 from django.db.migrations.operations.base import Operation
 
+from counts.base import checkpoints
 from counts.base.errors import MigrationError
 from counts.base.names import FRESHNESS_FIELD, q
 from counts.declare.graph import app_graph
 from counts.declare.kinds import kinds_feeding
 from counts.declare.refusals import refuse_unsupported
-from counts.operate.backfill import backfill
+from counts.operate import backfill
+from counts.operate.lease import Lease
 from counts.operate.progress import backfill_progress
 from counts.run.item_backfill import mark_every_item
 from counts.run.marks import mark_all
@@ -229,31 +231,52 @@ class BackfillCounts(Operation):
                 "BackfillCounts must run in a migration with atomic = False"
                 f" ({app_label}: it commits chunk by chunk)"
             )
-        for label in self.targets:
-            if label not in app_graph().targets:
-                continue  # the count was removed later: nothing to fill
-            if computable(label, to_state):
+        graph = app_graph()
+        labels = [label for label in self.targets if label in graph.targets]  # not removed since
+        jobs = {
+            label: backfill.plan(label, self.names(label), graph, alias)
+            for label in labels
+            if computable(label, to_state)
+        }
+        # Every target's lease before the first backfill starts: killed between two targets,
+        # the later ones' new counts (zeros, no entry) would be covered by no mark, and the
+        # workers alone would never fill them.
+        lease = Lease.take([c for job in jobs.values() for c in job.covers()], using=alias)
+        for label in labels:
+            checkpoints.reach("backfill.next_target", label=label)
+            if label in jobs:
                 with backfill_progress(label, using=alias) as progress:
-                    backfill(
-                        label, self.names(label), chunk=self.chunk, using=alias, progress=progress
+                    backfill.run(
+                        jobs[label],
+                        lease,
+                        chunk=self.chunk,
+                        using=alias,
+                        graph=graph,
+                        progress=progress,
                     )
             else:
-                mark_all(label, using=alias)
-                # An item kind whose table a later migration creates has no item and no
-                # ledger yet: that migration's backfill fills its counts.
-                tables = None if to_state is None else _columns(to_state)
-                with connections[alias].cursor() as cursor:
-                    for kind in kinds_feeding(app_graph(), label):
-                        if tables is None or kind.table.db_table in tables:
-                            mark_every_item(cursor, kind)
-                # On an empty table (a fresh install) there is nothing an operator must wait
-                # for, so only a table with rows is worth a warning.
-                logger.log(
-                    logging.WARNING if _has_rows(alias, label) else logging.INFO,
-                    "%s: counts not backfilled here (a later migration changes their columns);"
-                    " every row is marked for recompute",
-                    label,
-                )
+                self._leave_to_workers(label, alias, to_state)
+        lease.end()
+
+    @staticmethod
+    def _leave_to_workers(label: str, alias: str, to_state) -> None:
+        """Mark every row of ``label``, and every item feeding it, for the workers."""
+        mark_all(label, using=alias)
+        # An item kind whose table a later migration creates has no item and no
+        # ledger yet: that migration's backfill fills its counts.
+        tables = None if to_state is None else _columns(to_state)
+        with connections[alias].cursor() as cursor:
+            for kind in kinds_feeding(app_graph(), label):
+                if tables is None or kind.table.db_table in tables:
+                    mark_every_item(cursor, kind)
+        # On an empty table (a fresh install) there is nothing an operator must wait
+        # for, so only a table with rows is worth a warning.
+        logger.log(
+            logging.WARNING if _has_rows(alias, label) else logging.INFO,
+            "%s: counts not backfilled here (a later migration changes their columns);"
+            " every row is marked for recompute",
+            label,
+        )
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         """Nothing to undo: the columns go with the schema migration that added them."""

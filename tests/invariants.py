@@ -23,7 +23,8 @@ A mark is *visible* when it is committed in the snapshot. Marks table: ``counts_
   are written only for counts kept in full, which I is not about.
 - **J** (per item kind): an item no visible item mark or pending job mark covers
   (``counts.compile.stale_items.stale_sql``; an item mark with ``ids`` NULL covers every item, which
-  ``stale_sql`` does not see) has a ledger equal to its truth
+  ``stale_sql`` does not see; a backfill's lease, for the keys its ``payload`` names) has a
+  ledger equal to its truth
   (``counts.compile.item_sql.truth_sql``,
   current keys only; no row = ``{}``); a ledger row of an item that no longer exists is kept
   only while a mark covers it.
@@ -34,6 +35,7 @@ A mark is *visible* when it is committed in the snapshot. Marks table: ``counts_
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 
 import psycopg
@@ -209,27 +211,33 @@ def _own_row_sql(spec, using: str) -> tuple[str, list]:
 def _check_j(cursor, kind: ItemKind) -> list[Violation]:
     k, t = literal(kind.mark_target), kind.table
     cursor.execute(
-        f"SELECT EXISTS (SELECT 1 FROM {MARK_TABLE} WHERE target = {k}"
-        " AND field IS NULL AND ids IS NULL)"
+        f"SELECT payload FROM {MARK_TABLE} WHERE target = {k} AND field IS NULL AND ids IS NULL"
     )
-    if cursor.fetchone()[0]:
+    payloads = [json.loads(p) if isinstance(p, str) else p for (p,) in cursor.fetchall()]
+    if any(p is None for p in payloads):
         return []  # every item is marked: any ledger may lag
-    keys = ", ".join(literal(p.key) for p in kind.parts)
-    stale = stale_sql(kind)
+    # A backfill's lease names the keys whose entries may lag; every other entry must not.
+    lagging = {key for p in payloads for key in p["keys"]}
+    kept = [p.key for p in kind.parts if p.key not in lagging] or ["-"]
+    keys = ", ".join(literal(key) for key in kept)
+    stale = stale_sql(kind, keys=kept)
 
     def covered(item: str) -> str:
         return f"EXISTS (SELECT 1 FROM ({stale}) s WHERE s.id = {item})"
 
-    current = (
-        f"coalesce((SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(l.state) e"
-        f" WHERE e.key IN ({keys})), '{{}}')"
-    )
+    def current(state: str) -> str:
+        return (
+            f"coalesce((SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each({state}) e"
+            f" WHERE e.key IN ({keys})), '{{}}')"
+        )
+
     items = f"(SELECT {q(t.pk)} AS id FROM {q(t.db_table)})"
     cursor.execute(
-        f"SELECT t.id, {current}, t.state FROM ({truth_sql(kind, items)}) t"
+        f"SELECT t.id, {current('l.state')}, {current('t.state')}"
+        f" FROM ({truth_sql(kind, items)}) t"
         f" LEFT JOIN {LEDGER_TABLE} l ON l.kind = {k} AND l.item_id = t.id"
-        f" WHERE {current} IS DISTINCT FROM t.state AND NOT {covered('t.id')}"
-        " ORDER BY t.id"
+        f" WHERE {current('l.state')} IS DISTINCT FROM {current('t.state')}"
+        f" AND NOT {covered('t.id')} ORDER BY t.id"
     )
     found = [
         Violation("J", kind.mark_target, pk, "ledger", f"ledger {ledger} != truth {truth}")

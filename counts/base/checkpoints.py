@@ -35,6 +35,7 @@ NAMES = {
     "recount.before_formula": "target rows are locked, before the recount's formula runs",
     "bulk.before_model": "a reconcile, rebuild or backfill starts a model or an item kind",
     "bulk.between_transactions": "a bulk pass committed a chunk, before its next transaction",
+    "backfill.next_target": "a migration's backfill took its leases, before its next target",
 }
 
 Action = Callable[[str, dict], None]

@@ -14,7 +14,8 @@ EVERY_ROW      model target, ``ids`` NULL      recount every row (TRUNCATE, a la
 ROUTE          ``field`` ``via:<hash>``        recount what rows of a route's first table
                                                reach (``counts.run.routes``)
 ITEM           ``item:<label>``, ``ids``       these items may contribute differently now
-EVERY_ITEM     ``item:<label>``, ``ids`` NULL  every item may (TRUNCATE, a backfill's lease)
+EVERY_ITEM     ``item:<label>``, ``ids`` NULL  every item may (TRUNCATE); a backfill's lease
+                                               names the keys it may in ``payload``
 JOB            ``field`` ``job:<hash>``        rows a setting or link changed on: expand
                                                into the items they reach (``counts.declare.jobs``)
 =============  ==============================  ============================================

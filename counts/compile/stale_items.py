@@ -12,18 +12,22 @@ a target row, without consuming the marks:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from counts.base.mark import Kind, where
 from counts.base.names import LEDGER_TABLE, MARK_TABLE, MULTIPLICITY_TABLE, literal, q
 from counts.compile.item_sql import entries_sql, entry_targets_sql, truth_entries_sql
 from counts.declare.kinds import ItemKind
 
 
-def stale_sql(kind: ItemKind, only: str = "true") -> str:
+def stale_sql(kind: ItemKind, only: str = "true", keys: Iterable[str] | None = None) -> str:
     """Distinct item ids with an item mark visible to the statement (every item, for a mark
     whose ``ids`` is NULL), or reached by a job mark visible to it (``counts.declare.jobs``).
 
     ``only``: a further condition on the marks read (alias ``m``), e.g. which of them a bulk
-    pass has already read (``counts.operate.item_sweep``)."""
+    pass has already read (``counts.operate.item_sweep``). ``keys``: the ledger keys the
+    reader computes (None: any), which leaves out a backfill's lease over other keys
+    (:func:`every_item_sql`)."""
     target = literal(kind.mark_target)
     selects = [
         f"SELECT DISTINCT x AS id FROM {MARK_TABLE} m CROSS JOIN LATERAL unnest(m.ids) x"
@@ -32,7 +36,7 @@ def stale_sql(kind: ItemKind, only: str = "true") -> str:
     # An "every item" mark (``ids`` NULL: a TRUNCATE, a backfill's lease) makes every item
     # stale, and every item with a ledger (deleted ones included) until a drain expands it.
     # Without one, the gate is a one-time test and neither arm reads a row.
-    every = every_item_sql(kind, only)
+    every = every_item_sql(kind, only, keys)
     t = kind.table
     selects += [
         f"SELECT {q(t.pk)} FROM {q(t.db_table)} WHERE {every}",
@@ -42,12 +46,23 @@ def stale_sql(kind: ItemKind, only: str = "true") -> str:
     return " UNION ".join(selects)
 
 
-def every_item_sql(kind: ItemKind, only: str = "true") -> str:
+def every_item_sql(kind: ItemKind, only: str = "true", keys: Iterable[str] | None = None) -> str:
     """Whether an "every item" mark of ``kind`` (passing ``only``) is visible: an uncorrelated
-    ``EXISTS``, which PostgreSQL tests once per statement."""
+    ``EXISTS``, which PostgreSQL tests once per statement.
+
+    With ``keys``, only a mark that may concern one of them: a TRUNCATE's concerns every key,
+    a backfill's lease only the new counts' keys it names (``payload`` ``{"keys": [...]}``),
+    whose entries lag until its sweep; every other entry of the kind is kept by the drains
+    meanwhile. So a recount of another count (a set's, "Recompute now", an exact read) does
+    not take every item as stale for the whole backfill: at 10⁶ captures, seconds a
+    statement instead of milliseconds."""
+    covers = ""
+    if keys is not None:
+        named = ", ".join(literal(k) for k in sorted(set(keys)))
+        covers = f" AND (m.payload IS NULL OR m.payload->'keys' ?| ARRAY[{named}]::text[])"
     return (
         f"EXISTS (SELECT 1 FROM {MARK_TABLE} m WHERE m.target = {literal(kind.mark_target)}"
-        f" AND {where(Kind.EVERY_ITEM)} AND {only})"
+        f" AND {where(Kind.EVERY_ITEM)} AND {only}{covers})"
     )
 
 
@@ -136,8 +151,9 @@ def _stale_entries(
         binds += 1
     # The candidates with their ledgers, materialized once: the truth and the ledger side both
     # read them. An item with a ledger may be related through it (it moved away).
+    keys = [p.key for p in parts]
     candidates = (
-        f"SELECT s.id, l.state FROM ({stale or stale_sql(kind)}) s"
+        f"SELECT s.id, l.state FROM ({stale or stale_sql(kind, keys=keys)}) s"
         f" LEFT JOIN LATERAL {_ledger_of_stale(kind)} l ON true"
         f" WHERE l.state IS NOT NULL OR {' OR '.join(related)}"
     )
@@ -150,7 +166,7 @@ def _stale_entries(
     entries = (
         f"SELECT tr.key, tr.v, tr.t{truth_value} FROM ({truth_entries_sql(only, c)}) tr"
         f" UNION ALL SELECT kv.key, -(kv.value->>0)::bigint, t::bigint{value}"
-        f" FROM {c} CROSS JOIN LATERAL {entries_sql(f'{c}.state', [p.key for p in parts])}"
+        f" FROM {c} CROSS JOIN LATERAL {entries_sql(f'{c}.state', keys)}"
         f" kv(key, value), jsonb_array_elements_text({targets}) t WHERE kv.value IS NOT NULL"
     )
     return f"WITH {c} AS MATERIALIZED ({candidates})", entries, binds
@@ -161,7 +177,8 @@ def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
     ``kind`` may change: stale items' current links and ledger entries. Returns the SQL and
     how many times it binds the ids. Each stale item is probed on its own, as in
     :func:`adjustment_sql`: a list page's pending flags never hash every ledger of the kind."""
-    stale = f"({stale_sql(kind)}) s"
+    keys = [p.key for p in kind.parts_for(label)]
+    stale = f"({stale_sql(kind, keys=keys)}) s"
     selects = []
     for link in sorted({p.link for p in kind.parts_for(label)}, key=repr):
         rows, where, col = link.rows_sql(kind.table)
@@ -169,7 +186,6 @@ def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
             f"SELECT x.t FROM {stale} CROSS JOIN LATERAL (SELECT {col} AS t"
             f" FROM {rows} WHERE {where} = s.id AND {col} = ANY(%s::bigint[]) OFFSET 0) x"
         )
-    keys = [p.key for p in kind.parts_for(label)]
     selects.append(
         f"SELECT t::bigint FROM {stale} CROSS JOIN LATERAL {_ledger_of_stale(kind)} l"
         f" CROSS JOIN LATERAL {entries_sql('l.state', keys)} kv(key, value),"

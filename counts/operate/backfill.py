@@ -13,13 +13,12 @@ that is exact once drained if it dies part-way (``migrate`` interrupted, a deplo
   holds values no ledger entry accounts for (a count kept another way before: adding
   ``Project.captures_count`` turns ``Deployment.captures_count`` from own-row amounts into
   an item count), after its entries are swept.
-- **The lease**: until the last chunk commits, the items not swept yet, and rows not yet
-  recounted, are not covered by anything a drain would see. So the backfill first commits
-  "every item" marks for those kinds (and an "every row" mark for a target with own-row
-  counts) that are due only after a lease, renewed after every chunk. Drains leave them alone
-  while the backfill runs; if it dies, the lease lapses and the workers take over — the marks
-  are "every item" and "every row" marks, and draining them is exact, only slower. A finished
-  backfill deletes them.
+- **The lease** (``counts.operate.lease``): until the last chunk commits, the items not swept
+  yet, and rows not yet recounted, are covered by nothing a drain would see. The backfill first
+  commits marks covering them that fall due only if it dies (the workers then take over,
+  exactly, only slower): for each swept kind an "every item" mark naming the new counts' keys,
+  ended once that kind is swept, and an "every row" mark for a target it recounts, ended after
+  the recount. A migration backfilling several targets takes them all before the first.
 
 A re-run of ``migrate`` after a failure starts the backfill again from the first chunk; what
 the first run credited is found equal to the truth and costs a comparison.
@@ -29,9 +28,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from django.conf import settings
-from django.db import connections, transaction
+from django.db import connections
 
 from counts.base.names import LEDGER_TABLE, MARK_TABLE, q
 from counts.compile.item_sql import entries_sql, entry_targets_sql
@@ -39,44 +38,11 @@ from counts.declare.graph import Graph, app_graph
 from counts.declare.kinds import kinds_feeding
 from counts.declare.modes import ledger_key
 from counts.operate import item_sweep
+from counts.operate.lease import Lease
 from counts.operate.target_pass import ModelReport, recount_model
 from counts.run import multiplicity
 
 logger = logging.getLogger(__name__)
-
-#: Seconds a backfill's lease marks wait before drains take them (``COUNTS_BACKFILL_LEASE_S``):
-#: how long counts may stay behind after a backfill dies, renewed after every chunk.
-LEASE_S = 60.0
-
-
-def _lease_s() -> float:
-    return float(getattr(settings, "COUNTS_BACKFILL_LEASE_S", LEASE_S))
-
-
-def take_lease(targets: list[str], using: str) -> list[int]:
-    """Commit the lease marks (``(target, NULL)`` each, due after the lease); their ids."""
-    with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {MARK_TABLE} (target, ids, not_before)"
-            " SELECT t, NULL, now() + make_interval(secs => %s) FROM unnest(%s::text[]) t"
-            " RETURNING id",
-            [_lease_s(), targets],
-        )
-        return [row[0] for row in cursor.fetchall()]
-
-
-def renew_lease(ids: list[int], using: str) -> None:
-    with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {MARK_TABLE} SET not_before = now() + make_interval(secs => %s)"
-            " WHERE id = ANY(%s)",
-            [_lease_s(), ids],
-        )
-
-
-def end_lease(ids: list[int], using: str) -> None:
-    with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        cursor.execute(f"DELETE FROM {MARK_TABLE} WHERE id = ANY(%s)", [ids])
 
 
 def _credited_by_its_entries(graph: Graph, kind, part, using: str) -> bool:
@@ -133,23 +99,96 @@ def _credited_by_its_entries(graph: Graph, kind, part, using: str) -> bool:
         return cursor.fetchone()[0]
 
 
-def _sweep_kinds(graph: Graph, kinds: dict, lease: list[int], chunk: int, step, using: str) -> int:
-    """Sweep each kind for its keys, its own lease ignored; returns the items checked.
+def _sweep_kinds(graph: Graph, job: Plan, lease: Lease, chunk: int, step, using: str) -> int:
+    """Sweep each of ``job``'s kinds for its keys, every lease held left out of the stale
+    items, and end the job's lease of the kind once swept; returns the items checked.
 
-    The kinds' leases stay until the whole backfill ends, though a kind's items are all swept
-    by then: the lease also covers the kind for the counts of the migration's later targets,
-    whose backfills have not started (killed here, the workers finish those too once it
-    lapses). Its cost: a recount by the formula meanwhile takes every item of the kind as
-    stale (``counts.compile.stale_items``), seconds a statement at 10⁶ (docs/engine.md)."""
+    Ended there, the lease stops making every item of the kind stale for a recount of the new
+    counts (the job's own recount, below, included): its entries are the truth now, and an
+    item changed since carries its own mark. The other targets' leases name their own keys."""
     rows = 0
-    for kind, keys in kinds.items():
+    for kind, keys in job.kinds.items():
         # Every item of a new count differs: claim them all rather than compare first (which
         # would build each item's truth twice).
         swept = item_sweep.sweep_keys(
-            graph, kind, keys, lock_all=True, chunk=chunk, using=using, progress=step, ignored=lease
+            graph,
+            kind,
+            keys,
+            lock_all=True,
+            chunk=chunk,
+            using=using,
+            progress=step,
+            ignored=lease.ids(),
         )
+        lease.end(job.label, kind.mark_target)
         rows += swept.checked
     return rows
+
+
+@dataclass
+class Plan:
+    """What one target's backfill does, decided before any lease is taken."""
+
+    label: str
+    #: The counts filled.
+    names: list[str]
+    #: ``{item kind: the new counts' ledger keys it feeds}``: swept.
+    kinds: dict
+    #: True when some count has no items or holds values no entry accounts for: recounted.
+    recounts: bool
+
+    def covers(self) -> list[tuple[str, str, list[str] | None]]:
+        """What its lease covers (:meth:`Lease.take`): the new keys of each kind swept, and
+        every row of the target if it recounts."""
+        items = [(self.label, kind.mark_target, keys) for kind, keys in self.kinds.items()]
+        return items + ([(self.label, self.label, None)] if self.recounts else [])
+
+
+def plan(label: str, names: list[str] | None, graph: Graph, using: str) -> Plan:
+    """The backfill of the counts ``names`` of ``label`` (all of its counts when None)."""
+    specs = [s for s in graph.specs_for(label) if names is None or s.name in names]
+    wanted = {ledger_key(s.key) for s in specs}
+    kinds = {
+        kind: sorted(wanted & {p.key for p in kind.parts_for(label)})
+        for kind in kinds_feeding(graph, label)
+    }
+    kinds = {kind: keys for kind, keys in kinds.items() if keys}
+    swept = {
+        p.column
+        for kind in kinds
+        for p in kind.parts_for(label)
+        if p.key in wanted and _credited_by_its_entries(graph, kind, p, using)
+    }
+    recounts = any(s.column not in swept for s in specs)
+    return Plan(label, [s.name for s in specs], kinds, recounts)
+
+
+def run(
+    job: Plan,
+    lease: Lease,
+    *,
+    chunk: int,
+    using: str,
+    graph: Graph,
+    progress: Callable[[str, int], None] | None = None,
+) -> None:
+    """Carry ``job`` out under ``lease`` (taken with its :meth:`Plan.covers`, perhaps among
+    other jobs'), renewed after every chunk; each of the job's marks ends when its part is
+    done."""
+
+    def step(phase: str, rows: int) -> None:
+        lease.renew()
+        if progress:
+            progress(phase, rows)
+
+    rows = _sweep_kinds(graph, job, lease, 5 * chunk, step, using)
+    if job.recounts:
+        recount = ModelReport(job.label)
+        recount_model(graph, recount, False, chunk, step, using, lock_all=True)
+        rows += recount.checked
+    lease.end(job.label)
+    if rows:  # a fresh database's first migrations have nothing to say
+        logger.info("%s: backfilled %s", job.label, ", ".join(job.names))
 
 
 def backfill(
@@ -164,32 +203,12 @@ def backfill(
     """Bring the counts ``names`` of ``label`` (all of its counts when None) to the truth for
     every existing row, as the module docstring says (``graph``: the app's when None)."""
     graph = graph or app_graph()
-    specs = [s for s in graph.specs_for(label) if names is None or s.name in names]
-    wanted = {ledger_key(s.key) for s in specs}
-    kinds = {
-        kind: sorted(wanted & {p.key for p in kind.parts_for(label)})
-        for kind in kinds_feeding(graph, label)
-    }
-    kinds = {kind: keys for kind, keys in kinds.items() if keys}
-    swept = {
-        p.column
-        for kind in kinds
-        for p in kind.parts_for(label)
-        if p.key in wanted and _credited_by_its_entries(graph, kind, p, using)
-    }
-    recounted = [s for s in specs if s.column not in swept]
-    lease = take_lease([k.mark_target for k in kinds] + ([label] if recounted else []), using=using)
-
-    def step(phase: str, rows: int) -> None:
-        renew_lease(lease, using)
-        if progress:
-            progress(phase, rows)
-
-    rows = _sweep_kinds(graph, kinds, lease, 5 * chunk, step, using)
-    if recounted:
-        recount = ModelReport(label)
-        recount_model(graph, recount, False, chunk, step, using, lock_all=True)
-        rows += recount.checked
-    end_lease(lease, using)
-    if rows:  # a fresh database's first migrations have nothing to say
-        logger.info("%s: backfilled %s", label, ", ".join(s.name for s in specs))
+    job = plan(label, names, graph, using)
+    run(
+        job,
+        Lease.take(job.covers(), using),
+        chunk=chunk,
+        using=using,
+        graph=graph,
+        progress=progress,
+    )

@@ -73,14 +73,14 @@ class ExactRow:
     pending: bool
 
 
-def within_budget_sql(kind: ItemKind, stale: str, limit: int) -> str:
+def within_budget_sql(kind: ItemKind, stale: str, limit: int, keys: list[str]) -> str:
     """Whether the relation ``stale`` (``kind``'s stale items) holds at most ``limit`` rows,
     counted no further than that. An "every item" mark (a TRUNCATE, a new count's backfill)
     is over any budget at once: listing every item only to count them cost a second at 10⁶
     captures, and ``AND`` stops before the count (PostgreSQL runs a subquery of an
     expression when the expression first needs it)."""
     count = f"(SELECT count(*) FROM (SELECT 1 FROM {stale} LIMIT {int(limit) + 1}) s)"
-    return f"(NOT {every_item_sql(kind)} AND {count} <= {int(limit)})"
+    return f"(NOT {every_item_sql(kind, keys=keys)} AND {count} <= {int(limit)})"
 
 
 def exact_sql(
@@ -223,7 +223,9 @@ def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit:
         # filter in front of them, and the row says it is not exact. The stale items are
         # listed once (``stale{n}``, a CTE) for the gate and both adjustments.
         ok = f"(SELECT b.k{n} FROM budget b)"
-        gates.append((f"stale{n}", stale_sql(kind), within_budget_sql(kind, f"stale{n}", limit)))
+        keys = [p.key for p in kind.parts_for(label)]
+        gate = within_budget_sql(kind, f"stale{n}", limit, keys)
+        gates.append((f"stale{n}", stale_sql(kind, keys=keys), gate))
         for sql_of, parts, prefix in (
             (adjustment_sql, kind.summed_parts(label), "a"),
             (distinct_adjustment_sql, [p for p in kind.parts_for(label) if p.distinct], "d"),

@@ -29,6 +29,10 @@ COUNTS = [
     'deploy_check_events_count = CachedCountField("deployments__events")',
 ]
 
+#: A second model's line, and a count declared after it (the same truth as ``events_count``).
+STATION_LINE = '    events_count = CachedCountField("events")\n'
+STATION_COUNT = 'deploy_check_nights_count = CachedCountField("events")'
+
 pytestmark = pytest.mark.slow
 
 
@@ -100,11 +104,12 @@ def scratch(tmp_path):
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def declare(tree: Path, line: str) -> None:
+def declare(tree: Path, line: str, after: str = THRESHOLD_LINE) -> None:
+    """Declare ``line`` in the model whose body holds the line ``after`` (Project's, by default)."""
     models = tree / "project" / "monitoring" / "models.py"
     text = models.read_text()
-    assert THRESHOLD_LINE in text
-    models.write_text(text.replace(THRESHOLD_LINE, f"{THRESHOLD_LINE}    {line}\n", 1))
+    assert text.count(after) == 1, after
+    models.write_text(text.replace(after, f"{after}    {line}\n", 1))
 
 
 def test_two_count_adding_migrations_apply_in_one_migrate_on_a_database_with_data(scratch):
@@ -174,4 +179,29 @@ def test_a_backfill_killed_part_way_is_finished_by_the_workers_or_by_migrate_aga
     exact(manage)
     manage("migrate", "--no-input", "-v", "0")
     assert "[X] 0013_count_triggers" in manage("showmigrations", "monitoring")
+    exact(manage)
+
+
+def test_a_backfill_killed_between_two_targets_is_finished_by_the_workers(scratch):
+    """One migration adds counts to two models; ``migrate`` is killed after the first target's
+    backfill, before the second's. The second's new counts are zeros with no ledger entry:
+    only the lease taken for every target before the first covers them, and once it lapses
+    the workers' drains fill them."""
+    tree, manage, _dbname = scratch
+    manage("migrate", "--no-input", "-v", "0")
+    manage("seed_demo", "--scale", "2000")
+    declare(tree, COUNTS[0])
+    declare(tree, STATION_COUNT, after=STATION_LINE)
+    assert "Count triggers: wrote" in manage("makemigrations", "monitoring")
+    manage(
+        "migrate",
+        "--no-input",
+        "-v",
+        "0",
+        expect=-9,
+        COUNTS_CHECKPOINTS="backfill.next_target@2=kill",
+        COUNTS_BACKFILL_LEASE_S="0.2",
+    )
+    assert "[ ] 0013_count_triggers" in manage("showmigrations", "monitoring")
+    time.sleep(0.5)
     exact(manage)
