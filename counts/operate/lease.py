@@ -71,6 +71,8 @@ class Lease:
 
     def renew(self) -> None:
         """Push every held mark's due time a lease further (after each chunk)."""
+        if not self.held:
+            return
         with transaction.atomic(using=self.using), connections[self.using].cursor() as cursor:
             cursor.execute(
                 f"UPDATE {MARK_TABLE} SET not_before = now() + make_interval(secs => %s)"
