@@ -153,6 +153,21 @@ def exact(manage) -> None:
     assert not any(k["drifted_rows"] for k in report["ledgers"].values()), json.dumps(report)
 
 
+def killed_migrating(manage, step: str) -> None:
+    """``migrate`` SIGKILLed at the checkpoint ``step``, its backfill's lease left to lapse."""
+    manage(
+        "migrate",
+        "--no-input",
+        "-v",
+        "0",
+        expect=-9,
+        COUNTS_CHECKPOINTS=f"{step}=kill",
+        COUNTS_BACKFILL_LEASE_S="0.2",
+    )
+    assert "[ ] 0013_count_triggers" in manage("showmigrations", "monitoring")
+    time.sleep(0.5)  # the lease lapses: what the backfill left is the workers' now
+
+
 @pytest.mark.parametrize(
     "step", ["sweep.locked@1", "bulk.between_transactions@1", "recount.before_formula@1"]
 )
@@ -165,17 +180,7 @@ def test_a_backfill_killed_part_way_is_finished_by_the_workers_or_by_migrate_aga
     manage("seed_demo", "--scale", "2000")
     declare(tree, COUNTS[0])
     assert "Count triggers: wrote" in manage("makemigrations", "monitoring")
-    manage(
-        "migrate",
-        "--no-input",
-        "-v",
-        "0",
-        expect=-9,
-        COUNTS_CHECKPOINTS=f"{step}=kill",
-        COUNTS_BACKFILL_LEASE_S="0.2",
-    )
-    assert "[ ] 0013_count_triggers" in manage("showmigrations", "monitoring")
-    time.sleep(0.5)  # the lease lapses: what the backfill left is the workers' now
+    killed_migrating(manage, step)
     exact(manage)
     manage("migrate", "--no-input", "-v", "0")
     assert "[X] 0013_count_triggers" in manage("showmigrations", "monitoring")
@@ -193,15 +198,5 @@ def test_a_backfill_killed_between_two_targets_is_finished_by_the_workers(scratc
     declare(tree, COUNTS[0])
     declare(tree, STATION_COUNT, after=STATION_LINE)
     assert "Count triggers: wrote" in manage("makemigrations", "monitoring")
-    manage(
-        "migrate",
-        "--no-input",
-        "-v",
-        "0",
-        expect=-9,
-        COUNTS_CHECKPOINTS="backfill.next_target@2=kill",
-        COUNTS_BACKFILL_LEASE_S="0.2",
-    )
-    assert "[ ] 0013_count_triggers" in manage("showmigrations", "monitoring")
-    time.sleep(0.5)
+    killed_migrating(manage, "backfill.next_target@2")
     exact(manage)
