@@ -234,14 +234,16 @@ class BackfillCounts(Operation):
         graph = app_graph()
         labels = [label for label in self.targets if label in graph.targets]  # not removed since
         jobs = {
-            label: backfill.plan(label, self.names(label), graph, alias)
+            label: backfill.plan(label, self.names(label), graph)
             for label in labels
             if computable(label, to_state)
         }
         # Every target's lease before the first backfill starts: killed between two targets,
         # the later ones' new counts (zeros, no entry) would be covered by no mark, and the
-        # workers alone would never fill them.
+        # workers alone would never fill them. Each decides under it whether it recounts.
         lease = Lease.take([c for job in jobs.values() for c in job.covers()], using=alias)
+        for job in jobs.values():
+            backfill.decide(job, lease, graph, alias)
         for label in labels:
             checkpoints.reach("backfill.next_target", label=label)
             if label in jobs:

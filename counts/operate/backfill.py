@@ -17,8 +17,9 @@ that is exact once drained if it dies part-way (``migrate`` interrupted, a deplo
   yet, and rows not yet recounted, are covered by nothing a drain would see. The backfill first
   commits marks covering them that fall due only if it dies (the workers then take over,
   exactly, only slower): for each swept kind an "every item" mark naming the new counts' keys,
-  ended once that kind is swept, and an "every row" mark for a target it recounts, ended after
-  the recount. A migration backfilling several targets takes them all before the first.
+  ended once that kind is swept, and an "every row" mark for the target, ended after its
+  recount, or at once if :func:`decide` (which runs under the lease) finds none needed. A
+  migration backfilling several targets takes them all before the first.
 
 A re-run of ``migrate`` after a failure starts the backfill again from the first chunk; what
 the first run credited is found equal to the truth and costs a comparison.
@@ -127,24 +128,26 @@ def _sweep_kinds(graph: Graph, job: Plan, lease: Lease, chunk: int, step, using:
 
 @dataclass
 class Plan:
-    """What one target's backfill does, decided before any lease is taken."""
+    """What one target's backfill does (:func:`plan`, then :func:`decide` under its lease)."""
 
     label: str
     #: The counts filled.
     names: list[str]
+    #: Their columns.
+    columns: list[str]
     #: ``{item kind: the new counts' ledger keys it feeds}``: swept.
     kinds: dict
-    #: True when some count has no items or holds values no entry accounts for: recounted.
-    recounts: bool
+    #: Whether its rows are recounted after the sweep: until :func:`decide` says otherwise.
+    recounts: bool = True
 
     def covers(self) -> list[tuple[str, str, list[str] | None]]:
         """What its lease covers (:meth:`Lease.take`): the new keys of each kind swept, and
-        every row of the target if it recounts."""
+        every row of the target until :func:`decide` finds no recount needed."""
         items = [(self.label, kind.mark_target, keys) for kind, keys in self.kinds.items()]
-        return items + ([(self.label, self.label, None)] if self.recounts else [])
+        return [*items, (self.label, self.label, None)]
 
 
-def plan(label: str, names: list[str] | None, graph: Graph, using: str) -> Plan:
+def plan(label: str, names: list[str] | None, graph: Graph) -> Plan:
     """The backfill of the counts ``names`` of ``label`` (all of its counts when None)."""
     specs = [s for s in graph.specs_for(label) if names is None or s.name in names]
     wanted = {ledger_key(s.key) for s in specs}
@@ -153,14 +156,26 @@ def plan(label: str, names: list[str] | None, graph: Graph, using: str) -> Plan:
         for kind in kinds_feeding(graph, label)
     }
     kinds = {kind: keys for kind, keys in kinds.items() if keys}
+    return Plan(label, [s.name for s in specs], [s.column for s in specs], kinds)
+
+
+def decide(job: Plan, lease: Lease, graph: Graph, using: str) -> None:
+    """Whether ``job`` recounts its rows, told under its lease; if not, end its every-row mark.
+
+    Under the lease, because of what a recount by the formula writes meanwhile (a drain's, or
+    "Recompute now" of a row): the new keys' lease makes every item stale for it, so it keeps
+    the column equal to what the entries credit, and the verdict stands until the sweep.
+    Without the lease, a recount in between would write the truth over a column no entry
+    backs, the check would pass, and the sweep would credit the truth a second time."""
     swept = {
         p.column
-        for kind in kinds
-        for p in kind.parts_for(label)
-        if p.key in wanted and _credited_by_its_entries(graph, kind, p, using)
+        for kind in job.kinds
+        for p in kind.parts_for(job.label)
+        if p.column in job.columns and _credited_by_its_entries(graph, kind, p, using)
     }
-    recounts = any(s.column not in swept for s in specs)
-    return Plan(label, [s.name for s in specs], kinds, recounts)
+    job.recounts = any(column not in swept for column in job.columns)
+    if not job.recounts:
+        lease.end(job.label, job.label)
 
 
 def run(
@@ -203,12 +218,7 @@ def backfill(
     """Bring the counts ``names`` of ``label`` (all of its counts when None) to the truth for
     every existing row, as the module docstring says (``graph``: the app's when None)."""
     graph = graph or app_graph()
-    job = plan(label, names, graph, using)
-    run(
-        job,
-        Lease.take(job.covers(), using),
-        chunk=chunk,
-        using=using,
-        graph=graph,
-        progress=progress,
-    )
+    job = plan(label, names, graph)
+    lease = Lease.take(job.covers(), using)
+    decide(job, lease, graph, using)
+    run(job, lease, chunk=chunk, using=using, graph=graph, progress=progress)
