@@ -218,8 +218,8 @@ def _check_j(cursor, kind: ItemKind) -> list[Violation]:
         return []  # every item is marked: any ledger may lag
     # A backfill's lease names the keys whose entries may lag; every other entry must not.
     lagging = {key for p in payloads for key in p["keys"]}
-    kept = [p.key for p in kind.parts if p.key not in lagging] or ["-"]
-    keys = ", ".join(literal(key) for key in kept)
+    kept = [p.key for p in kind.parts if p.key not in lagging]
+    keys = f"ARRAY[{', '.join(literal(key) for key in kept)}]::text[]"
     stale = stale_sql(kind, keys=kept)
 
     def covered(item: str) -> str:
@@ -228,7 +228,7 @@ def _check_j(cursor, kind: ItemKind) -> list[Violation]:
     def current(state: str) -> str:
         return (
             f"coalesce((SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each({state}) e"
-            f" WHERE e.key IN ({keys})), '{{}}')"
+            f" WHERE e.key = ANY({keys})), '{{}}')"
         )
 
     items = f"(SELECT {q(t.pk)} AS id FROM {q(t.db_table)})"
