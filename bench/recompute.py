@@ -16,6 +16,13 @@ three ways, rotating which goes first:
   ``aggregate()`` of the set's images and one ``UPDATE`` per set.
 
 All three must leave every set exact, checked against independent SQL after each.
+
+Before those sets exist, :func:`new_set` times **"Recompute now" of a capture set made after the
+statistics were last taken** (200 captures beside the dataset's large sets): the planner sizes a
+set it has no statistics for by the average of the others, and the recount planned for that size
+reads every detection and occurrence. Two ways, alternated: the engine's (a batch whose stored
+counts add up to few rows is recounted by index probes, ``counts.run.aggregate``) and the
+planner's own plan (``aggregate.PROBES_BELOW = 0``).
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ from bench import dataset
 from bench.timing import median, ms, ms_list, ratio, stopwatch
 from counts.base.names import ENGINE_SETTING, MARK_TABLE
 from counts.operate.recomputing import recompute_rows
+from counts.run import aggregate
 from counts.run.draining import drain
 from counts.run.notice import quiet
 from project.monitoring.models import SourceImage, SourceImageCollection
 
 METHODS = ("grouped", "per_set_statement", "per_set_orm")
+#: Captures in the set of :func:`new_set`.
+NEW_SET_SIZE = 200
 
 
 def setup(n_sets: int) -> list[int]:
@@ -139,5 +149,41 @@ def measure(ids: list[int], repeats: int, log) -> dict:
         f"recompute {len(ids):,} sets: grouped {out['grouped_ms']:.0f} ms, per-set statement"
         f" {out['per_set_statement_ms']:.0f} ms, per-set ORM {out['per_set_orm_ms']:.0f} ms"
         + ("" if exact else "  (NOT EXACT)")
+    )
+    return out
+
+
+def new_set(repeats: int, log) -> dict:
+    """ "Recompute now" of one new set (see the module docstring): the engine's plan against
+    the planner's, each stale (counts zeroed) before it is recomputed, exact after."""
+    dataset.vacuum(dataset.THROUGH)  # statistics of the dataset's sets, not of the new one
+    (set_id,) = dataset.new_sets(dataset.new_project("recompute-new"), ["new set"])
+    dataset.add_members([set_id] * NEW_SET_SIZE, dataset.sample_images(NEW_SET_SIZE, salt=11))
+    dataset.drain_all()
+    variants = {"engine": aggregate.PROBES_BELOW, "planner": 0}
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    exact = True
+    try:
+        for rep in range(repeats):
+            for variant in sorted(variants, reverse=rep % 2 == 1):
+                aggregate.PROBES_BELOW = variants[variant]
+                _make_stale([set_id])
+                with stopwatch() as sw:
+                    recompute_rows({dataset.COLLECTION: [set_id]})
+                samples[variant].append(sw.seconds)
+                exact = exact and dataset.sets_exact([set_id])
+    finally:
+        aggregate.PROBES_BELOW = variants["engine"]
+    out = {
+        "captures": NEW_SET_SIZE,
+        "repeats": repeats,
+        **{f"{v}_ms": ms(median(samples[v])) for v in variants},
+        "ratio": round(ratio(median(samples["planner"]), median(samples["engine"])), 2),
+        "exact": exact,
+        "samples_ms": {v: ms_list(s) for v, s in samples.items()},
+    }
+    log(
+        f"recompute now, new set of {NEW_SET_SIZE} captures: engine {out['engine_ms']:.1f} ms,"
+        f" planner's plan {out['planner_ms']:.1f} ms" + ("" if exact else "  (NOT EXACT)")
     )
     return out

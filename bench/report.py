@@ -140,6 +140,21 @@ def _recompute_rows(rc: dict) -> list[tuple[str, ...]]:
                 _verdict(x >= 10 and rc["exact"]),
             )
         )
+    new = rc.get("new_set")  # measured only by newer runs
+    if new:
+        out.append(
+            (
+                "recompute",
+                f"Recompute now of a set of {new['captures']} made after ANALYZE: planner's plan"
+                " (A) vs the engine's probes (B); ratio A ÷ B"
+                + ("" if new["exact"] else " (NOT EXACT)"),
+                _fmt_ms(new["planner_ms"]),
+                _fmt_ms(new["engine_ms"]),
+                _fmt_x(new["ratio"]),
+                "",
+                _verdict(None if new["exact"] else False),
+            )
+        )
     return out
 
 

@@ -85,6 +85,8 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
     recompute = data["recompute"]
     assert recompute["exact"] and recompute["sets"] == 20
     assert positive(recompute["statement_ratio"], recompute["orm_ratio"], recompute["grouped_ms"])
+    new_set = recompute["new_set"]
+    assert new_set["exact"] and positive(new_set["engine_ms"], new_set["planner_ms"])
 
     burst = data["burst"]
     assert burst["exact"], "the worker never brought the burst's sets to exact counts"

@@ -291,8 +291,10 @@ class Command(BaseCommand):
                     )
                 self.tidy()
             if "recompute" in sections:
+                new_set = recompute.new_set(o["repeats"], self.log)
                 ids = recompute.setup(o["recompute_sets"])
                 results["recompute"] = recompute.measure(ids, o["repeats"], self.log)
+                results["recompute"]["new_set"] = new_set
                 self.tidy()
             if "burst" in sections:
                 sets, images = burst.setup(o["burst_sets"], o["burst_writes"])
