@@ -177,7 +177,7 @@ def pending_targets_sql(kind: ItemKind, label: str) -> tuple[str, int]:
     ``kind`` may change: stale items' current links and ledger entries. Returns the SQL and
     how many times it binds the ids. Each stale item is probed on its own, as in
     :func:`adjustment_sql`: a list page's pending flags never hash every ledger of the kind."""
-    keys = [p.key for p in kind.parts_for(label)]
+    keys = kind.keys_for(label)
     stale = f"({stale_sql(kind, keys=keys)}) s"
     selects = []
     for link in sorted({p.link for p in kind.parts_for(label)}, key=repr):

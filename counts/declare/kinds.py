@@ -48,6 +48,11 @@ class ItemKind:
     def parts_for(self, label: str) -> tuple[Part, ...]:
         return tuple(p for p in self.parts if p.label == label)
 
+    def keys_for(self, label: str) -> list[str]:
+        """The ledger keys of its counts on ``label``: what a lease, an exact read or a pending
+        flag of that model names (``counts.operate.lease``)."""
+        return [p.key for p in self.parts_for(label)]
+
     @property
     def parts_by_key(self) -> dict[str, Part]:
         """Its counts by ledger key: how a ledger entry is read back."""

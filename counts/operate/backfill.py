@@ -152,8 +152,7 @@ def plan(label: str, names: list[str] | None, graph: Graph) -> Plan:
     specs = [s for s in graph.specs_for(label) if names is None or s.name in names]
     wanted = {ledger_key(s.key) for s in specs}
     kinds = {
-        kind: sorted(wanted & {p.key for p in kind.parts_for(label)})
-        for kind in kinds_feeding(graph, label)
+        kind: sorted(wanted & set(kind.keys_for(label))) for kind in kinds_feeding(graph, label)
     }
     kinds = {kind: keys for kind, keys in kinds.items() if keys}
     return Plan(label, [s.name for s in specs], [s.column for s in specs], kinds)

@@ -195,7 +195,7 @@ def _ledger_keys(graph: Graph, labels: list[str]) -> dict:
     found: dict = {}
     for label in labels:
         for kind in kinds_feeding(graph, label):
-            found.setdefault(kind, []).extend(p.key for p in kind.parts_for(label))
+            found.setdefault(kind, []).extend(kind.keys_for(label))
     return found
 
 

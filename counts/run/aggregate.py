@@ -275,13 +275,14 @@ def _planned_for_size(cursor, statement: RecomputeStatement, ids: list[int]):
     """Plan the recount of a small batch as index probes: hash and merge joins off for the
     statement, when the rows' stored counts say it reads few rows.
 
-    The planner sizes a target's children by the average over all targets: one capture set
-    of 200 images among twelve that share 1.27M memberships is taken for 106,000, and its
-    recount hashes every detection and occurrence ("Recompute now" of a new set of 200 at
-    10^6: 492 ms; by probes, 11 ms; a drain recounting it paid the same). The stored counts
-    are a far better guess of what a recount reads; drifted, they only cost speed. Scattered ids only: a bulk pass's ranged statement binds its bounds,
-    which the planner sizes well, and a batch whose counts add up to many rows keeps the
-    planner's choice, where a hash join over a whole table is what it should be.
+    The planner sizes a target its statistics do not know yet by the average of the others:
+    a new capture set of 200 images beside eleven that share 1.27M memberships is taken for
+    106,000, and its recount hashes every detection and occurrence ("Recompute now" of it at
+    10^6: 481 ms; by probes, 9.5 ms, ``manage.py bench``'s recompute section; a drain that
+    recounts it paid the same). The stored counts are a far better guess of what a recount
+    reads; drifted, they only cost speed. Scattered ids only: a bulk pass's ranged statement
+    binds its bounds, which the planner sizes well, and a batch whose counts add up to many
+    rows keeps the planner's choice, where a hash join over a whole table is what it should be.
     """
     if statement.ranged or not statement.fields:
         yield

@@ -223,7 +223,7 @@ def _pending_terms(graph: Graph, label: str, pk: str, columns: list[str], limit:
         # filter in front of them, and the row says it is not exact. The stale items are
         # listed once (``stale{n}``, a CTE) for the gate and both adjustments.
         ok = f"(SELECT b.k{n} FROM budget b)"
-        keys = [p.key for p in kind.parts_for(label)]
+        keys = kind.keys_for(label)
         gate = within_budget_sql(kind, f"stale{n}", limit, keys)
         gates.append((f"stale{n}", stale_sql(kind, keys=keys), gate))
         for sql_of, parts, prefix in (
