@@ -284,27 +284,28 @@ def _planned_for_size(cursor, statement: RecomputeStatement, ids: list[int]):
     binds its bounds, which the planner sizes well, and a batch whose counts add up to many
     rows keeps the planner's choice, where a hash join over a whole table is what it should be.
     """
-    if statement.ranged or not statement.fields:
+    if statement.ranged or not statement.columns:
         yield
         return
     total = " + ".join(f"abs({q(c)})" for c in statement.columns)
+    # Sized and, when small, switched in one statement: the aggregate keeps the subquery (and
+    # its reading of the settings) from being merged into the outer list that changes them.
     cursor.execute(
-        "SELECT current_setting('enable_hashjoin'), current_setting('enable_mergejoin'),"
-        f" coalesce(sum({total}), 0) < %s FROM {q(statement.table)}"
-        f" WHERE {q(statement.pk)} = ANY(%s)",
+        # CASE, not AND: only CASE promises not to evaluate the branch it does not take.
+        "SELECT s.hash_join, s.merge_join, s.small, CASE WHEN s.small THEN"
+        " concat(set_config('enable_hashjoin', 'off', true),"
+        " set_config('enable_mergejoin', 'off', true)) END"
+        " FROM (SELECT current_setting('enable_hashjoin') AS hash_join,"
+        " current_setting('enable_mergejoin') AS merge_join,"
+        f" coalesce(sum({total}), 0) < %s AS small FROM {q(statement.table)}"
+        f" WHERE {q(statement.pk)} = ANY(%s)) s",
         [PROBES_BELOW, ids],
     )
-    hash_join, merge_join, small = cursor.fetchone()
-    if not small:
-        yield
-        return
-    cursor.execute(
-        "SELECT set_config('enable_hashjoin', 'off', true),"
-        " set_config('enable_mergejoin', 'off', true)"
-    )
+    hash_join, merge_join, small, _switched = cursor.fetchone()
     yield
-    # Not on an error: the rollback that follows puts the settings back by itself.
-    cursor.execute(
-        "SELECT set_config('enable_hashjoin', %s, true), set_config('enable_mergejoin', %s, true)",
-        [hash_join, merge_join],
-    )
+    if small:  # not on an error: the rollback that follows puts the settings back by itself
+        cursor.execute(
+            "SELECT set_config('enable_hashjoin', %s, true),"
+            " set_config('enable_mergejoin', %s, true)",
+            [hash_join, merge_join],
+        )

@@ -302,8 +302,8 @@ def _collection_with(ids: list[int], name: str) -> SourceImageCollection:
 def test_a_small_batch_is_recounted_by_probes_a_large_one_as_the_planner_likes(marks, monkeypatch):
     """The planner sizes a set its statistics do not know yet by the average of the others: at
     10^6 a new set of 200 captures beside eleven sharing 1.27M memberships was taken for
-    106,000, and its recount hashed every detection and occurrence (0.5-0.7 s for "Recompute
-    now"; 4 ms by index probes). A batch whose stored counts add up to few rows is recounted
+    106,000, and its recount hashed every detection and occurrence (481 ms for "Recompute
+    now"; 9.5 ms by index probes). A batch whose stored counts add up to few rows is recounted
     with hash and merge joins off; a larger one keeps the planner's choice. Both exact, and
     the transaction's own planner settings are as they were afterwards."""
     ids = crowd(300)
