@@ -106,11 +106,14 @@ def test_burst_of_10000_single_row_writes_sends_a_handful_of_messages(counter):
     # One per label a membership write announces, when the drainer of each stays for the whole
     # burst (measured: 3). The occurrences' drainer takes marks that name no occurrence (these
     # captures have none): consuming them is progress, not idleness, or it would end and be
-    # sent for again while the burst goes on (it was, 3 or 4 times).
-    assert 1 <= sent <= 5, (
+    # sent for again while the burst goes on (it was, 3 or 4 times). On a loaded machine a
+    # drainer may start after its message's due time, and a message overdue is sent again (a
+    # lost message must not strand marks): at most once more per label (measured beside a
+    # benchmark and two other test runs: 6, two per label).
+    assert max(counter.by_label.values()) <= 2, dict(counter.by_label)
+    assert 1 <= sent <= 2 * len(counter.by_label), (
         f"a burst should cost a handful of messages, sent {dict(counter.by_label)}"
     )
-    assert max(counter.by_label.values()) <= 2, dict(counter.by_label)
     assert SourceImageCollection.objects.filter(source_images_count=200).count() == 50
     assert_all_counts_exact()
 
