@@ -31,6 +31,7 @@ NAMES = {
     "drain.taken": "a drain took its marks and locked their items",
     "drain.before_targets": "a drain computed its credits, before writing any target row",
     "drain.before_commit": "a drain wrote everything, before its commit",
+    "sweep.marks_read": "a bulk item pass read a chunk's waiting marks, before comparing its items",
     "sweep.locked": "a bulk item pass locked a chunk's ledger rows, before reading their truth",
     "recount.before_formula": "target rows are locked, before the recount's formula runs",
     "bulk.before_model": "a reconcile, rebuild or backfill starts a model or an item kind",

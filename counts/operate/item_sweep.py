@@ -6,12 +6,15 @@ counts' entries) set to the items' truth. They do it the way a drain recomputes 
 set-based: items are taken by id range, ``(lo, hi]``, and their truth is read with one grouped
 pass per child and through table over that range instead of a probe per item.
 
-Per chunk, one transaction:
+Per chunk, two transactions (the second only when the first found something to repair):
 
-1. **Compare**, in plain reads: the range's items that have a ledger (deleted items' ledgers,
-   *orphans*, included) or may count (a row below them passes a count's filter), their truth
-   against their ledgers. Only the items that differ go on; at rest there are none, and the
-   pass writes nothing, not even a row lock.
+1. **Compare**, in plain reads that share one snapshot (``REPEATABLE READ``): the range's
+   waiting marks, its items that have a ledger (deleted items' ledgers, *orphans*, included)
+   or may count (a row below them passes a count's filter), their truth against their ledgers.
+   Only the items that differ go on; at rest there are none, and the pass writes nothing, not
+   even a row lock. In one snapshot, an item whose mark is not visible has ledger = truth
+   (invariant J), so what differs outside the marks is drift, never a write that committed
+   between two reads.
 2. **Claim** those items as a drain claims its own (``counts.run.item_locks``: ledger rows
    ``FOR UPDATE SKIP LOCKED`` in id order, an empty row inserted for an item with none);
    whatever another transaction holds is handed back to the queue as an item mark, due a
@@ -19,9 +22,10 @@ Per chunk, one transaction:
 3. **Sweep** (a *later* statement, so a fresh snapshot that sees every change whose mark a
    previous holder of these locks consumed): read the locked items' truth, write the ledgers
    that changed, sum what the change credits per target.
-4. **Credit**, in the same transaction: multiplicities (invariant M; pairs crossing zero credit
-   their targets), then the credits are added to the target rows nobody holds, and queued as
-   delta marks for the rest (``counts.run.applying``), exactly as a drain adds its credits.
+4. **Credit**, in the same transaction as 2 and 3: multiplicities (invariant M; pairs
+   crossing zero credit their targets), then the credits are added to the target rows nobody
+   holds, and queued as delta marks for the rest (``counts.run.applying``), exactly as a
+   drain adds its credits.
 
 So every chunk's commit keeps invariants I (stored + pending = what the ledgers credited),
 J (an item that was compared equal, or locked and rewritten, has ledger = truth at a snapshot
@@ -211,11 +215,20 @@ def sweep(
         run.stale = Stale(cursor, kind, ignored)
     try:
         while True:
-            with engine_transaction(using) as cursor:
+            # The chunk's reads share one snapshot: the marks, the items' truth and their
+            # ledgers. Read by statements of their own, a write committed in between (its mark
+            # too) showed in the truth and not among the marks: drift reported where a mark
+            # waited, while writers ran (1 dry run in 4 of a small world's races).
+            with engine_transaction(using, snapshot=True) as cursor:
                 hi = _next_bound(cursor, kind, lo, chunk)
-                for key, amount in _chunk(cursor, run, lo, hi).items():
-                    if amount:
-                        run.report.credits[key] += amount
+                ids = _compare(cursor, run, lo, hi)
+                credits = _preview(cursor, run, lo, hi, ids) if dry_run and ids else {}
+            if ids and not dry_run:
+                with engine_transaction(using) as cursor:
+                    credits = _claim(cursor, run, lo, hi, ids)
+            for key, amount in credits.items():
+                if amount:
+                    run.report.credits[key] += amount
             if progress:
                 progress(kind.mark_target, run.report.checked)
             if hi is None:
@@ -248,10 +261,10 @@ class _Pass:
     stale: Stale | None = None
 
 
-def _chunk(cursor, run: _Pass, lo, hi) -> dict:
-    """One chunk's work (see the module docstring); returns what it credited."""
+def _compare(cursor, run: _Pass, lo, hi) -> list[int]:
+    """The reads of one chunk (see the module docstring), all in the snapshot of the chunk's
+    first statement: the ids to claim, or, for a dry run, those that differ."""
     kind, keys, report = run.kind, run.keys, run.report
-    credits: dict = defaultdict(int)
     absorb, stale_select, params = run.stale.chunk_sql(lo, hi)
     candidates = candidates_sql(kind, lo, hi, stale_select, keys)
     cursor.execute(
@@ -259,32 +272,39 @@ def _chunk(cursor, run: _Pass, lo, hi) -> dict:
     )
     ids, stale, *snapshot = cursor.fetchone()
     run.stale.observed(*snapshot)
+    checkpoints.reach("sweep.marks_read", kind=kind.mark_target, lo=lo, hi=hi)
     # A dry run leaves out the items whose marks wait: the drains' business, not drift. A
     # repair takes them too, whatever they look like now: one a drain holds (its ledger row
     # new, uncommitted) may be about to be written from an older snapshot, and only the lock
     # attempt finds out (it is then marked again).
     ids = sorted(set(ids) - set(stale)) if run.dry_run else sorted(set(ids) | set(stale))
     report.checked += len(ids)
-    if not ids:
-        return credits
-    if run.lock_all:
-        differ = ids
-    else:
-        # Compared first, in a plain read: only the items that differ are locked and written
-        # (at rest, none), so a pass over an exact database writes nothing, not a row lock.
-        cursor.execute(sweep_sql(kind, keys, lo, hi, write=False, ids=True), arrays(cursor, [ids]))
-        differ = cursor.fetchone()[0]
-        report.differed += len(set(differ) - set(stale))
-        if not differ:
-            return credits
-    parts = kind.parts_by_key
-    if run.dry_run:
-        cursor.execute(sweep_sql(kind, keys, lo, hi, write=False), arrays(cursor, [differ]))
-        pairs, _changed = credit(kind, cursor.fetchall(), credits)
-        multiplicity.preview(cursor, pairs, parts, credits)
-        return credits
-    locked = lock_items(cursor, kind, differ)
-    held = sorted(set(differ) - set(locked))
+    if not ids or run.lock_all:
+        return ids
+    # Compared first, in a plain read: only the items that differ are claimed and written (at
+    # rest, none), so a pass over an exact database writes nothing, not a row lock.
+    cursor.execute(sweep_sql(kind, keys, lo, hi, write=False, ids=True), arrays(cursor, [ids]))
+    differ = cursor.fetchone()[0]
+    report.differed += len(set(differ) - set(stale))
+    return differ
+
+
+def _preview(cursor, run: _Pass, lo, hi, differ: list[int]) -> dict:
+    """What sweeping the items ``differ`` would credit, in the dry run's snapshot."""
+    credits: dict = defaultdict(int)
+    cursor.execute(sweep_sql(run.kind, run.keys, lo, hi, write=False), arrays(cursor, [differ]))
+    pairs, _changed = credit(run.kind, cursor.fetchall(), credits)
+    multiplicity.preview(cursor, pairs, run.kind.parts_by_key, credits)
+    return credits
+
+
+def _claim(cursor, run: _Pass, lo, hi, ids: list[int]) -> dict:
+    """The writes of one chunk (see the module docstring), in a transaction after its reads:
+    claim ``ids``, hand back those held, sweep and credit the others; returns the credits."""
+    kind, report = run.kind, run.report
+    credits: dict = defaultdict(int)
+    locked = lock_items(cursor, kind, ids)
+    held = sorted(set(ids) - set(locked))
     if held:
         defer(cursor, kind.mark_target, held, retry_ms=HELD_RETRY_MS)
         report.held += len(held)
@@ -292,11 +312,11 @@ def _chunk(cursor, run: _Pass, lo, hi) -> dict:
     if locked:
         # A later statement than the lock's: a fresh snapshot, which sees every change whose
         # mark the previous holder of these locks consumed (``counts.run.items``).
-        cursor.execute(sweep_sql(kind, keys, lo, hi, write=True), arrays(cursor, [locked]))
+        cursor.execute(sweep_sql(kind, run.keys, lo, hi, write=True), arrays(cursor, [locked]))
         pairs, changed = credit(kind, cursor.fetchall(), credits)
         if run.lock_all:
             report.differed += changed
-        multiplicity.add(cursor, pairs, parts, credits)
+        multiplicity.add(cursor, pairs, kind.parts_by_key, credits)
         apply_credits(cursor, run.graph, credits, run.using)
     return credits
 

@@ -18,7 +18,10 @@ from counts.run.notice import quiet
 
 @contextlib.contextmanager
 def engine_transaction(
-    using: str = "default", lock_timeout_ms: int | None = None, lazy: bool = False
+    using: str = "default",
+    lock_timeout_ms: int | None = None,
+    lazy: bool = False,
+    snapshot: bool = False,
 ):
     """One recompute transaction (or savepoint): yields a cursor with the engine's settings.
 
@@ -40,6 +43,12 @@ def engine_transaction(
 
     ``lazy``: the settings are applied by ``cursor.engine_on()``, once there is something to
     write; a drain that finds no mark then costs one query and a commit.
+
+    ``snapshot``: every statement of the transaction reads one snapshot (``REPEATABLE READ``),
+    for a reader that compares what several statements read: a bulk pass's marks, then its
+    items' truth and ledgers (``counts.operate.item_sweep``). Only for reading: a row
+    another transaction changed since the snapshot cannot be locked or written there. Inside
+    a caller's transaction the caller's isolation stays.
     """
     timeout = "0" if lock_timeout_ms is None else f"{lock_timeout_ms}ms"
     # The outermost transaction takes the settings away with its commit or rollback; a
@@ -47,6 +56,8 @@ def engine_transaction(
     nested = connections[using].in_atomic_block
     with transaction.atomic(using=using), quiet(using):
         cursor = connections[using].cursor()
+        if snapshot and not nested:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         # Inside a caller's transaction, its own settings are put back at the end: a lock
         # timeout it set must outlive a "Recompute now" it ran.
         saved = _current(cursor) if nested else None

@@ -16,7 +16,9 @@ Two forms:
 - bursts: the writers start one transaction each at the same moment, then everything waits
   while the test drains to empty and compares, 25 times. A recount engine repairs a row the
   next time anything marks it, so in a long history a count left one off is usually hidden
-  again before the end; after a burst it is still there to see.
+  again before the end; after a burst it is still there to see. In one form a bulk pass
+  (reconcile, a dry run, rebuild, a backfill run again, "Recompute now" of a whole model,
+  in chunks of one to three rows) races each burst too.
 
 Thread scheduling is not reproducible, so a seed fixes each writer's choices, not the
 interleaving; a failure prints the seed and the mismatches. The world is small on purpose, and
@@ -32,11 +34,20 @@ import random
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
+from django.db import DatabaseError
 
-from project.monitoring.models import Detection, SourceImage
+import counts
+from project.monitoring.models import (
+    Deployment,
+    Detection,
+    Event,
+    SourceImage,
+    SourceImageCollection,
+)
 from tests.histories import (
     BOX,
     FAMILIES,
@@ -81,6 +92,8 @@ class Gate:
         self.written = threading.Barrier(writers + 1, timeout=30)
         self.end = threading.Barrier(writers + drainers + 1, timeout=30)
         self.stop = threading.Event()
+        #: Set while an episode's bulk pass runs: the writers go on writing until it ends.
+        self.passing = threading.Event()
 
     def abort(self) -> None:
         for barrier in (self.start, self.written, self.end):
@@ -88,13 +101,18 @@ class Gate:
 
 
 def write_in_episodes(gate: Gate, seed: int, writer: int, family: str, stats: Counter) -> None:
-    """One transaction per episode, started with the other writers' at the same moment."""
+    """One transaction per episode, started with the other writers' at the same moment (and
+    more, up to :data:`PASSING`, while the episode's bulk pass runs)."""
     rows = Rows(random.Random(f"{seed}-{writer}"), FAMILIES[family])
     try:
         for episode in range(EPISODES):
             rows.hot = random.Random(f"{seed}/{episode}").choice(rows.images)  # shared
             gate.start.wait()
             one_transaction(rows, stats)
+            for _ in range(PASSING):
+                if not gate.passing.is_set():
+                    break
+                one_transaction(rows, stats)
             gate.written.wait()
             gate.end.wait()
     except BaseException:
@@ -164,28 +182,37 @@ def test_random_concurrent_histories_converge_to_the_truth(make_world, seed):
 
 #: Episodes per seed of the episode test.
 EPISODES = int(os.environ.get("HISTORY_EPISODES", "25"))
+#: Most transactions a writer adds to an episode while its bulk pass runs.
+PASSING = 8
 
 
-def run_episodes(seed: int, family: str, writers: int = 3, drainers: int = 3):
+def run_episodes(
+    seed: int, family: str, writers: int = 3, drainers: int = 3, bulk: Bulk | None = None
+):
     """``EPISODES`` bursts: all writers start one transaction at once while the drainers take
-    single marks; then everything waits while the test drains to empty and compares.
+    single marks (and, given ``bulk``, one bulk pass runs: :func:`bulk_in_episodes`); then
+    everything waits while the test drains to empty and compares.
 
     A count one off after a burst is seen at once, before a later write to the same row can
     hide it (a recount of that row would repair it; a credited delta would not).
     Returns ``[(episode, mismatches)]`` for the bursts after which counts were wrong, and what
     the writers and the drainers did.
     """
-    gate = Gate(writers, drainers)
+    gate = Gate(writers, drainers + (bulk is not None))
     wrote, drained = [Counter() for _ in range(writers)], [Counter() for _ in range(drainers)]
     threads = [Loop(write_in_episodes, gate, seed, k, family, wrote[k]) for k in range(writers)] + [
         Loop(drain_in_episodes, gate, f"{seed}:{k}", drained[k], k == 0) for k in range(drainers)
     ]
+    if bulk is not None:
+        threads.append(Loop(bulk_in_episodes, gate, seed, bulk))
     for thread in threads:
         thread.start()
     wrong_after = []
     try:
         for episode in range(EPISODES):
             gate.stop.clear()
+            if bulk is not None:
+                gate.passing.set()  # until the bulk thread's pass ends
             gate.start.wait()
             gate.written.wait()
             assert_invariants()  # writers committed, drainers still running
@@ -272,3 +299,82 @@ def test_many_captures_joining_a_set_and_getting_a_first_detection_under_single_
     assert (world.d2.captures_count, world.d2.detections_count) == (25, 25)
     assert_all_counts_exact()
     assert_invariants()
+
+
+@dataclass
+class Bulk:
+    """What the bulk passes of an episode run did, and the drift their dry runs reported."""
+
+    did: Counter = field(default_factory=Counter)
+    reported: list[dict] = field(default_factory=list)
+
+
+def bulk_in_episodes(gate: Gate, seed: int, bulk: Bulk) -> None:
+    """One bulk pass per episode, racing the writers and the single-mark drainers: reconcile
+    (a repair, or a dry run whose drift reports are kept: with triggers on there is none to
+    find), a rebuild of everything or of one model, a new count's backfill run again over
+    live rows, or "Recompute now" of every row of a model; small chunks, so that writers
+    and drains commit between its transactions."""
+    from counts.apps import graph
+    from counts.operate.backfill import backfill
+
+    rng = random.Random(f"{seed}:bulk")
+    specs = sorted((s.target.label, s.name) for s in graph().specs)
+    models = [Deployment, Event, SourceImage, SourceImageCollection]
+    try:
+        for _ in range(EPISODES):
+            gate.start.wait()
+            chunk = rng.randint(1, 3)
+            what = rng.choice(
+                ["reconcile", "dry-run", "rebuild", "rebuild-one", "backfill", "recompute"]
+            )
+            try:
+                if what == "reconcile":
+                    counts.reconcile(chunk=chunk)
+                elif what == "dry-run":
+                    report = counts.reconcile(dry_run=True, chunk=chunk)
+                    if report.drifted_rows or any(
+                        ledger.drifted_rows for ledger in report.ledgers.values()
+                    ):
+                        bulk.reported.append(report.as_dict())
+                elif what == "rebuild":
+                    counts.rebuild(chunk=chunk)
+                elif what == "rebuild-one":
+                    counts.rebuild(rng.choice(models), chunk=chunk)
+                elif what == "backfill":
+                    label, name = rng.choice(specs)
+                    backfill(label, [name], chunk=chunk)
+                else:
+                    counts.recompute(rng.choice(models).objects.all())
+            except DatabaseError as exc:  # a deadlock victim: its transaction rolled back
+                bulk.did[type(exc).__name__] += 1
+            else:
+                bulk.did[what] += 1
+            finally:
+                gate.passing.clear()
+            gate.end.wait()
+    except BaseException:
+        gate.abort()
+        raise
+
+
+@pytest.mark.parametrize("seed", seeds(SEEDS))
+def test_random_bursts_racing_bulk_passes_leave_every_count_exact_after_each(make_world, seed):
+    """CONCURRENT PROPERTY TEST, in bursts, with a bulk pass in each: reconcile, dry-run
+    reconcile, rebuild, a backfill run again, "Recompute now" of a whole model, each racing
+    three writers and three single-mark drainers. Invariants I, J and M hold while they run,
+    counts are exact once drained after each burst, and no dry run reports drift (with every
+    write made through the triggers, there is none)."""
+    world = make_world()
+    grow_world(world)
+    drain_to_empty()
+    assert_invariants()
+    bulk = Bulk()
+    wrong_after, wrote, drained = run_episodes(seed, "everything", drainers=2, bulk=bulk)
+    print(f"seed {seed}: writers {dict(wrote)}; drains {dict(drained)}; bulk {dict(bulk.did)}")
+    assert wrote["committed"] >= EPISODES, wrote
+    assert not wrong_after, (
+        f"seed {seed}: counts wrong after {len(wrong_after)} of {EPISODES} bursts, first after"
+        f" burst {wrong_after[0][0]}:\n" + "\n".join(wrong_after[0][1])
+    )
+    assert not bulk.reported, f"seed {seed}: a dry run reported drift: {bulk.reported[0]}"
