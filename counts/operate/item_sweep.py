@@ -75,7 +75,9 @@ class SweepReport:
     differed: int = 0
     #: Items another transaction held, handed back to the queue.
     held: int = 0
-    #: ``{(label, column, target id): amount}`` credited (or, dry, that would be).
+    #: ``{(label, column, target id): amount}`` that repairing the items that differed credited
+    #: (or, dry, would credit); not what sweeping items whose marks waited credited: that is
+    #: the writes' own, a drain's to credit, and no drift (every item's, with ``lock_all``).
     credits: dict = field(default_factory=lambda: defaultdict(int))
 
 
@@ -221,11 +223,11 @@ def sweep(
             # waited, while writers ran (1 dry run in 4 of a small world's races).
             with engine_transaction(using, snapshot=True) as cursor:
                 hi = _next_bound(cursor, kind, lo, chunk)
-                ids = _compare(cursor, run, lo, hi)
+                ids, drifted = _compare(cursor, run, lo, hi)
                 credits = _preview(cursor, run, lo, hi, ids) if dry_run and ids else {}
             if ids and not dry_run:
                 with engine_transaction(using) as cursor:
-                    credits = _claim(cursor, run, lo, hi, ids)
+                    credits = _claim(cursor, run, lo, hi, ids, drifted)
             for key, amount in credits.items():
                 if amount:
                     run.report.credits[key] += amount
@@ -261,9 +263,10 @@ class _Pass:
     stale: Stale | None = None
 
 
-def _compare(cursor, run: _Pass, lo, hi) -> list[int]:
+def _compare(cursor, run: _Pass, lo, hi) -> tuple[list[int], set[int]]:
     """The reads of one chunk (see the module docstring), all in the snapshot of the chunk's
-    first statement: the ids to claim, or, for a dry run, those that differ."""
+    first statement: ``(ids to claim, or for a dry run those that differ; those of them that
+    drifted)``: that differ with no mark waiting (every one, with ``lock_all``)."""
     kind, keys, report = run.kind, run.keys, run.report
     absorb, stale_select, params = run.stale.chunk_sql(lo, hi)
     candidates = candidates_sql(kind, lo, hi, stale_select, keys)
@@ -280,13 +283,14 @@ def _compare(cursor, run: _Pass, lo, hi) -> list[int]:
     ids = sorted(set(ids) - set(stale)) if run.dry_run else sorted(set(ids) | set(stale))
     report.checked += len(ids)
     if not ids or run.lock_all:
-        return ids
+        return ids, set(ids)
     # Compared first, in a plain read: only the items that differ are claimed and written (at
     # rest, none), so a pass over an exact database writes nothing, not a row lock.
     cursor.execute(sweep_sql(kind, keys, lo, hi, write=False, ids=True), arrays(cursor, [ids]))
     differ = cursor.fetchone()[0]
-    report.differed += len(set(differ) - set(stale))
-    return differ
+    drifted = set(differ) - set(stale)
+    report.differed += len(drifted)
+    return differ, drifted
 
 
 def _preview(cursor, run: _Pass, lo, hi, differ: list[int]) -> dict:
@@ -298,27 +302,38 @@ def _preview(cursor, run: _Pass, lo, hi, differ: list[int]) -> dict:
     return credits
 
 
-def _claim(cursor, run: _Pass, lo, hi, ids: list[int]) -> dict:
+def _claim(cursor, run: _Pass, lo, hi, ids: list[int], drifted: set[int]) -> dict:
     """The writes of one chunk (see the module docstring), in a transaction after its reads:
-    claim ``ids``, hand back those held, sweep and credit the others; returns the credits."""
+    claim ``ids``, hand back those held, sweep and credit the others; returns what the items
+    that ``drifted`` credited (the others' credits are the writes' own, not drift)."""
     kind, report = run.kind, run.report
     credits: dict = defaultdict(int)
+    drift: dict = defaultdict(int)
     locked = lock_items(cursor, kind, ids)
     held = sorted(set(ids) - set(locked))
     if held:
         defer(cursor, kind.mark_target, held, retry_ms=HELD_RETRY_MS)
         report.held += len(held)
     checkpoints.reach("sweep.locked", kind=kind.mark_target, lo=lo, hi=hi)
-    if locked:
+    # Swept apart, so that what the drifted items credit is known: the report's drift.
+    for group in (sorted(set(locked) & drifted), sorted(set(locked) - drifted)):
+        if not group:
+            continue
+        found: dict = defaultdict(int)
         # A later statement than the lock's: a fresh snapshot, which sees every change whose
         # mark the previous holder of these locks consumed (``counts.run.items``).
-        cursor.execute(sweep_sql(kind, run.keys, lo, hi, write=True), arrays(cursor, [locked]))
-        pairs, changed = credit(kind, cursor.fetchall(), credits)
+        cursor.execute(sweep_sql(kind, run.keys, lo, hi, write=True), arrays(cursor, [group]))
+        pairs, changed = credit(kind, cursor.fetchall(), found)
         if run.lock_all:
             report.differed += changed
-        multiplicity.add(cursor, pairs, kind.parts_by_key, credits)
+        multiplicity.add(cursor, pairs, kind.parts_by_key, found)
+        for key, amount in found.items():
+            credits[key] += amount
+            if group[0] in drifted:
+                drift[key] += amount
+    if locked:
         apply_credits(cursor, run.graph, credits, run.using)
-    return credits
+    return drift
 
 
 def apply_credits(cursor, graph: Graph, credits: dict, using: str) -> None:

@@ -110,9 +110,9 @@ def reconcile(
     Two passes, each chunk in its own short transaction that keeps invariants I, J and M at
     its commit, so the pass may be stopped anywhere. First the **items** of every kind feeding
     these models, as drains would recompute them (``counts.operate.item_sweep``), then their
-    distinct counts' multiplicities; what repairing them credits is credited as a drain would, and
-    the
-    target rows it changes are reported as drift. Then the **targets**, each row recounted by
+    distinct counts' multiplicities; what repairing them credits is credited as a drain would,
+    and the target rows that items which drifted (differed with no mark waiting) credit are
+    reported as drift. Then the **targets**, each row recounted by
     the formula (``counts.run.aggregate``) and written where it differs. Ledgers go first: a
     target repaired while an item's ledger still drifts would drift again at its next change.
 

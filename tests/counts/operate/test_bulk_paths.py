@@ -151,10 +151,34 @@ def test_3_a_bulk_pass_while_a_drain_writes_a_change_that_was_reverted_since(wor
 # Case 4: a valid detection committed, not yet drained, then reconcile; and reconcile dying
 # between its item pass and its target pass.
 def test_4_reconcile_with_an_undrained_detection(world):
+    """The repair sweeps the capture whose mark waits (and credits it, as the drain would), but
+    a write waiting for its drain is not drift: nothing is reported."""
     from project.monitoring.models import Detection
 
     Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
-    counts.reconcile()
+    report = counts.reconcile()
+    assert report.drifted_rows == 0, report.as_dict()
+    assert report.ledgers["item:monitoring.sourceimage"].drifted_rows == 0
+    settle()
+
+
+def test_4_reconcile_reports_the_drift_and_not_the_waiting_write_beside_it(world):
+    """A detection added with the triggers off on one capture (drift) and one added through
+    the ORM on another (a mark waits): the report names the first capture's rows, not the
+    second's, though the repair sweeps and credits both."""
+    from project.monitoring.models import Detection
+
+    without_triggers(
+        "INSERT INTO monitoring_detection (source_image_id, bbox, created_at, updated_at)"
+        " VALUES (%s, '[1, 2, 3, 4]'::jsonb, now(), now())",
+        [world.i3.pk],
+    )
+    Detection.objects.create(source_image=world.i5, bbox=[1, 2, 3, 4])
+    report = counts.reconcile()
+    assert set(report.models["monitoring.sourceimage"].cells) == {world.i3.pk}
+    assert set(report.models["monitoring.deployment"].cells) == {world.d1.pk}  # not d3
+    assert set(report.models["monitoring.event"].cells) == {world.e2.pk}
+    assert report.ledgers["item:monitoring.sourceimage"].drifted_rows == 1
     settle()
 
 
