@@ -185,6 +185,7 @@ def test_4_reconcile_reports_the_drift_and_not_the_waiting_write_beside_it(world
 @pytest.mark.parametrize(
     "step, nth",
     [
+        ("sweep.marks_read", 2),
         ("sweep.locked", 1),
         ("bulk.between_transactions", 1),
         ("bulk.between_transactions", 2),
@@ -232,6 +233,7 @@ def bulk_process(checkpoint: str, command: str = "reconcile") -> subprocess.Comp
 @pytest.mark.parametrize(
     "checkpoint",
     [
+        "sweep.marks_read@2=kill",
         "sweep.locked@2=kill",
         "bulk.between_transactions@1=kill",
         "bulk.between_transactions@4=kill",
