@@ -37,18 +37,15 @@ def engine_transaction(
     the same reason: starting them cost more than they saved on every statement measured (a
     bulk pass's 5,000-capture recount: 55 ms without, 80 ms with; ten stations: 365 / 395 ms).
     The lock timeout, when given, bounds the wait for a lock that ``SKIP LOCKED`` cannot skip
-    (a table lock taken by a migration or a ``LOCK TABLE``). Generic plans, when
-    ``counts.base.prepared`` may force them: the hot statements then run on ``cursor.prepared``,
-    planned once per connection.
+    (a table lock taken by a migration or a ``LOCK TABLE``). Generic plans where allowed, for
+    the hot statements run on ``cursor.prepared`` (``counts.base.prepared``: planned once).
 
     ``lazy``: the settings are applied by ``cursor.engine_on()``, once there is something to
     write; a drain that finds no mark then costs one query and a commit.
 
-    ``snapshot``: every statement of the transaction reads one snapshot (``REPEATABLE READ``),
-    for a reader that compares what several statements read: a bulk pass's marks, then its
-    items' truth and ledgers (``counts.operate.item_sweep``). Only for reading: a row
-    another transaction changed since the snapshot cannot be locked or written there. Inside
-    a caller's transaction the caller's isolation stays.
+    ``snapshot``: one snapshot for every statement (``REPEATABLE READ``), for a reader comparing
+    what several statements read (``counts.operate.item_sweep``); not for writing. Inside a
+    caller's transaction the caller's isolation stays.
     """
     timeout = "0" if lock_timeout_ms is None else f"{lock_timeout_ms}ms"
     # The outermost transaction takes the settings away with its commit or rollback; a
