@@ -41,6 +41,8 @@ import pytest
 from django.db import DatabaseError
 
 import counts
+from counts.apps import graph
+from counts.operate.backfill import backfill
 from project.monitoring.models import (
     Deployment,
     Detection,
@@ -303,7 +305,7 @@ def test_many_captures_joining_a_set_and_getting_a_first_detection_under_single_
 
 @dataclass
 class Bulk:
-    """What the bulk passes of an episode run did, and the drift their dry runs reported."""
+    """What the bulk passes of a run did, and the drift their reconciles reported."""
 
     did: Counter = field(default_factory=Counter)
     reported: list[dict] = field(default_factory=list)
@@ -315,9 +317,6 @@ def bulk_in_episodes(gate: Gate, seed: int, bulk: Bulk) -> None:
     find), a rebuild of everything or of one model, a new count's backfill run again over
     live rows, or "Recompute now" of every row of a model; small chunks, so that writers
     and drains commit between its transactions."""
-    from counts.apps import graph
-    from counts.operate.backfill import backfill
-
     rng = random.Random(f"{seed}:bulk")
     specs = sorted((s.target.label, s.name) for s in graph().specs)
     models = [Deployment, Event, SourceImage, SourceImageCollection]
@@ -360,7 +359,7 @@ def bulk_in_episodes(gate: Gate, seed: int, bulk: Bulk) -> None:
 def test_random_bursts_racing_bulk_passes_leave_every_count_exact_after_each(make_world, seed):
     """CONCURRENT PROPERTY TEST, in bursts, with a bulk pass in each: reconcile, dry-run
     reconcile, rebuild, a backfill run again, "Recompute now" of a whole model, each racing
-    three writers and three single-mark drainers. Invariants I, J and M hold while they run,
+    three writers and two single-mark drainers. Invariants I, J and M hold while they run,
     counts are exact once drained after each burst, and no reconcile, dry or not, reports
     drift (with every write made through the triggers, there is none)."""
     world = make_world()

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 
 import pytest
-from django.db import connection, connections, transaction
+from django.db import connection, transaction
 
 import counts
 from counts.base import checkpoints
 from tests import truth
+from tests.histories import Loop
 from tests.interleave import drain_to_empty
 from tests.truth import cached
 from tests.worker_harness import worker_subprocess_env
@@ -298,14 +298,12 @@ def test_6_a_write_committed_between_a_chunks_reads_is_not_reported_as_drift(wor
 
     def write_elsewhere(name, info):
         if info["kind"] == "item:monitoring.sourceimage" and not written:
-            thread = threading.Thread(
-                target=lambda: (
-                    written.append(Detection.objects.create(source_image=world.i5, bbox=[1, 2])),
-                    connections["default"].close(),
-                )
+            # A thread: a connection of its own, committing while the pass's chunk is open.
+            writer = Loop(
+                lambda: written.append(Detection.objects.create(source_image=world.i5, bbox=[1, 2]))
             )
-            thread.start()
-            thread.join(10)
+            writer.start()
+            writer.finish()
 
     with checkpoints.at("sweep.marks_read", write_elsewhere):
         report = counts.reconcile(dry_run=dry_run)
