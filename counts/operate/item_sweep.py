@@ -265,8 +265,8 @@ class _Pass:
 
 def _compare(cursor, run: _Pass, lo, hi) -> tuple[list[int], set[int]]:
     """The reads of one chunk (see the module docstring), all in the snapshot of the chunk's
-    first statement: ``(ids to claim, or for a dry run those that differ; those of them that
-    drifted)``: that differ with no mark waiting (every one, with ``lock_all``)."""
+    first statement. Returns the ids to claim (for a dry run, those that differ) and those of
+    them that *drifted*: that differ with no mark waiting (every one, with ``lock_all``)."""
     kind, keys, report = run.kind, run.keys, run.report
     absorb, stale_select, params = run.stale.chunk_sql(lo, hi)
     candidates = candidates_sql(kind, lo, hi, stale_select, keys)
