@@ -304,6 +304,19 @@ def _drained_rows(bf: dict) -> list[tuple[str, ...]]:
         _p99_row(
             "with a drainer running, during backfill()", drained, idle, bf["p99_ratio_drained"]
         ),
+        *(
+            [
+                _p99_row(
+                    "with a drainer running, during the hand-written backfill (exact in"
+                    f" {bf['baseline_drained']['exact']} of {bf['repeats']}: it takes no lock)",
+                    bf["baseline_drained"],
+                    idle,
+                    bf["p99_ratio_baseline_drained"],
+                )
+            ]
+            if "baseline_drained" in bf
+            else []
+        ),
         (
             "backfill",
             "with a drainer running: oldest waiting mark's age during backfill() (A) vs idle"

@@ -366,11 +366,14 @@ def test_the_backfill_section_adds_the_count_back_exact_with_and_without_a_drain
     assert data["exact"]
     for variant in backfill.VARIANTS:
         assert data[variant]["writes"] > 0 and positive(data[variant]["p99_ms"]), variant
-    for variant in ("idle_drained", "engine_drained"):
+    for variant in ("idle_drained", "engine_drained", "baseline_drained"):
         assert "batches_drained" in data[variant], variant
     assert data["idle_drained"]["batches_drained"] > 0, "the drainer drained nothing"
     assert 0 <= data["idle_drained"]["oldest_mark_max_s"] < 5
-    assert positive(data["p99_ratio"], data["p99_ratio_drained"])
+    assert positive(
+        data["p99_ratio"], data["p99_ratio_drained"], data["p99_ratio_baseline_drained"]
+    )
+    assert data["baseline_drained"]["exact"] in (0, 1), "whether the racing pass stayed exact"
     assert not DirtyMark.objects.exists(), "the section left marks pending"
     copy = scratch._name(connection.settings_dict["NAME"])
     with connection.cursor() as cursor:
