@@ -278,6 +278,15 @@ def _drain_to_empty() -> None:
         dataset.drain_all()
 
 
+def _exactness(found: dict) -> str:
+    """What a sample's log line says of its result, when there is something to say."""
+    if not found["exact"]:
+        return "  (NOT EXACT)"
+    if found.get("exact_while_drained") is False:
+        return "  (left wrong beside the drainer: it takes no lock; filled again alone, exact)"
+    return ""
+
+
 def _refill(count: Count) -> bool:
     """The count cleared and filled by the hand-written pass with nothing beside it; exact?"""
     count.clear()
@@ -349,7 +358,7 @@ def measure(name: str, repeats: int, idle_s: float, log) -> dict:
             log(
                 f"backfill {name} {variant}: {found['seconds']:.1f} s; writer p99"
                 f" {found['p99_ms']:.1f} ms over {found['writes']:,} commits{drain_note}"
-                + ("" if found.get("exact_while_drained", found["exact"]) else "  (NOT EXACT)")
+                + _exactness(found)
             )
     out: dict = {"count": name, "repeats": repeats, "idle_s": idle_s}
     for variant, runs in samples.items():
