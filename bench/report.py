@@ -300,23 +300,23 @@ def _drained_rows(bf: dict) -> list[tuple[str, ...]]:
     if "engine_drained" not in bf:
         return []
     drained, idle = bf["engine_drained"], bf["idle_drained"]
-    return [
+    rows = [
         _p99_row(
             "with a drainer running, during backfill()", drained, idle, bf["p99_ratio_drained"]
-        ),
-        *(
-            [
-                _p99_row(
-                    "with a drainer running, during the hand-written backfill (exact in"
-                    f" {bf['baseline_drained']['exact']} of {bf['repeats']}: it takes no lock)",
-                    bf["baseline_drained"],
-                    idle,
-                    bf["p99_ratio_baseline_drained"],
-                )
-            ]
-            if "baseline_drained" in bf
-            else []
-        ),
+        )
+    ]
+    if "baseline_drained" in bf:
+        hand = bf["baseline_drained"]
+        rows.append(
+            _p99_row(
+                "with a drainer running, during the hand-written backfill (exact in"
+                f" {hand['exact_while_drained']} of {bf['repeats']}: it takes no lock)",
+                hand,
+                idle,
+                bf["p99_ratio_baseline_drained"],
+            )
+        )
+    rows.append(
         (
             "backfill",
             "with a drainer running: oldest waiting mark's age during backfill() (A) vs idle"
@@ -326,8 +326,9 @@ def _drained_rows(bf: dict) -> list[tuple[str, ...]]:
             _fmt_x(ratio(drained["oldest_mark_max_s"], idle["oldest_mark_max_s"])),
             "",
             "",
-        ),
-    ]
+        )
+    )
+    return rows
 
 
 def _drainers_rows(dr: dict) -> list[tuple[str, ...]]:
