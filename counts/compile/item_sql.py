@@ -8,12 +8,16 @@ each text must and must not contain.
 
 from __future__ import annotations
 
+import json
+
 from counts.base.names import LEDGER_TABLE, MARK_TABLE, literal, q
 from counts.declare.kinds import ItemKind
 from counts.declare.modes import Link
 
 #: Item ids per mark when every item of a kind is marked (TRUNCATE, a new count's backfill).
 CHUNK = 2000
+#: Entries per ``concat_ws`` of :func:`state_sql` (a function takes at most 100 arguments).
+GROUP = 90
 
 
 def truth_sql(
@@ -33,11 +37,8 @@ def truth_sql(
     ``counts.compile.stale_items``), so that it never hashes the whole item table.
     """
     joins, measures, links = _truth_joins(kind, within, probe_rows)
-    entries = ", ".join(_entries(kind, measures, links))
-    return (
-        f"SELECT i.id, jsonb_strip_nulls(jsonb_build_object({entries})) AS state"
-        f" FROM {items} i {' '.join(joins)}"
-    )
+    state = state_sql(_entries(kind, measures, links))
+    return f"SELECT i.id, {state} AS state FROM {items} i {' '.join(joins)}"
 
 
 def truth_entries_sql(kind: ItemKind, items: str) -> str:
@@ -164,30 +165,53 @@ def _link_joins(kind: ItemKind, within: tuple | None, joins: list[str]) -> tuple
 
 
 def _entries(kind: ItemKind, measures: dict, links: dict) -> list[str]:
-    """Each count's ledger entry, ``key, [amount, target, ...]`` (``[1, target, ..., value]``
-    for a distinct count: the value last), or NULL when the item contributes nothing to it."""
+    """Each count's ledger entry as JSON text, ``"key":[amount,target,...]``
+    (``[1,target,...,value]`` for a distinct count: the value last), or NULL when the item
+    contributes nothing to it. Every value is an integer (counts, and keys the checks require
+    to be integers: ``counts.E009``), so its text is its JSON; a distinct count's value may be
+    NULL, written ``null``."""
     entries = []
     for p in kind.parts:
         value = _value(p, measures)
-        counted = [f"j.{q(p.distinct)}"] if p.distinct else []  # a distinct count's value
+        head = literal(f"{json.dumps(p.key)}:[")
+        counted = ""  # a distinct count's value, last
+        if p.distinct:
+            counted = f" || ',' || coalesce((j.{q(p.distinct)})::text, 'null')"
         if p.link.through is None:
-            # One target, the item's own column: the array built, measured and turned into
-            # jsonb for it cost more than the rest of a capture's truth (the same jsonb).
+            # One target, the item's own column (no array built for it: that cost more than
+            # the rest of a capture's truth).
             col = f"j.{q(p.link.target_column)}"
             entries.append(
-                f"{literal(p.key)}, CASE WHEN {value} > 0 AND {col} IS NOT NULL"
-                f" THEN jsonb_build_array({', '.join([value, col, *counted])}) END"
+                f"CASE WHEN {value} > 0 AND {col} IS NOT NULL"
+                f" THEN {head} || ({value}) || ',' || {col}{counted} || ']' END"
             )
             continue
         targets = links[p.link]
-        tail = f"to_jsonb({targets})"
-        if counted:
-            tail += f" || jsonb_build_array({counted[0]})"
         entries.append(
-            f"{literal(p.key)}, CASE WHEN {value} > 0 AND cardinality({targets}) > 0"
-            f" THEN jsonb_build_array({value}) || {tail} END"
+            f"CASE WHEN {value} > 0 AND cardinality({targets}) > 0 THEN {head} || ({value})"
+            f" || ',' || array_to_string({targets}, ',', 'null'){counted} || ']' END"
         )
     return entries
+
+
+def state_sql(entries: list[str]) -> str:
+    """A ledger state (``jsonb``) from its entries' JSON text, NULL entries left out (all
+    NULL: ``{}``).
+
+    Written as text and parsed once: the same value as building it with ``jsonb_build_array``
+    and ``jsonb_build_object`` and stripping the NULLs, at a third of the cost (each nested
+    jsonb is taken apart again by the one around it, and the strip rebuilds the whole).
+    Measured over 50,000 captures of 10^6: 220 ms against 330 ms, of which reading the rows
+    is 170 ms. ``concat_ws`` takes at most 100 arguments: more entries are joined in groups.
+    """
+    if not entries:
+        return "'{}'::jsonb"
+    while len(entries) > GROUP:
+        entries = [
+            f"nullif(concat_ws(',', {', '.join(entries[i : i + GROUP])}), '')"
+            for i in range(0, len(entries), GROUP)
+        ]
+    return f"('{{' || concat_ws(',', {', '.join(entries)}) || '}}')::jsonb"
 
 
 def hoisted(preds: list[str | None], setting) -> tuple[str, list[str | None]]:

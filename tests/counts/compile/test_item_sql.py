@@ -29,6 +29,7 @@ from counts.compile.item_sql import (
     mark_items_sql,
     mark_ledgered_sql,
     recompute_sql,
+    state_sql,
     truth_sql,
 )
 
@@ -155,6 +156,22 @@ def test_the_probe_and_range_forms_agree_on_every_item(name, request):
     states = [state(s) for _id, s in probe]
     assert probe == ranged
     assert states[-1] == {} and sum(bool(s) for s in states) >= 2
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("present", [range(0), range(3), range(0, 250, 7), range(91, 250)])
+def test_a_state_leaves_out_the_empty_entries_however_many_the_kind_has(present):
+    """A ledger state is the entries that are not NULL, ``{}`` when none is; a kind of more
+    counts than one SQL function takes arguments (100) still gets one state, whichever of its
+    groups of entries are all NULL."""
+    entries = [
+        f"CASE WHEN {n} IN ({', '.join(map(str, present)) or 'NULL'})"
+        f" THEN '\"k{n}\":[' || {n} || ',7,null]' END"
+        for n in range(250)
+    ]
+    [(found,)] = fetch(f"SELECT {state_sql(entries)}")
+    assert state(found) == {f"k{n}": [n, 7, None] for n in present}
+    assert state(fetch(f"SELECT {state_sql([])}")[0][0]) == {}
 
 
 @pytest.mark.django_db
