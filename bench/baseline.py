@@ -34,6 +34,7 @@ price of that safety plus whatever the engine wastes, not waste alone.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,9 +219,14 @@ def _states(entries: dict[str, tuple[str, str]], keys) -> tuple[str, str]:
     not the state: a filter on the built state is pushed into the scan and builds it twice,
     which costs more than the rest of the statement (jsonb building is the expensive part)."""
     kept = {k: v for k, v in entries.items() if keys is None or k in keys}
-    built = ", ".join(f"{_lit(k)}, CASE WHEN {c} THEN {e} END" for k, (c, e) in kept.items())
+    # Each entry written as JSON text and the whole parsed once, as the engine does: a third
+    # of the cost of nesting jsonb_build_array in jsonb_build_object and stripping the NULLs.
+    built = ", ".join(
+        f"CASE WHEN {c} THEN {_lit(json.dumps(k) + ':[')} || {e} || ']' END"
+        for k, (c, e) in kept.items()
+    )
     some = " OR ".join(f"({c})" for c, _e in kept.values()) or "false"
-    return f"jsonb_strip_nulls(jsonb_build_object({built}))", some
+    return f"('{{' || concat_ws(',', {built}) || '}}')::jsonb", some
 
 
 CAPTURE_SETS_KEYS = (
@@ -234,20 +240,20 @@ def _capture_states(lo, hi, keys: tuple[str, ...] | None = None) -> str:
     (``keys``: only those ledger keys' entries). A capture is worth its valid detections to its
     station, night and itself, and 1 to each of its sets when it has a valid detection (or any
     detection, for "processed")."""
-    sets = "'[1]'::jsonb || to_jsonb(s.ids)"
+    sets = "'1,' || array_to_string(s.ids, ',')"
     state, some = _states(
         {
             key("monitoring.deployment", "detections_count"): (
                 "x.valid > 0",
-                "jsonb_build_array(x.valid, si.deployment_id)",
+                "x.valid || ',' || si.deployment_id",
             ),
             key("monitoring.event", "detections_count"): (
                 "x.valid > 0 AND si.event_id IS NOT NULL",
-                "jsonb_build_array(x.valid, si.event_id)",
+                "x.valid || ',' || si.event_id",
             ),
             key("monitoring.sourceimage", "detections_count"): (
                 "x.valid > 0",
-                "jsonb_build_array(x.valid, si.id)",
+                "x.valid || ',' || si.id",
             ),
             CAPTURE_SETS_KEYS[0]: ("x.valid > 0 AND s.ids IS NOT NULL", sets),
             CAPTURE_SETS_KEYS[1]: ("x.anyd > 0 AND s.ids IS NOT NULL", sets),
@@ -284,29 +290,29 @@ def _occurrence_states(lo, hi, keys: tuple[str, ...] | None = None) -> str:
     """``SELECT item_id, state`` of the counted occurrences in ``(lo, hi]``: 1 to their
     station, night and capture sets, and (target, taxon) for the distinct taxa of their
     station, night, project and capture sets."""
-    sets = "'[1]'::jsonb || to_jsonb(s.ids)"
+    sets = "'1,' || array_to_string(s.ids, ',')"
     determined = "o.determination_id IS NOT NULL"
     state, some = _states(
         {
             key("monitoring.deployment", "occurrences_count"): (
                 "true",
-                "jsonb_build_array(1, o.deployment_id)",
+                "'1,' || o.deployment_id",
             ),
             key("monitoring.event", "occurrences_count"): (
                 "o.event_id IS NOT NULL",
-                "jsonb_build_array(1, o.event_id)",
+                "'1,' || o.event_id",
             ),
             key("monitoring.deployment", "taxa_count"): (
                 determined,
-                "jsonb_build_array(1, o.deployment_id, o.determination_id)",
+                "'1,' || o.deployment_id || ',' || o.determination_id",
             ),
             key("monitoring.event", "taxa_count"): (
                 f"{determined} AND o.event_id IS NOT NULL",
-                "jsonb_build_array(1, o.event_id, o.determination_id)",
+                "'1,' || o.event_id || ',' || o.determination_id",
             ),
             key("monitoring.project", "taxa_count"): (
                 determined,
-                "jsonb_build_array(1, o.project_id, o.determination_id)",
+                "'1,' || o.project_id || ',' || o.determination_id",
             ),
             key("monitoring.sourceimagecollection", "occurrences_count"): (
                 "s.ids IS NOT NULL",
@@ -314,7 +320,7 @@ def _occurrence_states(lo, hi, keys: tuple[str, ...] | None = None) -> str:
             ),
             key("monitoring.sourceimagecollection", "taxa_count"): (
                 f"{determined} AND s.ids IS NOT NULL",
-                f"{sets} || to_jsonb(o.determination_id)",
+                f"{sets} || ',' || o.determination_id",
             ),
         },
         keys,
