@@ -13,6 +13,8 @@ Then, in an order rotated from one repeat to the next:
   the targets as it goes (5,000 items per transaction), the multiplicities are rebuilt from the
   ledgers, then every target row is recounted (1,000 per transaction) and the own-row counts
   written;
+- **engine on two connections**: ``counts.rebuild(jobs=2)``, each item kind and model cut
+  into two key ranges run side by side (``counts.operate.parallel``);
 - **baseline, one statement** (``bench.baseline`` in repair form): per item kind one statement
   inserting every ledger, one for the multiplicities, per table one ``UPDATE … FROM (… GROUP
   BY …)`` writing the counts;
@@ -32,13 +34,13 @@ from django.db import connection, transaction
 import counts
 from bench import baseline
 from bench.phases import Phases
-from bench.reconcile import vacuum
+from bench.reconcile import JOBS, vacuum
 from bench.timing import median, ratio, stopwatch
 from counts.base.names import ENGINE_SETTING, LEDGER_TABLE
 from counts.run.marks import has_pending
 from counts.run.multiplicity import TABLE as MULTIPLICITY_TABLE
 
-VARIANTS = ("engine", "baseline", "chunked")
+VARIANTS = ("engine", "parallel", "baseline", "chunked")
 
 
 def wipe() -> None:
@@ -54,10 +56,10 @@ def wipe() -> None:
     vacuum()
 
 
-def _engine() -> dict:
+def _engine(jobs: int = 1) -> dict:
     phases = Phases()
     with stopwatch() as sw, phases.watching():
-        report = counts.rebuild(progress=phases.progress)
+        report = counts.rebuild(progress=phases.progress, jobs=jobs)
     return {
         "seconds": sw.seconds,
         "drifted_rows": report.drifted_rows,
@@ -102,8 +104,12 @@ def measure(repeats: int, log) -> dict:
         shift = rep % len(VARIANTS)
         for variant in VARIANTS[shift:] + VARIANTS[:shift]:
             wipe()
-            found = _engine() if variant == "engine" else _baseline(variant == "chunked")
-            ok = exact_by_baseline() if variant == "engine" else exact_by_engine()
+            engine = variant in ("engine", "parallel")
+            if engine:
+                found = _engine(JOBS if variant == "parallel" else 1)
+            else:
+                found = _baseline(variant == "chunked")
+            ok = exact_by_baseline() if engine else exact_by_engine()
             found["exact"] = ok
             exact = exact and ok
             samples[variant].append(found)
@@ -131,13 +137,19 @@ def measure(repeats: int, log) -> dict:
         "ratios": {
             "baseline": round(ratio(engine, variants["baseline"]["seconds"]), 2),
             "chunked": round(ratio(engine, variants["chunked"]["seconds"]), 2),
+            "parallel": round(
+                ratio(variants["parallel"]["seconds"], variants["baseline"]["seconds"]), 2
+            ),
         },
+        "jobs": JOBS,
         "exact": exact,
     }
     log(
         f"rebuild: {rows:,} target rows; engine {engine:.1f} s vs baseline"
         f" {variants['baseline']['seconds']:.1f} s ({out['ratios']['baseline']:.2f}x), chunked"
-        f" {variants['chunked']['seconds']:.1f} s ({out['ratios']['chunked']:.2f}x)"
+        f" {variants['chunked']['seconds']:.1f} s ({out['ratios']['chunked']:.2f}x); on {JOBS}"
+        f" connections {variants['parallel']['seconds']:.1f} s"
+        f" ({out['ratios']['parallel']:.2f}x the one-statement baseline)"
         + ("" if exact else "  (NOT EXACT)")
     )
     return out

@@ -1,7 +1,7 @@
 """Section: a full reconcile pass, the engine's against hand-written set-based statements.
 
 Reconcile is the safety net for what triggers cannot see; how long a pass takes decides how
-often the scheduler can afford one. Each repeat runs six passes over every model of the
+often the scheduler can afford one. Each repeat runs eight passes over every model of the
 dataset (after the other sections' objects are gone), in an order rotated from one repeat to
 the next so the machine's noise falls on all of them alike:
 
@@ -10,6 +10,10 @@ the next so the machine's noise falls on all of them alike:
   5,000 items and 1,000 targets per transaction, rows locked, drift written;
 - **engine, dry**: ``counts.reconcile(dry_run=True)`` — the same comparisons, nothing locked or
   written;
+- **engine on two connections**, repair and dry: the same passes with ``jobs=2``, each item
+  kind and model cut into two key ranges run side by side (``counts.operate.parallel``): the
+  engine runs its statements without PostgreSQL's parallel workers, the one-statement baseline
+  with them;
 - **baseline, one statement** (``bench.baseline``), repair and dry: per item kind one statement
   building every item's truth state and comparing it with ``counts_ledger`` (writing the
   differences), one for the multiplicities, and per target table one ``UPDATE … FROM (…
@@ -39,11 +43,16 @@ from bench.timing import median, ratio, stopwatch
 VARIANTS = (
     "engine_repair",
     "engine_dry",
+    "parallel_repair",
+    "parallel_dry",
     "baseline_repair",
     "baseline_dry",
     "chunked_repair",
     "chunked_dry",
 )
+#: Connections of the engine's parallel passes (``counts.reconcile(jobs=...)``): the two
+#: cores of our smallest machines.
+JOBS = 2
 #: What the engine's passes read and lock (vacuumed between passes).
 TABLES = (
     "counts_ledger",
@@ -59,10 +68,10 @@ def vacuum() -> None:
     dataset.vacuum(*TABLES)
 
 
-def _engine(dry: bool) -> dict:
+def _engine(dry: bool, jobs: int = 1) -> dict:
     phases = Phases()
     with stopwatch() as sw, phases.watching():
-        report = counts.reconcile(dry_run=dry, progress=phases.progress)
+        report = counts.reconcile(dry_run=dry, progress=phases.progress, jobs=jobs)
     return {
         "seconds": sw.seconds,
         "checked": report.checked,
@@ -81,6 +90,8 @@ def _baseline(dry: bool, chunked: bool) -> dict:
 def run_variant(variant: str) -> dict:
     if variant.startswith("engine"):
         return _engine(dry=variant.endswith("dry"))
+    if variant.startswith("parallel"):
+        return _engine(dry=variant.endswith("dry"), jobs=JOBS)
     return _baseline(dry=variant.endswith("dry"), chunked=variant.startswith("chunked"))
 
 
@@ -119,7 +130,9 @@ def measure(repeats: int, log) -> dict:
     vacuum()
     variants = summarise(samples, rows)
     engine = variants["engine_repair"]
-    dry_drift = {v: variants[v]["drifted_rows"] for v in ("engine_dry", "baseline_dry")}
+    dry_drift = {
+        v: variants[v]["drifted_rows"] for v in ("engine_dry", "parallel_dry", "baseline_dry")
+    }
     ledger_drift = sum(
         ledger["drifted_rows"]
         for run in samples["engine_dry"]
@@ -139,6 +152,11 @@ def measure(repeats: int, log) -> dict:
         for mode in ("repair", "dry")
         for chunked in (False, True)
     }
+    for mode in ("repair", "dry"):
+        ratios[f"{mode}_parallel"] = round(
+            ratio(variants[f"parallel_{mode}"]["seconds"], variants[f"baseline_{mode}"]["seconds"]),
+            2,
+        )
     out = {
         "repeats": repeats,
         "target_rows": rows,
@@ -150,8 +168,11 @@ def measure(repeats: int, log) -> dict:
         "variants": variants,
         "ratios": ratios,
         # Both dry passes see drift, or neither does (targets, ledgers and pairs alike).
-        "agree": (dry_drift["engine_dry"] == 0) == (dry_drift["baseline_dry"] == 0)
+        "agree": (dry_drift["engine_dry"] == 0)
+        == (dry_drift["parallel_dry"] == 0)
+        == (dry_drift["baseline_dry"] == 0)
         and (ledger_drift == 0) == (base_ledger_drift == 0),
+        "jobs": JOBS,
         "chunks": {"items": baseline.ITEM_CHUNK, "targets": baseline.TARGET_CHUNK},
     }
     log(
@@ -163,6 +184,8 @@ def measure(repeats: int, log) -> dict:
         f" {variants['engine_dry']['seconds']:.1f} s vs"
         f" {variants['baseline_dry']['seconds']:.1f} s ({ratios['dry']:.2f}x),"
         f" chunked {variants['chunked_dry']['seconds']:.1f} s ({ratios['dry_chunked']:.2f}x);"
-        f" {engine['drifted_rows']} drifted"
+        f" on {JOBS} connections repair {variants['parallel_repair']['seconds']:.1f} s"
+        f" ({ratios['repair_parallel']:.2f}x), dry {variants['parallel_dry']['seconds']:.1f} s"
+        f" ({ratios['dry_parallel']:.2f}x); {engine['drifted_rows']} drifted"
     )
     return out

@@ -174,9 +174,10 @@ def candidates_sql(kind: ItemKind, lo, hi, stale: str = "", keys: list[str] | No
     )
 
 
-def _next_bound(cursor, kind: ItemKind, lo: int | None, chunk: int) -> int | None:
-    """The upper bound of the chunk after ``lo``: the ``chunk``-th item id, or None (open:
-    the last chunk also takes the orphans beyond the last item)."""
+def _next_bound(cursor, kind: ItemKind, lo: int | None, chunk: int, end: int | None):
+    """The upper bound of the chunk after ``lo``: the ``chunk``-th item id, or ``end`` when
+    that is beyond it, or None (open: the last chunk also takes the orphans beyond the last
+    item)."""
     t = kind.table
     cursor.execute(
         f"SELECT {q(t.pk)} FROM {q(t.db_table)} i WHERE {in_range(f'i.{q(t.pk)}', (lo, None))}"
@@ -184,6 +185,8 @@ def _next_bound(cursor, kind: ItemKind, lo: int | None, chunk: int) -> int | Non
         [chunk - 1],
     )
     row = cursor.fetchone()
+    if end is not None and (row is None or row[0] >= end):
+        return end
     return None if row is None else row[0]
 
 
@@ -198,6 +201,7 @@ def sweep(
     using: str = "default",
     progress: Callable[[str, int], None] | None = None,
     ignored: list[int] = (),
+    within: tuple[int | None, int | None] = (None, None),
 ) -> SweepReport:
     """Bring every ledger of ``kind`` (only the entries ``keys``, when given) to the items'
     truth, crediting the difference; or, ``dry_run``, report what that would credit.
@@ -209,9 +213,12 @@ def sweep(
 
     ``ignored``: ids of marks the pass does not count as making items stale: a backfill's
     own lease, which it is there to discharge.
+
+    ``within``: only the items of ``(lo, hi]`` (None: open), one slice of a pass run on several
+    connections (``counts.operate.parallel``).
     """
     run = _Pass(graph, kind, keys, dry_run, lock_all, SweepReport(kind.mark_target), using)
-    lo: int | None = None
+    lo, end = within
     checkpoints.reach("bulk.before_model", label=kind.mark_target)
     with connections[using].cursor() as cursor:
         run.stale = Stale(cursor, kind, ignored)
@@ -222,7 +229,7 @@ def sweep(
             # too) showed in the truth and not among the marks: drift reported where a mark
             # waited, while writers ran (6 of 12 seeds of the property test racing them).
             with engine_transaction(using, snapshot=True) as cursor:
-                hi = _next_bound(cursor, kind, lo, chunk)
+                hi = _next_bound(cursor, kind, lo, chunk, end)
                 ids, drifted = _compare(cursor, run, lo, hi)
                 credits = _preview(cursor, run, lo, hi, ids) if dry_run and ids else {}
             if ids and not dry_run:
@@ -233,7 +240,7 @@ def sweep(
                     run.report.credits[key] += amount
             if progress:
                 progress(kind.mark_target, run.report.checked)
-            if hi is None:
+            if hi == end:
                 return run.report
             lo = hi
             checkpoints.reach("bulk.between_transactions", kind=kind.mark_target, lo=lo)

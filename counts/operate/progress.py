@@ -45,16 +45,23 @@ class Progress:
         totals: ``{label: rows}``, or a function returning it (called once, when the first bar
             starts: a pipe never pays for the counts). Labels it lacks get a bar without total.
         bar: Bars or lines; by default bars exactly when ``stream`` is a terminal.
+        overlap: Phases run side by side (``counts reconcile --jobs``): a new label opens a
+            bar of its own beside the others, and a phase ends when the pass says so
+            (:meth:`finish`) or at :meth:`close`, not when another label reports.
     """
 
-    def __init__(self, stream: TextIO, totals: Totals = None, bar: bool | None = None) -> None:
+    def __init__(
+        self, stream: TextIO, totals: Totals = None, bar: bool | None = None, overlap=False
+    ) -> None:
         self.stream = stream
         self.bars = _isatty(stream) if bar is None else bar
+        self.overlap = overlap
         self._totals = totals
-        self._label: str | None = None
-        self._rows = 0
+        #: ``{label: [rows, started, bar]}`` of the phases under way, in the order they began.
+        self._open: dict[str, list] = {}
+        #: When the last phase ended (or this began): one after another, a phase's time runs
+        #: from there, what ran between two phases (an audit) going to the next one.
         self._since = time.monotonic()
-        self._bar = None
         #: No line for a phase that found no rows (a fresh database's migrations backfill
         #: every count once: a line each would bury what ``migrate`` says).
         self.skip_empty = False
@@ -64,22 +71,28 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        # A pass that failed leaves its phases unfinished: no line says they were done.
+        self.close(report=kind is None)
 
     def __call__(self, label: str, rows: int) -> None:
-        if label != self._label:
-            self._finish()
+        if label not in self._open:
+            if not self.overlap:
+                self.close()
             self._start(label)
-        self._rows = rows
-        if self._bar is not None:
-            if self._bar.total is not None and rows > self._bar.total:
-                self._bar.total = rows  # rows added since the total was counted
-            self._bar.update(rows - self._bar.n)
+        phase = self._open[label]
+        phase[0] = rows
+        bar = phase[2]
+        if bar is not None:
+            if bar.total is not None and rows > bar.total:
+                bar.total = rows  # rows added since the total was counted
+            bar.update(rows - bar.n)
 
-    def close(self) -> None:
-        """Finish the current phase (its line, or its bar closed)."""
-        self._finish()
+    def close(self, report: bool = True) -> None:
+        """Finish every phase under way (its line, or its bar closed; no line unless
+        ``report``)."""
+        for label in list(self._open):
+            self.finish(label, report)
 
     def total(self, label: str) -> int | None:
         if callable(self._totals):
@@ -87,32 +100,34 @@ class Progress:
         return (self._totals or {}).get(label)
 
     def _start(self, label: str) -> None:
-        self._label, self._rows = label, 0
+        bar = None
         if self.bars:
-            self._bar = tqdm(
+            bar = tqdm(
                 total=self.total(label),
                 desc=phase_name(label),
                 unit="rows",
                 file=self.stream,
                 leave=True,
+                position=len(self._open) if self.overlap else None,
             )
+        # Side by side, a phase starts when it first reports (the pass reports each slice's
+        # start with 0 rows).
+        self._open[label] = [0, time.monotonic() if self.overlap else self._since, bar]
 
-    def _finish(self) -> None:
-        if self._label is None:
+    def finish(self, label: str, report: bool = True) -> None:
+        """Finish the phase ``label``: its bar closed, or (``report``) its line written."""
+        if label not in self._open:
             return
-        now = time.monotonic()
-        seconds, phase = now - self._since, phase_name(self._label)
-        self.finished.append((phase, self._rows, seconds))
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        elif self._rows or not self.skip_empty:
-            rate = self._rows / max(seconds, 1e-9)
-            self.stream.write(
-                f"{phase}: {self._rows} rows in {seconds:.1f} s ({rate:.0f} rows/s)\n"
-            )
+        rows, since, bar = self._open.pop(label)
+        self._since = time.monotonic()
+        seconds, phase = self._since - since, phase_name(label)
+        self.finished.append((phase, rows, seconds))
+        if bar is not None:
+            bar.close()
+        elif report and (rows or not self.skip_empty):
+            rate = rows / max(seconds, 1e-9)
+            self.stream.write(f"{phase}: {rows} rows in {seconds:.1f} s ({rate:.0f} rows/s)\n")
             self.stream.flush()
-        self._label, self._since = None, now
 
 
 def _isatty(stream) -> bool:
@@ -122,14 +137,14 @@ def _isatty(stream) -> bool:
         return False
 
 
-def command_progress(stream: TextIO, models=None) -> Progress:
+def command_progress(stream: TextIO, models=None, jobs: int = 1) -> Progress:
     """Progress for ``counts reconcile|rebuild`` on the command's stderr; bars over the row
-    counts of ``models`` (every target when None)."""
+    counts of ``models`` (every target when None), several at once with several ``jobs``."""
 
     def totals():
         return target_rows(models)
 
-    return Progress(stream, totals)
+    return Progress(stream, totals, overlap=jobs > 1)
 
 
 def backfill_progress(models=None, stream: TextIO | None = None, using: str = "default"):

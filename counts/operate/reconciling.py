@@ -22,7 +22,7 @@ from counts.base.mark import Kind, where
 from counts.base.names import MARK_TABLE, q
 from counts.declare.graph import Graph, app_graph
 from counts.declare.kinds import kinds_feeding
-from counts.operate import item_sweep, target_pass
+from counts.operate import item_sweep, parallel, target_pass
 from counts.operate.target_pass import ModelReport
 from counts.run import multiplicity
 from counts.run.engine_transaction import engine_transaction
@@ -104,6 +104,7 @@ def reconcile(
     progress: Callable[[str, int], None] | None = None,
     using: str = "default",
     graph: Graph | None = None,
+    jobs: int = 1,
 ) -> ReconcileReport:
     """Compare every cached count with the truth and (unless ``dry_run``) repair it.
 
@@ -123,50 +124,116 @@ def reconcile(
             :data:`BUDGET_S`).
         progress: Called with (label or item kind, rows checked so far) after each chunk.
         graph: The counts to reconcile; the app's (``app_graph()``) when None.
+        jobs: Connections to run the pass on: each item kind and each model is cut into
+            ``jobs`` key ranges run side by side (``counts.operate.parallel``); one inside a
+            transaction of the caller's, whose writes the others could not see.
     """
     graph = graph or app_graph()
     started = time.perf_counter()
     report = ReconcileReport(dry_run=dry_run)
     labels = _labels(graph, model)
-    _items_pass(graph, report, labels, dry_run, chunk, progress, using)
-    for label in labels:
-        target_pass.recount_model(graph, report.model(label), dry_run, chunk, progress, using)
+    jobs = _jobs(jobs, using)
+    _items_pass(graph, report, labels, dry_run, chunk, progress, using, jobs=jobs)
+    _targets_pass(graph, report, labels, dry_run, chunk, progress, using, jobs)
     report.seconds = time.perf_counter() - started
     return report
 
 
+def _jobs(jobs: int, using: str) -> int:
+    """The connections a pass may run on: ``jobs``, but one inside a caller's transaction
+    (other connections would not see what it has not committed yet; a test's, a script's)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
+    return 1 if connections[using].in_atomic_block else jobs
+
+
 def _items_pass(
-    graph: Graph, report: ReconcileReport, labels, dry_run, chunk, progress, using, lock_all=False
+    graph: Graph,
+    report: ReconcileReport,
+    labels,
+    dry_run,
+    chunk,
+    progress,
+    using,
+    lock_all=False,
+    jobs=1,
 ) -> None:
     """Sweep the items feeding ``labels`` and audit their multiplicities (see
-    :func:`reconcile`), reporting the target cells the repairs credit."""
-    names = {(s.target.label, s.column): s.name for s in graph.specs}
-    for kind, keys in _ledger_keys(graph, labels).items():
-        swept = item_sweep.sweep_keys(
-            graph,
-            kind,
-            keys,
-            dry_run=dry_run,
-            lock_all=lock_all,
-            chunk=chunk,
-            using=using,
-            progress=progress,
+    :func:`reconcile`), reporting the target cells the repairs credit. With several ``jobs``,
+    every kind's slices side by side, then the audits (each reads a kind's ledgers whole)."""
+    kinds = _ledger_keys(graph, labels)
+    options = {"dry_run": dry_run, "lock_all": lock_all, "chunk": chunk, "using": using}
+    if jobs > 1:
+        swept = parallel.sweep_kinds(graph, kinds, options, progress, jobs)
+        audits = parallel.Slices(jobs, None, using).run(
+            (kind.mark_target, _auditor(graph, kind, keys, dry_run, swept[kind], using))
+            for kind, keys in kinds.items()
         )
-        ledger = report.ledgers[kind.mark_target] = LedgerReport(
-            kind.mark_target, swept.checked, swept.differed, swept.held
-        )
-        if swept.differed:
-            ledger.drift["ledger"] = swept.differed
-        credits = swept.credits
+        for (kind, keys), pairs in zip(kinds.items(), audits, strict=True):
+            _record(graph, report, labels, kind, keys, swept[kind], pairs)
+        return
+    for kind, keys in kinds.items():
+        found = item_sweep.sweep_keys(graph, kind, keys, progress=progress, **options)
+        pairs = _auditor(graph, kind, keys, dry_run, found, using)(None)
+        _record(graph, report, labels, kind, keys, found, pairs)
+
+
+def _auditor(graph: Graph, kind, keys, dry_run: bool, swept, using: str):
+    """``run(progress)``: the multiplicity audit of ``kind``'s distinct counts among ``keys``
+    (:func:`_audit_pairs`, its credits added to the sweep's), pairs that differed per key."""
+
+    def run(_progress) -> Counter:
         distinct = [p for p in kind.parts if p.distinct and p.key in keys]
-        if distinct:
-            pairs = _audit_pairs(graph, kind, distinct, dry_run, credits, using)
-            for part in distinct:
-                if pairs[part.key]:
-                    ledger.drift[f"{part.label}.{part.column} pairs"] = pairs[part.key]
-        for (label, column, target_id), amount in credits.items():
-            if amount and label in labels:
-                report.model(label).cells[target_id].add(names.get((label, column), column))
+        if not distinct:
+            return Counter()
+        return _audit_pairs(graph, kind, distinct, dry_run, swept.credits, using)
+
+    return run
+
+
+def _record(graph: Graph, report, labels, kind, keys, swept, pairs: Counter) -> None:
+    """Enter one kind's sweep and multiplicity audit in ``report``: its ledger drift, and the
+    target cells its repairs credited."""
+    names = {(s.target.label, s.column): s.name for s in graph.specs}
+    ledger = report.ledgers[kind.mark_target] = LedgerReport(
+        kind.mark_target, swept.checked, swept.differed, swept.held
+    )
+    if swept.differed:
+        ledger.drift["ledger"] = swept.differed
+    for part in kind.parts:
+        if part.distinct and part.key in keys and pairs[part.key]:
+            ledger.drift[f"{part.label}.{part.column} pairs"] = pairs[part.key]
+    for (label, column, target_id), amount in swept.credits.items():
+        if amount and label in labels:
+            report.model(label).cells[target_id].add(names.get((label, column), column))
+
+
+def _targets_pass(
+    graph: Graph, report, labels, dry_run, chunk, progress, using, jobs, claim_all=(), drift=False
+) -> None:
+    """Recount every row of ``labels`` (``counts.operate.target_pass``), each model cut into
+    ``jobs`` key ranges run side by side when ``jobs`` > 1. ``claim_all``: the labels whose
+    every row is claimed; ``drift``: rows are expected drifted (a rebuild)."""
+    options = {"dry_run": dry_run, "chunk": chunk, "using": using, "expect_drift": drift}
+    if jobs > 1:
+        for part in parallel.recount_models(graph, labels, options, claim_all, progress, jobs):
+            whole = report.model(part.label)
+            whole.checked += part.checked
+            for pk, fields in part.cells.items():
+                whole.cells[pk].update(fields)
+            whole.examples.extend(part.examples[: max(0, 5 - len(whole.examples))])
+        return
+    for label in labels:
+        target_pass.recount_model(
+            graph,
+            report.model(label),
+            options["dry_run"],
+            chunk,
+            progress,
+            using,
+            label in claim_all,
+            expect_drift=drift,
+        )
 
 
 def _audit_pairs(graph: Graph, kind, parts, dry_run: bool, credits, using: str) -> Counter:
@@ -205,6 +272,7 @@ def rebuild(
     progress: Callable[[str, int], None] | None = None,
     using: str = "default",
     graph: Graph | None = None,
+    jobs: int = 1,
 ) -> ReconcileReport:
     """Recompute every row of ``models`` now, dropping the marks the pass makes redundant.
 
@@ -221,9 +289,11 @@ def rebuild(
         chunk: Rows per transaction.
         progress: Called with (label, rows checked so far) after each chunk.
         graph: The counts to rebuild; the app's (``app_graph()``) when None.
+        jobs: Connections to run the pass on (see :func:`reconcile`).
     """
     graph = graph or app_graph()
     labels = _labels(graph, models)
+    jobs = _jobs(jobs, using)
     kinds = _ledger_keys(graph, labels)
     whole = [k.mark_target for k in kinds if {p.label for p in k.parts} <= set(labels)]
     with connections[using].cursor() as cursor:
@@ -239,21 +309,16 @@ def rebuild(
         items = [row[0] for row in cursor.fetchall()]
     started = time.perf_counter()
     report = ReconcileReport(dry_run=False)
-    _items_pass(graph, report, labels, False, chunk, progress, using, lock_all=True)
+    _items_pass(graph, report, labels, False, chunk, progress, using, lock_all=True, jobs=jobs)
     # The item marks go as soon as the items are swept, before the targets are recounted: the
     # recount's formula reads every item a waiting mark names (a load's marks name them all,
     # and a station's recount then read millions of items: minutes a row at 10^7).
     _drop(items, using)
-    for label in labels:
-        # Every row claimed only where marks will be dropped (only a lock attempt finds a row a
-        # drain is still writing); a model with none is recounted as reconcile does, comparing
-        # first and claiming what differs (a million captures locked for nothing: 31 s), but
-        # with its costly rows expected drifted: claimed first, recounted once.
-        lock_all = label in marked
-        model = report.model(label)
-        target_pass.recount_model(
-            graph, model, False, chunk, progress, using, lock_all, expect_drift=True
-        )
+    # Every row claimed only where marks will be dropped (only a lock attempt finds a row a
+    # drain is still writing); a model with none is recounted as reconcile does, comparing
+    # first and claiming what differs (a million captures locked for nothing: 31 s), but
+    # with its costly rows expected drifted: claimed first, recounted once.
+    _targets_pass(graph, report, labels, False, chunk, progress, using, jobs, marked, drift=True)
     _drop(rows, using)
     report.seconds = time.perf_counter() - started
     return report

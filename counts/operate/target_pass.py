@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from counts.base import checkpoints
 from counts.base.names import q
+from counts.compile.item_sql import in_range
 from counts.declare.graph import Graph
 from counts.operate.recomputing import claim
 from counts.run import aggregate
@@ -70,6 +71,7 @@ def recount_model(
     using: str,
     lock_all=False,
     expect_drift=False,
+    within: tuple[int | None, int | None] = (None, None),
 ) -> None:
     """One target model's pass, ``chunk`` rows per transaction in id order.
 
@@ -83,18 +85,19 @@ def recount_model(
     recounted once; ``expect_drift`` (a rebuild, run after a restore or a load) starts so.
     ``lock_all``: claim and recount every row, as a pass that then drops the marks it covered
     must (a rebuild's marked models, a backfill ending its lease): only a lock attempt finds a
-    row a drain is still writing, and the held ones are marked again."""
+    row a drain is still writing, and the held ones are marked again. ``within``: only the
+    rows of ``(lo, hi]`` (None: open), one slice of a pass on several connections."""
     label = model_report.label
     # Ranged: each transaction takes the next ids in key order, a whole range of them.
     statement = aggregate.compile_recompute(graph, label, using, ranged=True)
     checkpoints.reach("bulk.before_model", label=label)
-    last, size = None, min(chunk, FIRST_CHUNK)
+    (last, end), size = within, min(chunk, FIRST_CHUNK)
     costly, drifting = True, expect_drift  # the first chunk's cost is not known yet
     while True:
         started = time.perf_counter()
         first = costly and drifting
         with engine_transaction(using) as cursor:
-            ids = _next_ids(cursor, statement, last, size)
+            ids = _next_ids(cursor, statement, last, size, end)
             if not ids:
                 break
             claimed, checked, differed = _claim_rows(
@@ -140,12 +143,13 @@ def next_size(size: int, rows: int, seconds: float, most: int) -> int:
     return max(1, min(most, fits, 4 * size))
 
 
-def _next_ids(cursor, statement, last: int | None, chunk: int) -> list[int]:
-    """The next ``chunk`` ids after ``last`` (keyset pagination: no offset to walk past)."""
-    where = "" if last is None else f"WHERE {q(statement.pk)} > %s"
+def _next_ids(cursor, statement, last: int | None, chunk: int, end: int | None) -> list[int]:
+    """The next ``chunk`` ids after ``last``, up to ``end`` (keyset pagination: no offset to
+    walk past)."""
     cursor.execute(
-        f"SELECT {q(statement.pk)} FROM {q(statement.table)} {where}"
+        f"SELECT {q(statement.pk)} FROM {q(statement.table)}"
+        f" WHERE {in_range(q(statement.pk), (last, end))}"
         f" ORDER BY {q(statement.pk)} LIMIT %s",
-        ([] if last is None else [last]) + [chunk],
+        [chunk],
     )
     return [row[0] for row in cursor.fetchall()]

@@ -316,8 +316,10 @@ def bulk_in_episodes(gate: Gate, seed: int, bulk: Bulk) -> None:
     (a repair or a dry run, whose drift reports are kept: with triggers on there is none to
     find), a rebuild of everything or of one model, a new count's backfill run again over
     live rows, or "Recompute now" of every row of a model; small chunks, so that writers
-    and drains commit between its transactions."""
+    and drains commit between its transactions. Reconcile and rebuild run on one connection
+    or on two side by side (``jobs``, drawn apart so each seed's other draws stay the same)."""
     rng = random.Random(f"{seed}:bulk")
+    jobs = random.Random(f"{seed}:jobs")
     specs = sorted((s.target.label, s.name) for s in graph().specs)
     models = [Deployment, Event, SourceImage, SourceImageCollection]
     try:
@@ -329,15 +331,17 @@ def bulk_in_episodes(gate: Gate, seed: int, bulk: Bulk) -> None:
             )
             try:
                 if what in ("reconcile", "dry-run"):
-                    report = counts.reconcile(dry_run=what == "dry-run", chunk=chunk)
+                    report = counts.reconcile(
+                        dry_run=what == "dry-run", chunk=chunk, jobs=jobs.choice([1, 2])
+                    )
                     if report.drifted_rows or any(
                         ledger.drifted_rows for ledger in report.ledgers.values()
                     ):
                         bulk.reported.append(report.as_dict())
                 elif what == "rebuild":
-                    counts.rebuild(chunk=chunk)
+                    counts.rebuild(chunk=chunk, jobs=jobs.choice([1, 2]))
                 elif what == "rebuild-one":
-                    counts.rebuild(rng.choice(models), chunk=chunk)
+                    counts.rebuild(rng.choice(models), chunk=chunk, jobs=jobs.choice([1, 2]))
                 elif what == "backfill":
                     label, name = rng.choice(specs)
                     backfill(label, [name], chunk=chunk)

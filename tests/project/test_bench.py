@@ -120,10 +120,21 @@ def test_bench_runs_every_section_at_a_tiny_scale_and_leaves_the_database_as_fou
     reconcile = data["reconcile"]
     assert reconcile["drifted_rows"] == 0
     assert positive(reconcile["checked"], reconcile["per_second"])
+    # The passes on two connections check the same rows and ledgers and agree: no drift.
+    for mode in ("repair", "dry"):
+        one, two = (
+            reconcile["variants"][f"engine_{mode}"],
+            reconcile["variants"][f"parallel_{mode}"],
+        )
+        assert two["checked"] == one["checked"] and two["drifted_rows"] == 0, mode
+        assert two["ledgers"] == one["ledgers"], mode
+        assert positive(reconcile["ratios"][f"{mode}_parallel"]), mode
+    assert reconcile["agree"] and reconcile["jobs"] == 2
 
     table = out.getvalue()
     for section in ("list 100", "list 1k", "write", "recompute", "burst", "reconcile"):
         assert section in table
+    assert "counts.reconcile(dry_run=True, jobs=2)" in table
     incremental_lines = [line for line in table.splitlines() if line.startswith("incremental")]
     # four small writes, a threshold's writer and drain, two k's, two joining detections
     assert len(incremental_lines) == 4 + 2 + 2 + 2, incremental_lines

@@ -11,7 +11,8 @@ Two phases:
    for any writer and leave a few hundred marks.
 2. **Count**: ``counts.rebuild()`` brings every item's ledger and every target row to the
    truth in short range-chunked transactions, then deletes the marks it covered; the amounts
-   the load queued (own-row deltas) are then drained, so nothing is left pending.
+   the load queued (own-row deltas) are then drained, so nothing is left pending. Nothing else
+   runs meanwhile, so the rebuild runs on :data:`JOBS` connections side by side (``--jobs``).
 """
 
 import sys
@@ -28,6 +29,9 @@ from project.monitoring.demo import load, make_plan
 from project.monitoring.models import Project
 
 #: Tables whose statistics the recompute plans depend on right after the load.
+#: Connections the count phase runs on (``counts.rebuild(jobs=...)``): two cores' worth, what
+#: our smallest machines have.
+JOBS = 2
 LOADED_TABLES = (
     "monitoring_deployment",
     "monitoring_event",
@@ -53,10 +57,19 @@ class Command(BaseCommand):
         parser.add_argument(
             "--chunk", type=int, default=5000, help="Most rows per transaction of the count"
         )
+        parser.add_argument(
+            "--jobs",
+            type=int,
+            default=JOBS,
+            help=f"Connections the count runs on side by side (default {JOBS}; nothing else is"
+            " running while a data set is seeded)",
+        )
 
-    def handle(self, *args, scale, seed, if_empty, chunk, **options):
+    def handle(self, *args, scale, seed, if_empty, chunk, jobs, **options):
         if scale < 100:
             raise CommandError("--scale must be at least 100 captures")
+        if jobs < 1:
+            raise CommandError("--jobs must be at least 1")
         if if_empty and Project.objects.exists():
             self.stdout.write("seed_demo: projects exist already; nothing to do")
             return
@@ -71,7 +84,7 @@ class Command(BaseCommand):
         loaded = time.perf_counter()
         with connection.cursor() as cursor:
             cursor.execute(f"ANALYZE {', '.join(LOADED_TABLES)}")
-        report = self.bring_counts_up_to_date(chunk)
+        report = self.bring_counts_up_to_date(chunk, jobs)
         finished = time.perf_counter()
         self.stdout.write(
             f"seed_demo: {rows['project']} projects, {rows['deployment']} stations,"
@@ -83,7 +96,7 @@ class Command(BaseCommand):
             f" (load {loaded - started:.1f}s, counts {finished - loaded:.1f}s)"
         )
 
-    def bring_counts_up_to_date(self, chunk: int):
+    def bring_counts_up_to_date(self, chunk: int, jobs: int):
         """Recompute every target (``counts.rebuild``), which also drops the marks it covered."""
         total = sum(counts.target_rows().values())
         seen: dict[str, int] = {}
@@ -93,7 +106,7 @@ class Command(BaseCommand):
                 bar.update(checked - seen.get(label, 0))
                 seen[label] = checked
 
-            report = counts.rebuild(chunk=chunk, progress=progress)
+            report = counts.rebuild(chunk=chunk, progress=progress, jobs=jobs)
         # Amounts the load queued for the rows (own-row deltas) are left by the rebuild for
         # the drains: its recount counted them as on their way. Add them now, so the data
         # set opens with nothing pending.
