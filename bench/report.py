@@ -235,8 +235,8 @@ def _reconcile_rows(re: dict) -> list[tuple[str, ...]]:
             out.append(
                 (
                     "reconcile",
-                    f"{mode}: {what[:-1]}jobs={re['jobs']}) (A) vs hand-written, one statement"
-                    " per table (B), target rows/s",
+                    f"{mode}: {_with_jobs(what, re['jobs'])} (A) vs hand-written, one"
+                    " statement per table (B), target rows/s",
                     _fmt_rate(v[f"parallel_{mode}"]["per_second"]),
                     _fmt_rate(v[f"baseline_{mode}"]["per_second"]),
                     _fmt_x(re["ratios"][f"{mode}_parallel"]),
@@ -245,6 +245,12 @@ def _reconcile_rows(re: dict) -> list[tuple[str, ...]]:
                 )
             )
     return out
+
+
+def _with_jobs(call: str, jobs: int) -> str:
+    """``counts.reconcile()`` -> ``counts.reconcile(jobs=2)``; with arguments, one more."""
+    head, args = call[:-1].split("(", 1)
+    return f"{head}({args}{', ' if args else ''}jobs={jobs})"
 
 
 def _rebuild_rows(rb: dict) -> list[tuple[str, ...]]:
