@@ -25,10 +25,14 @@ from counts.declare.kinds import kinds_feeding
 from counts.operate import item_sweep, parallel, target_pass
 from counts.operate.target_pass import ModelReport
 from counts.run import multiplicity
+from counts.run.draining import drain
 from counts.run.engine_transaction import engine_transaction
 
 #: Most target rows (and items) one transaction of a pass takes, by default.
 CHUNK = 5000
+#: Most drain batches a rebuild on several connections runs at its end (see :func:`rebuild`):
+#: enough for what its slices deferred, not an endless chase of writers' marks.
+DRAIN_BATCHES = 100
 
 
 @dataclass
@@ -320,6 +324,14 @@ def rebuild(
     # with its costly rows expected drifted: claimed first, recounted once.
     _targets_pass(graph, report, labels, False, chunk, progress, using, jobs, marked, drift=True)
     _drop(rows, using)
+    if jobs > 1:
+        # Slices credit the same target rows (a station, a capture set) and, like drains,
+        # hand a row another slice holds to the queue as a DELTA mark: a few a pass (3 at
+        # 10^6). A rebuild is asked for when counts must be right now, workers running or not:
+        # those amounts are added here, with whatever else waits for these models.
+        for _ in range(DRAIN_BATCHES):
+            if drain(targets=labels, using=using, graph=graph).empty:
+                break
     report.seconds = time.perf_counter() - started
     return report
 

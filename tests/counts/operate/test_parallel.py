@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from io import StringIO
 
 import pytest
@@ -22,8 +23,9 @@ import counts
 from counts.base import checkpoints
 from counts.operate import parallel
 from counts.operate.progress import Progress
+from counts.run.marks import has_pending
 from tests import truth
-from tests.interleave import drain_to_empty
+from tests.interleave import connect, drain_to_empty
 from tests.truth import mismatches
 from tests.worker_harness import worker_subprocess_env
 
@@ -182,3 +184,47 @@ def test_the_command_takes_jobs_and_refuses_nonsense(world):
         timeout=120,
     )
     assert bad.returncode == 2 and "at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_rebuild_on_two_connections_adds_the_credits_its_slices_deferred(world):
+    """An item chunk crediting a row someone holds queues the amount as a DELTA mark, as a
+    drain does; a rebuild on several connections, whose slices hold rows from each other, adds
+    such amounts itself before it returns: counts right with no worker running."""
+    plant_drift(world)
+    holder = HeldRow(world.d1.pk)
+
+    def release(name, info):
+        if info.get("label") == "monitoring.deployment" and holder.release():
+            time.sleep(1.1)  # the deferred amounts come due (``LOCKED_RETRY_MS``)
+
+    with checkpoints.at("bulk.before_model", release):
+        counts.rebuild(chunk=1, jobs=2)
+    assert holder.deferred, "the held station's credits were not deferred: nothing tested"
+    assert not has_pending()
+    truth.assert_all_counts_exact()
+    truth.settle(drain=drain_to_empty)
+
+
+class HeldRow:
+    """A station's row locked by another connection until :meth:`release`."""
+
+    def __init__(self, pk: int) -> None:
+        self.conn = connect()
+        self.conn.execute("SELECT 1 FROM monitoring_deployment WHERE id = %s FOR UPDATE", [pk])
+        self.held, self.deferred, self.lock = True, False, threading.Lock()
+
+    def release(self) -> bool:
+        """Let the row go (once, whichever slice asks first); True if this call did."""
+        with self.lock:
+            if not self.held:
+                return False
+            self.held = False
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM counts_dirtymark"
+                " WHERE target = 'monitoring.deployment' AND deltas IS NOT NULL)"
+            )
+            self.deferred = cursor.fetchone()[0]
+        self.conn.rollback()
+        self.conn.close()
+        return True
