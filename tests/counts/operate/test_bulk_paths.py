@@ -216,11 +216,14 @@ def test_4_reconcile_failing_at_each_step_loses_nothing(world, step, nth):
     settle()
 
 
-def bulk_process(checkpoint: str, command: str = "reconcile") -> subprocess.CompletedProcess:
-    """``manage.py counts <command>`` in a process of its own, killed at ``checkpoint``."""
+def bulk_process(
+    checkpoint: str, command: str = "reconcile", jobs: int = 1
+) -> subprocess.CompletedProcess:
+    """``manage.py counts <command>`` in a process of its own (on ``jobs`` connections),
+    killed at ``checkpoint``."""
     env = worker_subprocess_env(COUNTS_CHECKPOINTS=checkpoint)
     done = subprocess.run(
-        [sys.executable, "manage.py", "counts", command, "--chunk", "1"],
+        [sys.executable, "manage.py", "counts", command, "--chunk", "1", "--jobs", str(jobs)],
         env=env,
         capture_output=True,
         timeout=120,
@@ -229,6 +232,7 @@ def bulk_process(checkpoint: str, command: str = "reconcile") -> subprocess.Comp
 
 
 @pytest.mark.slow  # a manage.py process per case
+@pytest.mark.parametrize("jobs", [1, 2])
 @pytest.mark.parametrize("command", ["reconcile", "rebuild"])
 @pytest.mark.parametrize(
     "checkpoint",
@@ -241,12 +245,12 @@ def bulk_process(checkpoint: str, command: str = "reconcile") -> subprocess.Comp
         "recount.before_formula@3=kill",
     ],
 )
-def test_4_killed_at_each_step_the_next_drain_is_exact(world, command, checkpoint):
+def test_4_killed_at_each_step_the_next_drain_is_exact(world, command, checkpoint, jobs):
     from project.monitoring.models import Detection
 
     Detection.objects.create(source_image=world.i3, bbox=[1, 2, 3, 4])
     Detection.objects.filter(pk=world.det4.pk).delete()
-    done = bulk_process(checkpoint, command)
+    done = bulk_process(checkpoint, command, jobs)
     assert done.returncode == -9, done.stderr.decode()  # SIGKILL, as asked
     settle()
 
