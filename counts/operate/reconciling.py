@@ -33,6 +33,9 @@ CHUNK = 5000
 #: Most drain batches a rebuild on several connections runs at its end (see :func:`rebuild`):
 #: enough for what its slices deferred, not an endless chase of writers' marks.
 DRAIN_BATCHES = 100
+#: ``work_mem`` of the multiplicity audit of a pass on several connections (see
+#: :func:`_audit_pairs`).
+AUDIT_WORK_MEM = "64MB"
 
 
 @dataclass
@@ -170,7 +173,7 @@ def _items_pass(
     if jobs > 1:
         swept = parallel.sweep_kinds(graph, kinds, options, progress, jobs)
         audits = parallel.Slices(jobs, None, using).run(
-            (kind.mark_target, _auditor(graph, kind, keys, dry_run, swept[kind], using))
+            (kind.mark_target, _auditor(graph, kind, keys, dry_run, swept[kind], using, True))
             for kind, keys in kinds.items()
         )
         for (kind, keys), pairs in zip(kinds.items(), audits, strict=True):
@@ -182,7 +185,7 @@ def _items_pass(
         _record(graph, report, labels, kind, keys, found, pairs)
 
 
-def _auditor(graph: Graph, kind, keys, dry_run: bool, swept, using: str):
+def _auditor(graph: Graph, kind, keys, dry_run: bool, swept, using: str, wide=False):
     """``run(progress)``: the multiplicity audit of ``kind``'s distinct counts among ``keys``
     (:func:`_audit_pairs`, its credits added to the sweep's), pairs that differed per key."""
 
@@ -190,7 +193,7 @@ def _auditor(graph: Graph, kind, keys, dry_run: bool, swept, using: str):
         distinct = [p for p in kind.parts if p.distinct and p.key in keys]
         if not distinct:
             return Counter()
-        return _audit_pairs(graph, kind, distinct, dry_run, swept.credits, using)
+        return _audit_pairs(graph, kind, distinct, dry_run, swept.credits, using, wide)
 
     return run
 
@@ -240,13 +243,29 @@ def _targets_pass(
         )
 
 
-def _audit_pairs(graph: Graph, kind, parts, dry_run: bool, credits, using: str) -> Counter:
+def _audit_pairs(
+    graph: Graph, kind, parts, dry_run: bool, credits, using: str, wide: bool = False
+) -> Counter:
     """Bring the multiplicities of ``parts`` (distinct counts fed by ``kind``) back to the sums
     of the ledgers (invariant M), crediting the pairs that cross zero (into ``credits`` too);
-    returns the pairs that differed, per ledger key. One transaction, one read of the ledgers."""
+    returns the pairs that differed, per ledger key. One transaction, one read of the ledgers.
+
+    ``wide`` (a pass told it may use more of the server: ``jobs`` > 1): the read of every
+    ledger runs with PostgreSQL's parallel workers and room to group in memory. It is one
+    statement a pass, not a chunk's, so their start-up is nothing beside it; at 10^6 it groups
+    378,758 pairs the planner expects to be 400, and spilled to disk under the default
+    ``work_mem``: 5.5 s, 3.3 s with both (measured side by side, twice)."""
     keys = [part.key for part in parts]
     with engine_transaction(using) as cursor:
+        if wide:
+            cursor.execute(
+                "SELECT set_config('work_mem', %s, true),"
+                " set_config('max_parallel_workers_per_gather', '2', true)",
+                [AUDIT_WORK_MEM],
+            )
         pairs = multiplicity.drift(cursor, keys, kind.mark_target)
+        if wide:  # the statements that follow are small, as the engine's are
+            cursor.execute("SELECT set_config('max_parallel_workers_per_gather', '0', true)")
         found: dict = defaultdict(int)
         if dry_run:
             multiplicity.preview(cursor, pairs, kind.parts_by_key, found)
@@ -325,15 +344,20 @@ def rebuild(
     _targets_pass(graph, report, labels, False, chunk, progress, using, jobs, marked, drift=True)
     _drop(rows, using)
     if jobs > 1:
-        # Slices credit the same target rows (a station, a capture set) and, like drains,
-        # hand a row another slice holds to the queue as a DELTA mark: a few a pass (3 at
-        # 10^6). A rebuild is asked for when counts must be right now, workers running or not:
-        # those amounts are added here, with whatever else waits for these models.
-        for _ in range(DRAIN_BATCHES):
-            if drain(targets=labels, using=using, graph=graph).empty:
-                break
+        _add_deferred(graph, labels, using)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _add_deferred(graph: Graph, labels: list[str], using: str) -> None:
+    """Drain the marks of ``labels``: a rebuild's slices credit the same target rows (a
+    station, a capture set) and, like drains, hand a row another slice holds to the queue as
+    a DELTA mark (3 in a rebuild at 10^6). A rebuild is asked for when counts must be right
+    now, workers running or not, so those amounts are added before it returns, with whatever
+    else waits for these models (at most :data:`DRAIN_BATCHES` batches)."""
+    for _ in range(DRAIN_BATCHES):
+        if drain(targets=labels, using=using, graph=graph).empty:
+            return
 
 
 def _drop(covered: list[int], using: str) -> None:
