@@ -9,18 +9,20 @@ separate connections, and stays exact for the same reason.
 Why bother: the engine runs every statement without parallel workers (their start-up cost more
 than it saved on a chunk's statements, ``counts.run.engine_transaction``), so a pass used one
 core of the database server, while the hand-written statement it is measured against used
-three. With ``jobs`` connections a reconcile at 10^6 took 36-40 s instead of 62-66 s on a
-2-core machine (measured side by side); on a larger server the slices go further.
+three. On a 2-core machine at 10^6, a dry reconcile took 40-44 s on two connections instead
+of 62-72 s on one, a rebuild from a wiped state 76-118 s instead of 142-227 s (measured side
+by side; docs/engine.md §6.6); on a larger server the slices go further.
 
 The default stays one job: the scheduler's nightly reconcile should leave the cores to the
 application; an operator repairing a restore, or ``seed_demo`` with nothing else running, asks
 for more.
 
-Threads, not processes: the work is in PostgreSQL, so the GIL is no bottleneck, and each
-thread gets its own connection from Django (connections are per thread) and closes it when it
-is done. A slice that fails stops the others at their next chunk (:class:`Slices` checks
-before each transaction), and its error is raised once all have stopped: nothing is left
-half-written, since every chunk is its own transaction.
+Threads, not processes: the work is mostly PostgreSQL's, so the GIL matters little (a
+rebuild's credits, summed in Python, are where it shows), and each thread gets its own
+connection from Django (connections are per thread) and closes it when it is done. A slice
+that fails stops the others at their next chunk (:class:`Slices` checks as each chunk reports
+its progress), and its error is raised once all have stopped: nothing is left half-written,
+since every chunk is its own transaction.
 """
 
 from __future__ import annotations
